@@ -1,0 +1,164 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JoinRequest(_message.Message):
+    __slots__ = ("worker_id", "token", "own_data", "own_examples", "version")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    OWN_DATA_FIELD_NUMBER: _ClassVar[int]
+    OWN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    token: str
+    own_data: bool
+    own_examples: int
+    version: str
+    def __init__(self, worker_id: _Optional[str] = ..., token: _Optional[str] = ..., own_data: _Optional[bool] = ..., own_examples: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("run_id", "session", "config_yaml", "client_ids", "heartbeat_s")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    session: str
+    config_yaml: str
+    client_ids: _containers.RepeatedScalarFieldContainer[int]
+    heartbeat_s: float
+    def __init__(self, run_id: _Optional[str] = ..., session: _Optional[str] = ..., config_yaml: _Optional[str] = ..., client_ids: _Optional[_Iterable[int]] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
+
+class PollRequest(_message.Message):
+    __slots__ = ("worker_id", "session")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    session: str
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ...) -> None: ...
+
+class TrainTask(_message.Message):
+    __slots__ = ("task_id", "round", "client_id", "blob_id", "blob_size", "blob_sha256", "hyperparams_json")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOB_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BLOB_SHA256_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    round: int
+    client_id: int
+    blob_id: str
+    blob_size: int
+    blob_sha256: bytes
+    hyperparams_json: str
+    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., blob_id: _Optional[str] = ..., blob_size: _Optional[int] = ..., blob_sha256: _Optional[bytes] = ..., hyperparams_json: _Optional[str] = ...) -> None: ...
+
+class PollReply(_message.Message):
+    __slots__ = ("task", "wait_s", "stop_reason")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    task: TrainTask
+    wait_s: float
+    stop_reason: str
+    def __init__(self, task: _Optional[_Union[TrainTask, _Mapping]] = ..., wait_s: _Optional[float] = ..., stop_reason: _Optional[str] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("worker_id", "session", "blob_id", "offset")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    BLOB_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    session: str
+    blob_id: str
+    offset: int
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ..., blob_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class BlobChunk(_message.Message):
+    __slots__ = ("offset", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("worker_id", "session", "task_id", "client_id", "num_examples", "metrics", "size", "sha256")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    session: str
+    task_id: str
+    client_id: int
+    num_examples: int
+    metrics: _containers.ScalarMap[str, float]
+    size: int
+    sha256: bytes
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ..., task_id: _Optional[str] = ..., client_id: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+
+class UpdateChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UpdateAck(_message.Message):
+    __slots__ = ("accepted", "reason", "received")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    received: int
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., received: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("worker_id", "session")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    session: str
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("stop", "round")
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    stop: bool
+    round: int
+    def __init__(self, stop: _Optional[bool] = ..., round: _Optional[int] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("worker_id", "session")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    session: str
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

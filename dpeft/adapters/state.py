@@ -1,0 +1,113 @@
+"""Select adapter parameters structurally, move them in and out of a peft model, export.
+
+Selection walks the module tree: every peft tuner layer declares its adapter parameter
+containers (``adapter_layer_names``), modules_to_save wrappers hold a trainable copy, and
+prompt-learning methods keep a prompt encoder. Keys are module paths with peft's own prefix
+and the adapter name stripped (``bert.encoder.layer.0.attention.self.query.lora_A.weight``).
+No key is ever selected by matching substrings.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+from dpeft.errors import ProtocolError
+from dpeft.state import AdapterState
+
+_PREFIXES = ("base_model.model.", "base_model.")
+
+
+def _strip(name: str) -> str:
+    for prefix in _PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
+
+
+def _named(obj: nn.Module | nn.Parameter) -> list[tuple[str, nn.Parameter]]:
+    if isinstance(obj, nn.Parameter):
+        return [("", obj)]
+    return list(obj.named_parameters())
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def adapter_parameters(model: PeftModel, trainable_only: bool = True) -> "OrderedDict[str, nn.Parameter]":
+    """Structural name -> parameter for the active adapter of ``model``."""
+    adapter = model.active_adapter
+    out: OrderedDict[str, nn.Parameter] = OrderedDict()
+    if model.peft_config[adapter].is_prompt_learning:
+        for pname, p in _named(model.prompt_encoder[adapter]):
+            out[_join("prompt_encoder", pname)] = p
+    for mod_name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            for attr in module.adapter_layer_names:
+                container = getattr(module, attr, None)
+                if container is None or adapter not in container:
+                    continue
+                for pname, p in _named(container[adapter]):
+                    out[_join(_strip(mod_name), attr, pname)] = p
+        elif isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "modules_to_save"):
+            if adapter in module.modules_to_save:
+                for pname, p in _named(module.modules_to_save[adapter]):
+                    out[_join(_strip(mod_name), pname)] = p
+    if trainable_only:
+        out = OrderedDict((k, p) for k, p in out.items() if p.requires_grad)
+    return out
+
+
+def extract_state(model: PeftModel, meta: dict | None = None) -> AdapterState:
+    """A detached CPU copy of the adapter parameters."""
+    tensors = OrderedDict((k, p.detach().to("cpu", copy=True)) for k, p in adapter_parameters(model).items())
+    return AdapterState(tensors, dict(meta or {}))
+
+
+@torch.no_grad()
+def load_state(model: PeftModel, state: AdapterState, strict: bool = True) -> None:
+    """Copy ``state`` into the model's adapter parameters (names and shapes must match)."""
+    params = adapter_parameters(model)
+    if strict:
+        missing = [k for k in params if k not in state.tensors]
+        unknown = [k for k in state.tensors if k not in params]
+        if missing or unknown:
+            raise ProtocolError(f"adapter state mismatch: missing {missing[:3]}, unknown {unknown[:3]}")
+    for name, value in state.items():
+        p = params.get(name)
+        if p is None:
+            continue
+        if tuple(p.shape) != tuple(value.shape):
+            raise ProtocolError(f"{name}: shape {tuple(value.shape)} but the model has {tuple(p.shape)}")
+        p.copy_(value.to(p.dtype))
+
+
+def export_peft_dir(model: PeftModel, state: AdapterState, directory: str | Path) -> Path:
+    """Write ``state`` as a standard peft directory (adapter_config.json + adapter_model.safetensors).
+
+    Written to a temporary sibling and renamed, so a reader never sees half a directory.
+    """
+    import shutil
+
+    directory = Path(directory)
+    load_state(model, state)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp))
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        directory.rename(old)
+    tmp.rename(directory)
+    if old.exists():
+        shutil.rmtree(old)
+    return directory

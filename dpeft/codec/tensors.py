@@ -1,0 +1,256 @@
+"""Tensor payload format: safetensors layout (u64 header length, JSON header, raw LE data).
+
+The writer keeps the state's tensor order and metadata. The reader is our own incremental
+parser: it reads only the header first, checks it against limits and, when given, against
+the expected schema (names, shapes, dtypes) *before* allocating anything, then copies the
+data in as chunks arrive. Nothing here ever unpickles; files written here load with
+``safetensors.torch.load``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+
+from dpeft.errors import ProtocolError
+from dpeft.state import AdapterState
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("dpeft's wire format assumes a little-endian host")
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_META_KEY = "__metadata__"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds applied to incoming payloads before any allocation."""
+
+    max_header_bytes: int = 16 * 1024 * 1024
+    max_total_bytes: int = 1 << 34
+    max_tensors: int = 1 << 16
+    max_dims: int = 8
+
+
+def _header(state: AdapterState) -> tuple[bytes, list[torch.Tensor]]:
+    header: dict[str, Any] = {_META_KEY: {"dpeft": json.dumps(state.meta, sort_keys=True)}}
+    offset = 0
+    flat: list[torch.Tensor] = []
+    for name, tensor in state.tensors.items():
+        if tensor.dtype not in DTYPE_NAMES:
+            raise ValueError(f"tensor {name}: dtype {tensor.dtype} cannot travel")
+        t = tensor.detach().to("cpu").contiguous()
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+        flat.append(t)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, flat
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def iter_encoded(state: AdapterState) -> Iterator[memoryview]:
+    """The encoded payload as a sequence of zero-copy pieces (header, then each tensor)."""
+    head, flat = _header(state)
+    yield memoryview(head)
+    for t in flat:
+        yield _raw_bytes(t)
+
+
+def encode_state(state: AdapterState) -> bytes:
+    """The whole payload as one bytes object (fine for adapters; large ones use iter_chunks)."""
+    return b"".join(bytes(p) for p in iter_encoded(state))
+
+
+def iter_chunks(pieces: Iterable[memoryview | bytes], chunk_bytes: int) -> Iterator[bytes]:
+    """Regroup pieces into chunks of exactly ``chunk_bytes`` (the last may be shorter)."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    buf = bytearray()
+    for piece in pieces:
+        mv = memoryview(piece).cast("B") if not isinstance(piece, bytes) else memoryview(piece)
+        pos = 0
+        while pos < len(mv):
+            take = min(chunk_bytes - len(buf), len(mv) - pos)
+            buf += mv[pos : pos + take]
+            pos += take
+            if len(buf) == chunk_bytes:
+                yield bytes(buf)
+                buf = bytearray()
+    if buf:
+        yield bytes(buf)
+
+
+def encoded_size(state: AdapterState) -> int:
+    """Size in bytes of the encoded payload, without encoding the tensors."""
+    head, flat = _header(state)
+    return len(head) + sum(t.numel() * t.element_size() for t in flat)
+
+
+Schema = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class StateDecoder:
+    """Incremental decoder: ``feed(chunk)`` repeatedly, then ``finish()``.
+
+    The header is parsed and validated as soon as it is complete; tensor memory is allocated
+    only after validation and only for the sizes the header declares (checked against
+    ``schema`` when given, so a peer cannot make us allocate more than the adapter needs).
+    """
+
+    def __init__(self, schema: Schema | None = None, limits: Limits = Limits(), allow_subset: bool = False) -> None:
+        self.schema = schema
+        self.limits = limits
+        self.allow_subset = allow_subset
+        self._prefix = bytearray()
+        self._header_len: int | None = None
+        self._entries: list[tuple[str, torch.dtype, tuple[int, ...], int, int]] = []
+        self._meta: dict[str, Any] = {}
+        self._data: bytearray | None = None
+        self._filled = 0
+        self.received = 0
+
+    # -- header ---------------------------------------------------------
+    def _parse_header(self, raw: bytes) -> None:
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, over-long ints, deep nesting
+            raise ProtocolError(f"payload header is not valid JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise ProtocolError("payload header must be a JSON object")
+        meta = header.pop(_META_KEY, {}) or {}
+        if not isinstance(meta, dict):
+            raise ProtocolError("payload metadata must be an object")
+        if "dpeft" in meta:
+            try:
+                self._meta = json.loads(meta["dpeft"])
+            except (TypeError, ValueError, RecursionError):
+                raise ProtocolError("payload metadata 'dpeft' is not JSON") from None
+            if not isinstance(self._meta, dict):
+                raise ProtocolError("payload metadata 'dpeft' must be an object")
+        if len(header) > self.limits.max_tensors:
+            raise ProtocolError(f"payload declares {len(header)} tensors (limit {self.limits.max_tensors})")
+        entries = []
+        expected_offset = 0
+        for name, spec in header.items():
+            if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+                raise ProtocolError(f"tensor {name!r}: header entry must have dtype, shape, data_offsets")
+            dtype = DTYPES.get(spec["dtype"]) if isinstance(spec["dtype"], str) else None
+            if dtype is None:
+                raise ProtocolError(f"tensor {name!r}: unknown dtype {spec['dtype']!r}")
+            shape = spec["shape"]
+            if (
+                not isinstance(shape, list)
+                or len(shape) > self.limits.max_dims
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)
+            ):
+                raise ProtocolError(f"tensor {name!r}: bad shape {shape!r}")
+            offs = spec["data_offsets"]
+            if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+                raise ProtocolError(f"tensor {name!r}: bad data_offsets {offs!r}")
+            numel = 1
+            for d in shape:
+                numel *= d
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            if offs[0] != expected_offset or offs[1] - offs[0] != nbytes:
+                raise ProtocolError(f"tensor {name!r}: data_offsets {offs} do not match shape {shape} and dtype")
+            expected_offset = offs[1]
+            entries.append((name, dtype, tuple(shape), offs[0], offs[1]))
+        if expected_offset > self.limits.max_total_bytes:
+            raise ProtocolError(f"payload declares {expected_offset} data bytes (limit {self.limits.max_total_bytes})")
+        if self.schema is not None:
+            self._check_schema(entries)
+        self._entries = entries
+        self._data = bytearray(expected_offset)
+
+    def _check_schema(self, entries: list[tuple[str, torch.dtype, tuple[int, ...], int, int]]) -> None:
+        assert self.schema is not None
+        got = {e[0] for e in entries}
+        unknown = sorted(got - set(self.schema))
+        if unknown:
+            raise ProtocolError(f"unknown tensor names: {', '.join(unknown[:5])}")
+        missing = sorted(set(self.schema) - got)
+        if missing and not self.allow_subset:
+            raise ProtocolError(f"missing tensor names: {', '.join(missing[:5])}")
+        for name, dtype, shape, _, _ in entries:
+            want_shape, want_dtype = self.schema[name]
+            if tuple(want_shape) != shape:
+                raise ProtocolError(f"tensor {name!r}: shape {list(shape)} but expected {list(want_shape)}")
+            if want_dtype is not None and want_dtype != dtype:
+                raise ProtocolError(f"tensor {name!r}: dtype {DTYPE_NAMES[dtype]} but expected {DTYPE_NAMES[want_dtype]}")
+
+    # -- streaming ------------------------------------------------------
+    def feed(self, chunk: bytes | memoryview) -> None:
+        """Consume the next piece of the payload."""
+        mv = memoryview(chunk)
+        self.received += len(mv)
+        if self._data is None:
+            need = 8 if self._header_len is None else 8 + self._header_len
+            take = min(len(mv), need - len(self._prefix))
+            self._prefix += mv[:take]
+            mv = mv[take:]
+            if self._header_len is None and len(self._prefix) >= 8:
+                (self._header_len,) = struct.unpack("<Q", bytes(self._prefix[:8]))
+                if self._header_len > self.limits.max_header_bytes:
+                    raise ProtocolError(f"payload header of {self._header_len} bytes (limit {self.limits.max_header_bytes})")
+                need = 8 + self._header_len
+                take = min(len(mv), need - len(self._prefix))
+                self._prefix += mv[:take]
+                mv = mv[take:]
+            if self._header_len is not None and len(self._prefix) == 8 + self._header_len:
+                self._parse_header(bytes(self._prefix[8:]))
+            if self._data is None:
+                return
+        if len(mv) == 0:
+            return
+        assert self._data is not None
+        if self._filled + len(mv) > len(self._data):
+            raise ProtocolError(f"payload is longer than its header declares ({len(self._data)} data bytes)")
+        self._data[self._filled : self._filled + len(mv)] = mv
+        self._filled += len(mv)
+
+    def finish(self) -> AdapterState:
+        """Return the decoded state; raises ProtocolError when the payload is incomplete."""
+        if self._data is None:
+            raise ProtocolError("payload ended before its header was complete")
+        if self._filled != len(self._data):
+            raise ProtocolError(f"payload truncated: {self._filled} of {len(self._data)} data bytes")
+        tensors: OrderedDict[str, torch.Tensor] = OrderedDict()
+        buf = self._data
+        for name, dtype, shape, start, end in self._entries:
+            if end == start:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+            else:
+                tensors[name] = torch.frombuffer(buf, dtype=dtype, offset=start, count=(end - start) // torch.empty((), dtype=dtype).element_size()).reshape(shape)
+        return AdapterState(tensors, self._meta)
+
+
+def decode_state(payload: bytes | memoryview, schema: Schema | None = None, limits: Limits = Limits(), allow_subset: bool = False) -> AdapterState:
+    """Decode a whole payload at once (validating it the same way the streaming decoder does)."""
+    dec = StateDecoder(schema, limits, allow_subset)
+    dec.feed(payload)
+    return dec.finish()

@@ -1,0 +1,123 @@
+"""Codec registry, the ``a+b`` spec parser and the config shape ``codec: {up, down, options}``.
+
+``make_codec("topk+int8", {"fraction": 0.05, "block_size": 128})`` builds a chain. Options
+are shared by all stages (and by the up and down codecs), so each stage reads the options it
+knows; an option no registered codec knows is an error. Every problem raises
+``ConfigError(key, ...)`` where ``key`` is the config key being read (``codec.up``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dpeft.codec.updates.base import UpdateCodec
+from dpeft.codec.updates.cast import bf16, fp16, fp32
+from dpeft.codec.updates.chain import ChainCodec
+from dpeft.codec.updates.int8 import Int8Codec
+from dpeft.codec.updates.topk import TopKCodec
+from dpeft.errors import ConfigError
+
+#: factory(options) -> codec; raises ValueError for a bad option value
+CodecFactory = Callable[[Mapping[str, Any]], UpdateCodec]
+
+_FACTORIES: dict[str, CodecFactory] = {}
+_OPTIONS: set[str] = set()
+
+
+def register_codec(name: str, factory: CodecFactory, options: tuple[str, ...] = ()) -> None:
+    """Make ``name`` usable in specs; ``options`` lists the option keys the factory reads."""
+    if not name or "+" in name or name != name.strip().lower():
+        raise ValueError(f"bad codec name {name!r}")
+    if name in _FACTORIES:
+        raise ValueError(f"codec {name!r} is already registered")
+    _FACTORIES[name] = factory
+    _OPTIONS.update(options)
+
+
+def available_codecs() -> list[str]:
+    """Registered codec names, sorted."""
+    return sorted(_FACTORIES)
+
+
+def known_options() -> list[str]:
+    """Option keys some registered codec reads, sorted."""
+    return sorted(_OPTIONS)
+
+
+register_codec("fp32", lambda o: fp32())
+register_codec("fp16", lambda o: fp16())
+register_codec("bf16", lambda o: bf16())
+register_codec("int8", lambda o: Int8Codec(o.get("block_size", 256)), ("block_size",))
+register_codec("topk", lambda o: TopKCodec(o.get("fraction", 0.01)), ("fraction",))
+
+
+def make_codec(spec: str, options: Mapping[str, Any] | None = None, *, key: str = "codec.up") -> UpdateCodec:
+    """Build the codec named by ``spec`` ("int8", "topk+int8", ...); ConfigError(key) if bad."""
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise ConfigError(key, f"codec options must be a mapping, got {type(options).__name__}")
+    unknown = sorted(str(k) for k in options if k not in _OPTIONS)
+    if unknown:
+        raise ConfigError(key, f"unknown codec option(s) {', '.join(unknown)} (known: {', '.join(known_options())})")
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(key, f"must be a codec name such as 'int8' or 'topk+int8', got {spec!r}")
+    names = [p.strip().lower() for p in spec.split("+")]
+    stages: list[UpdateCodec] = []
+    for i, name in enumerate(names):
+        if not name:
+            raise ConfigError(key, f"empty stage in codec spec {spec!r}")
+        if name not in _FACTORIES:
+            raise ConfigError(key, f"unknown codec {name!r} (known: {', '.join(available_codecs())})")
+        if name in names[:i]:
+            raise ConfigError(key, f"codec {name!r} appears twice in {spec!r}")
+        try:
+            stage = _FACTORIES[name](options)
+        except ValueError as exc:
+            raise ConfigError(key, f"codec {name!r}: {exc}") from None
+        if stages and stages[-1].terminal:
+            raise ConfigError(key, f"codec {stages[-1].name!r} must be the last stage of {spec!r}")
+        stages.append(stage)
+    return stages[0] if len(stages) == 1 else ChainCodec(stages)
+
+
+def codec_from_spec(name: str, options: Mapping[str, Any] | None = None, key: str = "codec.up") -> UpdateCodec:
+    """The codec for config value ``name`` with the shared ``options`` (see make_codec)."""
+    return make_codec(name, options, key=key)
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """``codec: {up: "int8", down: "fp32", options: {block_size: 256, fraction: 0.01}}``."""
+
+    up: str = "fp32"
+    down: str = "fp32"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, raw: Mapping[str, Any] | None, key: str = "codec") -> CodecSpec:
+        """Parse and validate a config section (None means fp32 both ways)."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise ConfigError(key, f"must be a mapping with up, down, options; got {type(raw).__name__}")
+        extra = sorted(str(k) for k in raw if k not in ("up", "down", "options"))
+        if extra:
+            raise ConfigError(f"{key}.{extra[0]}", "unknown key (expected up, down, options)")
+        options = raw.get("options") or {}
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"{key}.options", f"must be a mapping, got {type(options).__name__}")
+        spec = cls(raw.get("up", "fp32"), raw.get("down", "fp32"), dict(options))
+        spec.up_codec(f"{key}.up")
+        spec.down_codec(f"{key}.down")
+        return spec
+
+    def up_codec(self, key: str = "codec.up") -> UpdateCodec:
+        """Codec for worker -> coordinator updates."""
+        return codec_from_spec(self.up, self.options, key)
+
+    def down_codec(self, key: str = "codec.down") -> UpdateCodec:
+        """Codec for coordinator -> worker states."""
+        return codec_from_spec(self.down, self.options, key)

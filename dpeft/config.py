@@ -1,0 +1,359 @@
+"""Typed run configuration: nested keyword-only dataclasses, loaded from YAML plus `key=value` overrides.
+
+Every field has a default and a one-line help string (``metadata["help"]``); the README's
+config reference is generated from these (``python -m dpeft.config``). Unknown keys, wrong
+types and impossible values raise :class:`~dpeft.errors.ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpeft.errors import ConfigError
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors dataclasses naming
+    """A dataclass field with a default (copied when mutable) and a help string."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which frozen base model to load."""
+
+    name: str = _f("minilm", "built-in model: minilm (all-MiniLM-L6-v2) or smollm2 (SmolLM2-135M GGUF); ignored when path is set")
+    path: str | None = _f(None, "a local Hugging Face model directory instead of a built-in model")
+    gguf_file: str | None = _f(None, "GGUF file name inside path (needs the gguf package)")
+    task: str = _f("seq_cls", "seq_cls (classification head on top) or causal_lm (next-token loss)")
+    max_length: int = _f(64, "tokens per example after truncation")
+
+
+@dataclass(kw_only=True)
+class AdapterConfig:
+    """The PEFT method and its options (any method Hugging Face peft offers)."""
+
+    method: str = _f("lora", "peft method: lora, dora, ia3, prompt_tuning, prefix_tuning, p_tuning, loha, lokr, adalora, ...")
+    r: int = _f(8, "LoRA-family rank")
+    alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = _f(0.0, "dropout on the adapter input")
+    target_modules: list[str] | None = _f(None, "module names to adapt; null = a per-model default (query/value for BERT, q_proj/v_proj for Llama)")
+    modules_to_save: list[str] | None = _f(None, "extra modules trained and exchanged in full; null = the classifier head for seq_cls, none for causal_lm")
+    num_virtual_tokens: int = _f(16, "prompt/prefix tuning: number of virtual tokens")
+    options: dict[str, Any] = _f({}, "more keyword arguments passed unchanged to the peft config class")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where examples come from and how they are split among clients."""
+
+    dataset: str = _f("rotten_tomatoes", "rotten_tomatoes, reuters_r8, or file (a CSV/JSONL at path)")
+    path: str | None = _f(None, "CSV or JSONL file for dataset=file")
+    test_path: str | None = _f(None, "optional held-out CSV/JSONL; otherwise test examples are split off path")
+    text_column: str = _f("text", "column holding the text (dataset=file)")
+    label_column: str = _f("label", "column holding the label (dataset=file)")
+    max_train_examples: int | None = _f(None, "cap on training examples (after a seeded shuffle); null = all")
+    test_examples: int = _f(600, "held-out examples used for the global evaluation")
+    partition: str = _f("dirichlet", "iid or dirichlet")
+    dirichlet_alpha: float = _f(1.0, "Dirichlet concentration over labels; smaller = more skewed clients")
+    min_examples_per_client: int = _f(16, "dirichlet: resample until every client has at least this many")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Local training on each client, and the global evaluation."""
+
+    local_steps: int = _f(20, "optimizer steps per client per round")
+    batch_size: int = _f(16, "examples per local step")
+    lr: float = _f(2e-3, "client learning rate")
+    optimizer: str = _f("adamw", "adamw or sgd")
+    weight_decay: float = _f(0.0, "client weight decay")
+    momentum: float = _f(0.0, "sgd momentum")
+    loss: str = _f("prior_calibrated", "cross_entropy, or prior_calibrated: logits + log(client label prior) during local training (FedLC-style)")
+    max_grad_norm: float | None = _f(1.0, "clip local gradients to this norm; null = no clipping")
+    eval_batch_size: int = _f(64, "batch size of the global evaluation")
+    eval_every: int = _f(1, "evaluate the global adapter every N rounds (the last round always)")
+    keep_optimizer_state: bool = _f(False, "keep each client's optimizer state across rounds (memory grows with clients)")
+
+
+@dataclass(kw_only=True)
+class StrategyConfig:
+    """How client updates become the next global adapter."""
+
+    name: str = _f("fedavg", "registered strategy name: fedavg, ...")
+    server_lr: float = _f(1.0, "step size applied to the aggregated update")
+    options: dict[str, Any] = _f({}, "strategy-specific options (see the strategies section)")
+
+
+@dataclass(kw_only=True)
+class SyncConfig:
+    """When a round closes."""
+
+    name: str = _f("sync", "sync: wait for every sampled client")
+    round_timeout_s: float = _f(900.0, "fail the run loudly if a round is not complete after this many seconds")
+
+
+@dataclass(kw_only=True)
+class SimulateConfig:
+    """Local simulation: worker processes on this machine."""
+
+    processes: int = _f(2, "worker processes (each loads the base model once)")
+    threads_per_process: int = _f(1, "torch threads in each worker process")
+    coordinator_threads: int = _f(2, "torch threads in the coordinator (global evaluation)")
+
+
+@dataclass(kw_only=True)
+class TransportConfig:
+    """Wire settings."""
+
+    chunk_bytes: int = _f(4 * 1024 * 1024, "bytes per streamed chunk")
+    max_update_bytes: int = _f(1 << 31, "largest update accepted from a worker")
+    poll_timeout_s: float = _f(2.0, "how long a worker's task poll waits on the coordinator")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A whole run. Top-level keys are the most common knobs."""
+
+    seed: int = _f(0, "seed of sampling, partitioning, initialisation and local shuffles")
+    rounds: int = _f(8, "federated rounds")
+    clients: int = _f(10, "number of (virtual) clients the data is split into")
+    clients_per_round: int = _f(5, "clients sampled each round")
+    run_dir: str = _f("runs/default", "output directory (metrics.jsonl, adapter/, checkpoints/, config.yaml)")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "base model"})
+    adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata={"help": "PEFT adapter"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data and partitioning"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "local training"})
+    strategy: StrategyConfig = field(default_factory=StrategyConfig, metadata={"help": "aggregation"})
+    sync: SyncConfig = field(default_factory=SyncConfig, metadata={"help": "round closing"})
+    simulate: SimulateConfig = field(default_factory=SimulateConfig, metadata={"help": "simulation"})
+    transport: TransportConfig = field(default_factory=TransportConfig, metadata={"help": "wire"})
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check (and gently coerce) one value against a field type; raise ConfigError naming key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as exc:
+                errors.append(exc.problem)
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    raise ConfigError(key, f"unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(prefix.rstrip("."), f"expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}", f"unknown key (known: {', '.join(sorted(names))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, tp)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into (["a", "b"], parsed YAML value)."""
+    if "=" not in text:
+        raise ConfigError(text, "overrides look like key=value (for example rounds=10 adapter.r=16)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(text, "empty key in override")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"cannot parse value {raw!r}: {exc}") from None
+    return key.split("."), value
+
+
+def _merge_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(path), f"{part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML file (optional), apply ``key=value`` overrides, validate, return a RunConfig."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("--config", f"no such file: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError("--config", f"{p} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError("--config", f"{p} must hold a mapping at the top level")
+        tree = loaded
+    for text in overrides:
+        keys, value = parse_override(text)
+        _merge_override(tree, keys, value)
+    cfg = _build(RunConfig, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> RunConfig:
+    """Rebuild a validated RunConfig from its dict form (as sent to workers)."""
+    cfg = _build(RunConfig, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _one_of(key: str, value: str, allowed: typing.Iterable[str]) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(key, f"must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    from dpeft.strategies import available_strategies
+    from dpeft.sync import available_policies
+
+    for key, value in [
+        ("rounds", cfg.rounds),
+        ("clients", cfg.clients),
+        ("clients_per_round", cfg.clients_per_round),
+        ("train.local_steps", cfg.train.local_steps),
+        ("train.batch_size", cfg.train.batch_size),
+        ("train.lr", cfg.train.lr),
+        ("train.eval_batch_size", cfg.train.eval_batch_size),
+        ("train.eval_every", cfg.train.eval_every),
+        ("adapter.r", cfg.adapter.r),
+        ("model.max_length", cfg.model.max_length),
+        ("simulate.processes", cfg.simulate.processes),
+        ("simulate.threads_per_process", cfg.simulate.threads_per_process),
+        ("simulate.coordinator_threads", cfg.simulate.coordinator_threads),
+        ("transport.chunk_bytes", cfg.transport.chunk_bytes),
+        ("transport.max_update_bytes", cfg.transport.max_update_bytes),
+        ("sync.round_timeout_s", cfg.sync.round_timeout_s),
+        ("data.dirichlet_alpha", cfg.data.dirichlet_alpha),
+        ("data.test_examples", cfg.data.test_examples),
+        ("strategy.server_lr", cfg.strategy.server_lr),
+    ]:
+        _positive(key, value)
+    _positive("train.weight_decay", cfg.train.weight_decay, allow_zero=True)
+    _positive("adapter.dropout", cfg.adapter.dropout, allow_zero=True)
+    if cfg.clients_per_round > cfg.clients:
+        raise ConfigError(
+            "clients_per_round", f"{cfg.clients_per_round} clients per round but only {cfg.clients} clients"
+        )
+    if cfg.transport.chunk_bytes > 64 * 1024 * 1024:
+        raise ConfigError("transport.chunk_bytes", "must be at most 64 MiB (gRPC messages stay small)")
+    _one_of("model.task", cfg.model.task, ["seq_cls", "causal_lm"])
+    if cfg.model.path is None:
+        _one_of("model.name", cfg.model.name, ["minilm", "smollm2"])
+    _one_of("data.dataset", cfg.data.dataset, ["rotten_tomatoes", "reuters_r8", "file"])
+    if cfg.data.dataset == "file" and not cfg.data.path:
+        raise ConfigError("data.path", "dataset=file needs data.path (a .csv or .jsonl file)")
+    _one_of("data.partition", cfg.data.partition, ["iid", "dirichlet"])
+    _one_of("train.optimizer", cfg.train.optimizer, ["adamw", "sgd"])
+    _one_of("train.loss", cfg.train.loss, ["cross_entropy", "prior_calibrated"])
+    _one_of("strategy.name", cfg.strategy.name, available_strategies())
+    _one_of("sync.name", cfg.sync.name, available_policies())
+    from dpeft.adapters.methods import known_methods
+
+    _one_of("adapter.method", cfg.adapter.method, known_methods())
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain dict form (YAML/JSON friendly)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """A markdown table of every key with its default and help, for the README."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"| `{prefix}{f.name}` | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | {f.metadata.get('help', '')} |")
+
+    walk(RunConfig, "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -1,0 +1,1 @@
+"""The coordinator service: round engine, global model, checkpoints, metrics. No grpc/ray imports."""

@@ -1,0 +1,147 @@
+"""Run outputs a person looks at: metrics.jsonl, live progress, a summary table, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+COLUMNS = [
+    ("round", "round", "{}"),
+    ("clients", "clients", "{}"),
+    ("train_loss", "train loss", "{:.4f}"),
+    ("eval_loss", "eval loss", "{:.4f}"),
+    ("eval_accuracy", "eval acc", "{:.4f}"),
+    ("bytes_up", "up", None),
+    ("bytes_down", "down", None),
+    ("rejected", "rejected", "{}"),
+    ("wall_s", "wall s", "{:.1f}"),
+]
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str | None) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if fmt is None:
+        return human_bytes(value)
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of the per-round metrics."""
+    header = [title for _, title, _ in COLUMNS]
+    body = [[_cell(r, k, f) for k, _, f in COLUMNS] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    line = "  ".join(h.rjust(w) for h, w in zip(header, widths))
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line, sep] + ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body])
+
+
+class MetricsLog:
+    """Appends one JSON object per round and prints progress."""
+
+    def __init__(self, run_dir: Path, stream: TextIO | None = None, total_rounds: int = 0) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.run_dir = run_dir
+        self.stream = stream or sys.stderr
+        self.total_rounds = total_rounds
+        self.rows: list[dict[str, Any]] = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    try:
+                        self.rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        break
+
+    def truncate_after(self, round_num: int) -> None:
+        """On resume: forget rows past the checkpointed round (they will be redone)."""
+        self.rows = [r for r in self.rows if r.get("round", 0) <= round_num]
+        self.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+            fh.flush()
+        self._print_row(row)
+
+    def _print_row(self, row: dict[str, Any]) -> None:
+        acc = row.get("eval_accuracy")
+        parts = [
+            f"round {row['round']}/{self.total_rounds}",
+            f"clients {row.get('clients', 0)}",
+            f"loss {row['train_loss']:.4f}" if row.get("train_loss") is not None else "loss -",
+            f"acc {acc:.4f}" if acc is not None else "acc -",
+            f"up {human_bytes(row.get('bytes_up', 0))}",
+            f"down {human_bytes(row.get('bytes_down', 0))}",
+            f"{row.get('wall_s', 0):.1f}s",
+        ]
+        self.progress_done()
+        print("  ".join(parts), file=self.stream, flush=True)
+
+    def progress(self, text: str) -> None:
+        """An in-place status line on a terminal (nothing when output is not a TTY)."""
+        if self.stream.isatty():
+            print("\r\033[K" + text, end="", file=self.stream, flush=True)
+
+    def progress_done(self) -> None:
+        if self.stream.isatty():
+            print("\r\033[K", end="", file=self.stream, flush=True)
+
+    def summary(self) -> str:
+        return format_table(self.rows)
+
+    def plot(self) -> list[Path]:
+        """accuracy.png (eval accuracy/loss against rounds) and bytes.png (bytes per round)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        out = []
+        rows = [r for r in self.rows if r.get("eval_accuracy") is not None]
+        if rows:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ax.plot([r["round"] for r in rows], [r["eval_accuracy"] for r in rows], marker="o", label="eval accuracy")
+            ax.set_xlabel("round")
+            ax.set_ylabel("global eval accuracy")
+            ax.grid(alpha=0.3)
+            ax2 = ax.twinx()
+            ax2.plot([r["round"] for r in rows], [r["eval_loss"] for r in rows], color="tab:red", alpha=0.6, marker=".", label="eval loss")
+            ax2.set_ylabel("eval loss")
+            fig.legend(loc="lower right")
+            fig.tight_layout()
+            path = self.run_dir / "accuracy.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            out.append(path)
+        rows = [r for r in self.rows if r.get("clients")]
+        if rows:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            x = [r["round"] for r in rows]
+            ax.bar([v - 0.2 for v in x], [r["bytes_up"] / 1024 for r in rows], width=0.4, label="up (workers -> coordinator)")
+            ax.bar([v + 0.2 for v in x], [r["bytes_down"] / 1024 for r in rows], width=0.4, label="down")
+            ax.set_xlabel("round")
+            ax.set_ylabel("KiB per round")
+            ax.legend()
+            fig.tight_layout()
+            path = self.run_dir / "bytes.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            out.append(path)
+        return out

@@ -1,0 +1,17 @@
+"""Aggregation strategies: pure math plus small stateful classes, selected by name.
+
+Importing this package registers the built-in strategies. ``make_strategy(cfg)`` builds one.
+"""
+
+from dpeft.strategies import fedavg as _fedavg  # noqa: F401  (registers)
+from dpeft.strategies import fedavgm as _fedavgm  # noqa: F401  (registers)
+from dpeft.strategies import fedopt as _fedopt  # noqa: F401  (registers)
+from dpeft.strategies import fedprox as _fedprox  # noqa: F401  (registers)
+from dpeft.strategies import fedsa_lora as _fedsa_lora  # noqa: F401  (registers)
+from dpeft.strategies import ffa_lora as _ffa_lora  # noqa: F401  (registers)
+from dpeft.strategies import flexlora as _flexlora  # noqa: F401  (registers)
+from dpeft.strategies import flora as _flora  # noqa: F401  (registers)
+from dpeft.strategies import robust_strategies as _robust_strategies  # noqa: F401  (registers)
+from dpeft.strategies.base import ClientUpdate, Strategy, available_strategies, make_strategy, register_strategy
+
+__all__ = ["ClientUpdate", "Strategy", "available_strategies", "make_strategy", "register_strategy"]

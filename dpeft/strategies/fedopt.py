@@ -1,0 +1,98 @@
+"""Adaptive server optimizers (Reddi et al. 2021, "Adaptive Federated Optimization").
+
+The mean client delta ``d`` is the server's pseudo-gradient (a descent direction). With
+``eta = server_lr``, per parameter and elementwise::
+
+    m <- beta1 * m + (1 - beta1) * d
+    v <- second_moment(v, d * d)
+    global <- global + eta * m / (sqrt(v) + tau)
+
+``second_moment`` is what tells the variants apart:
+
+* fedadagrad: ``v + d^2``
+* fedadam:    ``beta2 * v + (1 - beta2) * d^2``
+* fedyogi:    ``v - (1 - beta2) * d^2 * sign(v - d^2)``
+
+As in the paper there is no bias correction; ``m`` starts at 0 and ``v`` at ``tau^2``
+(the paper asks for ``v_{-1} >= tau^2``). Buffers are checkpointed as ``"m/<param>"``
+and ``"v/<param>"``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from dpeft.config import StrategyConfig
+from dpeft.state import AdapterState
+from dpeft.strategies.base import register_strategy
+from dpeft.strategies.fedavg import FedAvg
+from dpeft.strategies.moments import Moments
+from dpeft.strategies.options import float_option
+
+
+class FedOpt(FedAvg):
+    """Adam-shaped server step; subclasses define the second-moment update."""
+
+    option_help = {
+        "beta1": "first-moment decay in [0, 1) (default 0.9)",
+        "tau": "adaptivity / numerical floor added to sqrt(v), > 0 (default 1e-3)",
+    }
+
+    def __init__(self, cfg: StrategyConfig) -> None:
+        super().__init__(cfg)
+        self.beta1 = float_option(self.options, "beta1", 0.9, low=0.0, high=1.0, high_open=True)
+        self.tau = float_option(self.options, "tau", 1e-3, low=0.0, low_open=True)
+        self.moments = Moments(("m", "v"))
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        """The new ``v`` from the old one and the squared delta (float64)."""
+        raise NotImplementedError
+
+    def server_step(self, global_state: AdapterState, delta: AdapterState) -> AdapterState:
+        out: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for k, g in global_state.items():
+            d = delta[k].to(torch.float64)
+            m = self.moments.get("m", k, g).mul_(self.beta1).add_(d, alpha=1.0 - self.beta1)
+            v = self.second_moment(self.moments.get("v", k, g, init=self.tau**2), d * d)
+            self.moments.set("v", k, v)
+            step = m / (v.sqrt() + self.tau)
+            out[k] = (g.to(torch.float64) + self.cfg.server_lr * step).to(g.dtype)
+        return AdapterState(out, dict(global_state.meta))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.moments.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.moments.load_state_dict(state)
+
+
+@register_strategy("fedadagrad")
+class FedAdagrad(FedOpt):
+    """v accumulates every squared delta."""
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        return v + d2
+
+
+@register_strategy("fedadam")
+class FedAdam(FedOpt):
+    """v is an exponential moving average of squared deltas."""
+
+    option_help = {"beta2": "second-moment decay in [0, 1) (default 0.99)"}
+
+    def __init__(self, cfg: StrategyConfig) -> None:
+        super().__init__(cfg)
+        self.beta2 = float_option(self.options, "beta2", 0.99, low=0.0, high=1.0, high_open=True)
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        return self.beta2 * v + (1.0 - self.beta2) * d2
+
+
+@register_strategy("fedyogi")
+class FedYogi(FedAdam):
+    """v moves towards d^2 by an additive, sign-controlled step (slower growth than Adam's)."""
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        return v - (1.0 - self.beta2) * d2 * torch.sign(v - d2)

@@ -1,0 +1,98 @@
+"""Robust aggregation strategies: median, trimmed_mean, krum, multi_krum.
+
+Each buffers the round's updates (:class:`~dpeft.strategies.buffered.BufferedAggregator`,
+memory O(clients x adapter size)) and replaces FedAvg's weighted mean with a rule from
+:mod:`dpeft.strategies.robust`; the server step (``global + server_lr * aggregate``) is
+FedAvg's. Example counts are ignored on purpose (see :mod:`dpeft.strategies.robust`).
+Combine with ``clip_norm`` to also bound each update's norm.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dpeft.config import StrategyConfig
+from dpeft.state import AdapterState
+from dpeft.strategies.base import Aggregator, register_strategy
+from dpeft.strategies.buffered import BufferedAggregator
+from dpeft.strategies.fedavg import FedAvg
+from dpeft.strategies.options import float_option, int_option
+from dpeft.strategies.robust import coordinate_median, krum, trimmed_mean
+
+
+class RobustStrategy(FedAvg):
+    """FedAvg with the mean replaced by ``reduce`` over all buffered updates."""
+
+    def make_aggregator(self, global_state: AdapterState) -> Aggregator:
+        return BufferedAggregator(global_state, self.reduce)
+
+    def reduce(self, vectors: list[torch.Tensor], weights: list[float], client_ids: list[int]) -> torch.Tensor:
+        """One flat aggregated delta from the round's flat deltas."""
+        raise NotImplementedError
+
+
+@register_strategy("median")
+class Median(RobustStrategy):
+    """Coordinate-wise median of the client deltas."""
+
+    def reduce(self, vectors: list[torch.Tensor], weights: list[float], client_ids: list[int]) -> torch.Tensor:
+        return coordinate_median(vectors)
+
+
+@register_strategy("trimmed_mean")
+class TrimmedMean(RobustStrategy):
+    """Coordinate-wise mean after trimming a ``beta`` fraction at each end."""
+
+    option_help = {"beta": "fraction trimmed at each end per coordinate, in [0, 0.5) (default 0.1)"}
+
+    def __init__(self, cfg: StrategyConfig) -> None:
+        super().__init__(cfg)
+        self.beta = float_option(self.options, "beta", 0.1, low=0.0, high=0.5, high_open=True)
+
+    def reduce(self, vectors: list[torch.Tensor], weights: list[float], client_ids: list[int]) -> torch.Tensor:
+        return trimmed_mean(vectors, self.beta)
+
+
+@register_strategy("krum")
+class Krum(RobustStrategy):
+    """Krum: the single update closest to its ``n - f - 2`` neighbours (needs ``n >= 2f + 3``).
+
+    ``last_metrics`` gets ``krum_selected`` (how many were averaged) and, for Krum,
+    ``krum_client`` (the chosen client id).
+    """
+
+    option_help = {"f": "number of Byzantine clients tolerated; a round needs at least 2f+3 updates (default 1)"}
+
+    def __init__(self, cfg: StrategyConfig) -> None:
+        super().__init__(cfg)
+        self.f = int_option(self.options, "f", 1, low=0)
+        self.last_selected: list[int] = []
+
+    def selection_size(self, n: int) -> int:
+        """How many lowest-scoring updates to average when ``n`` arrived."""
+        return 1
+
+    def reduce(self, vectors: list[torch.Tensor], weights: list[float], client_ids: list[int]) -> torch.Tensor:
+        chosen, mean = krum(vectors, self.f, self.selection_size(len(vectors)))
+        self.last_selected = [client_ids[i] for i in chosen]
+        self.last_metrics["krum_selected"] = float(len(chosen))
+        if len(chosen) == 1:
+            self.last_metrics["krum_client"] = float(self.last_selected[0])
+        return mean
+
+
+@register_strategy("multi_krum")
+class MultiKrum(Krum):
+    """Multi-Krum: the mean of the ``m`` best-scoring updates (default ``m = n - f``)."""
+
+    option_help = {"m": "updates averaged per round, at most the number received (default n - f)"}
+
+    def __init__(self, cfg: StrategyConfig) -> None:
+        super().__init__(cfg)
+        self.m = int_option(self.options, "m", None, low=1)
+
+    def selection_size(self, n: int) -> int:
+        m = n - self.f if self.m is None else self.m
+        if m > n:
+            raise ValueError(f"multi_krum: m={m} but only {n} updates arrived this round")
+        return max(m, 1)

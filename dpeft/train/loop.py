@@ -1,0 +1,141 @@
+"""One client's local training and the global evaluation.
+
+The batch order of a client's local steps is a pure function of (seed, round, client), so a
+task gives the same result on whichever worker runs it, and a test can replay the exact
+batches in a plain loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from dpeft.config import TrainConfig
+from dpeft.data.tokenize import TokenizedData
+
+
+def task_seed(seed: int, round_num: int, client_id: int) -> int:
+    """A 63-bit seed for one (round, client) task, stable across processes."""
+    x = (seed * 1_000_003 + round_num) * 1_000_033 + client_id
+    x ^= x >> 17
+    return (x * 0x9E3779B97F4A7C15) & ((1 << 63) - 1)
+
+
+def batch_schedule(indices: list[int], steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """``steps`` batches drawn from ``indices`` epoch by epoch without replacement (seeded)."""
+    if not indices:
+        raise ValueError("a client with no examples cannot train")
+    gen = torch.Generator().manual_seed(seed)
+    batches: list[list[int]] = []
+    pool: list[int] = []
+    while len(batches) < steps:
+        if len(pool) < batch_size:
+            perm = torch.randperm(len(indices), generator=gen).tolist()
+            pool.extend(indices[i] for i in perm)
+        take = min(batch_size, len(pool))
+        batches.append(pool[:take])
+        pool = pool[take:]
+    return batches
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The configured client optimizer."""
+    params = list(params)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class LocalResult:
+    """What local training reports back (besides the adapter itself)."""
+
+    num_examples: int
+    steps: int
+    train_loss: float
+    compute_s: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def label_log_prior(labels: torch.Tensor, indices: list[int], num_labels: int) -> torch.Tensor:
+    """log of the client's smoothed label distribution, (counts + 1) / (n + C)."""
+    counts = torch.bincount(labels[torch.as_tensor(indices)], minlength=num_labels).double()
+    return torch.log((counts + 1.0) / (counts.sum() + num_labels)).float()
+
+
+def _loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str, log_prior: torch.Tensor | None) -> torch.Tensor:
+    if task == "causal_lm":
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if log_prior is not None:
+        logits = logits + log_prior
+    return nn.functional.cross_entropy(logits, batch["labels"])
+
+
+def local_train(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    data: TokenizedData,
+    indices: list[int],
+    cfg: TrainConfig,
+    task: str,
+    seed: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    prox_mu: float = 0.0,
+    num_labels: int | None = None,
+) -> LocalResult:
+    """Run ``cfg.local_steps`` optimizer steps on the client's examples; the model is updated in place."""
+    t0 = time.perf_counter()
+    model.train()
+    opt = optimizer or make_optimizer(params, cfg)
+    anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
+    log_prior = None
+    if task == "seq_cls" and cfg.loss == "prior_calibrated" and data.labels is not None and num_labels:
+        log_prior = label_log_prior(data.labels, indices, num_labels)
+    losses = []
+    for batch_idx in batch_schedule(indices, cfg.local_steps, cfg.batch_size, seed):
+        batch = data.batch(batch_idx)
+        loss = _loss(model, batch, task, log_prior)
+        if anchor is not None:
+            loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    mean_loss = sum(losses) / len(losses)
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"local training diverged (loss {mean_loss})")
+    return LocalResult(num_examples=len(indices), steps=len(losses), train_loss=mean_loss, compute_s=time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TokenizedData, task: str, batch_size: int) -> dict[str, float]:
+    """Mean loss and accuracy (token accuracy for causal LMs) over ``data``."""
+    model.eval()
+    total_loss, total_correct, total = 0.0, 0, 0
+    for start in range(0, len(data), batch_size):
+        batch = data.batch(list(range(start, min(start + batch_size, len(data)))))
+        if task == "causal_lm":
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = out.logits[:, :-1]
+            target = batch["input_ids"][:, 1:]
+            mask = batch["attention_mask"][:, 1:].bool()
+            loss = nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum")
+            total_loss += float(loss)
+            total_correct += int((logits.argmax(-1)[mask] == target[mask]).sum())
+            total += int(mask.sum())
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            total_loss += float(nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+            total_correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            total += len(batch["labels"])
+    return {"eval_loss": total_loss / max(total, 1), "eval_accuracy": total_correct / max(total, 1)}

@@ -1,0 +1,1 @@
+"""Worker runtime: many virtual clients over one shared frozen base model."""

@@ -1,0 +1,78 @@
+"""The worker process main loop over any WorkerConnection: join, poll, fetch, train, push."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+from dpeft.config import config_from_dict
+from dpeft.data.datasets import TextDataset, load_text_file
+from dpeft.errors import DataError
+from dpeft.transport.base import TrainTask, WorkerConnection
+from dpeft.workers.runtime import WorkerRuntime, set_threads
+
+log = logging.getLogger("dpeft.worker")
+
+
+def _own_dataset(path: str, cfg_tree: dict[str, Any], label_names: list[str] | None) -> TextDataset:
+    data = cfg_tree.get("data", {})
+    pairs = load_text_file(path, data.get("text_column", "text"), data.get("label_column", "label"))
+    if label_names is None:
+        return TextDataset([t for t, _ in pairs], [0] * len(pairs), [""])
+    index = {n: i for i, n in enumerate(label_names)}
+    bad = sorted({lab for _, lab in pairs if lab not in index})
+    if bad:
+        raise DataError(f"{path}: labels {bad[:5]} are not among the run's labels {label_names}")
+    return TextDataset([t for t, _ in pairs], [index[lab] for _, lab in pairs], label_names)
+
+
+def run_worker(conn: WorkerConnection, worker_id: str, threads: int = 1, data_path: str | None = None, stop: threading.Event | None = None) -> int:
+    """Serve tasks until the coordinator says stop (returns 0) or ``stop`` is set."""
+    stop = stop or threading.Event()
+    set_threads(threads)
+    reg = conn.join(worker_id, own_examples=0 if data_path else None)
+    cfg = config_from_dict(reg.config)
+    own = None
+    if data_path:
+        from dpeft.data import load_dataset
+
+        need_labels = cfg.model.task == "seq_cls"
+        label_names = load_dataset(cfg.data, cfg.seed, need_labels)[0].label_names if need_labels else None
+        own = _own_dataset(data_path, reg.config, label_names)
+    runtime = WorkerRuntime(cfg, own_data=own)
+    log.info("worker %s ready (clients %s)", worker_id, reg.client_ids or "virtual")
+    done = 0
+    try:
+        while not stop.is_set():
+            item = conn.poll()
+            if isinstance(item, str):
+                log.info("worker %s stopping: %s", worker_id, item)
+                break
+            if isinstance(item, float):
+                if item > 0:
+                    time.sleep(min(item, 1.0))
+                continue
+            task: TrainTask = item
+            payload = conn.fetch(task)
+            update, n, metrics = runtime.train_task(task, payload)
+            ok, reason = conn.push(task, update, n, metrics)
+            if not ok:
+                log.warning("update for task %s rejected: %s", task.task_id, reason)
+            done += 1
+    finally:
+        conn.leave()
+    return 0
+
+
+def install_stop_handlers(stop: threading.Event) -> None:
+    """SIGTERM/SIGINT set ``stop`` so the loop leaves cleanly after the current step."""
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
