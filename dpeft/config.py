@@ -124,9 +124,9 @@ class RunConfig:
     """A whole run. Top-level keys are the most common knobs."""
 
     seed: int = _f(0, "seed of sampling, partitioning, initialisation and local shuffles")
-    rounds: int = _f(8, "federated rounds")
+    rounds: int = _f(10, "federated rounds")
     clients: int = _f(10, "number of (virtual) clients the data is split into")
-    clients_per_round: int = _f(5, "clients sampled each round")
+    clients_per_round: int = _f(4, "clients sampled each round")
     run_dir: str = _f("runs/default", "output directory (metrics.jsonl, adapter/, checkpoints/, config.yaml)")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "base model"})
     adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata={"help": "PEFT adapter"})
