@@ -50,7 +50,27 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads")
     w.add_argument("--patience", type=float, default=120.0, help="seconds to keep retrying an unreachable coordinator")
     w.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    for module in _extension_modules():
+        module.add_parser(sub)
     return p
+
+
+#: Subcommands that live in their own modules: each has ``add_parser(subparsers)`` (setting
+#: ``set_defaults(extension=module_name)``) and ``run(args) -> int``.
+EXTENSIONS = ("dpeft.launch.split_cli", "dpeft.launch.ray_cli")
+
+
+def _extension_modules() -> list:
+    import importlib
+
+    out = []
+    for name in EXTENSIONS:
+        try:
+            out.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    return out
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
@@ -64,6 +84,11 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from dpeft.config import load_config
+
+    if getattr(args, "extension", None):
+        import importlib
+
+        return int(importlib.import_module(args.extension).run(args))
 
     if args.command in ("simulate", "coordinator"):
         cfg = load_config(args.config, args.overrides)
