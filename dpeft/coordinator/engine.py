@@ -159,6 +159,7 @@ class RoundEngine:
         rejected: Counter[str] = Counter()
         losses: list[tuple[float, int]] = []
         num_examples = 0
+        compute_s = 0.0
         while not self.policy.round_closed(aggregator.count, len(tasks), time.time() - t0):
             if self.stop_event.is_set():
                 transport.cancel_pending()
@@ -185,6 +186,7 @@ class RoundEngine:
             num_examples += update.num_examples
             if "train_loss" in update.metrics:
                 losses.append((update.metrics["train_loss"], update.num_examples))
+            compute_s += float(update.metrics.get("compute_s", 0.0))
             self.metrics.progress(f"round {round_num}/{self.cfg.rounds}: {aggregator.count}/{len(tasks)} clients done")
         transport.cancel_pending()
         with self._lock:
@@ -202,6 +204,7 @@ class RoundEngine:
             "train_loss": sum(l * n for l, n in losses) / max(sum(n for _, n in losses), 1) if losses else None,
             "bytes_up": up1 - up0,
             "bytes_down": down1 - down0,
+            "client_compute_s": compute_s,
             "rejected": sum(rejected.values()),
             "rejected_reasons": dict(rejected),
         }

@@ -1,0 +1,160 @@
+"""Framework overhead: `dpeft simulate` against one plain PyTorch loop doing the same work.
+
+Both sides do the same number of local training steps on the same batches (same partition,
+same per-(round, client) batch schedule), the same FedAvg, and the same number of global
+evaluations. The plain loop is one process using every core (torch threads = cores); it is
+the floor. Both run as fresh subprocesses in this invocation, so start-up (imports, model
+and data loading) counts on both sides.
+
+    python benchmarks/overhead.py [--quick] [key=value ...]
+
+Writes a section of benchmarks/RESULTS.md and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from results import machine_note, write_section  # noqa: E402
+
+
+def plain_loop(overrides: list[str], out: str) -> None:
+    """The floor: one process, all cores, plain transformers + peft + torch.optim."""
+    import torch
+
+    from dpeft.adapters import adapter_parameters, build_model, extract_state, load_state
+    from dpeft.config import load_config
+    from dpeft.data import load_dataset, partition, tokenize
+    from dpeft.train.loop import batch_schedule, label_log_prior, task_seed
+
+    t0 = time.time()
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = load_config(None, overrides)
+    train, test = load_dataset(cfg.data, cfg.seed)
+    parts = partition(train.labels, cfg.clients, cfg.data.partition, cfg.seed, cfg.data.dirichlet_alpha, cfg.data.min_examples_per_client)
+    bundle = build_model(cfg.model, cfg.adapter, len(train.label_names), cfg.seed)
+    model = bundle.model
+    tr = tokenize(bundle.tokenizer, train.texts, train.labels, cfg.model.max_length)
+    te = tokenize(bundle.tokenizer, test.texts, test.labels, cfg.model.max_length)
+    params = list(adapter_parameters(model).values())
+    global_state = extract_state(model)
+    import numpy as np
+
+    def evaluate() -> float:
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for s in range(0, len(te), cfg.train.eval_batch_size):
+                b = te.batch(list(range(s, min(s + cfg.train.eval_batch_size, len(te)))))
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                correct += int((logits.argmax(-1) == b["labels"]).sum())
+        return correct / len(te)
+
+    accs = [evaluate()]
+    steps = 0
+    train_s = 0.0
+    for rnd in range(1, cfg.rounds + 1):
+        rng = np.random.default_rng([cfg.seed, rnd])
+        sampled = sorted(int(c) for c in rng.choice(cfg.clients, size=cfg.clients_per_round, replace=False))
+        acc = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
+        total = 0
+        for c in sampled:
+            t1 = time.time()
+            load_state(model, global_state)
+            model.train()
+            opt = torch.optim.AdamW(params, lr=cfg.train.lr)
+            prior = label_log_prior(tr.labels, parts[c], len(train.label_names)) if cfg.train.loss == "prior_calibrated" else 0.0
+            for idx in batch_schedule(parts[c], cfg.train.local_steps, cfg.train.batch_size, task_seed(cfg.seed, rnd, c)):
+                b = tr.batch(idx)
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits + prior
+                loss = torch.nn.functional.cross_entropy(logits, b["labels"])
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or 1e9)
+                opt.step()
+                steps += 1
+            train_s += time.time() - t1
+            local = extract_state(model)
+            n = len(parts[c])
+            for k in acc:
+                acc[k] += (local[k].double() - global_state[k].double()) * n
+            total += n
+        for k in acc:
+            global_state.tensors[k] = (global_state[k].double() + acc[k] / total).float()
+        load_state(model, global_state)
+        accs.append(evaluate())
+    Path(out).write_text(json.dumps({"wall_s": time.time() - t0, "steps": steps, "train_s": train_s, "accuracy": accs}))
+
+
+def run_dpeft(overrides: list[str], run_dir: str) -> dict:
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "dpeft.launch.cli", "simulate", "--fresh", f"run_dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"dpeft simulate failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    return {"wall_s": wall, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 rounds instead of the default run")
+    parser.add_argument("--plain-only", metavar="OUT", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    overrides = list(args.overrides) + (["rounds=3"] if args.quick else [])
+    if args.plain_only:
+        plain_loop(overrides, args.plain_only)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        dp = run_dpeft(overrides, os.path.join(tmp, "run"))
+        out = os.path.join(tmp, "plain.json")
+        t0 = time.time()
+        subprocess.run([sys.executable, __file__, "--plain-only", out, *overrides], check=True, timeout=3600)
+        plain = json.loads(Path(out).read_text())
+        plain["outer_wall_s"] = time.time() - t0
+    rows = [r for r in dp["rows"] if r["round"] > 0]
+    framework = [r["wall_s"] - r.get("eval_s", 0.0) - r.get("client_compute_s", 0.0) / 2 for r in rows]
+    ratio = dp["wall_s"] / plain["outer_wall_s"]
+    from dpeft.config import load_config
+
+    steps_per_client = load_config(None, overrides).train.local_steps
+    table = [
+        "| | dpeft simulate | plain PyTorch loop (floor) | ratio |",
+        "| --- | --- | --- | --- |",
+        f"| wall time, start to finish | {dp['wall_s']:.1f} s | {plain['outer_wall_s']:.1f} s | **{ratio:.3f}** |",
+        f"| final eval accuracy | {rows[-1]['eval_accuracy']:.4f} | {plain['accuracy'][-1]:.4f} | |",
+        f"| local training steps | {sum(r['clients'] for r in rows) * steps_per_client} | {plain['steps']} | |",
+        f"| mean round wall time | {sum(r['wall_s'] for r in rows) / len(rows):.2f} s | | |",
+        f"| mean per-round framework time (round wall - eval - client compute / 2 processes) | {sum(framework) / len(framework):.2f} s | | |",
+    ]
+    text = "\n".join(
+        [
+            f"`python benchmarks/overhead.py {' '.join(args.overrides + (['--quick'] if args.quick else []))}`".replace(" `", "`"),
+            "",
+            machine_note(),
+            "",
+            *table,
+            "",
+            "Both sides run the same batches (same partition and per-(round, client) schedule), FedAvg, and "
+            "the same evaluations. dpeft runs one coordinator plus `simulate.processes` workers with "
+            "`simulate.threads_per_process` threads each; the floor is one process with torch threads = cores.",
+        ]
+    )
+    write_section("overhead", "Framework overhead: dpeft simulate vs a plain PyTorch loop", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
