@@ -8,6 +8,7 @@ types and impossible values raise :class:`~dpeft.errors.ConfigError` naming the 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -141,6 +142,9 @@ class RunConfig:
 # ---------------------------------------------------------------- loading
 
 
+_SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -182,6 +186,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(key, f"expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML (YAML 1.1) leaves exponents without a dot, like 1e-3, as strings
+        if isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
             return float(value)
         raise ConfigError(key, f"expected a number, got {value!r}")
     if tp is str:
