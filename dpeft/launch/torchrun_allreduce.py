@@ -1,0 +1,72 @@
+"""Federated rounds aggregated by torch.distributed all-reduce, one rank per process.
+
+    torchrun --nproc-per-node 2 -m dpeft.launch.torchrun_allreduce --config run.yaml rounds=5
+
+torchrun exports ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; this
+module calls ``init_process_group`` (gloo on CPU, nccl on GPU unless ``--backend``), and
+every rank trains its share of each round's sampled clients; rank 0 writes the run directory.
+Multi-node: ``torchrun --nnodes 2 --node-rank R --master-addr HOST0 --master-port 29500
+--nproc-per-node G -m dpeft.launch.torchrun_allreduce ...`` on each node.
+Exit codes as for ``dpeft``: 0 done, 2 bad config, 1 other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dpeft.launch.torchrun_allreduce", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML run config (every key optional; a ray: section is ignored)")
+    p.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="process-group backend (default: nccl with CUDA, else gloo)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cpus / local world size)")
+    p.add_argument("--fresh", action="store_true", help="ignore checkpoints already in run_dir")
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr)
+    from dpeft.errors import DpeftError
+
+    try:
+        import torch.distributed as dist
+
+        from dpeft.launch.ray_cli import load_run_config
+        from dpeft.transport.distributed_allreduce import init_group, run_allreduce
+        from dpeft.workers.runtime import set_threads
+
+        cfg, _ray = load_run_config(args.config, args.overrides)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        set_threads(args.threads or max(1, (os.cpu_count() or 1) // max(1, local)))
+        init_group(args.backend)
+        try:
+            run_allreduce(cfg, resume=not args.fresh, quiet=dist.get_rank() != 0)
+        finally:
+            dist.destroy_process_group()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except DpeftError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"dpeft: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - one clear line
+        if args.debug:
+            traceback.print_exc()
+        print(f"dpeft: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# All-reduce aggregation without a coordinator: every rank trains its share of each round's
+# clients and the weighted deltas are summed with torch.distributed (gloo on CPU, nccl on GPU).
+# Rank 0 writes the run directory (checkpoints, metrics.jsonl, adapter/).
+set -euo pipefail
+
+# one machine, two ranks
+torchrun --nproc-per-node 2 -m dpeft.launch.torchrun_allreduce \
+  rounds=3 clients=8 clients_per_round=4 run_dir=runs/allreduce "$@"
+
+# two machines (run on each; NODE_RANK=0 on the host at $MASTER_ADDR):
+# torchrun --nnodes 2 --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port 29500 \
+#   --nproc-per-node 1 -m dpeft.launch.torchrun_allreduce --config launch/ray-run.yaml

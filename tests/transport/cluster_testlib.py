@@ -1,0 +1,89 @@
+"""Helpers shared by the cluster-transport tests (tiny run settings)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+#: the tiny run used by every equivalence test (a few seconds of training on two cores)
+TINY = [
+    "seed=0",
+    "rounds=1",
+    "clients=2",
+    "clients_per_round=2",
+    "train.local_steps=3",
+    "data.max_train_examples=200",
+    "data.test_examples=32",
+    "data.partition=iid",
+    "simulate.processes=2",
+]
+
+
+def tiny(run_dir: Path, *more: str) -> list[str]:
+    return [*TINY, f"run_dir={run_dir}", *more]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_updates(n: int, seed: int = 0):
+    """``n`` synthetic client updates over a small adapter schema (float32, mixed sizes)."""
+    from collections import OrderedDict
+
+    import torch
+
+    from dpeft.state import AdapterState
+    from dpeft.strategies import ClientUpdate
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a.lora_A": (8, 16), "a.lora_B": (16, 8), "bias": (5,), "big": (64, 64)}
+    template = AdapterState(OrderedDict((k, torch.zeros(s)) for k, s in shapes.items()))
+    updates = [
+        ClientUpdate(i, AdapterState(OrderedDict((k, torch.randn(s, generator=g) * (i + 1)) for k, s in shapes.items())), 10 + 7 * i)
+        for i in range(n)
+    ]
+    return template, updates
+
+
+def gloo_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One rank of the all-reduce test (spawned): scenarios whose results rank 0 saves for the parent."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from dpeft.codec import encode_state
+    from dpeft.config import StrategyConfig
+    from dpeft.state import AdapterState
+    from dpeft.strategies import make_strategy
+    from dpeft.transport import distributed_allreduce as ar
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    assert ar.init_group("gloo") == "gloo"
+    template, updates = make_updates(6)
+    results = {}
+    results["even"] = ar.allreduce_fedavg(updates[rank::world], template)
+    ar.BUCKET_BYTES = 256  # many buckets, and the big tensor in slices
+    results["buckets"] = ar.allreduce_fedavg(updates[rank::world], template)
+    ar.BUCKET_BYTES = 64 << 20
+    results["uneven"] = ar.allreduce_fedavg(updates[:5] if rank == 0 else [], template)
+    for name, options in (("fedadam", {}), ("fedavg", {"clip_norm": 20.0})):
+        strategy = make_strategy(StrategyConfig(name=name, options=options, server_lr=0.5))
+        glob = template.clone()
+        for _step in range(2):  # two rounds: server-optimizer state must stay in step on every rank
+            agg = strategy.begin_round(glob)
+            for u in updates[rank::world]:
+                agg.add(u)
+            ar.allreduce_aggregator(agg)
+            glob = strategy.finish_round(glob, agg)
+        results[f"strategy_{name}"] = glob
+    if rank == 0:
+        for name, state in results.items():
+            with open(os.path.join(out_dir, f"{name}.bin"), "wb") as fh:
+                fh.write(encode_state(AdapterState(state.tensors)))
+    dist.barrier()
+    dist.destroy_process_group()
