@@ -8,6 +8,7 @@ checkpoint when the newest is unreadable.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import OrderedDict
@@ -45,6 +46,17 @@ def atomic_write(path: Path, pieces: Any) -> None:
     _fsync_dir(path.parent)
 
 
+def _digest(tensors: OrderedDict[str, torch.Tensor] | dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes (detects bit rot the container format misses)."""
+    h = hashlib.sha256()
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(
     directory: Path, round_num: int, global_state: AdapterState, strategy_state: dict[str, torch.Tensor], info: dict[str, Any], keep: int = 3
 ) -> Path:
@@ -55,7 +67,7 @@ def save_checkpoint(
         tensors[f"global/{k}"] = v
     for k, v in strategy_state.items():
         tensors[f"strategy/{k}"] = v
-    meta = {"round": round_num, "global_meta": global_state.meta, "info": info}
+    meta = {"round": round_num, "global_meta": global_state.meta, "info": info, "sha256": _digest(tensors)}
     path = directory / f"round-{round_num:06d}.safetensors"
     atomic_write(path, iter_encoded(AdapterState(tensors, meta)))
     for old in sorted(directory.glob("round-*.safetensors"))[:-keep]:
@@ -69,6 +81,8 @@ def load_checkpoint(path: Path) -> tuple[int, AdapterState, dict[str, torch.Tens
     meta = state.meta
     if "round" not in meta:
         raise ValueError(f"{path} is not a dpeft checkpoint")
+    if "sha256" in meta and meta["sha256"] != _digest(state.tensors):
+        raise ValueError(f"{path}: tensor data does not match its recorded sha256 (corrupted on disk)")
     glob = AdapterState(OrderedDict((k[len("global/") :], v) for k, v in state.items() if k.startswith("global/")), meta.get("global_meta", {}))
     strat = {k[len("strategy/") :]: v for k, v in state.items() if k.startswith("strategy/")}
     return int(meta["round"]), glob, strat, meta.get("info", {})

@@ -1,4 +1,4 @@
-"""`dpeft` command line: simulate, coordinator, worker.
+"""`dpeft` command line: simulate, coordinator, worker, status, certs.
 
 Exit codes: 0 done, 2 bad config or arguments (message names the key), 1 other failure,
 130 interrupted. Errors print one clear line, never a bare traceback (``--debug`` shows it).
@@ -25,6 +25,17 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _client_args(p: argparse.ArgumentParser) -> None:
+    """Credentials of a process that dials the coordinator (worker, status)."""
+    p.add_argument("--token", default=None, help="bearer token (default: $DPEFT_TOKEN; prefer --token-file or the variable, a flag shows in ps)")
+    p.add_argument("--token-file", default=None, help="file whose first line is the bearer token")
+    p.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")
+    p.add_argument("--ca", default=None, help="PEM CA that signed the coordinator's certificate (implies --tls)")
+    p.add_argument("--cert", default=None, help="PEM client certificate for mutual TLS (implies --tls)")
+    p.add_argument("--key", default=None, help="PEM client private key for mutual TLS")
+    p.add_argument("--server-name", default=None, help="expected name in the coordinator's certificate, if not the host you dial")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dpeft", description="Distributed and federated parameter-efficient fine-tuning.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -40,16 +51,33 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="YAML run config")
     c.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to listen on (port 0 = any free port)")
     c.add_argument("--fresh", action="store_true", help="ignore checkpoints already in run_dir")
+    c.add_argument("--tls-cert", help="PEM server certificate (= auth.tls_cert)")
+    c.add_argument("--tls-key", help="PEM server private key (= auth.tls_key)")
+    c.add_argument("--tls-client-ca", help="PEM CA: require worker certificates signed by it (= auth.tls_client_ca)")
+    c.add_argument("--tokens-file", help="YAML/JSON worker id -> token, re-read on change (= auth.tokens_file)")
     c.add_argument("overrides", nargs="*", metavar="key=value")
 
     w = sub.add_parser("worker", help="train tasks for a coordinator (dials out)")
     w.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
-    w.add_argument("--token", default="", help="bearer token for this worker")
-    w.add_argument("--worker-id", default=None, help="stable worker id (default: hostname-pid)")
+    w.add_argument("--worker-id", default=None, help="stable worker id (default: hostname-pid); the one your token was issued for")
     w.add_argument("--data", default=None, help="your own CSV/JSONL data (this worker becomes one client)")
     w.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads")
     w.add_argument("--patience", type=float, default=120.0, help="seconds to keep retrying an unreachable coordinator")
     w.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    _client_args(w)
+
+    st = sub.add_parser("status", help="workers, round and progress of a running coordinator")
+    st.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
+    st.add_argument("--worker-id", default="admin", help="the id the token was issued for (default: admin)")
+    st.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _client_args(st)
+
+    ce = sub.add_parser("certs", help="write a self-signed test CA, a server certificate and client certificates")
+    ce.add_argument("--out", required=True, help="directory to write ca.pem, server.pem/.key, client.pem/.key into")
+    ce.add_argument("--host", action="append", default=None, help="server DNS name or IP (repeat; default: localhost and 127.0.0.1)")
+    ce.add_argument("--client", action="append", default=None, help="client certificate name (repeat; default: client)")
+    ce.add_argument("--days", type=int, default=365, help="validity in days")
+    ce.add_argument("--tokens", default=None, help="comma-separated worker ids: also write tokens.yaml with a fresh token for each")
     for module in _extension_modules():
         module.add_parser(sub)
     return p
@@ -91,24 +119,127 @@ def _run(args: argparse.Namespace) -> int:
         return int(importlib.import_module(args.extension).run(args))
 
     if args.command in ("simulate", "coordinator"):
-        cfg = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if args.command == "coordinator":
+            for flag, key in (("tls_cert", "auth.tls_cert"), ("tls_key", "auth.tls_key"), ("tls_client_ca", "auth.tls_client_ca"), ("tokens_file", "auth.tokens_file")):
+                if getattr(args, flag):
+                    overrides.append(f"{key}={os.path.abspath(getattr(args, flag))}")
+        cfg = load_config(args.config, overrides)
         from dpeft.launch.coordinator import run_coordinator
 
         if args.command == "simulate":
             run_coordinator(cfg, "127.0.0.1:0", local_workers=cfg.simulate.processes, resume=not args.fresh)
         else:
+            logging.getLogger("dpeft.events").setLevel(logging.DEBUG if args.debug else logging.INFO)
             run_coordinator(cfg, args.listen, local_workers=0, resume=not args.fresh)
         return 0
+    if args.command == "certs":
+        return _certs(args)
+    if args.command == "status":
+        return _status(args)
     if args.threads < 1:
         raise _config_error("--threads", "must be >= 1")
-    from dpeft.transport.grpc_worker import GrpcWorkerConnection
     from dpeft.workers.loop import run_worker
 
     if args.exit_with_parent:
         _exit_with_parent()
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    conn = GrpcWorkerConnection(args.coordinator, token=args.token, patience_s=args.patience)
-    return run_worker(conn, worker_id, threads=args.threads, data_path=args.data, stop=threading.Event())
+    conn = _connect(args, worker_id, patience_s=args.patience)
+    stop = threading.Event()
+
+    def on_term(signum: int, frame: object) -> None:  # leave cleanly (the coordinator re-queues our task)
+        stop.set()
+        raise _WorkerStop
+
+    import signal
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        return run_worker(conn, worker_id, threads=args.threads, data_path=args.data, stop=stop)
+    except _WorkerStop:
+        print(f"dpeft worker {worker_id}: stopped by SIGTERM", file=sys.stderr)
+        return 0
+
+
+class _WorkerStop(BaseException):
+    """SIGTERM in a worker: unwind (run_worker's finally says Leave), exit 0."""
+
+
+def _token(args: argparse.Namespace) -> str:
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as fh:
+                return fh.readline().strip()
+        except OSError as exc:
+            raise _config_error("--token-file", f"cannot read {args.token_file}: {exc.strerror}") from None
+    return args.token if args.token is not None else os.environ.get("DPEFT_TOKEN", "")
+
+
+def _connect(args: argparse.Namespace, worker_id: str, patience_s: float):
+    from dpeft.transport.grpc_worker import GrpcWorkerConnection
+
+    credentials = None
+    if args.tls or args.ca or args.cert or args.key:
+        from dpeft.transport.tls import channel_credentials
+
+        credentials = channel_credentials(args.ca, args.cert, args.key)
+    conn = GrpcWorkerConnection(
+        args.coordinator, token=_token(args), patience_s=patience_s, credentials=credentials, server_name=args.server_name
+    )
+    conn.worker_id = worker_id
+    return conn
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    conn = _connect(args, args.worker_id, patience_s=5.0)
+    try:
+        st = conn.status()
+    finally:
+        conn.channel.close()
+    if args.json:
+        print(json.dumps(st, indent=1))
+        return 0
+    total = f"/{st['total_rounds']}" if st["total_rounds"] else ""
+    print(
+        f"run {st['run_id']}  round {st['round']}{total}: {st['tasks_done']}/{st['tasks_submitted']} tasks done, "
+        f"{st['tasks_inflight']} in flight, {st['tasks_pending']} queued, {st['uploads_partial']} partial uploads; "
+        f"{st['rejected']} rejected; up {st['bytes_up']} B, down {st['bytes_down']} B; uptime {st['uptime_s']:.0f}s"
+        + (f"; stopping: {st['stop_reason']}" if st["stop_reason"] else "")
+    )
+    rows = [("worker", "state", "last seen", "tasks", "bytes up", "bytes down", "clients", "current task")]
+    now = time.time()
+    for w in st["workers"]:
+        seen = f"{now - w['last_seen']:.1f}s ago" if w["last_seen"] else "-"
+        clients = ",".join(map(str, w["client_ids"])) if w["own_data"] else "virtual"
+        rows.append((w["worker_id"], w["state"], seen, str(w["tasks_done"]), str(w["bytes_up"]), str(w["bytes_down"]), clients, w["current_task"] or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from dpeft.transport.tls import make_test_certs
+
+    paths = make_test_certs(args.out, hosts=args.host, client_names=args.client, days=args.days)
+    if args.tokens:
+        import yaml
+
+        from dpeft.transport.auth import new_token
+
+        ids = [w.strip() for w in args.tokens.split(",") if w.strip()]
+        path = os.path.join(args.out, "tokens.yaml")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            yaml.safe_dump({w: new_token() for w in ids}, fh, sort_keys=False)
+        paths.append(type(paths[0])(path) if paths else path)
+    for p in paths:
+        print(p)
+    print("test certificates only: see docs/edge.md for real deployments", file=sys.stderr)
+    return 0
 
 
 def _exit_with_parent() -> None:

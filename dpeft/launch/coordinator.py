@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dpeft.config import RunConfig, dump_config
+from dpeft.config import AuthConfig, RunConfig, dump_config
 from dpeft.coordinator.engine import RoundEngine
 from dpeft.coordinator.global_model import GlobalModel
 from dpeft.errors import DpeftError
@@ -61,27 +62,81 @@ class WorkerProcesses:
                 p.wait()
 
 
+def edge_security(cfg: RunConfig, listen: str) -> tuple[Any, Any]:
+    """(server TLS credentials or None, TokenStore or None) from ``auth.*``; checks ``transport.*`` limits."""
+    from dpeft.errors import ConfigError
+    from dpeft.transport.auth import TokenStore
+    from dpeft.transport.tls import server_credentials
+
+    t = cfg.transport
+    for key, value in [
+        ("transport.heartbeat_s", t.heartbeat_s),
+        ("transport.dead_after_s", t.dead_after_s),
+        ("transport.max_tensor_bytes", t.max_tensor_bytes),
+        ("transport.max_concurrent_uploads", t.max_concurrent_uploads),
+        ("transport.resume_window_s", t.resume_window_s),
+        ("transport.server_threads", t.server_threads),
+        ("transport.poll_timeout_s", t.poll_timeout_s),
+    ]:
+        if value is None or value <= 0:
+            raise ConfigError(key, f"must be > 0; got {value}")
+    if t.dead_after_s <= t.heartbeat_s:
+        raise ConfigError("transport.dead_after_s", f"must exceed transport.heartbeat_s ({t.heartbeat_s}) or live workers are declared dead")
+    credentials = server_credentials(cfg.auth.tls_cert, cfg.auth.tls_key, cfg.auth.tls_client_ca)
+    tokens = None
+    if cfg.auth.tokens_file:
+        if not Path(cfg.auth.tokens_file).is_file():
+            raise ConfigError("auth.tokens_file", f"no such file: {cfg.auth.tokens_file}")
+        tokens = TokenStore(cfg.auth.tokens_file)
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        if tokens is None:
+            log.warning("listening on %s without auth.tokens_file: any client can join, push updates and read the run config", listen)
+        if credentials is None:
+            log.warning("listening on %s without TLS (auth.tls_cert/auth.tls_key): tokens and adapters travel in clear text", listen)
+    return credentials, tokens
+
+
 def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume: bool = True, quiet: bool = False) -> list[dict[str, Any]]:
     """Serve rounds until done; with ``local_workers`` > 0 this is `dpeft simulate`."""
-    from dpeft.transport.grpc_server import GrpcCoordinatorTransport
+    from dpeft.transport.grpc_server import GrpcCoordinatorTransport, log_event
 
     set_threads(cfg.simulate.coordinator_threads)
     run_dir = Path(cfg.run_dir)
     t_start = time.time()
+    credentials, tokens = edge_security(cfg, listen)
     gm = GlobalModel(cfg)
     engine = RoundEngine(cfg, gm, run_dir, resume=resume)
+    if engine.resumed_from is not None:
+        log_event("resumed", round=engine.resumed_from, run_dir=run_dir)
+    registry = run_dir / "workers.json"
+    if not resume:
+        registry.unlink(missing_ok=True)
+    worker_yaml = dump_config(dataclasses.replace(cfg, auth=AuthConfig()))  # workers never see key/token paths
     transport = GrpcCoordinatorTransport(
         listen,
-        run_id=secrets.token_hex(6),
-        config_yaml=dump_config(cfg),
+        run_id=hashlib.sha256(worker_yaml.encode()).hexdigest()[:12],  # the same run after a restart
+        config_yaml=worker_yaml,
         num_clients=cfg.clients,
         decoder_factory=engine.decoder_for,
         chunk_bytes=cfg.transport.chunk_bytes,
         max_update_bytes=cfg.transport.max_update_bytes,
+        max_tensor_bytes=cfg.transport.max_tensor_bytes,
+        max_concurrent_uploads=cfg.transport.max_concurrent_uploads,
         poll_timeout_s=cfg.transport.poll_timeout_s,
+        heartbeat_s=cfg.transport.heartbeat_s,
+        dead_after_s=cfg.transport.dead_after_s,
+        resume_window_s=cfg.transport.resume_window_s,
+        tokens=tokens,
+        credentials=credentials,
+        registry_path=registry,
+        total_rounds=cfg.rounds,
+        max_threads=cfg.transport.server_threads,
     )
     address = transport.start()
-    print(f"dpeft coordinator listening on {address}; run directory {run_dir}", file=sys.stderr, flush=True)
+    scheme = "TLS" if credentials is not None else "plaintext"
+    auth = f"{len(tokens)} worker tokens" if tokens is not None else "no authentication"
+    print(f"dpeft coordinator listening on {address} ({scheme}, {auth}); run directory {run_dir}", file=sys.stderr, flush=True)
     workers = WorkerProcesses()
     failure: list[str] = []
     interrupted = threading.Event()

@@ -1,34 +1,91 @@
 """gRPC coordinator transport: a thin servicer over queues; workers dial in.
 
-The servicer holds no aggregation logic. It keeps the task queue and the published payloads,
-streams payload chunks, and feeds upload chunks into a validating decoder supplied by the
-round engine (so nothing is allocated before the header matches the adapter schema).
+The servicer holds no aggregation logic. It keeps the task queue, the published payloads and
+the worker registry, streams payload chunks, and feeds upload chunks into a validating decoder
+supplied by the round engine (so nothing is allocated before the header matches the adapter
+schema). On top of that it is what faces the network:
+
+- authentication: with a :class:`~dpeft.transport.auth.TokenStore`, every call must carry a
+  (worker id, bearer token) pair in its metadata; an interceptor refuses bad ones with
+  UNAUTHENTICATED before the handler runs, and the handler checks that the worker id in the
+  request is the one the token was issued for (PERMISSION_DENIED otherwise). TLS (optionally
+  mutual) through server credentials.
+- limits: declared update size, bytes per tensor, concurrent uploads (a partial upload holds at
+  most its schema-checked size; the oldest idle one is evicted when the limit is reached).
+- liveness: a worker not seen for ``dead_after_s`` is marked dead and its in-flight tasks go
+  back to the front of the queue (another worker takes them); a worker that comes back is alive
+  again. Workers that do nothing else send Heartbeat.
+- resumable uploads: an upload that breaks off keeps its verified prefix (per-chunk CRC-32,
+  running sha256) keyed by task id for ``resume_window_s``; ``QueryUpload`` tells the worker
+  where to continue, and a corrupted chunk is refused with DATA_LOSS and re-sent.
+- bad updates: every rejection is a precise gRPC status + message, logged as one structured
+  line, and reported to the engine as a :class:`Rejection` (counted in metrics.jsonl); nothing
+  reaches the aggregate.
+- restarts: the registry of workers (their client ids) is kept in ``registry_path`` so a
+  restarted coordinator hands every worker the same clients; sessions are per process, so a
+  worker calling with an old session gets ABORTED ("join again") and re-joins by itself.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import queue
 import secrets
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from concurrent import futures
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dpeft._proto.dpeft.v1 import coordinator_pb2 as pb
 from dpeft._proto.dpeft.v1 import coordinator_pb2_grpc as pb_grpc
+from dpeft.codec.tensors import StateDecoder
 from dpeft.errors import ProtocolError, RejectedUpdate
 from dpeft.transport import serde
+from dpeft.transport.auth import AuthInterceptor, TokenStore, metadata_identity
 from dpeft.transport.base import CoordinatorTransport, DecoderFactory, Event, Rejection, TaskResult, TrainTask
 
 log = logging.getLogger("dpeft.transport.grpc")
+events_log = logging.getLogger("dpeft.events")
 
 SERVICE_NAME = "dpeft.v1.Coordinator"
+
+#: rejection reason -> gRPC status code (everything else: INVALID_ARGUMENT)
+_REASON_CODES = {
+    "unknown_task": grpc.StatusCode.FAILED_PRECONDITION,
+    "stale": grpc.StatusCode.FAILED_PRECONDITION,
+    "late": grpc.StatusCode.FAILED_PRECONDITION,
+    "too_stale": grpc.StatusCode.FAILED_PRECONDITION,
+    "wrong_client": grpc.StatusCode.FAILED_PRECONDITION,
+    "duplicate": grpc.StatusCode.ALREADY_EXISTS,
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "forbidden": grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:
+    """One structured ``event=NAME key=value ...`` line (values with spaces are JSON-quoted)."""
+    if not events_log.isEnabledFor(level):
+        return
+    parts = [f"event={event}"]
+    for k, v in fields.items():
+        if isinstance(v, float):
+            text = f"{v:.3f}"
+        else:
+            text = str(v)
+            if not text or any(c.isspace() or c in "\"=" for c in text):
+                text = json.dumps(text)
+        parts.append(f"{k}={text}")
+    events_log.log(level, " ".join(parts))
 
 
 def channel_options(chunk_bytes: int) -> list[tuple[str, int]]:
@@ -43,24 +100,57 @@ def channel_options(chunk_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+@dataclass
+class _Upload:
+    """The verified prefix of one task's upload (what a resumed upload continues)."""
+
+    worker_id: str
+    client_id: int
+    size: int
+    sha256: bytes
+    decoder: StateDecoder
+    digest: Any = field(default_factory=hashlib.sha256)
+    received: int = 0
+    resumed: int = 0
+    updated: float = field(default_factory=time.time)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    checked_tensors: bool = False
+
+
 class _Servicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, owner: "GrpcCoordinatorTransport") -> None:
+    def __init__(self, owner: GrpcCoordinatorTransport) -> None:
         self.o = owner
 
     # -- helpers -----------------------------------------------------------
+    def _identity(self, worker_id: str, context: grpc.ServicerContext) -> None:
+        """With tokens, the request's worker id must be the one the token was issued for."""
+        if self.o.tokens is None:
+            return
+        bound, _ = metadata_identity(context.invocation_metadata())
+        if bound != worker_id:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"the token is bound to worker {bound!r}, not {worker_id!r}")
+
     def _worker(self, worker_id: str, session: str, context: grpc.ServicerContext) -> dict[str, Any]:
-        info = self.o._workers.get(worker_id)
-        if info is None or info["session"] != session:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"unknown worker {worker_id!r} or stale session; join first")
-        info["last_seen"] = time.time()
-        info["alive"] = True
-        return info
+        self._identity(worker_id, context)
+        with self.o._lock:
+            info = self.o._workers.get(worker_id)
+            if info is None or not info["session"] or info["session"] != session:
+                known = info is not None and bool(info["session"])
+                msg = "stale session (the worker joined again elsewhere)" if known else "unknown session (coordinator restarted?)"
+                context.abort(grpc.StatusCode.ABORTED, f"worker {worker_id!r}: {msg}; join again")
+            info["last_seen"] = time.time()
+            if not info["alive"] and not info["left"]:
+                info["alive"] = True
+                log_event("worker_back", worker=worker_id)
+                self.o._cond.notify_all()
+            return info
 
     # -- RPCs ---------------------------------------------------------------
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         if not request.worker_id or len(request.worker_id) > 128:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id must be 1..128 characters")
-        if not self.o.authenticate(request.worker_id, request.token):
+        self._identity(request.worker_id, context)
+        if self.o.tokens is None and not self.o.authenticate(request.worker_id, request.token):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid token for this worker id")
         with self.o._lock:
             prev = self.o._workers.get(request.worker_id)
@@ -72,21 +162,25 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {self.o.num_clients} client slots are taken")
                 clients = [free[0]]
             session = secrets.token_hex(8)
+            now = time.time()
             self.o._workers[request.worker_id] = {
                 "session": session,
                 "own_data": bool(request.own_data),
                 "own_examples": int(request.own_examples),
                 "client_ids": clients,
-                "joined": time.time(),
-                "last_seen": time.time(),
+                "joined": now,
+                "last_seen": now,
                 "alive": True,
                 "left": False,
-                "tasks_done": 0,
-                "bytes_up": 0,
-                "bytes_down": 0,
+                "tasks_done": prev["tasks_done"] if prev else 0,
+                "bytes_up": prev["bytes_up"] if prev else 0,
+                "bytes_down": prev["bytes_down"] if prev else 0,
+                "address": context.peer(),
             }
+            if prev is None or prev["client_ids"] != clients or prev["own_data"] != bool(request.own_data):
+                self.o._save_registry()
             self.o._cond.notify_all()
-        log.info("worker joined id=%s own_data=%s clients=%s", request.worker_id, request.own_data, clients)
+        log_event("worker_joined", worker=request.worker_id, own_data=bool(request.own_data), clients=clients, peer=context.peer(), rejoin=prev is not None)
         return pb.JoinReply(
             run_id=self.o.run_id, session=session, config_yaml=self.o.config_yaml, client_ids=clients, heartbeat_s=self.o.heartbeat_s
         )
@@ -100,11 +194,13 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                     return pb.PollReply(stop_reason=self.o._stop_reason)
                 task = self.o._take_task(request.worker_id, info)
                 if task is not None:
+                    log_event("task_assigned", level=logging.DEBUG, worker=request.worker_id, task=task.task_id, round=task.round)
                     return pb.PollReply(task=serde.task_to_proto(task))
                 left = deadline - time.time()
                 if left <= 0 or not context.is_active():
                     return pb.PollReply(wait_s=0.05)
                 self.o._cond.wait(min(left, 0.5))
+                info["last_seen"] = time.time()
 
     def FetchBlob(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.BlobChunk]:
         info = self._worker(request.worker_id, request.session, context)
@@ -114,48 +210,104 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         if not 0 <= request.offset <= len(blob):
             context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} outside 0..{len(blob)}")
         step = self.o.chunk_bytes
+        view = memoryview(blob)
         for start in range(request.offset, len(blob), step):
-            data = blob[start : start + step]
+            data = bytes(view[start : start + step])
             self.o._count(down=len(data), info=info)
             yield pb.BlobChunk(offset=start, data=data)
 
+    def QueryUpload(self, request: pb.UploadQuery, context: grpc.ServicerContext) -> pb.UploadStatus:
+        self._worker(request.worker_id, request.session, context)
+        with self.o._lock:
+            up = self.o._uploads.get(request.task_id)
+            if up is None or up.worker_id != request.worker_id:
+                return pb.UploadStatus(received=0, size=0)
+            return pb.UploadStatus(received=up.received, size=up.size)
+
     def PushUpdate(self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext) -> pb.UpdateAck:
-        header = None
+        o = self.o
         worker_id, task_id = "?", "?"
         try:
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("part") != "header":
                 raise RejectedUpdate("malformed", "an upload must start with its header")
-            header = serde.update_header_from_proto(first.header)
+            try:
+                header = serde.update_header_from_proto(first.header)
+            except ProtocolError as exc:
+                raise RejectedUpdate("malformed", str(exc)) from None
             worker_id, task_id = header["worker_id"], header["task_id"]
             info = self._worker(worker_id, header["session"], context)
-            if header["size"] > self.o.max_update_bytes:
-                raise RejectedUpdate("too_large", f"{header['size']} bytes exceeds the limit of {self.o.max_update_bytes}")
-            decoder = self.o.decoder_factory(task_id, header["client_id"])
-            digest = hashlib.sha256()
-            received = 0
-            for chunk in request_iterator:
-                if chunk.WhichOneof("part") != "data":
-                    raise RejectedUpdate("malformed", "a second header inside one upload")
-                received += len(chunk.data)
-                if received > header["size"]:
-                    raise RejectedUpdate("malformed", f"more than the declared {header['size']} bytes")
-                digest.update(chunk.data)
-                decoder.feed(chunk.data)
-            if received != header["size"]:
-                raise RejectedUpdate("truncated", f"received {received} of {header['size']} bytes")
-            if digest.digest() != header["sha256"]:
-                raise RejectedUpdate("checksum", "sha256 of the received bytes does not match the header")
-            state = decoder.finish()
-        except ProtocolError as exc:
-            return self._reject(context, worker_id, task_id, RejectedUpdate("malformed", str(exc)))
+            if header["size"] > o.max_update_bytes:
+                raise RejectedUpdate("too_large", f"{header['size']} bytes exceeds the limit of {o.max_update_bytes} (transport.max_update_bytes)")
+            if header["num_examples"] <= 0:
+                raise RejectedUpdate("num_examples", "an update must report at least one example")
+            with o._lock:
+                if task_id in o._completed:
+                    raise RejectedUpdate("duplicate", f"task {task_id!r} was already uploaded")
+            up = self._upload_for(header, context)
         except RejectedUpdate as exc:
             return self._reject(context, worker_id, task_id, exc)
-        self.o._count(up=received, info=info)
-        with self.o._lock:
-            self.o._inflight.pop(task_id, None)
-            info["tasks_done"] += 1
-        self.o._events.put(
+        if not up.lock.acquire(timeout=10.0):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"an upload of task {task_id!r} is already in progress; retry")
+        try:
+            if header["offset"] != up.received:
+                context.abort(
+                    grpc.StatusCode.OUT_OF_RANGE, f"upload of task {task_id!r} resumes at {header['offset']} but the coordinator holds {up.received} bytes; query and retry"
+                )
+            if header["offset"]:
+                up.resumed += 1
+                o._resumed_uploads += 1
+                log_event("upload_resumed", worker=worker_id, task=task_id, offset=header["offset"], size=up.size)
+            try:
+                self._receive(up, request_iterator, info, context, task_id)
+            except grpc.RpcError:  # the worker went away mid-stream: keep the verified prefix for a resume
+                up.updated = time.time()
+                log_event("upload_interrupted", worker=worker_id, task=task_id, received=up.received, size=up.size)
+                raise
+            except RejectedUpdate as exc:
+                o._drop_upload(task_id, up)
+                return self._reject(context, worker_id, task_id, exc)
+            except ProtocolError as exc:
+                o._drop_upload(task_id, up)
+                return self._reject(context, worker_id, task_id, RejectedUpdate("malformed", str(exc)))
+            up.updated = time.time()
+            if up.received < up.size:  # the worker paused (half-closed early): resumable
+                return pb.UpdateAck(accepted=False, reason="incomplete", received=up.received)
+            try:
+                if up.digest.digest() != up.sha256:
+                    raise RejectedUpdate("checksum", "sha256 of the received bytes does not match the header")
+                state = up.decoder.finish()
+                for name, t in state.items():
+                    if t.is_floating_point() and not bool(t.isfinite().all()):
+                        raise RejectedUpdate("non_finite", f"tensor {name} has NaN or Inf")
+            except ProtocolError as exc:
+                o._drop_upload(task_id, up)
+                return self._reject(context, worker_id, task_id, RejectedUpdate("malformed", str(exc)))
+            except RejectedUpdate as exc:
+                o._drop_upload(task_id, up)
+                return self._reject(context, worker_id, task_id, exc)
+            with o._lock:
+                if task_id in o._completed:  # a racing duplicate finished first
+                    o._drop_upload(task_id, up)
+                    dup = RejectedUpdate("duplicate", f"task {task_id!r} was already uploaded")
+                else:
+                    dup = None
+                    o._drop_upload(task_id, up)
+                    o._completed[task_id] = None
+                    while len(o._completed) > 100_000:
+                        o._completed.popitem(last=False)
+                    owner = o._inflight.pop(task_id, None)
+                    o._pending = deque(t for t in o._pending if t.task_id != task_id)
+                    if owner is not None and owner[1].round in o._round_stats:
+                        o._round_stats[owner[1].round][1] += 1
+                    info["tasks_done"] += 1
+                    info.pop("current_task", None)
+            if dup is not None:
+                return self._reject(context, worker_id, task_id, dup)
+        finally:
+            up.lock.release()
+        log_event("upload_accepted", worker=worker_id, task=task_id, bytes=up.size, resumed=up.resumed)
+        o._events.put(
             TaskResult(
                 task_id=task_id,
                 client_id=header["client_id"],
@@ -163,16 +315,77 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                 delta=state,
                 num_examples=header["num_examples"],
                 metrics=header["metrics"],
-                bytes_up=received,
+                bytes_up=up.size,
             )
         )
-        return pb.UpdateAck(accepted=True, received=received)
+        return pb.UpdateAck(accepted=True, received=up.received)
+
+    def _upload_for(self, header: dict[str, Any], context: grpc.ServicerContext) -> _Upload:
+        """The partial upload this header continues, or a new one (validated by the engine's decoder)."""
+        o = self.o
+        task_id = header["task_id"]
+        with o._lock:
+            up = o._uploads.get(task_id)
+            same = (
+                up is not None
+                and up.worker_id == header["worker_id"]
+                and up.size == header["size"]
+                and up.sha256 == header["sha256"]
+                and up.client_id == header["client_id"]
+            )
+            if up is not None and same and header["offset"] > 0:
+                return up
+            if header["offset"] > 0:
+                context.abort(grpc.StatusCode.OUT_OF_RANGE, f"no partial upload of task {task_id!r} to resume; start again at offset 0")
+            if up is not None and not up.lock.locked():
+                o._uploads.pop(task_id, None)
+            elif up is not None:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"another upload of task {task_id!r} is in progress; retry")
+            if len(o._uploads) >= o.max_concurrent_uploads:
+                idle = [(u.updated, tid) for tid, u in o._uploads.items() if not u.lock.locked()]
+                if not idle:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(o._uploads)} uploads in progress (transport.max_concurrent_uploads); retry")
+                _, oldest = min(idle)
+                o._uploads.pop(oldest, None)
+                log_event("upload_evicted", task=oldest)
+        decoder = o.decoder_factory(task_id, header["client_id"])  # RejectedUpdate for unknown/closed tasks
+        up = _Upload(header["worker_id"], header["client_id"], header["size"], header["sha256"], decoder)
+        with o._lock:
+            o._uploads[task_id] = up
+        return up
+
+    def _receive(self, up: _Upload, request_iterator: Iterator[pb.UpdateChunk], info: dict[str, Any], context: grpc.ServicerContext, task_id: str) -> None:
+        o = self.o
+        for msg in request_iterator:
+            data, crc_ok = serde.data_chunk_from_proto(msg, up.received)
+            o._count(up=len(data), info=info)
+            if not crc_ok:
+                o._corrupt_chunks += 1
+                log_event("chunk_corrupt", level=logging.WARNING, worker=up.worker_id, task=task_id, offset=up.received)
+                context.abort(grpc.StatusCode.DATA_LOSS, f"chunk at offset {up.received} failed its CRC-32; resume from {up.received}")
+            if up.received + len(data) > up.size:
+                raise RejectedUpdate("malformed", f"more than the declared {up.size} bytes")
+            up.decoder.feed(data)
+            if not up.checked_tensors:
+                self._check_tensor_sizes(up)
+            up.digest.update(data)
+            up.received += len(data)
+            info["last_seen"] = time.time()
+
+    def _check_tensor_sizes(self, up: _Upload) -> None:
+        entries = getattr(up.decoder, "_entries", None)
+        if not entries:
+            return
+        up.checked_tensors = True
+        for name, _dtype, _shape, start, end in entries:
+            if end - start > self.o.max_tensor_bytes:
+                raise RejectedUpdate("too_large", f"tensor {name!r} has {end - start} bytes (transport.max_tensor_bytes={self.o.max_tensor_bytes})")
 
     def _reject(self, context: grpc.ServicerContext, worker_id: str, task_id: str, exc: RejectedUpdate) -> pb.UpdateAck:
-        log.warning("rejected update worker=%s task=%s: %s", worker_id, task_id, exc)
+        self.o._reject_count += 1
+        log_event("upload_rejected", level=logging.WARNING, worker=worker_id, task=task_id, reason=exc.reason, detail=str(exc))
         self.o._events.put(Rejection(task_id=task_id, worker_id=worker_id, reason=exc.reason, detail=str(exc)))
-        code = grpc.StatusCode.FAILED_PRECONDITION if exc.reason in ("unknown_task", "stale", "duplicate") else grpc.StatusCode.INVALID_ARGUMENT
-        context.abort(code, str(exc))
+        context.abort(_REASON_CODES.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
         raise AssertionError("unreachable")  # context.abort raises
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
@@ -181,11 +394,52 @@ class _Servicer(pb_grpc.CoordinatorServicer):
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
         info = self._worker(request.worker_id, request.session, context)
-        info["left"] = True
-        info["alive"] = False
         with self.o._cond:
+            info["left"] = True
+            info["alive"] = False
+            info.pop("current_task", None)
+            n = self.o._requeue(request.worker_id)
             self.o._cond.notify_all()
+        log_event("worker_left", worker=request.worker_id, requeued=n)
         return pb.LeaveReply()
+
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        o = self.o
+        with o._lock:
+            submitted, done = o._round_stats.get(o.current_round, [0, 0])
+            workers = []
+            for wid, w in sorted(o._workers.items()):
+                state = "left" if w["left"] else "alive" if w["alive"] else "dead" if w["session"] else "known"
+                workers.append(
+                    pb.WorkerStatus(
+                        worker_id=wid,
+                        state=state,
+                        last_seen=w["last_seen"],
+                        tasks_done=w["tasks_done"],
+                        bytes_up=w["bytes_up"],
+                        bytes_down=w["bytes_down"],
+                        own_data=w["own_data"],
+                        client_ids=w["client_ids"],
+                        current_task=w.get("current_task", ""),
+                        address=w.get("address", ""),
+                    )
+                )
+            return pb.StatusReply(
+                run_id=o.run_id,
+                round=o.current_round,
+                total_rounds=o.total_rounds,
+                tasks_submitted=submitted,
+                tasks_done=done,
+                tasks_pending=len(o._pending),
+                tasks_inflight=len(o._inflight),
+                uploads_partial=len(o._uploads),
+                bytes_up=o._bytes_up,
+                bytes_down=o._bytes_down,
+                stop_reason=o._stop_reason or "",
+                workers=workers,
+                uptime_s=time.time() - o.started,
+                rejected=o._reject_count,
+            )
 
 
 class GrpcCoordinatorTransport(CoordinatorTransport):
@@ -201,9 +455,17 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
         decoder_factory: DecoderFactory,
         chunk_bytes: int = 4 << 20,
         max_update_bytes: int = 1 << 31,
+        max_tensor_bytes: int = 1 << 31,
+        max_concurrent_uploads: int = 32,
         poll_timeout_s: float = 2.0,
         heartbeat_s: float = 5.0,
-        authenticate: Callable[[str, str], bool] | None = None,
+        dead_after_s: float = 30.0,
+        resume_window_s: float = 600.0,
+        authenticate: Any = None,
+        tokens: TokenStore | None = None,
+        credentials: grpc.ServerCredentials | None = None,
+        registry_path: str | os.PathLike[str] | None = None,
+        total_rounds: int = 0,
         max_threads: int = 64,
     ) -> None:
         self.listen = listen
@@ -213,10 +475,19 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
         self.decoder_factory = decoder_factory
         self.chunk_bytes = chunk_bytes
         self.max_update_bytes = max_update_bytes
+        self.max_tensor_bytes = max_tensor_bytes
+        self.max_concurrent_uploads = max(1, max_concurrent_uploads)
         self.poll_timeout_s = poll_timeout_s
         self.heartbeat_s = heartbeat_s
+        self.dead_after_s = dead_after_s
+        self.resume_window_s = resume_window_s
         self.authenticate = authenticate or (lambda worker_id, token: True)
+        self.tokens = tokens
+        self.credentials = credentials
+        self.registry_path = Path(registry_path) if registry_path else None
+        self.total_rounds = total_rounds
         self.current_round = 0
+        self.started = time.time()
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._workers: dict[str, dict[str, Any]] = {}
@@ -224,11 +495,26 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
         self._pending: deque[TrainTask] = deque()
         self._pinned: dict[int, str] = {}
         self._inflight: dict[str, tuple[str, TrainTask, float]] = {}
+        self._uploads: dict[str, _Upload] = {}
+        self._completed: OrderedDict[str, None] = OrderedDict()
+        self._round_stats: dict[int, list[int]] = {}
         self._events: queue.Queue[Event] = queue.Queue()
         self._stop_reason: str | None = None
         self._bytes_up = 0
         self._bytes_down = 0
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads), options=channel_options(chunk_bytes))
+        self._reject_count = 0
+        self._resumed_uploads = 0
+        self._corrupt_chunks = 0
+        self._reaper_stop = threading.Event()
+        self._load_registry()
+        interceptors = []
+        if tokens is not None:
+            interceptors.append(AuthInterceptor(tokens.check, self._on_refused))
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="dpeft-grpc"),
+            options=channel_options(chunk_bytes),
+            interceptors=interceptors,
+        )
         pb_grpc.add_CoordinatorServicer_to_server(_Servicer(self), self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -236,37 +522,143 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> str:
-        self.port = self._server.add_insecure_port(self.listen)
+        if self.credentials is not None:
+            self.port = self._server.add_secure_port(self.listen, self.credentials)
+        else:
+            self.port = self._server.add_insecure_port(self.listen)
         if not self.port:
             raise OSError(f"cannot listen on {self.listen}")
         self._server.start()
         self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        threading.Thread(target=self._reaper, name="dpeft-liveness", daemon=True).start()
         host = self.listen.rsplit(":", 1)[0]
+        log_event("listening", address=f"{host}:{self.port}", tls=self.credentials is not None, auth=self.tokens is not None)
         return f"{host}:{self.port}"
 
     def shutdown(self, reason: str, grace_s: float = 5.0) -> None:
         with self._cond:
             self._stop_reason = reason
             self._cond.notify_all()
+        log_event("shutdown", reason=reason)
         deadline = time.time() + grace_s
-        while time.time() < deadline and any(w["alive"] and not w["left"] for w in self._workers.values()):
+        while time.time() < deadline and any(w["alive"] and not w["left"] for w in list(self._workers.values())):
             time.sleep(0.05)
+        self._reaper_stop.set()
         self._health.enter_graceful_shutdown()
         self._server.stop(grace=0.5).wait()
 
+    def _on_refused(self, method: str, worker_id: str, message: str) -> None:
+        log_event("auth_refused", level=logging.WARNING, method=method, worker=worker_id or "?", detail=message)
+        if method == "PushUpdate":
+            self._reject_count += 1
+            self._events.put(Rejection(task_id="?", worker_id=worker_id or "?", reason="unauthenticated", detail=message))
+
+    # -- registry (survives restarts) -------------------------------------------
+    def _load_registry(self) -> None:
+        if self.registry_path is None or not self.registry_path.is_file():
+            return
+        try:
+            data = json.loads(self.registry_path.read_text())
+            entries = data["workers"]
+            for wid, w in entries.items():
+                self._workers[str(wid)] = {
+                    "session": "",
+                    "own_data": bool(w.get("own_data", False)),
+                    "own_examples": int(w.get("own_examples", 0)),
+                    "client_ids": [int(c) for c in w.get("client_ids", [])],
+                    "joined": 0.0,
+                    "last_seen": 0.0,
+                    "alive": False,
+                    "left": False,
+                    "tasks_done": 0,
+                    "bytes_up": 0,
+                    "bytes_down": 0,
+                }
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("worker registry %s is unreadable (%s); starting with an empty one", self.registry_path, exc)
+            self._workers.clear()
+            return
+        log_event("registry_loaded", workers=len(self._workers))
+
+    def _save_registry(self) -> None:
+        if self.registry_path is None:
+            return
+        data = {"workers": {wid: {"own_data": w["own_data"], "own_examples": w["own_examples"], "client_ids": w["client_ids"]} for wid, w in self._workers.items()}}
+        from dpeft.coordinator.checkpoint import atomic_write
+
+        try:
+            self.registry_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.registry_path, [json.dumps(data, indent=1).encode()])
+        except OSError as exc:  # the run goes on; a restart would re-assign client slots
+            log.warning("cannot write the worker registry %s: %s", self.registry_path, exc)
+
+    # -- liveness -----------------------------------------------------------------
+    def _reaper(self) -> None:
+        tick = max(0.05, min(1.0, self.dead_after_s / 4))
+        while not self._reaper_stop.wait(tick):
+            now = time.time()
+            with self._cond:
+                for wid, w in self._workers.items():
+                    if w["alive"] and not w["left"] and now - w["last_seen"] > self.dead_after_s:
+                        w["alive"] = False
+                        task = w.pop("current_task", "")
+                        n = self._requeue(wid)
+                        log_event("worker_dead", level=logging.WARNING, worker=wid, silent_s=now - w["last_seen"], requeued=n, task=task)
+                        self._cond.notify_all()
+                for tid, up in list(self._uploads.items()):
+                    if not up.lock.locked() and now - up.updated > self.resume_window_s:
+                        self._uploads.pop(tid, None)
+                        log_event("upload_expired", task=tid, received=up.received)
+
+    def _requeue(self, worker_id: str) -> int:
+        """Put a gone worker's in-flight tasks back at the front of the queue (lock held)."""
+        mine = [(tid, t) for tid, (w, t, _) in self._inflight.items() if w == worker_id]
+        for tid, task in reversed(mine):
+            del self._inflight[tid]
+            self._pending.appendleft(task)
+        return len(mine)
+
     # -- engine-facing ---------------------------------------------------------
+    #: payloads kept beyond those a queued or in-flight task refers to
+    keep_blobs = 2
+
     def publish_blob(self, blob_id: str, payload: bytes) -> None:
         with self._lock:
             self._blobs[blob_id] = payload
-            while len(self._blobs) > 2:
-                self._blobs.popitem(last=False)
+
+    def _prune_blobs(self) -> None:
+        """Drop payloads no queued or in-flight task needs, except the newest ``keep_blobs``."""
+        needed = {t.blob_id for t in self._pending} | {t.blob_id for _, t, _ in self._inflight.values()}
+        names = list(self._blobs)
+        for name in names[: max(0, len(names) - self.keep_blobs)]:
+            if name not in needed:
+                del self._blobs[name]
 
     def submit(self, tasks: list[TrainTask], pinned: dict[int, str]) -> None:
         with self._cond:
             self._pinned = dict(pinned)
             self._pending.extend(tasks)
+            for t in tasks:
+                if t.round >= self.current_round:
+                    self.current_round = t.round
+                self._round_stats.setdefault(t.round, [0, 0])[0] += 1
+                self._completed.pop(t.task_id, None)  # a re-submitted task may be uploaded again
+            for r in [r for r in self._round_stats if r < self.current_round - 5]:
+                del self._round_stats[r]
+            self._prune_blobs()
             self._cond.notify_all()
+        if tasks:
+            log_event("tasks_submitted", round=tasks[0].round, count=len(tasks))
+
+    def forget_tasks(self, task_ids: list[str]) -> None:
+        drop = set(task_ids)
+        with self._lock:
+            self._pending = deque(t for t in self._pending if t.task_id not in drop)
+            for tid in drop:
+                self._inflight.pop(tid, None)
+                self._uploads.pop(tid, None)
+            self._prune_blobs()
 
     def _take_task(self, worker_id: str, info: dict[str, Any]) -> TrainTask | None:
         for i, task in enumerate(self._pending):
@@ -274,6 +666,7 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
             if owner == worker_id or (owner is None and not info["own_data"]):
                 del self._pending[i]
                 self._inflight[task.task_id] = (worker_id, task, time.time())
+                info["current_task"] = task.task_id
                 return task
         return None
 
@@ -288,6 +681,9 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
             ids = [t.task_id for t in self._pending]
             self._pending.clear()
             self._inflight.clear()
+            self._uploads.clear()
+            for w in self._workers.values():
+                w.pop("current_task", None)
             return ids
 
     def workers(self) -> dict[str, dict[str, Any]]:
@@ -298,6 +694,16 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
         with self._lock:
             return self._bytes_up, self._bytes_down
 
+    def stats(self) -> dict[str, int]:
+        """Transport counters (uploads resumed, corrupt chunks, rejections, partial uploads held)."""
+        with self._lock:
+            return {
+                "uploads_resumed": self._resumed_uploads,
+                "corrupt_chunks": self._corrupt_chunks,
+                "rejected": self._reject_count,
+                "uploads_partial": len(self._uploads),
+            }
+
     def _count(self, up: int = 0, down: int = 0, info: dict[str, Any] | None = None) -> None:
         with self._lock:
             self._bytes_up += up
@@ -305,3 +711,8 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
             if info is not None:
                 info["bytes_up"] += up
                 info["bytes_down"] += down
+
+    def _drop_upload(self, task_id: str, up: _Upload) -> None:
+        with self._lock:
+            if self._uploads.get(task_id) is up:
+                del self._uploads[task_id]

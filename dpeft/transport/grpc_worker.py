@@ -1,68 +1,153 @@
-"""gRPC worker connection: dials the coordinator, polls tasks, streams payloads both ways."""
+"""gRPC worker connection: dials the coordinator, polls tasks, streams payloads both ways.
+
+Built to survive real networks:
+
+- every call carries the worker id and bearer token as metadata (TLS with a CA file, or the
+  system roots; optionally a client certificate for mutual TLS);
+- transient failures (UNAVAILABLE, DEADLINE_EXCEEDED, ...) are retried with exponential
+  backoff and full jitter for up to ``patience_s``; a coordinator that restarted answers
+  ABORTED ("unknown session") and the worker joins again by itself (same worker id, so the
+  same client ids) -- a coordinator now serving a different run is an error;
+- a heartbeat thread keeps the worker alive on the coordinator while it trains;
+- downloads resume from the byte offset reached; uploads resume from the offset the
+  coordinator acknowledges (QueryUpload), each chunk carrying a CRC-32 so a corrupted chunk is
+  re-sent instead of poisoning the update. ``bytes_resent`` counts what went twice.
+- UNAUTHENTICATED / PERMISSION_DENIED are final (:class:`AuthRefused`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import random
+import threading
 import time
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import grpc
 
 from dpeft._proto.dpeft.v1 import coordinator_pb2 as pb
 from dpeft._proto.dpeft.v1 import coordinator_pb2_grpc as pb_grpc
-from dpeft.errors import ProtocolError
+from dpeft.errors import DpeftError, ProtocolError
 from dpeft.transport import serde
+from dpeft.transport.auth import call_metadata
 from dpeft.transport.base import TrainTask, WorkerConnection, WorkerRegistration
 from dpeft.transport.grpc_server import channel_options
 
 log = logging.getLogger("dpeft.transport.grpc")
 T = TypeVar("T")
 
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+#: an upload attempt that failed this way continues from the acknowledged offset
+_UPLOAD_RETRYABLE = _RETRYABLE | {grpc.StatusCode.DATA_LOSS, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.CANCELLED}
+_REFUSED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS}
 
 
 class CoordinatorGone(ConnectionError):
     """The coordinator could not be reached for longer than the worker's patience."""
 
 
+class AuthRefused(DpeftError):
+    """The coordinator refused this worker's credentials (bad or revoked token, wrong worker id)."""
+
+
+class _StreamCut(Exception):
+    """Raised inside an upload's request iterator (a test hook or a local failure)."""
+
+
 class GrpcWorkerConnection(WorkerConnection):
     """One worker's channel to the coordinator."""
 
-    def __init__(self, address: str, token: str = "", chunk_bytes: int = 4 << 20, patience_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        token: str = "",
+        chunk_bytes: int = 4 << 20,
+        patience_s: float = 60.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str | None = None,
+        heartbeat: bool = True,
+    ) -> None:
         self.address = address
         self.token = token
         self.chunk_bytes = chunk_bytes
         self.patience_s = patience_s
-        self.channel = grpc.insecure_channel(address, options=channel_options(chunk_bytes))
+        options: list[tuple[str, Any]] = list(channel_options(chunk_bytes))
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if credentials is not None:
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.worker_id = ""
         self.session = ""
+        self.run_id = ""
+        self._join_args: tuple[str, int | None] | None = None
+        self._join_lock = threading.Lock()
         self._cache: tuple[str, bytes] | None = None
         self.bytes_up = 0
         self.bytes_down = 0
+        self.bytes_resent = 0
+        self.rejoins = 0
+        self.heartbeat_enabled = heartbeat
+        self.heartbeat_s = 5.0
+        self.stop_requested = threading.Event()
+        self._closed = threading.Event()
+        self._hb_thread: threading.Thread | None = None
+        #: test hook: called with (offset, data) for each outgoing upload chunk after its CRC is
+        #: computed; may return altered bytes (corruption) or raise to cut the stream
+        self.chunk_hook: Callable[[int, bytes], bytes] | None = None
 
-    def _retry(self, fn: Callable[[], T]) -> T:
-        """Call ``fn`` until it succeeds, backing off with jitter on transient errors."""
+    # -- plumbing -----------------------------------------------------------------
+    def _md(self) -> tuple[tuple[str, str], ...]:
+        return call_metadata(self.worker_id, self.token)
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with full jitter: uniform(0, min(10, 0.2 * 2^attempt)) (>= 50 ms)."""
+        return max(0.05, random.uniform(0, min(10.0, 0.2 * (2**attempt))))
+
+    def _final(self, exc: grpc.RpcError) -> None:
+        if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            raise AuthRefused(f"coordinator at {self.address} refused worker {self.worker_id!r}: {exc.details()}") from None
+
+    def _call(self, fn: Callable[[], T], rejoin: bool = True) -> T:
+        """Call ``fn`` until it succeeds: back off on transient errors, re-join on ABORTED."""
         start = time.time()
-        delay = 0.1
+        attempt = 0
         while True:
             try:
                 return fn()
             except grpc.RpcError as exc:
-                if exc.code() not in _RETRYABLE:
+                code = exc.code()
+                self._final(exc)
+                if code == grpc.StatusCode.ABORTED and rejoin and self._join_args is not None:
+                    log.warning("coordinator says: %s; joining again", exc.details())
+                    self._rejoin()
+                    continue
+                if code not in _RETRYABLE:
                     raise
                 if time.time() - start > self.patience_s:
-                    raise CoordinatorGone(f"coordinator at {self.address} unreachable for {self.patience_s:.0f}s") from None
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
+                    raise CoordinatorGone(
+                        f"coordinator at {self.address} unreachable for {self.patience_s:.0f}s ({code.name}: {exc.details()})"
+                    ) from None
+                if self._closed.is_set():
+                    raise CoordinatorGone("connection closed") from None
+                time.sleep(self._backoff(attempt))
+                attempt += 1
 
-    def join(self, worker_id: str, own_examples: int | None) -> WorkerRegistration:
-        self.worker_id = worker_id
+    # -- join / heartbeat -----------------------------------------------------------
+    def _join_once(self) -> WorkerRegistration:
+        worker_id, own_examples = self._join_args  # type: ignore[misc]
         req = pb.JoinRequest(worker_id=worker_id, token=self.token, own_data=own_examples is not None, own_examples=own_examples or 0)
-        reply = self._retry(lambda: self.stub.Join(req, timeout=10, wait_for_ready=True))
+        reply = self._call(lambda: self.stub.Join(req, timeout=10, metadata=self._md()), rejoin=False)
+        if self.run_id and reply.run_id != self.run_id:
+            raise DpeftError(f"coordinator at {self.address} now serves a different run ({reply.run_id}, was {self.run_id}); restart this worker")
+        self.run_id = reply.run_id
         self.session = reply.session
+        if reply.heartbeat_s > 0:
+            self.heartbeat_s = reply.heartbeat_s
         return WorkerRegistration(
             run_id=reply.run_id,
             session=reply.session,
@@ -71,9 +156,53 @@ class GrpcWorkerConnection(WorkerConnection):
             heartbeat_s=reply.heartbeat_s,
         )
 
+    def _rejoin(self) -> None:
+        stale = self.session
+        with self._join_lock:
+            if self.session != stale:  # another thread re-joined meanwhile
+                return
+            now = time.time()
+            self._rejoin_times = [x for x in getattr(self, "_rejoin_times", []) if now - x < 60] + [now]
+            if len(self._rejoin_times) > 5:
+                raise DpeftError(
+                    f"worker id {self.worker_id!r} had to join {len(self._rejoin_times)} times in a minute: "
+                    "is another worker running with the same id?"
+                )
+            reg = self._join_once()
+            self.rejoins += 1
+            log.warning("worker %s joined again (session %s, clients %s)", self.worker_id, reg.session, reg.client_ids or "virtual")
+
+    def join(self, worker_id: str, own_examples: int | None) -> WorkerRegistration:
+        self.worker_id = worker_id
+        self._join_args = (worker_id, own_examples)
+        with self._join_lock:
+            reg = self._join_once()
+        if self.heartbeat_enabled and self._hb_thread is None:
+            self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="dpeft-heartbeat", daemon=True)
+            self._hb_thread.start()
+        return reg
+
+    def _heartbeat_loop(self) -> None:
+        while not self._closed.wait(self.heartbeat_s):
+            try:
+                reply = self._call(lambda: self.stub.Heartbeat(pb.HeartbeatRequest(worker_id=self.worker_id, session=self.session), timeout=10, metadata=self._md()))
+            except AuthRefused as exc:
+                log.error("%s", exc)
+                self.stop_requested.set()
+                return
+            except (CoordinatorGone, grpc.RpcError, DpeftError) as exc:
+                log.info("heartbeat failed: %s", exc)
+                continue
+            if reply.stop:
+                self.stop_requested.set()
+
+    def heartbeat(self) -> dict[str, Any]:
+        reply = self._call(lambda: self.stub.Heartbeat(pb.HeartbeatRequest(worker_id=self.worker_id, session=self.session), timeout=10, metadata=self._md()))
+        return {"stop": reply.stop, "round": reply.round}
+
+    # -- tasks ------------------------------------------------------------------------
     def poll(self) -> TrainTask | float | str:
-        req = pb.PollRequest(worker_id=self.worker_id, session=self.session)
-        reply = self._retry(lambda: self.stub.PollTask(req, timeout=30))
+        reply = self._call(lambda: self.stub.PollTask(pb.PollRequest(worker_id=self.worker_id, session=self.session), timeout=30, metadata=self._md()))
         kind = reply.WhichOneof("kind")
         if kind == "task":
             return serde.task_from_proto(reply.task)
@@ -86,19 +215,24 @@ class GrpcWorkerConnection(WorkerConnection):
             return self._cache[1]
         buf = bytearray()
         attempts = 0
+        start = time.time()
         while len(buf) < task.blob_size:
-            req = pb.FetchRequest(worker_id=self.worker_id, session=self.session, blob_id=task.blob_id, offset=len(buf))
             try:
-                for chunk in self.stub.FetchBlob(req, timeout=600):
+                req = pb.FetchRequest(worker_id=self.worker_id, session=self.session, blob_id=task.blob_id, offset=len(buf))
+                for chunk in self.stub.FetchBlob(req, timeout=600, metadata=self._md()):
                     if chunk.offset != len(buf) or len(buf) + len(chunk.data) > task.blob_size:
                         raise ProtocolError("payload chunk out of order or beyond the declared size")
                     buf += chunk.data
                     self.bytes_down += len(chunk.data)
             except grpc.RpcError as exc:
-                attempts += 1
-                if exc.code() not in _RETRYABLE or attempts > 5:
+                self._final(exc)
+                if exc.code() == grpc.StatusCode.ABORTED:
+                    self._rejoin()
+                    continue
+                if exc.code() not in _RETRYABLE or time.time() - start > self.patience_s:
                     raise
-                time.sleep(0.2 * attempts)
+                time.sleep(self._backoff(attempts))
+                attempts += 1
                 continue  # resume from len(buf)
             if len(buf) < task.blob_size:
                 raise ProtocolError(f"payload ended at {len(buf)} of {task.blob_size} bytes")
@@ -108,32 +242,79 @@ class GrpcWorkerConnection(WorkerConnection):
         self._cache = (task.blob_id, data)
         return data
 
-    def push(self, task: TrainTask, payload: bytes, num_examples: int, metrics: dict[str, float]) -> tuple[bool, str]:
-        header = serde.update_header_to_proto(
-            self.worker_id, self.session, task, num_examples, metrics, len(payload), hashlib.sha256(payload).digest()
+    def query_upload(self, task_id: str) -> int:
+        """Bytes of our upload of ``task_id`` the coordinator holds (where to resume)."""
+        reply = self._call(
+            lambda: self.stub.QueryUpload(pb.UploadQuery(worker_id=self.worker_id, session=self.session, task_id=task_id), timeout=10, metadata=self._md())
         )
+        return int(reply.received)
 
-        def chunks() -> Iterator[pb.UpdateChunk]:
-            yield pb.UpdateChunk(header=header)
-            for start in range(0, len(payload), self.chunk_bytes):
-                yield pb.UpdateChunk(data=payload[start : start + self.chunk_bytes])
+    def push(self, task: TrainTask, payload: bytes, num_examples: int, metrics: dict[str, float]) -> tuple[bool, str]:
+        size = len(payload)
+        sha = hashlib.sha256(payload).digest()
+        view = memoryview(payload)
+        sent = 0
+        offset = 0
+        start = time.time()
+        attempt = 0
+        while True:
+            cut: list[BaseException] = []
 
-        try:
-            ack = self._retry(lambda: self.stub.PushUpdate(chunks(), timeout=600))
-        except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
-                return False, exc.details() or exc.code().name
-            raise
-        self.bytes_up += len(payload)
-        return bool(ack.accepted), ack.reason
+            def chunks(first: int, cut: list[BaseException] = cut) -> Iterator[pb.UpdateChunk]:
+                nonlocal sent
+                header = serde.update_header_to_proto(self.worker_id, self.session, task, num_examples, metrics, size, sha, offset=first)
+                yield pb.UpdateChunk(header=header)
+                for pos in range(first, size, self.chunk_bytes):
+                    data = bytes(view[pos : pos + self.chunk_bytes])
+                    msg = serde.data_chunk_to_proto(pos, data)
+                    if self.chunk_hook is not None:
+                        try:
+                            msg.chunk.data = self.chunk_hook(pos, data)
+                        except BaseException as exc:
+                            cut.append(exc)
+                            raise
+                    sent += len(data)
+                    yield msg
 
-    def heartbeat(self) -> dict[str, Any]:
-        reply = self.stub.Heartbeat(pb.HeartbeatRequest(worker_id=self.worker_id, session=self.session), timeout=10)
-        return {"stop": reply.stop, "round": reply.round}
+            try:
+                ack = self.stub.PushUpdate(chunks(offset), timeout=600, metadata=self._md())
+            except grpc.RpcError as exc:
+                code = exc.code()
+                self._final(exc)
+                if code in _REFUSED:
+                    self.bytes_up += sent
+                    self.bytes_resent += max(0, sent - size)
+                    return False, exc.details() or code.name
+                if code == grpc.StatusCode.ABORTED:
+                    self._rejoin()
+                elif code in _UPLOAD_RETRYABLE or (cut and code == grpc.StatusCode.UNKNOWN):
+                    if time.time() - start > self.patience_s or attempt > 50:
+                        raise CoordinatorGone(f"upload of task {task.task_id} failed {attempt + 1} times ({code.name}: {exc.details()})") from None
+                    log.info("upload of task %s interrupted at ~%d bytes (%s); resuming", task.task_id, sent, code.name)
+                    time.sleep(self._backoff(attempt) if code != grpc.StatusCode.DATA_LOSS else 0.0)
+                    attempt += 1
+                else:
+                    raise
+                offset = self.query_upload(task.task_id)
+                continue
+            if not ack.accepted and ack.reason == "incomplete":
+                offset = int(ack.received)
+                continue
+            self.bytes_up += sent
+            self.bytes_resent += max(0, sent - size)
+            if self.bytes_resent:
+                log.info("task %s uploaded; %d bytes re-sent", task.task_id, self.bytes_resent)
+            return bool(ack.accepted), ack.reason
+
+    def status(self) -> dict[str, Any]:
+        """The coordinator's status (workers, round, progress)."""
+        return serde.status_to_dict(self._call(lambda: self.stub.Status(pb.StatusRequest(), timeout=10, metadata=self._md()), rejoin=False))
 
     def leave(self) -> None:
+        self._closed.set()
         try:
-            self.stub.Leave(pb.LeaveRequest(worker_id=self.worker_id, session=self.session), timeout=5)
+            if self.session:
+                self.stub.Leave(pb.LeaveRequest(worker_id=self.worker_id, session=self.session), timeout=5, metadata=self._md())
         except grpc.RpcError:
             pass
         self.channel.close()

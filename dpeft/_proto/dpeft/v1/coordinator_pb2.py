@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64peft/v1/coordinator.proto\x12\x08\x64peft.v1\"h\n\x0bJoinRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x10\n\x08own_data\x18\x03 \x01(\x08\x12\x14\n\x0cown_examples\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\t\"j\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x03 \x01(\t\x12\x12\n\nclient_ids\x18\x04 \x03(\x03\x12\x13\n\x0bheartbeat_s\x18\x05 \x01(\x01\"1\n\x0bPollRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\"\x91\x01\n\tTrainTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x11\n\tclient_id\x18\x03 \x01(\x03\x12\x0f\n\x07\x62lob_id\x18\x04 \x01(\t\x12\x11\n\tblob_size\x18\x05 \x01(\x03\x12\x13\n\x0b\x62lob_sha256\x18\x06 \x01(\x0c\x12\x18\n\x10hyperparams_json\x18\x07 \x01(\t\"a\n\tPollReply\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x13.dpeft.v1.TrainTaskH\x00\x12\x10\n\x06wait_s\x18\x02 \x01(\x01H\x00\x12\x15\n\x0bstop_reason\x18\x03 \x01(\tH\x00\x42\x06\n\x04kind\"S\n\x0c\x46\x65tchRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\")\n\tBlobChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xf0\x01\n\x0cUpdateHeader\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x34\n\x07metrics\x18\x06 \x03(\x0b\x32#.dpeft.v1.UpdateHeader.MetricsEntry\x12\x0c\n\x04size\x18\x07 \x01(\x03\x12\x0e\n\x06sha256\x18\x08 \x01(\x0c\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"O\n\x0bUpdateChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.dpeft.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"?\n\tUpdateAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08received\x18\x03 \x01(\x03\"6\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\"-\n\x0eHeartbeatReply\x12\x0c\n\x04stop\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\"2\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\"\x0c\n\nLeaveReply2\xeb\x02\n\x0b\x43oordinator\x12\x32\n\x04Join\x12\x15.dpeft.v1.JoinRequest\x1a\x13.dpeft.v1.JoinReply\x12\x36\n\x08PollTask\x12\x15.dpeft.v1.PollRequest\x1a\x13.dpeft.v1.PollReply\x12:\n\tFetchBlob\x12\x16.dpeft.v1.FetchRequest\x1a\x13.dpeft.v1.BlobChunk0\x01\x12:\n\nPushUpdate\x12\x15.dpeft.v1.UpdateChunk\x1a\x13.dpeft.v1.UpdateAck(\x01\x12\x41\n\tHeartbeat\x12\x1a.dpeft.v1.HeartbeatRequest\x1a\x18.dpeft.v1.HeartbeatReply\x12\x35\n\x05Leave\x12\x16.dpeft.v1.LeaveRequest\x1a\x14.dpeft.v1.LeaveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64peft/v1/coordinator.proto\x12\x08\x64peft.v1\"h\n\x0bJoinRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x10\n\x08own_data\x18\x03 \x01(\x08\x12\x14\n\x0cown_examples\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\t\"j\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x03 \x01(\t\x12\x12\n\nclient_ids\x18\x04 \x03(\x03\x12\x13\n\x0bheartbeat_s\x18\x05 \x01(\x01\"1\n\x0bPollRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\"\x91\x01\n\tTrainTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x11\n\tclient_id\x18\x03 \x01(\x03\x12\x0f\n\x07\x62lob_id\x18\x04 \x01(\t\x12\x11\n\tblob_size\x18\x05 \x01(\x03\x12\x13\n\x0b\x62lob_sha256\x18\x06 \x01(\x0c\x12\x18\n\x10hyperparams_json\x18\x07 \x01(\t\"a\n\tPollReply\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x13.dpeft.v1.TrainTaskH\x00\x12\x10\n\x06wait_s\x18\x02 \x01(\x01H\x00\x12\x15\n\x0bstop_reason\x18\x03 \x01(\tH\x00\x42\x06\n\x04kind\"S\n\x0c\x46\x65tchRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0f\n\x07\x62lob_id\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\")\n\tBlobChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x80\x02\n\x0cUpdateHeader\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x34\n\x07metrics\x18\x06 \x03(\x0b\x32#.dpeft.v1.UpdateHeader.MetricsEntry\x12\x0c\n\x04size\x18\x07 \x01(\x03\x12\x0e\n\x06sha256\x18\x08 \x01(\x0c\x12\x0e\n\x06offset\x18\t \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"8\n\tDataChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x03 \x01(\r\"u\n\x0bUpdateChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.dpeft.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12$\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x13.dpeft.v1.DataChunkH\x00\x42\x06\n\x04part\"?\n\tUpdateAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08received\x18\x03 \x01(\x03\"B\n\x0bUploadQuery\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\".\n\x0cUploadStatus\x12\x10\n\x08received\x18\x01 \x01(\x03\x12\x0c\n\x04size\x18\x02 \x01(\x03\"\x0f\n\rStatusRequest\"\xca\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x11\n\tlast_seen\x18\x03 \x01(\x01\x12\x12\n\ntasks_done\x18\x04 \x01(\x03\x12\x10\n\x08\x62ytes_up\x18\x05 \x01(\x03\x12\x12\n\nbytes_down\x18\x06 \x01(\x03\x12\x10\n\x08own_data\x18\x07 \x01(\x08\x12\x12\n\nclient_ids\x18\x08 \x03(\x03\x12\x14\n\x0c\x63urrent_task\x18\t \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\n \x01(\t\"\xbf\x02\n\x0bStatusReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\x03\x12\x17\n\x0ftasks_submitted\x18\x04 \x01(\x03\x12\x12\n\ntasks_done\x18\x05 \x01(\x03\x12\x15\n\rtasks_pending\x18\x06 \x01(\x03\x12\x16\n\x0etasks_inflight\x18\x07 \x01(\x03\x12\x17\n\x0fuploads_partial\x18\x08 \x01(\x03\x12\x10\n\x08\x62ytes_up\x18\t \x01(\x03\x12\x12\n\nbytes_down\x18\n \x01(\x03\x12\x13\n\x0bstop_reason\x18\x0b \x01(\t\x12\'\n\x07workers\x18\x0c \x03(\x0b\x32\x16.dpeft.v1.WorkerStatus\x12\x10\n\x08uptime_s\x18\r \x01(\x01\x12\x10\n\x08rejected\x18\x0e \x01(\x03\"6\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\"-\n\x0eHeartbeatReply\x12\x0c\n\x04stop\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x03\"2\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\"\x0c\n\nLeaveReply2\xe3\x03\n\x0b\x43oordinator\x12\x32\n\x04Join\x12\x15.dpeft.v1.JoinRequest\x1a\x13.dpeft.v1.JoinReply\x12\x36\n\x08PollTask\x12\x15.dpeft.v1.PollRequest\x1a\x13.dpeft.v1.PollReply\x12:\n\tFetchBlob\x12\x16.dpeft.v1.FetchRequest\x1a\x13.dpeft.v1.BlobChunk0\x01\x12:\n\nPushUpdate\x12\x15.dpeft.v1.UpdateChunk\x1a\x13.dpeft.v1.UpdateAck(\x01\x12\x41\n\tHeartbeat\x12\x1a.dpeft.v1.HeartbeatRequest\x1a\x18.dpeft.v1.HeartbeatReply\x12\x35\n\x05Leave\x12\x16.dpeft.v1.LeaveRequest\x1a\x14.dpeft.v1.LeaveReply\x12<\n\x0bQueryUpload\x12\x15.dpeft.v1.UploadQuery\x1a\x16.dpeft.v1.UploadStatus\x12\x38\n\x06Status\x12\x17.dpeft.v1.StatusRequest\x1a\x15.dpeft.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,21 +48,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLOBCHUNK']._serialized_start=637
   _globals['_BLOBCHUNK']._serialized_end=678
   _globals['_UPDATEHEADER']._serialized_start=681
-  _globals['_UPDATEHEADER']._serialized_end=921
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=875
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=921
-  _globals['_UPDATECHUNK']._serialized_start=923
-  _globals['_UPDATECHUNK']._serialized_end=1002
-  _globals['_UPDATEACK']._serialized_start=1004
-  _globals['_UPDATEACK']._serialized_end=1067
-  _globals['_HEARTBEATREQUEST']._serialized_start=1069
-  _globals['_HEARTBEATREQUEST']._serialized_end=1123
-  _globals['_HEARTBEATREPLY']._serialized_start=1125
-  _globals['_HEARTBEATREPLY']._serialized_end=1170
-  _globals['_LEAVEREQUEST']._serialized_start=1172
-  _globals['_LEAVEREQUEST']._serialized_end=1222
-  _globals['_LEAVEREPLY']._serialized_start=1224
-  _globals['_LEAVEREPLY']._serialized_end=1236
-  _globals['_COORDINATOR']._serialized_start=1239
-  _globals['_COORDINATOR']._serialized_end=1602
+  _globals['_UPDATEHEADER']._serialized_end=937
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=891
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=937
+  _globals['_DATACHUNK']._serialized_start=939
+  _globals['_DATACHUNK']._serialized_end=995
+  _globals['_UPDATECHUNK']._serialized_start=997
+  _globals['_UPDATECHUNK']._serialized_end=1114
+  _globals['_UPDATEACK']._serialized_start=1116
+  _globals['_UPDATEACK']._serialized_end=1179
+  _globals['_UPLOADQUERY']._serialized_start=1181
+  _globals['_UPLOADQUERY']._serialized_end=1247
+  _globals['_UPLOADSTATUS']._serialized_start=1249
+  _globals['_UPLOADSTATUS']._serialized_end=1295
+  _globals['_STATUSREQUEST']._serialized_start=1297
+  _globals['_STATUSREQUEST']._serialized_end=1312
+  _globals['_WORKERSTATUS']._serialized_start=1315
+  _globals['_WORKERSTATUS']._serialized_end=1517
+  _globals['_STATUSREPLY']._serialized_start=1520
+  _globals['_STATUSREPLY']._serialized_end=1839
+  _globals['_HEARTBEATREQUEST']._serialized_start=1841
+  _globals['_HEARTBEATREQUEST']._serialized_end=1895
+  _globals['_HEARTBEATREPLY']._serialized_start=1897
+  _globals['_HEARTBEATREPLY']._serialized_end=1942
+  _globals['_LEAVEREQUEST']._serialized_start=1944
+  _globals['_LEAVEREQUEST']._serialized_end=1994
+  _globals['_LEAVEREPLY']._serialized_start=1996
+  _globals['_LEAVEREPLY']._serialized_end=2008
+  _globals['_COORDINATOR']._serialized_start=2011
+  _globals['_COORDINATOR']._serialized_end=2494
 # @@protoc_insertion_point(module_scope)

@@ -91,7 +91,7 @@ class BlobChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("worker_id", "session", "task_id", "client_id", "num_examples", "metrics", "size", "sha256")
+    __slots__ = ("worker_id", "session", "task_id", "client_id", "num_examples", "metrics", "size", "sha256", "offset")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class UpdateHeader(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session: str
     task_id: str
@@ -115,15 +116,28 @@ class UpdateHeader(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     size: int
     sha256: bytes
-    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ..., task_id: _Optional[str] = ..., client_id: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+    offset: int
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ..., task_id: _Optional[str] = ..., client_id: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class DataChunk(_message.Message):
+    __slots__ = ("offset", "data", "crc32")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    crc32: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
-    __slots__ = ("header", "data")
+    __slots__ = ("header", "data", "chunk")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
     header: UpdateHeader
     data: bytes
-    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    chunk: DataChunk
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., chunk: _Optional[_Union[DataChunk, _Mapping]] = ...) -> None: ...
 
 class UpdateAck(_message.Message):
     __slots__ = ("accepted", "reason", "received")
@@ -134,6 +148,84 @@ class UpdateAck(_message.Message):
     reason: str
     received: int
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., received: _Optional[int] = ...) -> None: ...
+
+class UploadQuery(_message.Message):
+    __slots__ = ("worker_id", "session", "task_id")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    session: str
+    task_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
+
+class UploadStatus(_message.Message):
+    __slots__ = ("received", "size")
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    received: int
+    size: int
+    def __init__(self, received: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("worker_id", "state", "last_seen", "tasks_done", "bytes_up", "bytes_down", "own_data", "client_ids", "current_task", "address")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    TASKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UP_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
+    OWN_DATA_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_TASK_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    state: str
+    last_seen: float
+    tasks_done: int
+    bytes_up: int
+    bytes_down: int
+    own_data: bool
+    client_ids: _containers.RepeatedScalarFieldContainer[int]
+    current_task: str
+    address: str
+    def __init__(self, worker_id: _Optional[str] = ..., state: _Optional[str] = ..., last_seen: _Optional[float] = ..., tasks_done: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., own_data: _Optional[bool] = ..., client_ids: _Optional[_Iterable[int]] = ..., current_task: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("run_id", "round", "total_rounds", "tasks_submitted", "tasks_done", "tasks_pending", "tasks_inflight", "uploads_partial", "bytes_up", "bytes_down", "stop_reason", "workers", "uptime_s", "rejected")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    TASKS_SUBMITTED_FIELD_NUMBER: _ClassVar[int]
+    TASKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    TASKS_PENDING_FIELD_NUMBER: _ClassVar[int]
+    TASKS_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    UPLOADS_PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UP_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    total_rounds: int
+    tasks_submitted: int
+    tasks_done: int
+    tasks_pending: int
+    tasks_inflight: int
+    uploads_partial: int
+    bytes_up: int
+    bytes_down: int
+    stop_reason: str
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
+    uptime_s: float
+    rejected: int
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., tasks_submitted: _Optional[int] = ..., tasks_done: _Optional[int] = ..., tasks_pending: _Optional[int] = ..., tasks_inflight: _Optional[int] = ..., uploads_partial: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., stop_reason: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., rejected: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "session")

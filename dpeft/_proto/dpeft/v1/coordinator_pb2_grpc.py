@@ -64,6 +64,16 @@ class CoordinatorStub:
                 request_serializer=dpeft_dot_v1_dot_coordinator__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=dpeft_dot_v1_dot_coordinator__pb2.LeaveReply.FromString,
                 _registered_method=True)
+        self.QueryUpload = channel.unary_unary(
+                '/dpeft.v1.Coordinator/QueryUpload',
+                request_serializer=dpeft_dot_v1_dot_coordinator__pb2.UploadQuery.SerializeToString,
+                response_deserializer=dpeft_dot_v1_dot_coordinator__pb2.UploadStatus.FromString,
+                _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/dpeft.v1.Coordinator/Status',
+                request_serializer=dpeft_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
+                response_deserializer=dpeft_dot_v1_dot_coordinator__pb2.StatusReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -111,6 +121,20 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def QueryUpload(self, request, context):
+        """How many bytes of an interrupted upload the coordinator holds (resume from there).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """Workers, round and progress (for `dpeft status`; any authenticated caller).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +167,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=dpeft_dot_v1_dot_coordinator__pb2.LeaveRequest.FromString,
                     response_serializer=dpeft_dot_v1_dot_coordinator__pb2.LeaveReply.SerializeToString,
+            ),
+            'QueryUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryUpload,
+                    request_deserializer=dpeft_dot_v1_dot_coordinator__pb2.UploadQuery.FromString,
+                    response_serializer=dpeft_dot_v1_dot_coordinator__pb2.UploadStatus.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=dpeft_dot_v1_dot_coordinator__pb2.StatusRequest.FromString,
+                    response_serializer=dpeft_dot_v1_dot_coordinator__pb2.StatusReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +341,60 @@ class Coordinator:
             '/dpeft.v1.Coordinator/Leave',
             dpeft_dot_v1_dot_coordinator__pb2.LeaveRequest.SerializeToString,
             dpeft_dot_v1_dot_coordinator__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dpeft.v1.Coordinator/QueryUpload',
+            dpeft_dot_v1_dot_coordinator__pb2.UploadQuery.SerializeToString,
+            dpeft_dot_v1_dot_coordinator__pb2.UploadStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dpeft.v1.Coordinator/Status',
+            dpeft_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
+            dpeft_dot_v1_dot_coordinator__pb2.StatusReply.FromString,
             options,
             channel_credentials,
             insecure,
