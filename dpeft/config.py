@@ -83,6 +83,7 @@ class TrainConfig:
     eval_batch_size: int = _f(64, "batch size of the global evaluation")
     eval_every: int = _f(1, "evaluate the global adapter every N rounds (the last round always)")
     keep_optimizer_state: bool = _f(False, "keep each client's optimizer state across rounds (memory grows with clients)")
+    personal_dir: str | None = _f(None, "where workers keep clients' personal tensors (fedsa_lora's B factors), one file per client; null = <run_dir>/personal")
 
 
 @dataclass(kw_only=True)
@@ -98,8 +99,19 @@ class StrategyConfig:
 class SyncConfig:
     """When a round closes."""
 
-    name: str = _f("sync", "sync: wait for every sampled client")
-    round_timeout_s: float = _f(900.0, "fail the run loudly if a round is not complete after this many seconds")
+    name: str = _f("sync", "sync (wait for every sampled client), deadline (over-select, close at deadline or quorum) or async (FedBuff: buffered asynchronous aggregation)")
+    round_timeout_s: float = _f(900.0, "fail the run loudly if a round (async: an aggregation step) is not complete after this many seconds")
+    task_timeout_s: float | None = _f(None, "a task without a reply after this many seconds is lost: sync re-assigns it (a fresh attempt), deadline/async free its slot; null = never")
+    over_selection: float = _f(1.3, "deadline: sample ceil(clients_per_round * this) clients")
+    deadline_s: float = _f(60.0, "deadline: close the round this many seconds after it starts (once at least one update arrived)")
+    quorum: int | None = _f(None, "deadline: close the round as soon as this many updates arrived; null = clients_per_round")
+    late_updates: str = _f("drop", "deadline: drop (reject updates that miss their round) or fold (aggregate them in a later round with a staleness weight)")
+    buffer_size: int | None = _f(None, "async: aggregate every K accepted updates; null = clients_per_round")
+    concurrency: int | None = _f(None, "async: at most this many tasks in flight at once; null = 2 * clients_per_round")
+    max_staleness: int = _f(10, "async and deadline fold: drop updates computed from a global more than this many aggregation steps old")
+    staleness: str = _f("polynomial", "weight of a stale update: constant (1), polynomial ((1 + tau)^-a) or hinge (1 if tau <= b, else 1 / (a (tau - b) + 1))")
+    staleness_a: float = _f(0.5, "exponent a of polynomial, slope a of hinge")
+    staleness_b: float = _f(4.0, "hinge: staleness tolerated at full weight")
 
 
 @dataclass(kw_only=True)
@@ -109,6 +121,11 @@ class SimulateConfig:
     processes: int = _f(2, "worker processes (each loads the base model once)")
     threads_per_process: int = _f(1, "torch threads in each worker process")
     coordinator_threads: int = _f(2, "torch threads in the coordinator (global evaluation)")
+    speed_factors: list[float] = _f([], "simulated slowness, cycled over client ids: a client with factor f replies (f - 1) x its compute time late (the worker trains others meanwhile); [] = all 1")
+    dropout: float = _f(0.0, "probability that a task is dropped without a reply (seeded per seed, round, client, attempt)")
+    byzantine_clients: list[int] = _f([], "client ids that send garbage: their update is multiplied by byzantine_scale")
+    byzantine_scale: float = _f(-100.0, "factor applied to a byzantine client's update")
+    byzantine_random_sign: bool = _f(False, "byzantine updates also get an independent random sign per element")
 
 
 @dataclass(kw_only=True)
@@ -118,6 +135,33 @@ class TransportConfig:
     chunk_bytes: int = _f(4 * 1024 * 1024, "bytes per streamed chunk")
     max_update_bytes: int = _f(1 << 31, "largest update accepted from a worker")
     poll_timeout_s: float = _f(2.0, "how long a worker's task poll waits on the coordinator")
+    heartbeat_s: float = _f(5.0, "how often a worker sends a heartbeat while it trains")
+    dead_after_s: float = _f(30.0, "a worker not heard from for this long is marked dead and its in-flight tasks are re-queued")
+    max_tensor_bytes: int = _f(1 << 31, "largest single tensor accepted in an update")
+    max_concurrent_uploads: int = _f(32, "uploads (including interrupted ones kept for resuming) held at once; more are refused with RESOURCE_EXHAUSTED and retried")
+    resume_window_s: float = _f(600.0, "how long the received part of an interrupted upload is kept for the worker to resume")
+    server_threads: int = _f(64, "coordinator gRPC threads (each waiting task poll holds one; raise for hundreds of workers)")
+
+
+@dataclass(kw_only=True)
+class AuthConfig:
+    """Security of `dpeft coordinator` (never sent to workers)."""
+
+    tokens_file: str | None = _f(None, "YAML/JSON file mapping worker id -> bearer token (or sha256:HEX); re-read on change, so tokens are revocable; null = no authentication")
+    tls_cert: str | None = _f(None, "PEM certificate (chain) of the coordinator; with tls_key enables TLS")
+    tls_key: str | None = _f(None, "PEM private key of the coordinator")
+    tls_client_ca: str | None = _f(None, "PEM CA bundle: workers must present a certificate it signed (mutual TLS)")
+
+
+@dataclass(kw_only=True)
+class CodecConfig:
+    """Update codecs on the wire, per direction (see dpeft.codec.updates)."""
+
+    up: str = _f("fp32", "codec of worker -> coordinator updates: fp32, fp16, bf16, int8, topk, or a chain such as topk+int8")
+    down: str = _f("fp32", "codec of the coordinator -> worker global adapter (a full state, not a delta)")
+    options: dict[str, Any] = _f({}, "codec options shared by both directions: block_size (int8, default 256), fraction (topk, default 0.01)")
+    error_feedback: bool = _f(True, "lossy up codec: keep each client's residual (what the codec dropped) on the worker's disk and add it to its next update")
+    residual_dir: str | None = _f(None, "where workers keep error-feedback residuals, one file per client; null = <run_dir>/residuals")
 
 
 @dataclass(kw_only=True)
@@ -137,6 +181,8 @@ class RunConfig:
     sync: SyncConfig = field(default_factory=SyncConfig, metadata={"help": "round closing"})
     simulate: SimulateConfig = field(default_factory=SimulateConfig, metadata={"help": "simulation"})
     transport: TransportConfig = field(default_factory=TransportConfig, metadata={"help": "wire"})
+    auth: AuthConfig = field(default_factory=AuthConfig, metadata={"help": "TLS and worker tokens"})
+    codec: CodecConfig = field(default_factory=CodecConfig, metadata={"help": "update codecs"})
 
 
 # ---------------------------------------------------------------- loading
@@ -330,9 +376,17 @@ def validate(cfg: RunConfig) -> None:
     _one_of("train.loss", cfg.train.loss, ["cross_entropy", "prior_calibrated"])
     _one_of("strategy.name", cfg.strategy.name, available_strategies())
     _one_of("sync.name", cfg.sync.name, available_policies())
+    from dpeft.strategies import make_strategy
+    from dpeft.sync import validate_run_sync
+
+    make_strategy(cfg.strategy).validate_run(cfg)  # bad options name strategy.options.<key>
+    validate_run_sync(cfg)  # sync.* and simulate.* heterogeneity keys
     from dpeft.adapters.methods import known_methods
 
     _one_of("adapter.method", cfg.adapter.method, known_methods())
+    from dpeft.codec.updates import CodecSpec
+
+    CodecSpec.from_config({"up": cfg.codec.up, "down": cfg.codec.down, "options": cfg.codec.options})  # names codec.up / codec.down
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

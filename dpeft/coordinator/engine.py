@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dpeft.codec import encode_state
+from dpeft.codec import encode_state  # noqa: F401 - kept for importers
 from dpeft.codec.tensors import Limits, StateDecoder
+from dpeft.codec.updates.session import RunCodecs
 from dpeft.config import RunConfig, dump_config
 from dpeft.coordinator.checkpoint import latest_checkpoint, save_checkpoint
 from dpeft.coordinator.global_model import GlobalModel
@@ -25,6 +28,7 @@ from dpeft.coordinator.metrics import MetricsLog
 from dpeft.errors import DpeftError, RejectedUpdate
 from dpeft.state import AdapterState
 from dpeft.strategies import ClientUpdate, make_strategy
+from dpeft.strategies.hyperparams import update_schema
 from dpeft.sync import make_policy
 from dpeft.transport.base import CoordinatorTransport, Rejection, TaskResult, TrainTask
 
@@ -35,6 +39,17 @@ class RoundTimeout(DpeftError):
     """A round did not complete within ``sync.round_timeout_s``."""
 
 
+@dataclass
+class TaskInfo:
+    """Engine-side bookkeeping of one open task."""
+
+    task: TrainTask
+    schema: Any  # what the update must look like (names, shapes, dtypes)
+    version: int  # the global version (aggregation steps done) the client starts from
+    submitted: float
+    attempt: int = 0
+
+
 class RoundEngine:
     """Runs federated rounds against any transport."""
 
@@ -43,12 +58,19 @@ class RoundEngine:
         self.gm = global_model
         self.run_dir = run_dir
         self.strategy = make_strategy(cfg.strategy)
-        self.policy = make_policy(cfg.sync)
+        self.codecs = RunCodecs.from_config(cfg)  # codec.up decodes uploads, codec.down encodes the global
+        self.policy = make_policy(cfg.sync, cfg.clients_per_round)
         self.global_state: AdapterState = global_model.initial_state()
         self.schema = self.global_state.schema()
         self.round = 0
         self._open: dict[str, TrainTask] = {}
         self._done: set[str] = set()
+        self._info: dict[str, TaskInfo] = {}
+        self._late: dict[str, TrainTask] = {}  # deadline fold: tasks whose round closed, still accepted
+        self._missed: set[str] = set()  # tasks whose round closed without them (their updates are "late")
+        self._payloads: dict[Any, tuple[str, int, bytes, Any]] = {}
+        self._payloads_version: tuple[int, int] = (-1, -1)
+        self.started = time.time()
         self._lock = threading.Lock()
         self.stop_event = threading.Event()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -57,12 +79,18 @@ class RoundEngine:
         self.resumed_from: int | None = None
         if resume:
             self._resume()
+        if self.resumed_from is None:
+            self.codecs.clear_residuals()  # error feedback of a run that starts over begins empty
+        elif self.cfg.train.personal_dir is None:  # a fresh run: clients' personal tensors start over too
+            shutil.rmtree(self.run_dir / "personal", ignore_errors=True)
 
     # -- resume ---------------------------------------------------------------
     def _resume(self) -> None:
         found = latest_checkpoint(self.run_dir / "checkpoints")
         if found is None:
             self.metrics.truncate_after(-1)
+            if self.cfg.train.personal_dir is None:  # a fresh run: clients' personal tensors start over too
+                shutil.rmtree(self.run_dir / "personal", ignore_errors=True)
             return
         round_num, glob, strat, _info = found
         if glob.schema() != self.schema:
@@ -78,27 +106,44 @@ class RoundEngine:
     def decoder_for(self, task_id: str, client_id: int) -> StateDecoder:
         """Validating decoder for an upload; rejects unknown, stale and duplicate tasks up front."""
         with self._lock:
-            task = self._open.get(task_id)
+            task = self._open.get(task_id) or self._late.get(task_id)
             if task is None:
-                reason = "duplicate" if task_id in self._done else "unknown_task"
+                reason = "late" if task_id in self._missed else "duplicate" if task_id in self._done else "unknown_task"
                 raise RejectedUpdate(reason, f"task {task_id!r} is not open (round {self.round})")
             if task.client_id != client_id:
                 raise RejectedUpdate("wrong_client", f"task {task_id!r} belongs to client {task.client_id}")
-        return StateDecoder(self.schema, Limits(max_total_bytes=self.cfg.transport.max_update_bytes))
+            info = self._info.get(task_id)
+        schema = info.schema if info is not None else self.schema
+        return self.codecs.update_decoder(schema, Limits(max_total_bytes=self.cfg.transport.max_update_bytes))  # type: ignore[return-value]
 
     def _accept(self, result: TaskResult) -> ClientUpdate:
+        weight = 1.0
         with self._lock:
-            if result.task_id not in self._open:
+            if result.task_id not in self._open and result.task_id not in self._late:
                 raise RejectedUpdate("duplicate" if result.task_id in self._done else "stale", f"task {result.task_id} already closed")
+            info = self._info.get(result.task_id)
+            tau = self.round - info.version if info is not None else 0
+            if tau > self.cfg.sync.max_staleness:
+                self._late.pop(result.task_id, None)
+                self._open.pop(result.task_id, None)
+                self._done.add(result.task_id)
+                raise RejectedUpdate("too_stale", f"task {result.task_id} is {tau} steps stale (sync.max_staleness={self.cfg.sync.max_staleness})")
+            if tau > 0:
+                weight = self.policy.staleness_weight(tau)
         for name, t in result.delta.items():
             if t.is_floating_point() and not bool(t.isfinite().all()):
                 raise RejectedUpdate("non_finite", f"tensor {name} has NaN or Inf")
         if result.num_examples <= 0:
             raise RejectedUpdate("num_examples", "an update must report at least one example")
         with self._lock:
-            self._open.pop(result.task_id)
+            self._open.pop(result.task_id, None)
+            self._late.pop(result.task_id, None)
+            self._info.pop(result.task_id, None)
             self._done.add(result.task_id)
-        return ClientUpdate(result.client_id, result.delta, result.num_examples, result.metrics)
+        metrics = dict(result.metrics, staleness=float(tau))
+        # a stale update counts less: its example weight is scaled by s(tau) (num_examples may become a float)
+        num = result.num_examples * weight if weight != 1.0 else result.num_examples
+        return ClientUpdate(result.client_id, result.delta, num, metrics)  # type: ignore[arg-type]
 
     # -- rounds -----------------------------------------------------------------
     def _eligible(self, transport: CoordinatorTransport) -> tuple[list[int], dict[int, str]]:
@@ -120,10 +165,88 @@ class RoundEngine:
             time.sleep(0.1)
         return [], {}
 
-    def sample(self, round_num: int, eligible: list[int]) -> list[int]:
-        """Seeded, per-round client sample (depends only on seed, round and the eligible set)."""
+    def sample(self, round_num: int, eligible: list[int], size: int | None = None) -> list[int]:
+        """Seeded, per-round client sample (depends only on seed, round, size and the eligible set)."""
         rng = np.random.default_rng([self.cfg.seed, round_num])
-        return sorted(int(c) for c in rng.choice(eligible, size=self.cfg.clients_per_round, replace=False))
+        size = self.cfg.clients_per_round if size is None else size
+        return sorted(int(c) for c in rng.choice(eligible, size=min(size, len(eligible)), replace=False))
+
+    def make_tasks(
+        self, transport: CoordinatorTransport, round_num: int, clients: list[int], hp: dict[str, Any], tag: str = ""
+    ) -> tuple[list[TrainTask], int]:
+        """Tasks for ``clients`` starting from the current global, registered as open.
+
+        One payload is encoded and published per distinct ``strategy.client_key`` (flexlora:
+        per client rank); each task's update is validated against the schema of the state its
+        client was sent, minus the tensors the hyperparameters leave out. Returns the tasks and
+        the bytes of the payloads published.
+        """
+        if self._payloads_version != (self.round, round_num):
+            self._payloads = {}
+            self._payloads_version = (self.round, round_num)
+        variants = self._payloads  # reused while the global is unchanged (async dispatches)
+        published = 0
+        tasks = []
+        now = time.time()
+        for c in clients:
+            key = self.strategy.client_key(c)
+            if key not in variants:
+                state = self.strategy.client_state(self.global_state, c)
+                state = AdapterState(state.tensors, {**self.global_state.meta, "round": round_num})
+                payload = self.codecs.encode_global(state)
+                digest = hashlib.sha256(payload).digest()
+                blob_id = f"r{round_num}-{digest.hex()[:16]}"
+                transport.publish_blob(blob_id, payload)
+                published += len(payload)
+                variants[key] = (blob_id, len(payload), digest, state.schema())
+            blob_id, size, digest, client_schema = variants[key]
+            schema = update_schema(client_schema, hp)
+            task = TrainTask(
+                task_id=f"r{round_num}{tag}-c{c}-{hashlib.sha256(f'{self.cfg.seed}/{round_num}{tag}/{c}/{self.run_dir}'.encode()).hexdigest()[:8]}",
+                round=round_num,
+                client_id=c,
+                blob_id=blob_id,
+                blob_size=size,
+                blob_sha256=digest,
+                hyperparams=hp,
+            )
+            tasks.append(task)
+            with self._lock:
+                self._open[task.task_id] = task
+                self._info[task.task_id] = TaskInfo(task, schema, self.round, now)
+        return tasks, published
+
+    def _expire(self, transport: CoordinatorTransport, task_ids: list[str], pinned: dict[int, str]) -> tuple[int, int]:
+        """Handle open tasks past ``sync.task_timeout_s``: re-submit (sync) or give up. Returns (reassigned, lost)."""
+        timeout = self.cfg.sync.task_timeout_s
+        if timeout is None:
+            return 0, 0
+        now = time.time()
+        again: list[TrainTask] = []
+        lost: list[str] = []
+        with self._lock:
+            for tid in task_ids:
+                info = self._info.get(tid)
+                if tid not in self._open or info is None or now - info.submitted < timeout:
+                    continue
+                if self.policy.reassign_lost:
+                    info.attempt += 1
+                    info.submitted = now
+                    info.task = replace(info.task, hyperparams={**info.task.hyperparams, "attempt": info.attempt})
+                    self._open[tid] = info.task
+                    again.append(info.task)
+                else:
+                    self._open.pop(tid)
+                    self._info.pop(tid, None)
+                    self._done.add(tid)
+                    self._missed.add(tid)
+                    lost.append(tid)
+        if lost:
+            transport.forget_tasks(lost)
+        if again:
+            log.warning("re-assigning %d task(s) without a reply after %.0fs", len(again), timeout)
+            transport.submit(again, pinned)
+        return len(again), len(lost)
 
     def run_round(self, transport: CoordinatorTransport) -> dict[str, Any] | None:
         """One round; returns its metrics row (None when stopped)."""
@@ -132,35 +255,23 @@ class RoundEngine:
         eligible, pinned = self._wait_for_workers(transport)
         if self.stop_event.is_set():
             return None
-        sampled = self.sample(round_num, eligible)
+        sampled = self.sample(round_num, eligible, self.policy.sample_size(self.cfg.clients_per_round, len(eligible)))
         chosen = self.policy.tasks_for(sampled)
-        state = AdapterState(self.global_state.tensors, {**self.global_state.meta, "round": round_num})
-        payload = encode_state(state)
-        blob_id = f"r{round_num}-{hashlib.sha256(payload).hexdigest()[:16]}"
-        transport.publish_blob(blob_id, payload)
+        meta = {**self.global_state.meta, "round": round_num}
         hp = self.strategy.configure_train(round_num, self.global_state)
-        tasks = [
-            TrainTask(
-                task_id=f"r{round_num}-c{c}-{hashlib.sha256(f'{self.cfg.seed}/{round_num}/{c}/{self.run_dir}'.encode()).hexdigest()[:8]}",
-                round=round_num,
-                client_id=c,
-                blob_id=blob_id,
-                blob_size=len(payload),
-                blob_sha256=hashlib.sha256(payload).digest(),
-                hyperparams=hp,
-            )
-            for c in chosen
-        ]
         up0, down0 = transport.bytes_moved()
-        with self._lock:
-            self._open = {t.task_id: t for t in tasks}
+        tasks, _ = self.make_tasks(transport, round_num, chosen, hp)
+        task_ids = [t.task_id for t in tasks]
         transport.submit(tasks, pinned)
         aggregator = self.strategy.begin_round(self.global_state)
         rejected: Counter[str] = Counter()
         losses: list[tuple[float, int]] = []
+        ranks: dict[str, int] = {}
+        stale: list[float] = []
         num_examples = 0
-        compute_s = 0.0
-        while not self.policy.round_closed(aggregator.count, len(tasks), time.time() - t0):
+        reassigned = lost = 0
+        min_updates = self.strategy.min_updates()
+        while not self.policy.round_closed(aggregator.count, len(tasks), time.time() - t0, lost, min_updates):
             if self.stop_event.is_set():
                 transport.cancel_pending()
                 return None
@@ -168,8 +279,10 @@ class RoundEngine:
                 transport.cancel_pending()
                 raise RoundTimeout(
                     f"round {round_num}: {aggregator.count}/{len(tasks)} updates after {self.cfg.sync.round_timeout_s:.0f}s "
-                    "(raise sync.round_timeout_s or check the workers)"
+                    "(raise sync.round_timeout_s, set sync.task_timeout_s, or check the workers)"
                 )
+            again, gone = self._expire(transport, task_ids, pinned)
+            reassigned, lost = reassigned + again, lost + gone
             event = transport.next_event(timeout=0.2)
             if event is None:
                 continue
@@ -178,22 +291,41 @@ class RoundEngine:
                 continue
             try:
                 update = self._accept(event)
+                aggregator.add(update)
             except RejectedUpdate as exc:
                 log.warning("rejected update from %s: %s", event.worker_id, exc)
                 rejected[exc.reason] += 1
                 continue
-            aggregator.add(update)
-            num_examples += update.num_examples
+            num_examples += event.num_examples
+            if update.metrics.get("staleness"):
+                stale.append(update.metrics["staleness"])
+            if "lora_rank" in update.metrics:
+                ranks[str(update.client_id)] = int(update.metrics["lora_rank"])
             if "train_loss" in update.metrics:
-                losses.append((update.metrics["train_loss"], update.num_examples))
-            compute_s += float(update.metrics.get("compute_s", 0.0))
+                losses.append((update.metrics["train_loss"], event.num_examples))
             self.metrics.progress(f"round {round_num}/{self.cfg.rounds}: {aggregator.count}/{len(tasks)} clients done")
-        transport.cancel_pending()
+        cancelled = set(transport.cancel_pending())
         with self._lock:
-            self._done.update(self._open)
+            if self.policy.late_updates == "fold":
+                for tid, task in self._open.items():
+                    if tid not in cancelled:
+                        self._late[tid] = task
+                    else:
+                        self._info.pop(tid, None)
+            else:
+                for tid in self._open:
+                    self._info.pop(tid, None)
+                self._missed.update(self._open)
+            self._done.update(t for t in self._open if t not in self._late)
             self._open = {}
-        self.global_state = self.strategy.finish_round(self.global_state, aggregator)
-        self.global_state.meta = {**state.meta}
+            for tid in [t for t, task in self._late.items() if round_num - self._info[t].version > self.cfg.sync.max_staleness]:
+                self._late.pop(tid)
+                self._info.pop(tid, None)
+                self._done.add(tid)
+                self._missed.add(tid)
+        if aggregator.count:
+            self.global_state = self.strategy.finish_round(self.global_state, aggregator)
+        self.global_state.meta = meta
         self.round = round_num
         up1, down1 = transport.bytes_moved()
         row: dict[str, Any] = {
@@ -201,22 +333,28 @@ class RoundEngine:
             "clients": aggregator.count,
             "sampled": sampled,
             "num_examples": num_examples,
-            "train_loss": sum(l * n for l, n in losses) / max(sum(n for _, n in losses), 1) if losses else None,
+            "train_loss": sum(loss * n for loss, n in losses) / max(sum(n for _, n in losses), 1) if losses else None,
             "bytes_up": up1 - up0,
             "bytes_down": down1 - down0,
-            "client_compute_s": compute_s,
             "rejected": sum(rejected.values()),
             "rejected_reasons": dict(rejected),
         }
+        if self.cfg.sync.name != "sync" or reassigned:
+            row.update({"sync": self.cfg.sync.name, "reassigned": reassigned, "lost": lost, "late_folded": len(stale)})
+            if stale:
+                row.update({"staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale)})
+        if ranks and any(self.strategy.client_key(c) is not None for c in chosen):
+            row["client_ranks"] = ranks
         if round_num % self.cfg.train.eval_every == 0 or round_num == self.cfg.rounds:
             t_eval = time.time()
             row.update(self.gm.evaluate(self.global_state))
             row["eval_s"] = time.time() - t_eval
         extra = getattr(self.strategy, "last_metrics", None)
-        if extra:
+        if extra and aggregator.count:
             row.update(extra)
         self._save(round_num)
         row["wall_s"] = time.time() - t0
+        row["elapsed_s"] = time.time() - self.started
         self.metrics.append(row)
         return row
 
@@ -233,7 +371,12 @@ class RoundEngine:
             row = {"round": 0, "clients": 0, "num_examples": 0, "train_loss": None, "bytes_up": 0, "bytes_down": 0, "rejected": 0}
             row.update(self.gm.evaluate(self.global_state))
             row["wall_s"] = time.time() - t0
+            row["elapsed_s"] = time.time() - self.started
             self.metrics.append(row)
+        if self.policy.asynchronous:
+            from dpeft.coordinator.async_engine import run_async
+
+            run_async(self, transport)
         while self.round < self.cfg.rounds and not self.stop_event.is_set():
             if self.run_round(transport) is None:
                 break

@@ -16,7 +16,7 @@ strategy metrics (clipping counts, truncation errors, selected clients, ...).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +87,27 @@ class Strategy:
     def client_state(self, global_state: AdapterState, client_id: int) -> AdapterState:
         """The adapter state client ``client_id`` starts from (the global by default)."""
         return global_state
+
+    def client_key(self, client_id: int) -> Hashable:
+        """Clients with equal keys get the same ``client_state`` (the engine encodes one payload per key)."""
+        return None
+
+    def validate_run(self, run_cfg: Any) -> None:
+        """Checks against the whole run config (a ``RunConfig``), called when a config is loaded."""
+        from dpeft.sync import updates_per_step
+
+        need = self.min_updates()
+        have = updates_per_step(run_cfg)
+        if have < need:
+            raise ConfigError(
+                "clients_per_round",
+                f"strategy {self.name!r} needs at least {need} updates per aggregation, but sync policy "
+                f"{run_cfg.sync.name!r} aggregates {have} (raise clients_per_round, sync.quorum or sync.buffer_size)",
+            )
+
+    def min_updates(self) -> int:
+        """Fewest updates ``finish_round`` can aggregate (a deadline round waits for at least this many)."""
+        return 1
 
     def begin_round(self, global_state: AdapterState) -> Aggregator:
         """A fresh aggregator for this round, clipping update norms when ``clip_norm`` is set."""

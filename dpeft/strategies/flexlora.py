@@ -34,7 +34,7 @@ from dpeft.errors import ConfigError
 from dpeft.state import AdapterState
 from dpeft.strategies.base import Aggregator, register_strategy, unwrap
 from dpeft.strategies.fedavg import FedAvg
-from dpeft.strategies.lora import factor_components, lora_pairs
+from dpeft.strategies.lora import factor_components, lora_pairs, require_lora_method
 from dpeft.strategies.lora_products import ProductMeanAggregator, global_products, refactor_global, step_products
 from dpeft.strategies.options import int_list_option, int_option, option_key
 
@@ -87,6 +87,20 @@ class FlexLoRA(FedAvg):
         if not self.client_ranks:
             return None
         return self.client_ranks[client_id % len(self.client_ranks)]
+
+    def client_key(self, client_id: int) -> int | None:
+        return self.client_rank(client_id)
+
+    def validate_run(self, run_cfg: Any) -> None:
+        super().validate_run(run_cfg)
+        require_lora_method(self.name, run_cfg)
+        if self.rank is not None and self.rank != run_cfg.adapter.r:
+            raise ConfigError(option_key("rank"), f"the global keeps adapter.r={run_cfg.adapter.r}; set adapter.r={self.rank} instead")
+        if self.client_ranks and max(self.client_ranks) > run_cfg.adapter.r:
+            raise ConfigError(
+                option_key("client_ranks"),
+                f"{max(self.client_ranks)} exceeds the global rank adapter.r={run_cfg.adapter.r} (set adapter.r to the largest client rank)",
+            )
 
     def client_state(self, global_state: AdapterState, client_id: int) -> AdapterState:
         rank = self.client_rank(client_id)

@@ -23,12 +23,14 @@ global's shapes; the dropped slots restart like a fresh peft init (A live, B zer
 
 from __future__ import annotations
 
+from typing import Any
+
 from dpeft.config import StrategyConfig
 from dpeft.errors import ConfigError
 from dpeft.state import AdapterState
 from dpeft.strategies.base import Aggregator, register_strategy, unwrap
 from dpeft.strategies.fedavg import FedAvg
-from dpeft.strategies.lora import lora_pairs
+from dpeft.strategies.lora import lora_pairs, require_lora_method
 from dpeft.strategies.lora_products import ProductMeanAggregator, refactor_global, step_products
 from dpeft.strategies.options import int_option, option_key
 
@@ -42,6 +44,10 @@ class FLoRA(FedAvg):
     def __init__(self, cfg: StrategyConfig) -> None:
         super().__init__(cfg)
         self.rank = int_option(self.options, "rank", None, low=1)
+
+    def validate_run(self, run_cfg: Any) -> None:
+        super().validate_run(run_cfg)
+        require_lora_method(self.name, run_cfg)
 
     def make_aggregator(self, global_state: AdapterState) -> Aggregator:
         pairs = lora_pairs(global_state.tensors)

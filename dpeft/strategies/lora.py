@@ -140,3 +140,16 @@ def shaped_like(
 def relative_error(discarded: float, total: float) -> float:
     """Relative Frobenius error sqrt(discarded / total) of a truncation (0 for a zero matrix)."""
     return math.sqrt(discarded / total) if total > 0 else 0.0
+
+
+LORA_METHODS = ("lora", "dora")
+"""``adapter.method`` values whose adapters are LoRA factor pairs."""
+
+
+def require_lora_method(strategy: str, run_cfg: object) -> None:
+    """Config error unless the run's adapter method trains LoRA factor pairs."""
+    from dpeft.errors import ConfigError
+
+    method = run_cfg.adapter.method  # type: ignore[attr-defined]
+    if method not in LORA_METHODS:
+        raise ConfigError("strategy.name", f"{strategy} aggregates LoRA factor pairs; adapter.method={method!r} has none (use lora or dora)")

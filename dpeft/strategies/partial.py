@@ -7,12 +7,14 @@ so clients may send the others as zeros or leave them out.
 
 from __future__ import annotations
 
+from typing import Any
+
 from dpeft.errors import ConfigError
 from dpeft.state import AdapterState
 from dpeft.strategies.aggregate import StreamingWeightedMean, apply_partial_delta, restrict
 from dpeft.strategies.base import Aggregator
 from dpeft.strategies.fedavg import FedAvg
-from dpeft.strategies.lora import lora_pairs
+from dpeft.strategies.lora import lora_pairs, require_lora_method
 
 
 class PartialFedAvg(FedAvg):
@@ -26,6 +28,10 @@ class PartialFedAvg(FedAvg):
         """Raise a config error unless the adapter has LoRA factor pairs."""
         if not lora_pairs(global_state.tensors):
             raise ConfigError("strategy.name", f"{self.name} needs a LoRA adapter (lora_A/lora_B factors); this adapter has none")
+
+    def validate_run(self, run_cfg: Any) -> None:
+        super().validate_run(run_cfg)
+        require_lora_method(self.name, run_cfg)
 
     def make_aggregator(self, global_state: AdapterState) -> Aggregator:
         self.require_lora(global_state)

@@ -72,6 +72,9 @@ class Krum(RobustStrategy):
         """How many lowest-scoring updates to average when ``n`` arrived."""
         return 1
 
+    def min_updates(self) -> int:
+        return 2 * self.f + 3
+
     def reduce(self, vectors: list[torch.Tensor], weights: list[float], client_ids: list[int]) -> torch.Tensor:
         chosen, mean = krum(vectors, self.f, self.selection_size(len(vectors)))
         self.last_selected = [client_ids[i] for i in chosen]

@@ -99,17 +99,22 @@ def local_train(
     if task == "seq_cls" and cfg.loss == "prior_calibrated" and data.labels is not None and num_labels:
         log_prior = label_log_prior(data.labels, indices, num_labels)
     losses = []
-    for batch_idx in batch_schedule(indices, cfg.local_steps, cfg.batch_size, seed):
-        batch = data.batch(batch_idx)
-        loss = _loss(model, batch, task, log_prior)
-        if anchor is not None:
-            loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        losses.append(float(loss.detach()))
+    # dropout in the (frozen) base draws from torch's global RNG: seed it from the task too, so
+    # a task's result does not depend on what the process ran before (restored afterwards)
+    cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        for batch_idx in batch_schedule(indices, cfg.local_steps, cfg.batch_size, seed):
+            batch = data.batch(batch_idx)
+            loss = _loss(model, batch, task, log_prior)
+            if anchor is not None:
+                loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            losses.append(float(loss.detach()))
     model.eval()
     mean_loss = sum(losses) / len(losses)
     if not math.isfinite(mean_loss):

@@ -89,6 +89,9 @@ class CoordinatorTransport(abc.ABC):
     def cancel_pending(self) -> list[str]:
         """Drop queued tasks that no worker has taken; return their ids."""
 
+    def forget_tasks(self, task_ids: list[str]) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """The engine gave up on these tasks (no reply in time): drop them if still queued or in flight."""
+
     @abc.abstractmethod
     def workers(self) -> dict[str, dict[str, Any]]:
         """Known workers: id -> {own_data, client_ids, last_seen, alive, tasks_done, ...}."""

@@ -13,6 +13,7 @@ from dpeft.data.datasets import TextDataset, load_text_file
 from dpeft.errors import DataError
 from dpeft.transport.base import TrainTask, WorkerConnection
 from dpeft.workers.runtime import WorkerRuntime, set_threads
+from dpeft.workers.simulate import Heterogeneity
 
 log = logging.getLogger("dpeft.worker")
 
@@ -43,10 +44,16 @@ def run_worker(conn: WorkerConnection, worker_id: str, threads: int = 1, data_pa
         label_names = load_dataset(cfg.data, cfg.seed, need_labels)[0].label_names if need_labels else None
         own = _own_dataset(data_path, reg.config, label_names)
     runtime = WorkerRuntime(cfg, own_data=own)
+    sim = Heterogeneity(cfg)
     log.info("worker %s ready (clients %s)", worker_id, reg.client_ids or "virtual")
     done = 0
+    remote_stop = getattr(conn, "stop_requested", None)  # set by a heartbeat reply (gRPC)
+    last: tuple[str, bytes, bytes, int, dict[str, float]] | None = None  # (task id, blob sha, update, n, metrics)
     try:
         while not stop.is_set():
+            if remote_stop is not None and remote_stop.is_set():
+                log.info("worker %s stopping: the coordinator asked", worker_id)
+                break
             item = conn.poll()
             if isinstance(item, str):
                 log.info("worker %s stopping: %s", worker_id, item)
@@ -56,15 +63,52 @@ def run_worker(conn: WorkerConnection, worker_id: str, threads: int = 1, data_pa
                     time.sleep(min(item, 1.0))
                 continue
             task: TrainTask = item
-            payload = conn.fetch(task)
+            if last is not None and last[0] == task.task_id and last[1] == task.blob_sha256:
+                # the same task again (a restarted coordinator re-issued it): send the result we have
+                log.info("task %s re-issued; re-sending the update computed before", task.task_id)
+                _push(conn, task, last[2], last[3], last[4])
+                continue
+            if sim.drops(task):
+                log.info("simulated dropout: task %s gets no reply", task.task_id)
+                continue
+            try:
+                payload = conn.fetch(task)
+            except ConnectionError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. the payload of a task the coordinator already closed
+                log.warning("cannot fetch the payload of task %s: %s", task.task_id, exc)
+                continue
             update, n, metrics = runtime.train_task(task, payload)
-            ok, reason = conn.push(task, update, n, metrics)
-            if not ok:
-                log.warning("update for task %s rejected: %s", task.task_id, reason)
+            last = (task.task_id, task.blob_sha256, update, n, metrics)
+            delay = sim.delay_s(task.client_id, metrics.get("compute_s", 0.0))
+            if delay > 0:
+                metrics["simulated_delay_s"] = delay
+                threading.Thread(target=_push_later, args=(conn, task, update, n, metrics, delay, stop), daemon=True).start()
+            else:
+                _push(conn, task, update, n, metrics)
             done += 1
     finally:
+        stop.set()  # delayed (simulated slow) replies are abandoned
         conn.leave()
     return 0
+
+
+def _push(conn: WorkerConnection, task: TrainTask, update: bytes, n: int, metrics: dict[str, float]) -> None:
+    ok, reason = conn.push(task, update, n, metrics)
+    if not ok:
+        log.warning("update for task %s rejected: %s", task.task_id, reason)
+
+
+def _push_later(
+    conn: WorkerConnection, task: TrainTask, update: bytes, n: int, metrics: dict[str, float], delay: float, stop: threading.Event
+) -> None:
+    """A simulated slow client: reply after ``delay`` seconds (unless the worker stops first)."""
+    if stop.wait(delay):
+        return
+    try:
+        _push(conn, task, update, n, metrics)
+    except Exception as exc:  # noqa: BLE001 - the worker may be leaving; a lost late reply is what a slow client risks
+        log.info("delayed update for task %s not delivered: %s", task.task_id, exc)
 
 
 def install_stop_handlers(stop: threading.Event) -> None:
