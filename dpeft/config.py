@@ -165,6 +165,27 @@ class CodecConfig:
 
 
 @dataclass(kw_only=True)
+class RayConfig:
+    """`dpeft ray`: where the Ray cluster is and what each worker actor reserves (other commands ignore it)."""
+
+    address: str | None = _f(None, "Ray cluster address; null = RAY_ADDRESS (set by `ray job submit`), or a local Ray when that is unset too")
+    mode: str = _f("actors", "actors (the round engine in the driver, workers as actors) or allreduce (the actors form a torch.distributed group)")
+    actors: int | None = _f(None, "worker actors; null = simulate.processes")
+    num_cpus: float = _f(1.0, "CPUs reserved per actor (also its torch threads unless threads is set)")
+    num_gpus: float = _f(0.0, "GPUs reserved per actor; fractions share one GPU (0.5 = two actors per GPU)")
+    resources: dict[str, Any] = _f({}, "custom resources per actor, e.g. {edge: 1} for nodes started with --resources '{\"edge\": 4}'")
+    threads: int | None = _f(None, "torch threads per actor; null = max(1, num_cpus)")
+    placement_strategy: str | None = _f("PACK", "placement group strategy: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD; null = no placement group")
+    max_restarts: int = _f(2, "times Ray restarts a dead actor (-1 = forever)")
+    max_task_retries: int = _f(0, "times Ray itself retries a task on a restarted actor (the transport also re-queues it)")
+    max_attempts: int = _f(3, "tries of one task across actor deaths before the sync policy sees it as failed")
+    startup_timeout_s: float = _f(600.0, "seconds to wait for the placement group and the actors to come up")
+    backend: str | None = _f(None, "allreduce mode: gloo or nccl; null = nccl when actors have GPUs, else gloo")
+    local_num_cpus: int | None = _f(None, "CPUs of a local Ray started by `dpeft ray`; null = all")
+    runtime_env: dict[str, Any] = _f({}, "extra ray.init runtime_env (e.g. env_vars, pip); working_dir comes from `ray job submit`")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """A whole run. Top-level keys are the most common knobs."""
 
@@ -183,6 +204,7 @@ class RunConfig:
     transport: TransportConfig = field(default_factory=TransportConfig, metadata={"help": "wire"})
     auth: AuthConfig = field(default_factory=AuthConfig, metadata={"help": "TLS and worker tokens"})
     codec: CodecConfig = field(default_factory=CodecConfig, metadata={"help": "update codecs"})
+    ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "`dpeft ray` cluster and actors"})
 
 
 # ---------------------------------------------------------------- loading
@@ -387,6 +409,34 @@ def validate(cfg: RunConfig) -> None:
     from dpeft.codec.updates import CodecSpec
 
     CodecSpec.from_config({"up": cfg.codec.up, "down": cfg.codec.down, "options": cfg.codec.options})  # names codec.up / codec.down
+    validate_ray(cfg.ray)
+
+
+def validate_ray(r: RayConfig) -> None:
+    """Checks of the ``ray:`` section (errors name ``ray.<key>``)."""
+    _one_of("ray.mode", r.mode, ["actors", "allreduce"])
+    if r.actors is not None:
+        _positive("ray.actors", r.actors)
+    _positive("ray.num_cpus", r.num_cpus, allow_zero=True)
+    _positive("ray.num_gpus", r.num_gpus, allow_zero=True)
+    if r.num_gpus > 1 and r.num_gpus != int(r.num_gpus):
+        raise ConfigError("ray.num_gpus", f"fractions are for sharing one GPU; got {r.num_gpus}")
+    for k, v in r.resources.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"ray.resources.{k}", f"expected a non-negative number, got {v!r}")
+    if r.threads is not None:
+        _positive("ray.threads", r.threads)
+    if r.placement_strategy is not None:
+        _one_of("ray.placement_strategy", r.placement_strategy, ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
+    for key, value in (("ray.max_restarts", r.max_restarts), ("ray.max_task_retries", r.max_task_retries)):
+        if value < -1:
+            raise ConfigError(key, f"must be >= -1, got {value}")
+    _positive("ray.max_attempts", r.max_attempts)
+    _positive("ray.startup_timeout_s", r.startup_timeout_s)
+    if r.backend is not None:
+        _one_of("ray.backend", r.backend, ["gloo", "nccl"])
+    if r.local_num_cpus is not None:
+        _positive("ray.local_num_cpus", r.local_num_cpus)
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -5,9 +5,12 @@
     dpeft ray --config run.yaml                 # no cluster: starts a local Ray
     dpeft ray --address HOST:6379 --config run.yaml ray.actors=8 ray.num_gpus=0.5
 
-Ray settings live in a ``ray:`` section of the config file or in ``ray.*`` overrides (see
-:class:`RayConfig`); everything else is the ordinary run config, so the same coordinator,
-strategies, sync policies and worker code run as under ``dpeft simulate``.
+Ray settings live in the ``ray:`` section of the run config (:class:`dpeft.config.RayConfig`,
+also ``ray.*`` overrides; the other commands accept and ignore it, so one YAML file serves
+``dpeft simulate`` and ``dpeft ray``); everything else is the ordinary run config, so the same
+coordinator, strategies, sync policies and worker code run as under ``dpeft simulate``,
+simulated heterogeneity included (``simulate.speed_factors``, ``simulate.dropout`` and
+``simulate.byzantine_clients``, see :mod:`dpeft.transport.ray_transport`).
 
 ``ray.mode: allreduce`` instead forms a torch.distributed group out of the actors (rank 0's
 address, as Ray Train's torch backend does) and aggregates by all-reduce, without the engine.
@@ -22,122 +25,32 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from dpeft.config import RunConfig, config_from_dict, config_to_dict, parse_override
-from dpeft.errors import ConfigError, DpeftError
+from dpeft.config import RayConfig, RunConfig, config_to_dict, load_config
+from dpeft.errors import DpeftError
 
 log = logging.getLogger("dpeft.launch.ray")
 
 
-def _f(default: Any, help: str) -> Any:  # noqa: A002
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+def actor_spec(cfg: RunConfig) -> Any:
+    """The :class:`RayActorSpec` of ``cfg.ray`` (``ray.actors`` defaults to ``simulate.processes``)."""
+    from dpeft.transport.ray_transport import RayActorSpec
 
-
-@dataclass(kw_only=True)
-class RayConfig:
-    """The ``ray:`` section: where the cluster is and what each worker actor reserves."""
-
-    address: str | None = _f(None, "Ray cluster address (auto: RAY_ADDRESS, e.g. under `ray job submit`); null and unset = start a local Ray")
-    mode: str = _f("actors", "actors: the round engine in the driver, workers as actors; allreduce: actors form a torch.distributed group")
-    actors: int | None = _f(None, "worker actors (null = simulate.processes)")
-    num_cpus: float = _f(1.0, "CPUs reserved per actor (also its torch threads unless threads is set)")
-    num_gpus: float = _f(0.0, "GPUs reserved per actor; fractions share a GPU (0.5 = two actors per GPU)")
-    resources: dict[str, Any] = _f({}, "custom resources per actor, e.g. {edge: 1} to land on nodes started with --resources '{\"edge\": 4}'")
-    threads: int | None = _f(None, "torch threads per actor (null = max(1, num_cpus))")
-    placement_strategy: str | None = _f("PACK", "placement group strategy: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD; null = no placement group")
-    max_restarts: int = _f(2, "times Ray restarts a dead actor (-1 = forever)")
-    max_task_retries: int = _f(0, "times Ray itself retries a task on a restarted actor (the transport also re-queues it)")
-    max_attempts: int = _f(3, "tries of one task across actor failures before it is reported failed to the sync policy")
-    startup_timeout_s: float = _f(600.0, "seconds to wait for the placement group and the actors to come up")
-    backend: str | None = _f(None, "allreduce mode: gloo or nccl (null = nccl when actors have GPUs, else gloo)")
-    local_num_cpus: int | None = _f(None, "CPUs of a local Ray started by dpeft (null = all)")
-    runtime_env: dict[str, Any] = _f({}, "extra ray.init runtime_env (e.g. env_vars, pip); working_dir comes from `ray job submit`")
-
-    def validate(self) -> None:
-        from dpeft.config import _one_of, _positive
-
-        _one_of("ray.mode", self.mode, ["actors", "allreduce"])
-        if self.actors is not None:
-            _positive("ray.actors", self.actors)
-        _positive("ray.num_cpus", self.num_cpus, allow_zero=True)
-        _positive("ray.num_gpus", self.num_gpus, allow_zero=True)
-        if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
-            raise ConfigError("ray.num_gpus", f"fractions are for sharing one GPU; got {self.num_gpus}")
-        for k, v in self.resources.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"ray.resources.{k}", f"expected a non-negative number, got {v!r}")
-        if self.threads is not None:
-            _positive("ray.threads", self.threads)
-        if self.placement_strategy is not None:
-            _one_of("ray.placement_strategy", self.placement_strategy, ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
-        if self.max_restarts < -1:
-            raise ConfigError("ray.max_restarts", f"must be >= -1, got {self.max_restarts}")
-        if self.max_task_retries < -1:
-            raise ConfigError("ray.max_task_retries", f"must be >= -1, got {self.max_task_retries}")
-        _positive("ray.max_attempts", self.max_attempts)
-        _positive("ray.startup_timeout_s", self.startup_timeout_s)
-        if self.backend is not None:
-            _one_of("ray.backend", self.backend, ["gloo", "nccl"])
-        if self.local_num_cpus is not None:
-            _positive("ray.local_num_cpus", self.local_num_cpus)
-
-    def spec(self, cfg: RunConfig) -> Any:
-        from dpeft.transport.ray_transport import RayActorSpec
-
-        return RayActorSpec(
-            actors=self.actors or cfg.simulate.processes,
-            num_cpus=self.num_cpus,
-            num_gpus=self.num_gpus,
-            resources={k: float(v) for k, v in self.resources.items()},
-            threads=self.threads,
-            placement_strategy=self.placement_strategy,
-            max_restarts=self.max_restarts,
-            max_task_retries=self.max_task_retries,
-            max_attempts=self.max_attempts,
-            startup_timeout_s=self.startup_timeout_s,
-        )
-
-
-def load_run_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, RayConfig]:
-    """Like :func:`dpeft.config.load_config`, plus the ``ray:`` section / ``ray.*`` overrides."""
-    from dpeft.config import _build, _merge_override
-
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("--config", f"no such file: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError("--config", f"{p} is not valid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError("--config", f"{p} must hold a mapping at the top level")
-        tree = loaded
-    ray_tree = tree.pop("ray", None) or {}
-    if not isinstance(ray_tree, dict):
-        raise ConfigError("ray", f"expected a mapping, got {ray_tree!r}")
-    for text in overrides:
-        keys, value = parse_override(text)
-        if keys[0] == "ray":
-            if len(keys) == 1:
-                raise ConfigError("ray", "override a key inside the section, e.g. ray.actors=4")
-            _merge_override(ray_tree, keys[1:], value)
-        else:
-            _merge_override(tree, keys, value)
-    cfg = config_from_dict(tree)
-    rcfg = _build(RayConfig, ray_tree, "ray.")
-    rcfg.validate()
-    return cfg, rcfg
+    r = cfg.ray
+    return RayActorSpec(
+        actors=r.actors or cfg.simulate.processes,
+        num_cpus=r.num_cpus,
+        num_gpus=r.num_gpus,
+        resources={k: float(v) for k, v in r.resources.items()},
+        threads=r.threads,
+        placement_strategy=r.placement_strategy,
+        max_restarts=r.max_restarts,
+        max_task_retries=r.max_task_retries,
+        max_attempts=r.max_attempts,
+        startup_timeout_s=r.startup_timeout_s,
+    )
 
 
 # ---------------------------------------------------------------- CLI hook
@@ -153,11 +66,32 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg, rcfg = load_run_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # the ray: section is part of RunConfig (errors name ray.<key>)
     if args.address:
-        rcfg.address = args.address
-    run_ray(cfg, rcfg, resume=not args.fresh)
+        cfg.ray.address = args.address
+    warn_simulate_only(cfg)
+    run_ray(cfg, resume=not args.fresh)
     return 0
+
+
+def warn_simulate_only(cfg: RunConfig) -> list[str]:
+    """Print a warning for simulated-heterogeneity keys this run cannot honour; returns them.
+
+    ``ray.mode: actors`` honours all of them (the transport drops and delays tasks, the worker
+    runtime corrupts byzantine updates). ``allreduce`` rounds are synchronous with no
+    coordinator to miss a reply, so slow and dropped clients cannot be simulated there.
+    """
+    if cfg.ray.mode != "allreduce":
+        return []
+    ignored = [key for key, on in (("simulate.speed_factors", bool(cfg.simulate.speed_factors)), ("simulate.dropout", cfg.simulate.dropout > 0)) if on]
+    if ignored:
+        print(
+            f"dpeft ray: warning: {' and '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored with ray.mode=allreduce "
+            "(synchronous all-reduce rounds; simulate.byzantine_clients still apply)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return ignored
 
 
 # ---------------------------------------------------------------- driver
@@ -186,13 +120,13 @@ def init_ray(rcfg: RayConfig) -> bool:
     return True
 
 
-def run_ray(cfg: RunConfig, rcfg: RayConfig, resume: bool = True, quiet: bool = False) -> list[dict[str, Any]]:
-    """One run on Ray (actors or allreduce mode); returns the metrics rows."""
-    started = init_ray(rcfg)
+def run_ray(cfg: RunConfig, resume: bool = True, quiet: bool = False) -> list[dict[str, Any]]:
+    """One run on Ray (``cfg.ray.mode``: actors or allreduce); returns the metrics rows."""
+    started = init_ray(cfg.ray)
     try:
-        if rcfg.mode == "allreduce":
-            return _run_allreduce(cfg, rcfg, resume, quiet)
-        return _run_actors(cfg, rcfg, resume, quiet)
+        if cfg.ray.mode == "allreduce":
+            return _run_allreduce(cfg, resume, quiet)
+        return _run_actors(cfg, resume, quiet)
     finally:
         if started:
             import ray
@@ -200,7 +134,7 @@ def run_ray(cfg: RunConfig, rcfg: RayConfig, resume: bool = True, quiet: bool = 
             ray.shutdown()
 
 
-def _run_actors(cfg: RunConfig, rcfg: RayConfig, resume: bool, quiet: bool) -> list[dict[str, Any]]:
+def _run_actors(cfg: RunConfig, resume: bool, quiet: bool) -> list[dict[str, Any]]:
     from dpeft.coordinator.engine import RoundEngine
     from dpeft.coordinator.global_model import GlobalModel
     from dpeft.transport.ray_transport import RayCoordinatorTransport
@@ -214,7 +148,7 @@ def _run_actors(cfg: RunConfig, rcfg: RayConfig, resume: bool, quiet: bool) -> l
     transport = RayCoordinatorTransport(
         config_tree=config_to_dict(cfg),
         decoder_factory=engine.decoder_for,
-        spec=rcfg.spec(cfg),
+        spec=actor_spec(cfg),
         max_update_bytes=cfg.transport.max_update_bytes,
     )
     interrupted = threading.Event()
@@ -256,7 +190,7 @@ def _print_summary(metrics: Any, rows: list[dict[str, Any]], run_dir: Path, t_st
     )
 
 
-def _run_allreduce(cfg: RunConfig, rcfg: RayConfig, resume: bool, quiet: bool) -> list[dict[str, Any]]:
+def _run_allreduce(cfg: RunConfig, resume: bool, quiet: bool) -> list[dict[str, Any]]:
     """Actors form a torch.distributed group (rank 0's address) and run the all-reduce rounds."""
     import dataclasses
 
@@ -265,7 +199,7 @@ def _run_allreduce(cfg: RunConfig, rcfg: RayConfig, resume: bool, quiet: bool) -
     t_start = time.time()
     # rank 0 writes the run directory: make the path absolute so it does not depend on the actor's cwd
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
-    group = RayAllReduceGroup(rcfg.spec(cfg), backend=rcfg.backend or ("nccl" if rcfg.num_gpus else "gloo"))
+    group = RayAllReduceGroup(actor_spec(cfg), backend=cfg.ray.backend or ("nccl" if cfg.ray.num_gpus else "gloo"))
     try:
         group.start()
         rows = group.run(config_to_dict(cfg), resume)

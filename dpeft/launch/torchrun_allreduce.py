@@ -41,11 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch.distributed as dist
 
-        from dpeft.launch.ray_cli import load_run_config
+        from dpeft.config import load_config
         from dpeft.transport.distributed_allreduce import init_group, run_allreduce
         from dpeft.workers.runtime import set_threads
 
-        cfg, _ray = load_run_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)  # a ray: section is accepted and ignored
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         set_threads(args.threads or max(1, (os.cpu_count() or 1) // max(1, local)))
         init_group(args.backend)

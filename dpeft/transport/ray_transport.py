@@ -19,10 +19,25 @@ tries) and is picked up by the next idle actor; a restarted actor is probed with
 rejoins the pool; an actor out of restarts is marked dead. After ``max_attempts`` the task is
 reported to the engine as a :class:`Rejection` (reason ``worker_died``), which the sync policy
 treats like any other missing update.
+
+Payloads: a published payload stays in the object store while a queued or running task refers
+to it, while it belongs to the newest round that tasks were submitted for (the engine reuses a
+round's payloads for later dispatches: async refills, re-assigned tasks, one payload per
+flexlora client rank), and while it is among the newest ``keep_blobs``; after that the driver
+drops its reference and Ray frees it. ``forget_tasks`` (tasks the engine gave up on) drops
+them from the queue and discards a running one's result.
+
+Simulated heterogeneity (``simulate.*``, as in ``dpeft simulate`` workers): a task drawn for
+``simulate.dropout`` is never run and gets no reply (the engine's ``sync.task_timeout_s``
+notices); a client with ``simulate.speed_factors`` factor ``f`` has its result held back
+``(f - 1) x`` its compute time while its actor already trains the next task; byzantine
+clients are corrupted by the worker runtime itself.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import time
 from collections import OrderedDict, deque
@@ -33,6 +48,7 @@ import numpy as np
 
 from dpeft.errors import DpeftError, ProtocolError, RejectedUpdate
 from dpeft.transport.base import CoordinatorTransport, DecoderFactory, Event, Rejection, TaskResult, TrainTask
+from dpeft.workers.simulate import Heterogeneity
 
 log = logging.getLogger("dpeft.transport.ray")
 
@@ -97,6 +113,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
         spec: RayActorSpec | None = None,
         max_update_bytes: int = 1 << 31,
         actor_cls: type | None = None,
+        heterogeneity: Heterogeneity | None = None,
     ) -> None:
         import ray
 
@@ -112,9 +129,19 @@ class RayCoordinatorTransport(CoordinatorTransport):
 
             actor_cls = TrainActor
         self.actor_cls = actor_cls
+        if heterogeneity is None:
+            from dpeft.config import config_from_dict
+
+            heterogeneity = Heterogeneity(config_from_dict(config_tree))
+        self.sim = heterogeneity
         self._actors: OrderedDict[str, _Actor] = OrderedDict()
         self._blobs: OrderedDict[str, Any] = OrderedDict()
         self._blob_sizes: dict[str, int] = {}
+        self._blob_round: dict[str, int] = {}  # payload -> newest round a submitted task used it for
+        self._latest_round: int | None = None
+        # simulated slow clients: (release time, seq, task, actor, actor's result, delay)
+        self._delayed: list[tuple[float, int, TrainTask, _Actor, Any, float]] = []
+        self._seq = itertools.count()
         self._pending: deque[tuple[TrainTask, int]] = deque()
         self._calls: dict[Any, _Call] = {}
         self._events: deque[Event] = deque()
@@ -183,7 +210,10 @@ class RayCoordinatorTransport(CoordinatorTransport):
             a.alive = False
         self._calls.clear()
         self._pending.clear()
+        self._delayed.clear()
         self._blobs.clear()
+        self._blob_sizes.clear()
+        self._blob_round.clear()
         if self._pg is not None:
             from ray.util.placement_group import remove_placement_group
 
@@ -204,66 +234,96 @@ class RayCoordinatorTransport(CoordinatorTransport):
             self._blob_sizes[blob_id] = len(payload)
 
     def _prune_blobs(self) -> None:
-        """Release payloads no queued or in-flight task needs, except the newest ``keep_blobs``."""
+        """Release payloads that no queued or running task needs and the engine cannot reuse.
+
+        Kept: payloads of queued or running tasks, of the newest round tasks were submitted for
+        (the engine hands them out again without re-publishing), and the newest ``keep_blobs``.
+        A payload is always published right before the submit of the tasks that refer to it.
+        """
         needed = {t.blob_id for t, _ in self._pending} | {c.task.blob_id for c in self._calls.values() if c.task is not None}
         names = list(self._blobs)
         for name in names[: max(0, len(names) - self.keep_blobs)]:
-            if name not in needed:
-                del self._blobs[name]
-                self._blob_sizes.pop(name, None)
+            if name in needed or self._blob_round.get(name) == self._latest_round:
+                continue
+            del self._blobs[name]
+            self._blob_sizes.pop(name, None)
+            self._blob_round.pop(name, None)
 
     def submit(self, tasks: list[TrainTask], pinned: dict[int, str]) -> None:
+        for t in tasks:
+            self._blob_round[t.blob_id] = max(t.round, self._blob_round.get(t.blob_id, t.round))
+            if self._latest_round is None or t.round > self._latest_round:
+                self._latest_round = t.round
         self._pending.extend((t, 1) for t in tasks)
         self._prune_blobs()
         self._dispatch()
 
     def forget_tasks(self, task_ids: list[str]) -> None:
-        """The engine gave up on these tasks: drop them from the queue; a running one's result is discarded."""
+        """The engine gave up on these tasks: drop them from the queue; a running or held-back result is discarded."""
         drop = set(task_ids)
         self._pending = deque((t, n) for t, n in self._pending if t.task_id not in drop)
         for call in self._calls.values():
             if call.task is not None and call.task.task_id in drop:
                 call.cancelled = True
+        if any(d[2].task_id in drop for d in self._delayed):
+            self._delayed = [d for d in self._delayed if d[2].task_id not in drop]
+            heapq.heapify(self._delayed)
         self._prune_blobs()
 
     def _dispatch(self) -> None:
+        """Hand queued tasks to idle actors, one each."""
         for a in self._actors.values():
-            if not self._pending:
-                return
             if not a.alive or a.busy or a.probing:
                 continue
-            task, attempt = self._pending.popleft()
-            blob = self._blobs.get(task.blob_id)
-            if blob is None:
-                self._events.append(Rejection(task.task_id, a.worker_id, "unknown_blob", f"payload {task.blob_id} was dropped"))
-                continue
-            ref = a.handle.train.remote(task, blob)
-            a.busy = True
-            if task.blob_id not in a.blobs_seen:  # counted once per actor and payload (the store ships it once per node)
-                a.blobs_seen = (a.blobs_seen & set(self._blobs)) | {task.blob_id}
-                a.bytes_down += self._blob_sizes.get(task.blob_id, 0)
-                self._bytes_down += self._blob_sizes.get(task.blob_id, 0)
-            self._calls[ref] = _Call(a, task, attempt)
+            while self._pending and not a.busy:
+                task, attempt = self._pending.popleft()
+                if attempt == 1 and self.sim.drops(task):  # drawn per (seed, round, client, attempt, dispatch), as in simulate
+                    log.info("simulated dropout: task %s gets no reply", task.task_id)
+                    continue
+                blob = self._blobs.get(task.blob_id)
+                if blob is None:
+                    self._events.append(Rejection(task.task_id, a.worker_id, "unknown_blob", f"payload {task.blob_id} was dropped"))
+                    continue
+                ref = a.handle.train.remote(task, blob)
+                a.busy = True
+                if task.blob_id not in a.blobs_seen:  # counted once per actor and payload (the store ships it once per node)
+                    a.blobs_seen = (a.blobs_seen & set(self._blobs)) | {task.blob_id}
+                    a.bytes_down += self._blob_sizes.get(task.blob_id, 0)
+                    self._bytes_down += self._blob_sizes.get(task.blob_id, 0)
+                self._calls[ref] = _Call(a, task, attempt)
+            if not self._pending:
+                return
 
     def next_event(self, timeout: float) -> Event | None:
         deadline = time.time() + timeout
         while True:
+            self._release_delayed()
             self._dispatch()
             if self._events:
                 return self._events.popleft()
-            left = deadline - time.time()
+            now = time.time()
+            left = deadline - now
+            wait = left if not self._delayed else min(left, self._delayed[0][0] - now)
             if not self._calls:
                 if left > 0:
-                    time.sleep(min(left, 0.05))
+                    time.sleep(max(0.0, min(wait, 0.05)))
                     continue
                 return None
-            ready, _ = self.ray.wait(list(self._calls), num_returns=1, timeout=max(0.0, left))
+            ready, _ = self.ray.wait(list(self._calls), num_returns=1, timeout=max(0.0, wait))
             for ref in ready:
                 self._complete(ref)
+            self._release_delayed()
             if self._events:
                 return self._events.popleft()
             if time.time() >= deadline:
                 return None
+
+    def _release_delayed(self) -> None:
+        """Deliver held-back results of simulated slow clients whose time has come."""
+        now = time.time()
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, task, a, value, delay = heapq.heappop(self._delayed)
+            self._events.append(self._decode(task, a, value, {"simulated_delay_s": delay}))
 
     def _complete(self, ref: Any) -> None:
         ray = self.ray
@@ -292,9 +352,13 @@ class RayCoordinatorTransport(CoordinatorTransport):
         a.tasks_done += 1
         if call.cancelled:
             return
+        delay = self.sim.delay_s(call.task.client_id, _compute_s(value))
+        if delay > 0:  # a simulated slow client: the actor is free, the reply comes later
+            heapq.heappush(self._delayed, (time.time() + delay, next(self._seq), call.task, a, value, delay))
+            return
         self._events.append(self._decode(call.task, a, value))
 
-    def _decode(self, task: TrainTask, a: _Actor, value: Any) -> Event:
+    def _decode(self, task: TrainTask, a: _Actor, value: Any, extra: dict[str, float] | None = None) -> Event:
         try:
             update, num_examples, metrics = value
             buf = memoryview(np.ascontiguousarray(update, dtype=np.uint8)).cast("B")
@@ -318,7 +382,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
             worker_id=a.worker_id,
             delta=state,
             num_examples=int(num_examples),
-            metrics={k: float(v) for k, v in dict(metrics).items()},
+            metrics={**{k: float(v) for k, v in dict(metrics).items()}, **(extra or {})},
             bytes_up=len(buf),
         )
 
@@ -390,6 +454,14 @@ class RayCoordinatorTransport(CoordinatorTransport):
     def in_flight(self) -> dict[str, str]:
         """task id -> worker id of the tasks currently running."""
         return {c.task.task_id: c.actor.worker_id for c in self._calls.values() if c.task is not None}
+
+
+def _compute_s(value: Any) -> float:
+    """The ``compute_s`` metric of an actor's result (0 when it has none)."""
+    try:
+        return float(value[2].get("compute_s", 0.0))
+    except (TypeError, ValueError, IndexError, AttributeError, KeyError):
+        return 0.0
 
 
 def _short(exc: BaseException) -> str:

@@ -87,3 +87,62 @@ def gloo_rank(rank: int, world: int, port: int, out_dir: str) -> None:
                 fh.write(encode_state(AdapterState(state.tensors)))
     dist.barrier()
     dist.destroy_process_group()
+
+
+class FakeTrainActor:
+    """Stands in for :class:`dpeft.workers.ray_actor.TrainActor` without a model: each task
+    sleeps ``train_s`` and returns a few bytes, reporting ``compute_s`` (pickled by value to Ray,
+    see :func:`register_by_value`)."""
+
+    train_s = 0.05
+    compute_s = 0.3
+
+    def __init__(self, config_tree, worker_id, threads=1):
+        self.worker_id = worker_id
+
+    def ready(self):
+        import os
+
+        return {"worker_id": self.worker_id, "pid": os.getpid(), "node_ip": "127.0.0.1", "tasks_done": 0}
+
+    def train(self, task, payload):
+        import time
+
+        import numpy as np
+
+        time.sleep(self.train_s)
+        return np.frombuffer(bytes(payload[:4]), dtype=np.uint8), 10, {"train_loss": 1.0, "compute_s": self.compute_s}
+
+
+def register_by_value() -> None:
+    """Ray workers cannot import this test module: ship its classes by value."""
+    import sys
+
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class FakeDecoder:
+    """What ``decoder_factory`` returns in transport-only tests: accepts any bytes."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def feed(self, buf) -> None:
+        self.size += len(buf)
+
+    def finish(self):
+        from collections import OrderedDict
+
+        import torch
+
+        from dpeft.state import AdapterState
+
+        return AdapterState(OrderedDict(w=torch.full((2,), float(self.size))))
+
+
+def task(task_id: str, client_id: int, blob_id: str, round_num: int = 1, **hp):
+    from dpeft.transport.base import TrainTask
+
+    return TrainTask(task_id=task_id, round=round_num, client_id=client_id, blob_id=blob_id, blob_size=8, blob_sha256=b"", hyperparams=hp)

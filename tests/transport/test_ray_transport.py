@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from cluster_testlib import tiny
+from cluster_testlib import FakeDecoder, FakeTrainActor, register_by_value, task, tiny
 
 pytest.importorskip("ray")
 
@@ -20,13 +20,14 @@ def _rows(run_dir):
 
 
 def test_ray_run_matches_grpc_simulate(ray_local, simulate_reference, tmp_path):
+    from dpeft.config import load_config
     from dpeft.coordinator.checkpoint import latest_checkpoint
-    from dpeft.launch.ray_cli import load_run_config, run_ray
+    from dpeft.launch.ray_cli import run_ray
     from dpeft.state import max_abs_diff
 
     sim_dir, (sim_round, sim_global, _, _) = simulate_reference
-    cfg, rcfg = load_run_config(None, tiny(tmp_path / "ray", "ray.actors=2", "ray.num_cpus=1"))
-    rows = run_ray(cfg, rcfg, resume=False, quiet=True)
+    cfg = load_config(None, tiny(tmp_path / "ray", "ray.actors=2", "ray.num_cpus=1"))
+    rows = run_ray(cfg, resume=False, quiet=True)
     assert ray_local.is_initialized()  # run_ray leaves a Ray it did not start running
     found = latest_checkpoint(tmp_path / "ray" / "checkpoints")
     assert found is not None and found[0] == sim_round == 1
@@ -43,18 +44,15 @@ def test_ray_run_matches_grpc_simulate(ray_local, simulate_reference, tmp_path):
 
 
 def test_killed_actor_is_restarted_and_the_round_completes(ray_local, tmp_path):
+    from dpeft.config import config_to_dict, load_config
     from dpeft.coordinator.engine import RoundEngine
     from dpeft.coordinator.global_model import GlobalModel
-    from dpeft.launch.ray_cli import load_run_config
+    from dpeft.launch.ray_cli import actor_spec
     from dpeft.transport.ray_transport import RayCoordinatorTransport
 
-    cfg, rcfg = load_run_config(
-        None, tiny(tmp_path / "run", "train.local_steps=8", "ray.actors=2", "ray.max_restarts=3")
-    )
-    from dpeft.config import config_to_dict
-
+    cfg = load_config(None, tiny(tmp_path / "run", "train.local_steps=8", "ray.actors=2", "ray.max_restarts=3"))
     engine = RoundEngine(cfg, GlobalModel(cfg), tmp_path / "run", resume=False)
-    transport = RayCoordinatorTransport(config_tree=config_to_dict(cfg), decoder_factory=engine.decoder_for, spec=rcfg.spec(cfg))
+    transport = RayCoordinatorTransport(config_tree=config_to_dict(cfg), decoder_factory=engine.decoder_for, spec=actor_spec(cfg))
     transport.start()
     pids_before = {k: v["pid"] for k, v in transport.workers().items()}
     killed: list[str] = []
@@ -108,3 +106,101 @@ def test_actors_form_a_gloo_group_and_all_reduce(ray_local):
         assert total == 8.0
         for got, want in zip(arrays, expect, strict=True):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_flexlora_with_three_client_ranks_completes(ray_local, tmp_path, monkeypatch):
+    """One payload per distinct client rank (3 > keep_blobs): every task finds its payload."""
+    from dpeft.config import load_config
+    from dpeft.launch.ray_cli import run_ray
+    from dpeft.transport.ray_transport import RayCoordinatorTransport
+
+    monkeypatch.setattr(RayCoordinatorTransport, "keep_blobs", 0)  # only what tasks need (and the round's payloads) is kept
+    overrides = [
+        "seed=0",
+        "rounds=1",
+        "clients=3",
+        "clients_per_round=3",
+        "train.local_steps=2",
+        "data.max_train_examples=150",
+        "data.test_examples=32",
+        "data.partition=iid",
+        "strategy.name=flexlora",
+        "strategy.options.client_ranks=[2,4,8]",
+        "sync.round_timeout_s=300",
+        "ray.actors=2",
+        "ray.num_cpus=1",
+        f"run_dir={tmp_path / 'flex'}",
+    ]
+    rows = run_ray(load_config(None, overrides), resume=False, quiet=True)
+    assert [r["round"] for r in rows] == [0, 1]
+    assert rows[1]["clients"] == 3 and not rows[1].get("rejected")
+    assert rows[1]["client_ranks"] == {"0": 2, "1": 4, "2": 8}
+    assert _rows(tmp_path / "flex")[1]["client_ranks"] == {"0": 2, "1": 4, "2": 8}  # the metrics line
+
+
+def test_payloads_are_kept_while_tasks_or_the_round_need_them(ray_local):
+    """Pruning: queued/running tasks' payloads, the newest round's payloads, then the newest keep_blobs."""
+    from dpeft.config import config_to_dict, load_config
+    from dpeft.transport.ray_transport import RayCoordinatorTransport
+
+    t = RayCoordinatorTransport(config_tree=config_to_dict(load_config(None, [])), decoder_factory=lambda tid, cid: FakeDecoder())
+    try:
+        for name in ("a2", "a4", "a8"):  # flexlora: one payload per client rank
+            t.publish_blob(name, name.encode() * 4)
+        t.submit([task("t0", 0, "a2"), task("t1", 1, "a4"), task("t2", 2, "a8")], {})
+        t.forget_tasks(["t0"])
+        assert set(t._blobs) == {"a2", "a4", "a8"}  # unneeded now, but the engine may hand a2 out again this round
+        t.submit([task("t3", 3, "a2", task_seq=1)], {})  # an async refill reusing the round's payload
+        t.publish_blob("b2", b"b2" * 4)
+        t.submit([task("u0", 0, "b2", round_num=2)], {})
+        assert set(t._blobs) == {"a2", "a4", "a8", "b2"}  # all still queued
+        t.forget_tasks(["t1", "t3"])
+        assert set(t._blobs) == {"a8", "b2"}  # a2/a4: unneeded, an old round, not among the newest 2
+        t.cancel_pending()
+        t.publish_blob("c2", b"c2" * 4)
+        t.submit([task("v0", 0, "c2", round_num=3)], {})
+        assert set(t._blobs) == {"b2", "c2"}
+    finally:
+        t.shutdown("test over")
+
+
+def test_simulated_dropout_and_slow_clients(ray_local):
+    """simulate.dropout: no reply, as drawn in simulate workers; speed_factors: the reply is held back, the actor is free."""
+    from dpeft.config import config_to_dict, load_config
+    from dpeft.transport.ray_transport import RayActorSpec, RayCoordinatorTransport
+    from dpeft.workers.simulate import Heterogeneity
+
+    register_by_value()
+    cfg = load_config(None, ["clients=4", "clients_per_round=2", "simulate.dropout=0.4", "simulate.speed_factors=[1, 4]"])
+    spec = RayActorSpec(actors=2, num_cpus=0.5, placement_strategy=None)
+    t = RayCoordinatorTransport(
+        config_tree=config_to_dict(cfg), decoder_factory=lambda tid, cid: FakeDecoder(), spec=spec, actor_cls=FakeTrainActor
+    )
+    tasks = [task(f"s{seq}-c{c}", c, "p", task_seq=seq) for seq in range(2) for c in range(4)]
+    sim = Heterogeneity(cfg)
+    kept = {x.task_id for x in tasks if not sim.drops(x)}
+    assert 0 < len(kept) < len(tasks)
+    try:
+        t.start()
+        t.publish_blob("p", b"payload!")
+        t0 = time.time()
+        t.submit(tasks, {})
+        got = {}
+        while len(got) < len(kept) and time.time() - t0 < 60:
+            event = t.next_event(timeout=0.5)
+            if event is not None:
+                got[event.task_id] = (event, time.time() - t0)
+        time.sleep(0.3)
+        assert t.next_event(timeout=0.2) is None  # the dropped tasks never answer
+        done = sum(w["tasks_done"] for w in t.workers().values())
+    finally:
+        t.shutdown("test over")
+    assert set(got) == kept and done == len(kept)
+    delay = (4 - 1) * FakeTrainActor.compute_s
+    for event, at in got.values():
+        assert event.client_id % 2 == 0 or event.metrics["simulated_delay_s"] == pytest.approx(delay)
+        if event.client_id % 2 == 1:
+            assert at >= delay
+        else:
+            assert "simulated_delay_s" not in event.metrics
+    assert any(e.client_id % 2 == 1 for e, _ in got.values())
