@@ -157,10 +157,15 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             clients = list(prev["client_ids"]) if prev else []
             if request.own_data and not clients:
                 claimed = {c for w in self.o._workers.values() for c in w["client_ids"]}
-                free = [c for c in range(self.o.num_clients) if c not in claimed]
+                held = {c for w in self.o._workers.values() if not w["left"] for c in w["client_ids"]}
+                # a never-claimed slot first; else one given up by a worker that left (e.g. on bad data)
+                free = [c for c in range(self.o.num_clients) if c not in claimed] or [c for c in range(self.o.num_clients) if c not in held]
                 if not free:
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {self.o.num_clients} client slots are taken")
                 clients = [free[0]]
+                for w in self.o._workers.values():
+                    if w["left"] and clients[0] in w["client_ids"]:
+                        w["client_ids"] = [c for c in w["client_ids"] if c != clients[0]]
             session = secrets.token_hex(8)
             now = time.time()
             self.o._workers[request.worker_id] = {
@@ -492,6 +497,7 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
         self._cond = threading.Condition(self._lock)
         self._workers: dict[str, dict[str, Any]] = {}
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
+        self._blob_round: dict[str, int] = {}
         self._pending: deque[TrainTask] = deque()
         self._pinned: dict[int, str] = {}
         self._inflight: dict[str, tuple[str, TrainTask, float]] = {}
@@ -630,16 +636,21 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
     def _prune_blobs(self) -> None:
         """Drop payloads no queued or in-flight task needs, except the newest ``keep_blobs``."""
         needed = {t.blob_id for t in self._pending} | {t.blob_id for _, t, _ in self._inflight.values()}
+        # the engine may hand out a payload of the current round again without republishing it
+        # (async refills, re-sent tasks, one payload per LoRA rank): keep the whole newest round
+        needed |= {b for b, r in self._blob_round.items() if r >= self.current_round}
         names = list(self._blobs)
         for name in names[: max(0, len(names) - self.keep_blobs)]:
             if name not in needed:
                 del self._blobs[name]
+                self._blob_round.pop(name, None)
 
     def submit(self, tasks: list[TrainTask], pinned: dict[int, str]) -> None:
         with self._cond:
             self._pinned = dict(pinned)
             self._pending.extend(tasks)
             for t in tasks:
+                self._blob_round[t.blob_id] = max(t.round, self._blob_round.get(t.blob_id, t.round))
                 if t.round >= self.current_round:
                     self.current_round = t.round
                 self._round_stats.setdefault(t.round, [0, 0])[0] += 1
