@@ -35,15 +35,19 @@ def run_worker(conn: WorkerConnection, worker_id: str, threads: int = 1, data_pa
     stop = stop or threading.Event()
     set_threads(threads)
     reg = conn.join(worker_id, own_examples=0 if data_path else None)
-    cfg = config_from_dict(reg.config)
-    own = None
-    if data_path:
-        from dpeft.data import load_dataset
+    try:
+        cfg = config_from_dict(reg.config)
+        own = None
+        if data_path:
+            from dpeft.data import load_dataset
 
-        need_labels = cfg.model.task == "seq_cls"
-        label_names = load_dataset(cfg.data, cfg.seed, need_labels)[0].label_names if need_labels else None
-        own = _own_dataset(data_path, reg.config, label_names)
-    runtime = WorkerRuntime(cfg, own_data=own)
+            need_labels = cfg.model.task == "seq_cls"
+            label_names = load_dataset(cfg.data, cfg.seed, need_labels)[0].label_names if need_labels else None
+            own = _own_dataset(data_path, reg.config, label_names)
+        runtime = WorkerRuntime(cfg, own_data=own)
+    except BaseException:
+        conn.leave()  # e.g. bad data: give the client slot back instead of holding it while silent
+        raise
     sim = Heterogeneity(cfg)
     log.info("worker %s ready (clients %s)", worker_id, reg.client_ids or "virtual")
     done = 0
