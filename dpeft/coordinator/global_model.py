@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dpeft.adapters import build_model, export_peft_dir, extract_state, load_state
 from dpeft.config import RunConfig
-from dpeft.data import load_dataset, tokenize
+from dpeft.data import load_dataset, partition, tokenize
 from dpeft.state import AdapterState
 from dpeft.train import evaluate
 
@@ -20,6 +20,11 @@ class GlobalModel:
         train, test = load_dataset(cfg.data, cfg.seed, need_labels=need_labels)
         self.label_names = train.label_names
         self.num_train_examples = len(train)
+        # fail fast (exit 2, naming the key) when the data cannot be split as configured,
+        # instead of letting every worker discover it after loading the model
+        partition(
+            train.labels, cfg.clients, cfg.data.partition, cfg.seed, cfg.data.dirichlet_alpha, cfg.data.min_examples_per_client
+        )
         self.bundle = build_model(cfg.model, cfg.adapter, len(self.label_names) if need_labels else None, cfg.seed)
         self.test = tokenize(self.bundle.tokenizer, test.texts, test.labels if need_labels else None, cfg.model.max_length)
 
