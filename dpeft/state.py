@@ -7,8 +7,9 @@ small JSON-able ``meta`` dict (round, method, base model id, num_examples, ...).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ import torch
 class AdapterState:
     """Ordered name -> tensor plus metadata. Tensors are CPU and detached."""
 
-    tensors: "OrderedDict[str, torch.Tensor]" = field(default_factory=OrderedDict)
+    tensors: OrderedDict[str, torch.Tensor] = field(default_factory=OrderedDict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -44,15 +45,15 @@ class AdapterState:
         """Total payload bytes over all tensors."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
-    def schema(self) -> "OrderedDict[str, tuple[tuple[int, ...], torch.dtype]]":
+    def schema(self) -> OrderedDict[str, tuple[tuple[int, ...], torch.dtype]]:
         """name -> (shape, dtype), the contract an incoming update is checked against."""
         return OrderedDict((k, (tuple(v.shape), v.dtype)) for k, v in self.tensors.items())
 
-    def clone(self) -> "AdapterState":
+    def clone(self) -> AdapterState:
         """A deep copy (tensors cloned, meta copied)."""
         return AdapterState(OrderedDict((k, v.detach().clone()) for k, v in self.tensors.items()), dict(self.meta))
 
-    def map(self, fn: Any) -> "AdapterState":
+    def map(self, fn: Any) -> AdapterState:
         """A new state with ``fn(tensor)`` applied to each tensor; meta copied."""
         return AdapterState(OrderedDict((k, fn(v)) for k, v in self.tensors.items()), dict(self.meta))
 

@@ -41,7 +41,7 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
-def adapter_parameters(model: PeftModel, trainable_only: bool = True) -> "OrderedDict[str, nn.Parameter]":
+def adapter_parameters(model: PeftModel, trainable_only: bool = True) -> OrderedDict[str, nn.Parameter]:
     """Structural name -> parameter for the active adapter of ``model``."""
     adapter = model.active_adapter
     out: OrderedDict[str, nn.Parameter] = OrderedDict()

@@ -1,5 +1,5 @@
 """AdapterState <-> bytes. Raw little-endian tensors with dtype and shape; never pickle."""
 
-from dpeft.codec.tensors import StateDecoder, Limits, decode_state, encode_state, iter_chunks
+from dpeft.codec.tensors import Limits, StateDecoder, decode_state, encode_state, iter_chunks
 
 __all__ = ["StateDecoder", "Limits", "decode_state", "encode_state", "iter_chunks"]

@@ -46,9 +46,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     header = [title for _, title, _ in COLUMNS]
     body = [[_cell(r, k, f) for k, _, f in COLUMNS] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-    line = "  ".join(h.rjust(w) for h, w in zip(header, widths))
+    line = "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=False))
     sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line, sep] + ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body])
+    return "\n".join([line, sep] + ["  ".join(c.rjust(w) for c, w in zip(b, widths, strict=False)) for b in body])
 
 
 class MetricsLog:

@@ -32,7 +32,7 @@ class TextDataset:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, indices: list[int]) -> "TextDataset":
+    def subset(self, indices: list[int]) -> TextDataset:
         return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names)
 
 

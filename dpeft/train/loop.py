@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -108,7 +108,7 @@ def local_train(
             batch = data.batch(batch_idx)
             loss = _loss(model, batch, task, log_prior)
             if anchor is not None:
-                loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+                loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=False))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm is not None:

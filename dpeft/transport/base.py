@@ -7,8 +7,9 @@ The coordinator core talks to a :class:`CoordinatorTransport`; a worker runtime 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 from dpeft.codec.tensors import StateDecoder
 from dpeft.state import AdapterState

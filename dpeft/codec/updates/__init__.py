@@ -23,6 +23,7 @@ from dpeft.codec.updates.registry import (
     make_codec,
     register_codec,
 )
+from dpeft.codec.updates.session import CodecStateDecoder, RunCodecs, is_plain
 from dpeft.codec.updates.topk import TopKCodec
 from dpeft.codec.updates.wire import decode_update, encode_update, wire_bytes
 
@@ -31,6 +32,9 @@ __all__ = [
     "CastCodec",
     "ChainCodec",
     "CodecSpec",
+    "CodecStateDecoder",
+    "RunCodecs",
+    "is_plain",
     "DiskResidualStore",
     "ErrorFeedback",
     "Int8Codec",
