@@ -32,6 +32,12 @@ proto: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/transport_throughput.py
+	$(PY) benchmarks/aggregation.py
+	$(PY) benchmarks/codecs.py
+	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/multi_lora.py
+	$(PY) benchmarks/flower/compare.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

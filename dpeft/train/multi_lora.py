@@ -1,0 +1,322 @@
+"""Multi-LoRA lockstep training: several clients' local steps as ONE pass through the shared base.
+
+When one worker process hosts several sampled clients of a round, training them one after
+another runs the frozen base model K times per step on small batches. Here the K clients'
+batches of step s are concatenated into one batch; the frozen base runs once, and every row is
+routed through *its own client's* adapter (as multi-tenant PEFT serving systems such as Punica
+and S-LoRA do, here for training):
+
+- LoRA linear layers: ``y = base(x) + scale * B_c (A_c x)`` for the rows of client c, computed
+  for all clients at once with ``bmm`` over the stacked factors ``A[K, r, in]``, ``B[K, out, r]``
+  (a loop over row segments when the clients' batch sizes differ);
+- the classification head (a peft ``modules_to_save`` Linear): per-client ``W_c``, ``b_c``.
+
+Each client keeps its own parameter tensors (leaves; the stacks are built each step with
+``torch.stack``, so gradients land on each client's own tensors), its own loss (mean over its
+own rows, calibrated by its own label prior), its own gradient clipping (by its own norm) and
+its own optimizer. Because clients share no trainable parameter and every op of the base works
+row by row, the summed loss gives each client exactly the gradient it would get alone, and the
+result equals :func:`dpeft.train.loop.local_train` run client after client on the same batches
+(tested to 1e-5 in fp32). Dropout must be off (p = 0 everywhere): a joint pass cannot replay
+each client's own dropout masks.
+
+Supported: peft LoRA on ``nn.Linear`` layers (no DoRA, not merged) plus ``modules_to_save``
+Linear layers, for ``seq_cls`` models. :func:`lockstep_unsupported` says why a model is not.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import types
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpeft.config import TrainConfig
+from dpeft.data.tokenize import TokenizedData
+from dpeft.state import AdapterState
+from dpeft.train.loop import LocalResult, batch_schedule, label_log_prior, make_optimizer
+
+
+@dataclass
+class ClientJob:
+    """One client's share of a lockstep run."""
+
+    client_id: int
+    start: AdapterState  # adapter state to start from (names as extract_state gives them)
+    indices: list[int]  # the client's example indices
+    seed: int  # batch-order seed (task_seed(seed, round, client))
+    prox_mu: float = 0.0
+    optimizer_state: dict[str, Any] | None = None
+
+
+@dataclass
+class ClientOutcome:
+    """A client's trained adapter state and what local_train would have reported."""
+
+    client_id: int
+    state: AdapterState
+    result: LocalResult
+    optimizer_state: dict[str, Any] | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _LoraSite:
+    module: nn.Module
+    a_name: str  # structural names (extract_state keys) of the factors
+    b_name: str
+    scale: float
+
+
+@dataclass
+class _HeadSite:
+    module: nn.Module  # the ModulesToSaveWrapper
+    w_name: str
+    b_name: str | None
+
+
+def _structure(model: nn.Module) -> tuple[list[_LoraSite], list[_HeadSite], list[str]]:
+    """LoRA and head sites of the active adapter, and the names nothing routes (unsupported)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.utils.other import ModulesToSaveWrapper
+
+    from dpeft.adapters.state import _strip
+
+    adapter = model.active_adapter  # type: ignore[attr-defined]
+    loras: list[_LoraSite] = []
+    heads: list[_HeadSite] = []
+    covered: set[str] = set()
+    for mod_name, module in model.named_modules():
+        name = _strip(mod_name)
+        if isinstance(module, LoraLinear) and adapter in module.lora_A:
+            a, b = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+            loras.append(_LoraSite(module, a, b, float(module.scaling[adapter])))
+            covered.update((a, b))
+        elif isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
+            inner = module.modules_to_save[adapter]
+            if isinstance(inner, nn.Linear):
+                w = f"{name}.weight"
+                b = f"{name}.bias" if inner.bias is not None else None
+                heads.append(_HeadSite(module, w, b))
+                covered.update(n for n in (w, b) if n)
+    from dpeft.adapters import adapter_parameters
+
+    unrouted = [n for n in adapter_parameters(model, trainable_only=False) if n not in covered]
+    return loras, heads, unrouted
+
+
+def lockstep_unsupported(model: nn.Module, task: str = "seq_cls") -> str | None:
+    """None when :func:`lockstep_train` can train ``model``; otherwise the reason."""
+    if task != "seq_cls":
+        return f"task {task!r} (lockstep supports seq_cls)"
+    try:
+        loras, heads, unrouted = _structure(model)
+    except (ImportError, AttributeError) as exc:
+        return f"not a peft LoRA model ({exc})"
+    if unrouted:
+        return f"adapter parameters without a routed implementation: {unrouted[:3]}"
+    if not loras:
+        return "no LoRA layers"
+    adapter = model.active_adapter  # type: ignore[attr-defined]
+    for site in loras:
+        m = site.module
+        if getattr(m, "merged", False) or getattr(m, "disable_adapters", False):
+            return "adapter merged or disabled"
+        if adapter in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(adapter, False):
+            return "LoRA variants (DoRA, ...) are not routed"
+        drop = m.lora_dropout[adapter]
+        if isinstance(drop, nn.Dropout) and drop.p > 0:
+            return "adapter dropout > 0"
+    if active_dropout(model):
+        return "dropout > 0 in the model (set every nn.Dropout p to 0)"
+    return None
+
+
+def active_dropout(model: nn.Module) -> list[str]:
+    """Names of dropout modules with p > 0."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+
+
+def disable_dropout(model: nn.Module) -> dict[str, float]:
+    """Set every nn.Dropout's p to 0; returns the old values (for :func:`restore_dropout`)."""
+    old = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Dropout):
+            old[n] = m.p
+            m.p = 0.0
+    return old
+
+
+def restore_dropout(model: nn.Module, old: dict[str, float]) -> None:
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Dropout) and n in old:
+            m.p = old[n]
+
+
+class _Routing:
+    """Which rows belong to which client in the current joint batch."""
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        self.sizes = list(sizes)
+        self.equal = len(set(self.sizes)) == 1
+        self.bounds = []
+        at = 0
+        for n in self.sizes:
+            self.bounds.append((at, at + n))
+            at += n
+
+
+def _routed_lora(site: _LoraSite, leaves: list[dict[str, torch.Tensor]], routing: _Routing) -> Any:
+    def forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        dtype = result.dtype
+        k = len(leaves)
+        a = torch.stack([lv[site.a_name] for lv in leaves])  # [K, r, in]
+        b = torch.stack([lv[site.b_name] for lv in leaves])  # [K, out, r]
+        x = x.to(a.dtype)
+        if routing.equal:
+            xs = x.reshape(k, -1, x.shape[-1])  # rows are client-major: [K, rows*seq, in]
+            y = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
+            return (result + y.reshape(result.shape) * site.scale).to(dtype)
+        parts = [(x[s:e] @ a[c].T) @ b[c].T for c, (s, e) in enumerate(routing.bounds)]
+        return (result + torch.cat(parts) * site.scale).to(dtype)
+
+    return forward
+
+
+def _routed_head(site: _HeadSite, leaves: list[dict[str, torch.Tensor]], routing: _Routing) -> Any:
+    def forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        k = len(leaves)
+        w = torch.stack([lv[site.w_name] for lv in leaves])  # [K, out, in]
+        bias = torch.stack([lv[site.b_name] for lv in leaves]) if site.b_name else None  # [K, out]
+        if routing.equal:
+            xs = x.reshape(k, -1, x.shape[-1])
+            y = torch.bmm(xs, w.transpose(1, 2))
+            if bias is not None:
+                y = y + bias[:, None, :]
+            return y.reshape(*x.shape[:-1], w.shape[1])
+        parts = []
+        for c, (s, e) in enumerate(routing.bounds):
+            parts.append(nn.functional.linear(x[s:e], w[c], bias[c] if bias is not None else None))
+        return torch.cat(parts)
+
+    return forward
+
+
+@contextmanager
+def _patched(loras: list[_LoraSite], heads: list[_HeadSite], leaves: list[dict[str, torch.Tensor]], routing: _Routing) -> Iterator[None]:
+    patched: list[nn.Module] = []
+    try:
+        for site in loras:
+            site.module.forward = types.MethodType(_routed_lora(site, leaves, routing), site.module)
+            patched.append(site.module)
+        for hsite in heads:
+            hsite.module.forward = types.MethodType(_routed_head(hsite, leaves, routing), hsite.module)
+            patched.append(hsite.module)
+        yield
+    finally:
+        for m in patched:
+            del m.forward  # back to the class's forward
+
+
+def lockstep_train(
+    model: nn.Module,
+    data: TokenizedData,
+    jobs: Sequence[ClientJob],
+    cfg: TrainConfig,
+    task: str = "seq_cls",
+    num_labels: int | None = None,
+    trainable: Sequence[str] | None = None,
+    keep_optimizer_state: bool = False,
+) -> list[ClientOutcome]:
+    """Train ``jobs`` together for ``cfg.local_steps`` steps; the model's own adapter is untouched.
+
+    ``trainable`` names the adapter tensors that train (default: all); the others stay at each
+    client's start values. Raises ValueError when the model is not supported
+    (:func:`lockstep_unsupported`).
+    """
+    reason = lockstep_unsupported(model, task)
+    if reason:
+        raise ValueError(f"multi-LoRA lockstep training not possible: {reason}")
+    if not jobs:
+        return []
+    t0 = time.perf_counter()
+    loras, heads, _ = _structure(model)
+    from dpeft.adapters import adapter_parameters
+
+    model_params = adapter_parameters(model)  # the tensors local_train trains and extract_state returns
+    names = list(model_params)
+    train_names = [n for n in names if trainable is None or n in set(trainable)]
+    leaves: list[dict[str, torch.Tensor]] = []
+    opts = []
+    anchors: list[list[torch.Tensor] | None] = []
+    for job in jobs:
+        lv: dict[str, torch.Tensor] = {}
+        for n in names:
+            p = model_params[n]
+            lv[n] = job.start[n].detach().to(device=p.device, dtype=p.dtype).clone().requires_grad_(n in train_names)
+        leaves.append(lv)
+        params = [lv[n] for n in train_names]
+        opt = make_optimizer(params, cfg)
+        if job.optimizer_state is not None:
+            opt.load_state_dict(job.optimizer_state)
+        opts.append(opt)
+        anchors.append([p.detach().clone() for p in params] if job.prox_mu > 0 else None)
+    priors: list[torch.Tensor | None] = []
+    for job in jobs:
+        if cfg.loss == "prior_calibrated" and data.labels is not None and num_labels:
+            priors.append(label_log_prior(data.labels, job.indices, num_labels))
+        else:
+            priors.append(None)
+    schedules = [batch_schedule(job.indices, cfg.local_steps, cfg.batch_size, job.seed) for job in jobs]
+    losses: list[list[float]] = [[] for _ in jobs]
+    was_training = model.training
+    model.train()
+    try:
+        for step in range(cfg.local_steps):
+            rows = [schedules[c][step] for c in range(len(jobs))]
+            routing = _Routing([len(r) for r in rows])
+            batch = data.batch([i for r in rows for i in r])
+            with _patched(loras, heads, leaves, routing):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            total = logits.new_zeros(())
+            per_client = []
+            for c, (s, e) in enumerate(routing.bounds):
+                lg = logits[s:e]
+                if priors[c] is not None:
+                    lg = lg + priors[c]
+                loss = nn.functional.cross_entropy(lg, batch["labels"][s:e])
+                if anchors[c] is not None:
+                    params = [leaves[c][n] for n in train_names]
+                    loss = loss + 0.5 * jobs[c].prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors[c], strict=True))
+                per_client.append(loss)
+                total = total + loss
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            total.backward()
+            for c, opt in enumerate(opts):
+                params = [leaves[c][n] for n in train_names]
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # each client by its own norm
+                opt.step()
+                losses[c].append(float(per_client[c].detach()))
+    finally:
+        model.train(was_training)
+    model.eval()
+    elapsed = time.perf_counter() - t0
+    out = []
+    for c, job in enumerate(jobs):
+        mean_loss = sum(losses[c]) / len(losses[c])
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"client {job.client_id}: local training diverged (loss {mean_loss})")
+        state = AdapterState(OrderedDict((n, leaves[c][n].detach().cpu().clone()) for n in names), dict(job.start.meta))
+        result = LocalResult(num_examples=len(job.indices), steps=len(losses[c]), train_loss=mean_loss, compute_s=elapsed / len(jobs))
+        out.append(ClientOutcome(job.client_id, state, result, opts[c].state_dict() if keep_optimizer_state else None, losses[c]))
+    return out
