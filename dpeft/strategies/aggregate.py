@@ -29,7 +29,7 @@ class StreamingWeightedMean(Aggregator):
         if w <= 0:
             return
         for k, acc in self._sum.items():
-            acc.add_(update.delta[k].to(torch.float64), alpha=w)
+            acc.add_(update.delta[k], alpha=w)  # promotes into the float64 accumulator, no copy
         self._weight += w
         self._count += 1
 
