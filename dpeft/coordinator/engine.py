@@ -266,6 +266,7 @@ class RoundEngine:
         aggregator = self.strategy.begin_round(self.global_state)
         rejected: Counter[str] = Counter()
         losses: list[tuple[float, int]] = []
+        compute_s = 0.0
         ranks: dict[str, int] = {}
         stale: list[float] = []
         num_examples = 0
@@ -303,6 +304,7 @@ class RoundEngine:
                 ranks[str(update.client_id)] = int(update.metrics["lora_rank"])
             if "train_loss" in update.metrics:
                 losses.append((update.metrics["train_loss"], event.num_examples))
+            compute_s += float(update.metrics.get("compute_s", 0.0))
             self.metrics.progress(f"round {round_num}/{self.cfg.rounds}: {aggregator.count}/{len(tasks)} clients done")
         cancelled = set(transport.cancel_pending())
         with self._lock:
@@ -338,6 +340,7 @@ class RoundEngine:
             "bytes_down": down1 - down0,
             "rejected": sum(rejected.values()),
             "rejected_reasons": dict(rejected),
+            "client_compute_s": compute_s,
         }
         if self.cfg.sync.name != "sync" or reassigned:
             row.update({"sync": self.cfg.sync.name, "reassigned": reassigned, "lost": lost, "late_folded": len(stale)})
