@@ -298,37 +298,43 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _merge_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+def merge_override(tree: dict[str, Any], path: list[str], value: Any, key: str | None = None) -> None:
+    """Set ``tree[path[0]]...[path[-1]] = value``, creating sections; ``key`` names it in errors."""
     node = tree
     for part in path[:-1]:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(".".join(path), f"{part} is not a section")
+            raise ConfigError(key or ".".join(path), f"{part} is not a section")
         node = child
     node[path[-1]] = value
 
 
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """The mapping at the top of a YAML config file ({} for no file); errors name ``--config``."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("--config", f"no such file: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError("--config", f"{p} is not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError("--config", f"{p} must hold a mapping at the top level")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a YAML file (optional), apply ``key=value`` overrides, validate, return a RunConfig."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("--config", f"no such file: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError("--config", f"{p} is not valid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError("--config", f"{p} must hold a mapping at the top level")
-        tree = loaded
+    tree = read_config_file(path)
     for text in overrides:
         keys, value = parse_override(text)
-        _merge_override(tree, keys, value)
+        merge_override(tree, keys, value)
     cfg = _build(RunConfig, tree, "")
     validate(cfg)
     return cfg

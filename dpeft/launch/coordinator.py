@@ -22,6 +22,22 @@ from dpeft.workers.runtime import set_threads
 
 log = logging.getLogger("dpeft.launch")
 
+def stop_processes(procs: list[subprocess.Popen[bytes]], grace_s: float = 10.0) -> None:
+    """Give child processes ``grace_s`` to exit on their own, then SIGTERM, then SIGKILL; reap all."""
+    deadline = time.time() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 class WorkerProcesses:
     """Local worker processes that this coordinator started and must clean up."""
 
@@ -48,18 +64,7 @@ class WorkerProcesses:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Wait for workers to leave, then SIGTERM, then SIGKILL; reap all."""
-        deadline = time.time() + grace_s
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.0, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs, grace_s)
 
 
 def edge_security(cfg: RunConfig, listen: str) -> tuple[Any, Any]:

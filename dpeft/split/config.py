@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from dpeft.config import RunConfig, _build, _f, config_from_dict, parse_override
+from dpeft.config import RunConfig, _build, _f, config_from_dict, merge_override, parse_override, read_config_file
 from dpeft.errors import ConfigError
 
 
@@ -97,34 +95,9 @@ def split_config_from_dict(tree: dict[str, Any]) -> SplitConfig:
     return cfg
 
 
-def _merge(tree: dict[str, Any], path: list[str], value: Any, key: str) -> None:
-    node = tree
-    for part in path[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(key, f"{part} is not a section")
-        node = child
-    node[path[-1]] = value
-
-
 def load_split_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, SplitConfig]:
     """(run config, split config) from an optional YAML file and key=value overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("--config", f"no such file: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError("--config", f"{p} is not valid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError("--config", f"{p} must hold a mapping at the top level")
-        tree = loaded
+    tree = read_config_file(path)
     split_tree = tree.pop("split", None) or {}
     if not isinstance(split_tree, dict):
         raise ConfigError("split", "must be a mapping")
@@ -133,9 +106,9 @@ def load_split_config(path: str | Path | None, overrides: list[str] | tuple[str,
         if keys[0] == "split":
             if len(keys) == 1:
                 raise ConfigError("split", "override a key inside split, e.g. split.edges=3")
-            _merge(split_tree, keys[1:], value, ".".join(keys))
+            merge_override(split_tree, keys[1:], value, ".".join(keys))
         else:
-            _merge(tree, keys, value, ".".join(keys))
+            merge_override(tree, keys, value, ".".join(keys))
     run = config_from_dict(tree)
     validate_run_for_split(run)
     return run, split_config_from_dict(split_tree)

@@ -6,13 +6,13 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from dpeft.config import RunConfig
 from dpeft.errors import ConfigError, DpeftError
+from dpeft.launch.coordinator import stop_processes
 from dpeft.split.config import SplitConfig
 from dpeft.split.service import (
     CloudService,
@@ -146,18 +146,7 @@ class EdgeProcesses:
         return all(p.poll() is not None for p in self.procs)
 
     def stop(self, grace_s: float = 10.0) -> None:
-        deadline = time.time() + grace_s
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.0, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs, grace_s)
 
 
 def run_cloud(run: RunConfig, split: SplitConfig, listen: str, local_edges: int = 0) -> list[dict]:
