@@ -77,6 +77,11 @@ def test_killed_actor_is_restarted_and_the_round_completes(ray_local, tmp_path):
     try:
         rows = engine.run(transport)
         thread.join(timeout=5)
+        # the round may finish on the other actor before the restarted one answers its probe;
+        # keep pumping the transport (as the engine would next round) until it has rejoined
+        deadline = time.time() + 60
+        while killed and time.time() < deadline and transport.workers()[killed[0]]["pid"] == pids_before[killed[0]]:
+            transport.next_event(timeout=0.2)
         workers = transport.workers()
     finally:
         transport.shutdown("test over")
