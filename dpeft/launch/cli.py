@@ -238,7 +238,7 @@ def _certs(args: argparse.Namespace) -> int:
         paths.append(type(paths[0])(path) if paths else path)
     for p in paths:
         print(p)
-    print("test certificates only: see the README, "Edge workers" for real deployments", file=sys.stderr)
+    print("test certificates only: see the README section 'Edge workers' for real deployments", file=sys.stderr)
     return 0
 
 

@@ -62,7 +62,7 @@ def make_test_certs(out: str | os.PathLike[str], hosts: list[str] | None = None,
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     except ImportError:  # pragma: no cover - cryptography is a dependency
-        raise ConfigError("certs", "needs the 'cryptography' package (or use the openssl recipe in the README, "Edge workers")") from None
+        raise ConfigError("certs", "needs the 'cryptography' package (or use the openssl recipe in the README section 'Edge workers')") from None
 
     hosts = hosts or ["localhost", "127.0.0.1"]
     client_names = client_names or ["client"]
