@@ -106,6 +106,21 @@ class MetricsLog:
     def summary(self) -> str:
         return format_table(self.rows)
 
+    def print_summary(self, rows: list[dict[str, Any]], t_start: float) -> None:
+        """The end-of-run table, the plots, and one line saying where everything is."""
+        import time
+
+        self.progress_done()
+        print("\n" + format_table(rows), file=self.stream)
+        plots = self.plot()
+        final = [r for r in rows if r.get("eval_accuracy") is not None]
+        acc = f"final eval accuracy {final[-1]['eval_accuracy']:.4f}; " if final else ""
+        print(
+            f"\n{acc}{len(rows) - 1} rounds in {time.time() - t_start:.1f}s; adapter: {self.run_dir / 'adapter'}; "
+            f"metrics: {self.path}; plots: {', '.join(p.name for p in plots)}",
+            file=self.stream,
+        )
+
     def plot(self) -> list[Path]:
         """accuracy.png (eval accuracy/loss against rounds) and bytes.png (bytes per round)."""
         import matplotlib

@@ -13,6 +13,7 @@ import socket
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -267,15 +268,20 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dpeft` command."""
     args = _parser().parse_args(argv)
     _configure_logging(args)
+    return report_errors(lambda: _run(args), args.debug)
+
+
+def report_errors(fn: Callable[[], int], debug: bool) -> int:
+    """Run ``fn`` and map failures to exit codes with one clear line (tracebacks only with --debug)."""
     from dpeft.errors import DpeftError
 
     try:
-        return _run(args)
+        return fn()
     except KeyboardInterrupt:
         print("dpeft: interrupted", file=sys.stderr)
         return 130
     except DpeftError as exc:
-        if args.debug:
+        if debug:
             traceback.print_exc()
         print(f"dpeft: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -283,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpeft: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - last line of defence: one clear line, then exit 1
-        if args.debug:
+        if debug:
             traceback.print_exc()
         print(f"dpeft: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1

@@ -177,14 +177,5 @@ def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume:
     if interrupted.is_set():
         raise KeyboardInterrupt
     if not quiet:
-        engine.metrics.progress_done()
-        print("\n" + engine.metrics.summary(), file=sys.stderr)
-        plots = engine.metrics.plot()
-        final = [r for r in rows if r.get("eval_accuracy") is not None]
-        acc = f"final eval accuracy {final[-1]['eval_accuracy']:.4f}; " if final else ""
-        print(
-            f"\n{acc}{len(rows) - 1} rounds in {time.time() - t_start:.1f}s; adapter: {run_dir / 'adapter'}; "
-            f"metrics: {run_dir / 'metrics.jsonl'}; plots: {', '.join(p.name for p in plots)}",
-            file=sys.stderr,
-        )
+        engine.metrics.print_summary(rows, t_start)
     return rows

@@ -173,21 +173,8 @@ def _run_actors(cfg: RunConfig, resume: bool, quiet: bool) -> list[dict[str, Any
     if interrupted.is_set():
         raise KeyboardInterrupt
     if not quiet:
-        _print_summary(engine.metrics, rows, run_dir, t_start)
+        engine.metrics.print_summary(rows, t_start)
     return rows
-
-
-def _print_summary(metrics: Any, rows: list[dict[str, Any]], run_dir: Path, t_start: float) -> None:
-    metrics.progress_done()
-    print("\n" + metrics.summary(), file=sys.stderr)
-    plots = metrics.plot()
-    final = [r for r in rows if r.get("eval_accuracy") is not None]
-    acc = f"final eval accuracy {final[-1]['eval_accuracy']:.4f}; " if final else ""
-    print(
-        f"\n{acc}{len(rows) - 1} rounds in {time.time() - t_start:.1f}s; adapter: {run_dir / 'adapter'}; "
-        f"metrics: {run_dir / 'metrics.jsonl'}; plots: {', '.join(p.name for p in plots)}",
-        file=sys.stderr,
-    )
 
 
 def _run_allreduce(cfg: RunConfig, resume: bool, quiet: bool) -> list[dict[str, Any]]:
@@ -206,7 +193,7 @@ def _run_allreduce(cfg: RunConfig, resume: bool, quiet: bool) -> list[dict[str, 
     finally:
         group.shutdown()
     if not quiet:
-        _print_summary(MetricsLog(Path(cfg.run_dir), total_rounds=cfg.rounds), rows, Path(cfg.run_dir), t_start)
+        MetricsLog(Path(cfg.run_dir), total_rounds=cfg.rounds).print_summary(rows, t_start)
     return rows
 
 

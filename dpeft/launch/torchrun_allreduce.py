@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import sys
-import traceback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,9 +35,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr)
-    from dpeft.errors import DpeftError
+    from dpeft.launch.cli import report_errors
 
-    try:
+    def run() -> int:
         import torch.distributed as dist
 
         from dpeft.config import load_config
@@ -54,18 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             dist.destroy_process_group()
         return 0
-    except KeyboardInterrupt:
-        return 130
-    except DpeftError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"dpeft: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except Exception as exc:  # noqa: BLE001 - one clear line
-        if args.debug:
-            traceback.print_exc()
-        print(f"dpeft: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
+
+    return report_errors(run, args.debug)
 
 
 if __name__ == "__main__":
