@@ -49,6 +49,7 @@ def main() -> None:
     from dpeft.train.multi_lora import ClientJob, disable_dropout, lockstep_train
 
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
     ks = [int(k) for k in args.clients.split(",")]
     train, _ = load_dataset(DataConfig(max_train_examples=4000, test_examples=64), seed=0)
     bundle = build_model(ModelConfig(), AdapterConfig(), 2, 0)
@@ -106,7 +107,13 @@ def main() -> None:
         [
             f"`python benchmarks/multi_lora.py --threads {args.threads} --steps {args.steps} --repeats {args.repeats}`",
             "",
-            machine_note() + f" torch threads {args.threads}; 1-min load average at the end {load:.1f}.",
+            machine_note()
+            + f" torch threads {args.threads}; 1-min load average {load_start:.1f} at the start, {load:.1f} at the end"
+            + (
+                f" (high: other work shared the {os.cpu_count()} cores, so absolute times are inflated; both sides of each ratio ran interleaved in this process)."
+                if max(load_start, load) > (os.cpu_count() or 1)
+                else "."
+            ),
             "",
             *table,
             "",

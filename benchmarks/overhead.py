@@ -6,7 +6,12 @@ evaluations. The plain loop is one process using every core (torch threads = cor
 the floor. Both run as fresh subprocesses in this invocation, so start-up (imports, model
 and data loading) counts on both sides.
 
-    python benchmarks/overhead.py [--quick] [key=value ...]
+    python benchmarks/overhead.py [--quick] [--lockstep] [key=value ...]
+
+With ``--lockstep`` the same task runs three times in this invocation, all with the base
+model's dropout off (``model.dropout=0``, which lockstep training needs; the plain loop gets the
+same model): dpeft with clients trained one after another, dpeft with ``train.lockstep=true``
+(each worker process trains the clients it gets in a round together), and the plain loop.
 
 Writes a section of benchmarks/RESULTS.md and prints the table.
 """
@@ -41,7 +46,9 @@ def plain_loop(overrides: list[str], out: str) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = load_config(None, overrides)
     train, test = load_dataset(cfg.data, cfg.seed)
-    parts = partition(train.labels, cfg.clients, cfg.data.partition, cfg.seed, cfg.data.dirichlet_alpha, cfg.data.min_examples_per_client)
+    parts = partition(
+        train.labels, cfg.clients, cfg.data.partition, cfg.seed, cfg.data.dirichlet_alpha, cfg.data.min_examples_per_client
+    )
     bundle = build_model(cfg.model, cfg.adapter, len(train.label_names), cfg.seed)
     model = bundle.model
     tr = tokenize(bundle.tokenizer, train.texts, train.labels, cfg.model.max_length)
@@ -110,12 +117,18 @@ def run_dpeft(overrides: list[str], run_dir: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 rounds instead of the default run")
+    parser.add_argument(
+        "--lockstep", action="store_true", help="also run dpeft with train.lockstep=true (dropout off on every side)"
+    )
     parser.add_argument("--plain-only", metavar="OUT", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     overrides = list(args.overrides) + (["rounds=3"] if args.quick else [])
     if args.plain_only:
         plain_loop(overrides, args.plain_only)
+        return
+    if args.lockstep:
+        lockstep_comparison(args, overrides + ["model.dropout=0"])
         return
     with tempfile.TemporaryDirectory() as tmp:
         dp = run_dpeft(overrides, os.path.join(tmp, "run"))
@@ -141,7 +154,9 @@ def main() -> None:
     ]
     text = "\n".join(
         [
-            f"`python benchmarks/overhead.py {' '.join(args.overrides + (['--quick'] if args.quick else []))}`".replace(" `", "`"),
+            f"`python benchmarks/overhead.py {' '.join(args.overrides + (['--quick'] if args.quick else []))}`".replace(
+                " `", "`"
+            ),
             "",
             machine_note(),
             "",
@@ -153,6 +168,77 @@ def main() -> None:
         ]
     )
     write_section("overhead", "Framework overhead: dpeft simulate vs a plain PyTorch loop", text)
+    print(text)
+
+
+def _plain(overrides: list[str], tmp: str) -> dict:
+    out = os.path.join(tmp, "plain.json")
+    t0 = time.time()
+    subprocess.run([sys.executable, __file__, "--plain-only", out, *overrides], check=True, timeout=3600)
+    plain = json.loads(Path(out).read_text())
+    plain["outer_wall_s"] = time.time() - t0
+    return plain
+
+
+def lockstep_comparison(args: argparse.Namespace, overrides: list[str]) -> None:
+    """dpeft sequential vs dpeft lockstep vs the plain loop, all in this invocation."""
+    from dpeft.config import load_config
+
+    load_start = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        seq = run_dpeft(overrides + ["train.lockstep=false"], os.path.join(tmp, "seq"))
+        lock = run_dpeft(overrides + ["train.lockstep=true"], os.path.join(tmp, "lock"))
+        plain = _plain(overrides, tmp)
+    load_end = os.getloadavg()[0]
+    cfg = load_config(None, overrides)
+    floor = plain["outer_wall_s"]
+
+    def rows_of(run: dict) -> list[dict]:
+        return [r for r in run["rows"] if r["round"] > 0]
+
+    def train_s(run: dict) -> float:
+        return sum(r.get("client_compute_s", 0.0) for r in rows_of(run))
+
+    table = [
+        "| | dpeft, clients one after another | dpeft, `train.lockstep=true` | plain PyTorch loop (floor) |",
+        "| --- | --- | --- | --- |",
+        f"| wall time, start to finish | {seq['wall_s']:.1f} s | {lock['wall_s']:.1f} s | {floor:.1f} s |",
+        f"| ratio to the plain loop | **{seq['wall_s'] / floor:.3f}** | **{lock['wall_s'] / floor:.3f}** | 1 |",
+        f"| mean round wall time | {sum(r['wall_s'] for r in rows_of(seq)) / len(rows_of(seq)):.2f} s "
+        f"| {sum(r['wall_s'] for r in rows_of(lock)) / len(rows_of(lock)):.2f} s | |",
+        f"| client training time, summed over clients | {train_s(seq):.1f} s | {train_s(lock):.1f} s | {plain['train_s']:.1f} s |",
+        f"| updates trained in lockstep | 0 | {sum(r.get('lockstep_updates', 0) for r in rows_of(lock))} | |",
+        f"| final eval accuracy | {rows_of(seq)[-1]['eval_accuracy']:.4f} | {rows_of(lock)[-1]['eval_accuracy']:.4f} | {plain['accuracy'][-1]:.4f} |",
+        f"| local training steps | {sum(r['clients'] for r in rows_of(seq)) * cfg.train.local_steps} "
+        f"| {sum(r['clients'] for r in rows_of(lock)) * cfg.train.local_steps} | {plain['steps']} |",
+    ]
+    busy = max(load_start, load_end) > (os.cpu_count() or 1)
+    flags = " ".join(["--lockstep", *(["--quick"] if args.quick else []), *args.overrides])
+    text = "\n".join(
+        [
+            f"`python benchmarks/overhead.py {flags}`",
+            "",
+            machine_note()
+            + f" 1-min load average {load_start:.1f} at the start, {load_end:.1f} at the end"
+            + (
+                " (high: other work shared the cores, so every time here is inflated; the three runs were back to back, "
+                "and the floor suffers most: its torch threads synchronise on every op, so one stolen core stalls them all, "
+                "which pushes both ratios down)."
+                if busy
+                else "."
+            ),
+            "",
+            *table,
+            "",
+            f"{cfg.rounds} rounds, {cfg.clients_per_round} of {cfg.clients} clients per round, {cfg.train.local_steps} local steps of batch "
+            f"{cfg.train.batch_size}, max_length {cfg.model.max_length}; `simulate.processes={cfg.simulate.processes}` workers "
+            f"with {cfg.simulate.threads_per_process} torch thread(s) each, so a worker process gets about "
+            f"{cfg.clients_per_round / cfg.simulate.processes:g} clients per round to train together. The base model's dropout is "
+            "off on all three sides (lockstep needs it). Client training time is the workers' `compute_s` (a lockstep group "
+            "reports its time split evenly over its clients).",
+        ]
+    )
+    write_section("overhead_lockstep", "Framework overhead with clients trained in lockstep", text)
     print(text)
 
 

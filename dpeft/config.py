@@ -36,6 +36,10 @@ class ModelConfig:
     gguf_file: str | None = _f(None, "GGUF file name inside path (needs the gguf package)")
     task: str = _f("seq_cls", "seq_cls (classification head on top) or causal_lm (next-token loss)")
     max_length: int = _f(64, "tokens per example after truncation")
+    dropout: float | None = _f(
+        None,
+        "set every dropout probability of the base model (hidden, attention, classifier) to this; null = the checkpoint's own (MiniLM: 0.1). train.lockstep needs 0",
+    )
 
 
 @dataclass(kw_only=True)
@@ -84,6 +88,14 @@ class TrainConfig:
     eval_every: int = _f(1, "evaluate the global adapter every N rounds (the last round always)")
     keep_optimizer_state: bool = _f(False, "keep each client's optimizer state across rounds (memory grows with clients)")
     personal_dir: str | None = _f(None, "where workers keep clients' personal tensors (fedsa_lora's B factors), one file per client; null = <run_dir>/personal")
+    lockstep: bool = _f(
+        False,
+        "train the clients a worker process gets in one round together: one forward/backward of the shared base per step, each sample through its own client's adapter (multi-LoRA); same result as one after another (to fp32 rounding). Needs LoRA, model.task=seq_cls, model.dropout=0 and adapter.dropout=0",
+    )
+    lockstep_clients: int = _f(
+        8,
+        "train.lockstep: at most this many clients trained together (a worker asks the coordinator for up to this many tasks at once)",
+    )
 
 
 @dataclass(kw_only=True)
@@ -99,7 +111,7 @@ class StrategyConfig:
 class SyncConfig:
     """When a round closes."""
 
-    name: str = _f("sync", "sync (wait for every sampled client), deadline (over-select, close at deadline or quorum) or async (FedBuff: buffered asynchronous aggregation)")
+    name: str = _f("sync", "sync (wait for every sampled client), deadline (over-select, close at deadline or quorum), async (FedBuff: buffered asynchronous aggregation) or allreduce (workers sum updates by torch.distributed all-reduce, no coordinator; simulate/ray/torchrun)")
     round_timeout_s: float = _f(900.0, "fail the run loudly if a round (async: an aggregation step) is not complete after this many seconds")
     task_timeout_s: float | None = _f(None, "a task without a reply after this many seconds is lost: sync re-assigns it (a fresh attempt), deadline/async free its slot; null = never")
     over_selection: float = _f(1.3, "deadline: sample ceil(clients_per_round * this) clients")
@@ -141,6 +153,9 @@ class TransportConfig:
     max_concurrent_uploads: int = _f(32, "uploads (including interrupted ones kept for resuming) held at once; more are refused with RESOURCE_EXHAUSTED and retried")
     resume_window_s: float = _f(600.0, "how long the received part of an interrupted upload is kept for the worker to resume")
     server_threads: int = _f(64, "coordinator gRPC threads (each waiting task poll holds one; raise for hundreds of workers)")
+    max_update_norm: float | None = _f(None, "reject an update whose global L2 norm (over all its tensors, as decoded) exceeds this, with reason 'norm'; null = no bound")
+    spool_bytes: int = _f(64 * 1024 * 1024, "uploads and published global adapters at least this large go through a temporary file on the coordinator (memory-mapped tensors), so its memory stays a few chunks above the global and the aggregate")
+    spool_dir: str | None = _f(None, "where those temporary files live (unlinked at once, gone with the process); null = <run_dir>/spool")
 
 
 @dataclass(kw_only=True)
@@ -372,6 +387,7 @@ def validate(cfg: RunConfig) -> None:
         ("train.lr", cfg.train.lr),
         ("train.eval_batch_size", cfg.train.eval_batch_size),
         ("train.eval_every", cfg.train.eval_every),
+        ("train.lockstep_clients", cfg.train.lockstep_clients),
         ("adapter.r", cfg.adapter.r),
         ("model.max_length", cfg.model.max_length),
         ("simulate.processes", cfg.simulate.processes),
@@ -379,6 +395,7 @@ def validate(cfg: RunConfig) -> None:
         ("simulate.coordinator_threads", cfg.simulate.coordinator_threads),
         ("transport.chunk_bytes", cfg.transport.chunk_bytes),
         ("transport.max_update_bytes", cfg.transport.max_update_bytes),
+        ("transport.spool_bytes", cfg.transport.spool_bytes),
         ("sync.round_timeout_s", cfg.sync.round_timeout_s),
         ("data.dirichlet_alpha", cfg.data.dirichlet_alpha),
         ("data.test_examples", cfg.data.test_examples),
@@ -387,12 +404,18 @@ def validate(cfg: RunConfig) -> None:
         _positive(key, value)
     _positive("train.weight_decay", cfg.train.weight_decay, allow_zero=True)
     _positive("adapter.dropout", cfg.adapter.dropout, allow_zero=True)
+    if cfg.model.dropout is not None and not 0 <= cfg.model.dropout < 1:
+        raise ConfigError("model.dropout", f"must be in [0, 1) or null, got {cfg.model.dropout}")
+    if cfg.train.lockstep:
+        validate_lockstep(cfg)
     if cfg.clients_per_round > cfg.clients:
         raise ConfigError(
             "clients_per_round", f"{cfg.clients_per_round} clients per round but only {cfg.clients} clients"
         )
     if cfg.transport.chunk_bytes > 64 * 1024 * 1024:
         raise ConfigError("transport.chunk_bytes", "must be at most 64 MiB (gRPC messages stay small)")
+    if cfg.transport.max_update_norm is not None and not cfg.transport.max_update_norm > 0:
+        raise ConfigError("transport.max_update_norm", f"must be > 0 or null, got {cfg.transport.max_update_norm}")
     _one_of("model.task", cfg.model.task, ["seq_cls", "causal_lm"])
     if cfg.model.path is None:
         _one_of("model.name", cfg.model.name, ["minilm", "smollm2"])
@@ -416,6 +439,23 @@ def validate(cfg: RunConfig) -> None:
 
     CodecSpec.from_config({"up": cfg.codec.up, "down": cfg.codec.down, "options": cfg.codec.options})  # names codec.up / codec.down
     validate_ray(cfg.ray)
+
+
+def validate_lockstep(cfg: RunConfig) -> None:
+    """``train.lockstep: true`` needs what multi-LoRA training can route (errors name the key to change)."""
+    if cfg.model.task != "seq_cls":
+        raise ConfigError("train.lockstep", f"supports model.task=seq_cls, not {cfg.model.task!r}; set train.lockstep=false")
+    if cfg.adapter.method != "lora":
+        raise ConfigError("train.lockstep", f"supports adapter.method=lora, not {cfg.adapter.method!r}; set train.lockstep=false")
+    if cfg.adapter.dropout > 0:
+        raise ConfigError(
+            "adapter.dropout", f"train.lockstep needs 0 (one joint pass cannot replay each client's dropout masks), got {cfg.adapter.dropout}"
+        )
+    if cfg.model.dropout != 0:
+        raise ConfigError(
+            "model.dropout",
+            f"train.lockstep needs the base model's dropout off: set model.dropout=0 (got {cfg.model.dropout}; null keeps the checkpoint's, 0.1 for MiniLM)",
+        )
 
 
 def validate_ray(r: RayConfig) -> None:

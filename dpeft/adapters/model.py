@@ -101,9 +101,29 @@ def build_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, num_labels: 
     else:
         base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     base.to(torch.float32)
+    if model_cfg.dropout is not None:
+        set_base_dropout(base, model_cfg.dropout)
     peft_cfg = build_peft_config(adapter_cfg, model_cfg, base.config.model_type)
     torch.manual_seed(seed)
     # peft re-initialises a fresh classifier copy inside modules_to_save; seed it too
     model = get_peft_model(base, peft_cfg)
     model.eval()
     return ModelBundle(model=model, tokenizer=tokenizer, model_id=model_id, num_labels=num_labels)
+
+
+def set_base_dropout(model: torch.nn.Module, p: float) -> None:
+    """Set every dropout probability of a transformers model (``model.dropout``).
+
+    Covers ``nn.Dropout`` modules (BERT's hidden, attention and classifier dropout all read
+    their module's ``p``) and the float ``attention_dropout`` attribute that Llama-style
+    attention passes to its kernel; the config is updated too, so it describes the model.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = p
+    cfg = getattr(model, "config", None)
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "classifier_dropout"):
+        if cfg is not None and isinstance(getattr(cfg, key, None), float):
+            setattr(cfg, key, p)

@@ -3,13 +3,16 @@
 The writer keeps the state's tensor order and metadata. The reader is our own incremental
 parser: it reads only the header first, checks it against limits and, when given, against
 the expected schema (names, shapes, dtypes) *before* allocating anything, then copies the
-data in as chunks arrive. Nothing here ever unpickles; files written here load with
+data in as chunks arrive -- into memory, or, for payloads of at least a
+:class:`~dpeft.codec.spool.SpoolPolicy` threshold, into an unlinked temporary file whose
+tensors are then memory-mapped (so a multi-GiB upload costs a chunk of RAM, not its size). Nothing here ever unpickles; files written here load with
 ``safetensors.torch.load``.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 import sys
 from collections import OrderedDict
@@ -19,6 +22,7 @@ from typing import Any
 
 import torch
 
+from dpeft.codec.spool import SpooledState, SpoolFile, SpoolPolicy
 from dpeft.errors import ProtocolError
 from dpeft.state import AdapterState
 
@@ -115,6 +119,16 @@ def encoded_size(state: AdapterState) -> int:
 Schema = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 
 
+def zeroed_buffer(n: int) -> bytearray | mmap.mmap:
+    """A writable zero-filled buffer of ``n`` bytes. Large ones are anonymous memory maps whose
+    pages the kernel zero-fills as they are first written (``bytearray(n)`` would memset all of
+    them up front, holding the GIL, before a single byte arrived)."""
+    if n < 1 << 20:
+        return bytearray(n)
+    private = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    return mmap.mmap(-1, n, flags=private) if private else mmap.mmap(-1, n)  # private: plain anonymous memory
+
+
 class StateDecoder:
     """Incremental decoder: ``feed(chunk)`` repeatedly, then ``finish()``.
 
@@ -123,15 +137,18 @@ class StateDecoder:
     ``schema`` when given, so a peer cannot make us allocate more than the adapter needs).
     """
 
-    def __init__(self, schema: Schema | None = None, limits: Limits = Limits(), allow_subset: bool = False) -> None:
+    def __init__(self, schema: Schema | None = None, limits: Limits = Limits(), allow_subset: bool = False, spool: SpoolPolicy | None = None) -> None:
         self.schema = schema
         self.limits = limits
         self.allow_subset = allow_subset
+        self.spool = spool
         self._prefix = bytearray()
         self._header_len: int | None = None
         self._entries: list[tuple[str, torch.dtype, tuple[int, ...], int, int]] = []
         self._meta: dict[str, Any] = {}
         self._data: bytearray | None = None
+        self._file: SpoolFile | None = None
+        self._size = 0
         self._filled = 0
         self.received = 0
 
@@ -186,7 +203,12 @@ class StateDecoder:
         if self.schema is not None:
             self._check_schema(entries)
         self._entries = entries
-        self._data = bytearray(expected_offset)
+        self._size = expected_offset
+        if self.spool is not None and self.spool.applies(expected_offset):
+            self._file = SpoolFile(expected_offset, self.spool)
+            self._data = bytearray()  # marks the header as parsed; the data goes to the file
+        else:
+            self._data = zeroed_buffer(expected_offset)  # type: ignore[assignment]
 
     def _check_schema(self, entries: list[tuple[str, torch.dtype, tuple[int, ...], int, int]]) -> None:
         assert self.schema is not None
@@ -229,18 +251,33 @@ class StateDecoder:
         if len(mv) == 0:
             return
         assert self._data is not None
-        if self._filled + len(mv) > len(self._data):
-            raise ProtocolError(f"payload is longer than its header declares ({len(self._data)} data bytes)")
-        self._data[self._filled : self._filled + len(mv)] = mv
+        if self._filled + len(mv) > self._size:
+            raise ProtocolError(f"payload is longer than its header declares ({self._size} data bytes)")
+        if self._file is not None:
+            self._file.write(mv)
+        else:
+            self._data[self._filled : self._filled + len(mv)] = mv
         self._filled += len(mv)
+
+    @property
+    def spooled(self) -> bool:
+        """True when the data goes to a temporary file (known once the header is parsed)."""
+        return self._file is not None
 
     def finish(self) -> AdapterState:
         """Return the decoded state; raises ProtocolError when the payload is incomplete."""
         if self._data is None:
             raise ProtocolError("payload ended before its header was complete")
-        if self._filled != len(self._data):
-            raise ProtocolError(f"payload truncated: {self._filled} of {len(self._data)} data bytes")
+        if self._filled != self._size:
+            raise ProtocolError(f"payload truncated: {self._filled} of {self._size} data bytes")
         tensors: OrderedDict[str, torch.Tensor] = OrderedDict()
+        if self._file is not None:
+            maps = {}
+            for name, dtype, shape, start, end in self._entries:
+                tensors[name], mm = self._file.tensor(dtype, shape, start, end)
+                if mm is not None:
+                    maps[name] = mm
+            return SpooledState(tensors, self._meta, self._file, maps)
         buf = self._data
         for name, dtype, shape, start, end in self._entries:
             if end == start:
@@ -250,8 +287,10 @@ class StateDecoder:
         return AdapterState(tensors, self._meta)
 
 
-def decode_state(payload: bytes | memoryview, schema: Schema | None = None, limits: Limits = Limits(), allow_subset: bool = False) -> AdapterState:
+def decode_state(
+    payload: bytes | memoryview, schema: Schema | None = None, limits: Limits = Limits(), allow_subset: bool = False, spool: SpoolPolicy | None = None
+) -> AdapterState:
     """Decode a whole payload at once (validating it the same way the streaming decoder does)."""
-    dec = StateDecoder(schema, limits, allow_subset)
+    dec = StateDecoder(schema, limits, allow_subset, spool)
     dec.feed(payload)
     return dec.finish()

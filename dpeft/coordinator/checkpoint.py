@@ -53,7 +53,7 @@ def _digest(tensors: OrderedDict[str, torch.Tensor] | dict[str, torch.Tensor]) -
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy (multi-GiB adapters)
     return h.hexdigest()
 
 
@@ -75,6 +75,20 @@ def save_checkpoint(
     return path
 
 
+def clear_checkpoints(directory: Path) -> int:
+    """A run that starts over: delete the ``round-*`` checkpoints of an earlier run in ``directory``.
+
+    Left in place they would outrank the new run's checkpoints on resume and be kept over them
+    by the keep-N pruning. Only dpeft's own files are touched; returns how many were removed.
+    """
+    removed = 0
+    if directory.is_dir():
+        for path in directory.glob("round-*.safetensors"):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def load_checkpoint(path: Path) -> tuple[int, AdapterState, dict[str, torch.Tensor], dict[str, Any]]:
     """(round, global state, strategy state, info) from one checkpoint file."""
     state = decode_state(path.read_bytes(), limits=Limits(max_total_bytes=1 << 40))
@@ -88,9 +102,15 @@ def load_checkpoint(path: Path) -> tuple[int, AdapterState, dict[str, torch.Tens
     return int(meta["round"]), glob, strat, meta.get("info", {})
 
 
-def latest_checkpoint(directory: Path) -> tuple[int, AdapterState, dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The newest readable checkpoint, skipping (with a warning) any that is corrupt."""
+def latest_checkpoint(
+    directory: Path, max_round: int | None = None
+) -> tuple[int, AdapterState, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The newest readable checkpoint (of a round <= ``max_round`` if given), skipping (with a warning) any that is corrupt."""
     for path in sorted(directory.glob("round-*.safetensors"), reverse=True):
+        if max_round is not None:
+            digits = path.stem[len("round-") :]
+            if not digits.isdigit() or int(digits) > max_round:
+                continue
         try:
             return load_checkpoint(path)
         except Exception as exc:  # noqa: BLE001 - any corruption means: try the previous one

@@ -11,6 +11,7 @@ import logging
 import shutil
 import threading
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,10 +20,11 @@ from typing import Any
 import numpy as np
 
 from dpeft.codec import encode_state  # noqa: F401 - kept for importers
+from dpeft.codec.spool import SpooledBlob, SpoolPolicy
 from dpeft.codec.tensors import Limits, StateDecoder
 from dpeft.codec.updates.session import RunCodecs
 from dpeft.config import RunConfig, dump_config
-from dpeft.coordinator.checkpoint import latest_checkpoint, save_checkpoint
+from dpeft.coordinator.checkpoint import clear_checkpoints, latest_checkpoint, save_checkpoint
 from dpeft.coordinator.global_model import GlobalModel
 from dpeft.coordinator.metrics import MetricsLog
 from dpeft.errors import DpeftError, RejectedUpdate
@@ -30,9 +32,25 @@ from dpeft.state import AdapterState
 from dpeft.strategies import ClientUpdate, make_strategy
 from dpeft.strategies.hyperparams import update_schema
 from dpeft.sync import make_policy
-from dpeft.transport.base import CoordinatorTransport, Rejection, TaskResult, TrainTask
+from dpeft.sync.base import check_coordinated
+from dpeft.transport.base import Blob, CoordinatorTransport, Rejection, TaskResult, TrainTask, check_norm, check_update
 
 log = logging.getLogger("dpeft.coordinator")
+
+
+def sample_clients(seed: int, round_num: int, eligible: list[int], size: int) -> list[int]:
+    """The seeded per-round client sample: min(size, len(eligible)) of ``eligible``, sorted."""
+    rng = np.random.default_rng([seed, round_num])
+    return sorted(int(c) for c in rng.choice(eligible, size=min(size, len(eligible)), replace=False))
+
+
+def transfer_stats(transport: CoordinatorTransport) -> dict[str, int]:
+    """Cumulative transfer counters of transports that keep them (gRPC: uploads resumed after a
+    drop, corrupted chunks re-sent); a round's metrics row reports their increase."""
+    stats = getattr(transport, "stats", None)
+    if stats is None:
+        return {}
+    return {k: int(v) for k, v in stats().items() if k in ("uploads_resumed", "corrupt_chunks")}
 
 
 class RoundTimeout(DpeftError):
@@ -59,6 +77,9 @@ class RoundEngine:
         self.run_dir = run_dir
         self.strategy = make_strategy(cfg.strategy)
         self.codecs = RunCodecs.from_config(cfg)  # codec.up decodes uploads, codec.down encodes the global
+        # large uploads and globals go through temp files (bounded coordinator memory)
+        self.spool = SpoolPolicy(cfg.transport.spool_bytes, cfg.transport.spool_dir or Path(run_dir) / "spool")
+        check_coordinated(cfg)
         self.policy = make_policy(cfg.sync, cfg.clients_per_round)
         self.global_state: AdapterState = global_model.initial_state()
         self.schema = self.global_state.schema()
@@ -68,7 +89,7 @@ class RoundEngine:
         self._info: dict[str, TaskInfo] = {}
         self._late: dict[str, TrainTask] = {}  # deadline fold: tasks whose round closed, still accepted
         self._missed: set[str] = set()  # tasks whose round closed without them (their updates are "late")
-        self._payloads: dict[Any, tuple[str, int, bytes, Any]] = {}
+        self._payloads: dict[Any, tuple[str, int, bytes, Any, int]] = {}
         self._payloads_version: tuple[int, int] = (-1, -1)
         self.started = time.time()
         self._lock = threading.Lock()
@@ -79,18 +100,18 @@ class RoundEngine:
         self.resumed_from: int | None = None
         if resume:
             self._resume()
-        if self.resumed_from is None:
-            self.codecs.clear_residuals()  # error feedback of a run that starts over begins empty
-        elif self.cfg.train.personal_dir is None:  # a fresh run: clients' personal tensors start over too
-            shutil.rmtree(self.run_dir / "personal", ignore_errors=True)
+        if self.resumed_from is None:  # a run that starts over forgets what an earlier run left in run_dir
+            self.codecs.clear_residuals()  # error feedback begins empty
+            self.metrics.truncate_after(-1)
+            if clear_checkpoints(self.run_dir / "checkpoints"):
+                log.info("starting over: removed the checkpoints of an earlier run in %s", self.run_dir)
+            if self.cfg.train.personal_dir is None:  # clients' personal tensors start over too
+                shutil.rmtree(self.run_dir / "personal", ignore_errors=True)
 
     # -- resume ---------------------------------------------------------------
     def _resume(self) -> None:
         found = latest_checkpoint(self.run_dir / "checkpoints")
         if found is None:
-            self.metrics.truncate_after(-1)
-            if self.cfg.train.personal_dir is None:  # a fresh run: clients' personal tensors start over too
-                shutil.rmtree(self.run_dir / "personal", ignore_errors=True)
             return
         round_num, glob, strat, _info = found
         if glob.schema() != self.schema:
@@ -114,7 +135,8 @@ class RoundEngine:
                 raise RejectedUpdate("wrong_client", f"task {task_id!r} belongs to client {task.client_id}")
             info = self._info.get(task_id)
         schema = info.schema if info is not None else self.schema
-        return self.codecs.update_decoder(schema, Limits(max_total_bytes=self.cfg.transport.max_update_bytes))  # type: ignore[return-value]
+        limits = Limits(max_total_bytes=self.cfg.transport.max_update_bytes)
+        return self.codecs.update_decoder(schema, limits, spool=self.spool)  # type: ignore[return-value]
 
     def _accept(self, result: TaskResult) -> ClientUpdate:
         weight = 1.0
@@ -130,9 +152,8 @@ class RoundEngine:
                 raise RejectedUpdate("too_stale", f"task {result.task_id} is {tau} steps stale (sync.max_staleness={self.cfg.sync.max_staleness})")
             if tau > 0:
                 weight = self.policy.staleness_weight(tau)
-        for name, t in result.delta.items():
-            if t.is_floating_point() and not bool(t.isfinite().all()):
-                raise RejectedUpdate("non_finite", f"tensor {name} has NaN or Inf")
+        norm = result.norm if result.norm is not None else check_update(result.delta)  # NaN/Inf: "non_finite"
+        check_norm(norm, self.cfg.transport.max_update_norm)
         if result.num_examples <= 0:
             raise RejectedUpdate("num_examples", "an update must report at least one example")
         with self._lock:
@@ -167,9 +188,7 @@ class RoundEngine:
 
     def sample(self, round_num: int, eligible: list[int], size: int | None = None) -> list[int]:
         """Seeded, per-round client sample (depends only on seed, round, size and the eligible set)."""
-        rng = np.random.default_rng([self.cfg.seed, round_num])
-        size = self.cfg.clients_per_round if size is None else size
-        return sorted(int(c) for c in rng.choice(eligible, size=min(size, len(eligible)), replace=False))
+        return sample_clients(self.cfg.seed, round_num, eligible, self.cfg.clients_per_round if size is None else size)
 
     def make_tasks(
         self, transport: CoordinatorTransport, round_num: int, clients: list[int], hp: dict[str, Any], tag: str = ""
@@ -193,13 +212,16 @@ class RoundEngine:
             if key not in variants:
                 state = self.strategy.client_state(self.global_state, c)
                 state = AdapterState(state.tensors, {**self.global_state.meta, "round": round_num})
-                payload = self.codecs.encode_global(state)
-                digest = hashlib.sha256(payload).digest()
+                payload = self._encode_global(state)
+                if isinstance(payload, SpooledBlob):
+                    digest, crc = payload.sha256, payload.crc32
+                else:
+                    digest, crc = hashlib.sha256(payload).digest(), zlib.crc32(payload)
                 blob_id = f"r{round_num}-{digest.hex()[:16]}"
                 transport.publish_blob(blob_id, payload)
                 published += len(payload)
-                variants[key] = (blob_id, len(payload), digest, state.schema())
-            blob_id, size, digest, client_schema = variants[key]
+                variants[key] = (blob_id, len(payload), digest, state.schema(), crc)
+            blob_id, size, digest, client_schema, crc = variants[key]
             schema = update_schema(client_schema, hp)
             task = TrainTask(
                 task_id=f"r{round_num}{tag}-c{c}-{hashlib.sha256(f'{self.cfg.seed}/{round_num}{tag}/{c}/{self.run_dir}'.encode()).hexdigest()[:8]}",
@@ -208,6 +230,7 @@ class RoundEngine:
                 blob_id=blob_id,
                 blob_size=size,
                 blob_sha256=digest,
+                blob_crc32=crc,
                 hyperparams=hp,
             )
             tasks.append(task)
@@ -215,6 +238,13 @@ class RoundEngine:
                 self._open[task.task_id] = task
                 self._info[task.task_id] = TaskInfo(task, schema, self.round, now)
         return tasks, published
+
+    def _encode_global(self, state: AdapterState) -> Blob:
+        """The payload of ``state``: bytes, or for an adapter of ``transport.spool_bytes`` and more a
+        temp file written piece by piece (no serialized copy of a multi-GiB global in memory)."""
+        if self.spool.applies(state.nbytes()):
+            return SpooledBlob.write(self.codecs.iter_global(state), self.spool)
+        return self.codecs.encode_global(state)
 
     def _expire(self, transport: CoordinatorTransport, task_ids: list[str], pinned: dict[int, str]) -> tuple[int, int]:
         """Handle open tasks past ``sync.task_timeout_s``: re-submit (sync) or give up. Returns (reassigned, lost)."""
@@ -260,6 +290,7 @@ class RoundEngine:
         meta = {**self.global_state.meta, "round": round_num}
         hp = self.strategy.configure_train(round_num, self.global_state)
         up0, down0 = transport.bytes_moved()
+        stats0 = transfer_stats(transport)
         tasks, _ = self.make_tasks(transport, round_num, chosen, hp)
         task_ids = [t.task_id for t in tasks]
         transport.submit(tasks, pinned)
@@ -267,6 +298,7 @@ class RoundEngine:
         rejected: Counter[str] = Counter()
         losses: list[tuple[float, int]] = []
         compute_s = 0.0
+        lockstep = 0  # updates a worker trained together with others (train.lockstep)
         ranks: dict[str, int] = {}
         stale: list[float] = []
         num_examples = 0
@@ -305,6 +337,7 @@ class RoundEngine:
             if "train_loss" in update.metrics:
                 losses.append((update.metrics["train_loss"], event.num_examples))
             compute_s += float(update.metrics.get("compute_s", 0.0))
+            lockstep += update.metrics.get("lockstep_clients", 1.0) > 1
             self.metrics.progress(f"round {round_num}/{self.cfg.rounds}: {aggregator.count}/{len(tasks)} clients done")
         cancelled = set(transport.cancel_pending())
         with self._lock:
@@ -342,6 +375,9 @@ class RoundEngine:
             "rejected_reasons": dict(rejected),
             "client_compute_s": compute_s,
         }
+        row.update({k: v - stats0.get(k, 0) for k, v in transfer_stats(transport).items()})
+        if self.cfg.train.lockstep:
+            row["lockstep_updates"] = lockstep
         if self.cfg.sync.name != "sync" or reassigned:
             row.update({"sync": self.cfg.sync.name, "reassigned": reassigned, "lost": lost, "late_folded": len(stale)})
             if stale:

@@ -128,6 +128,10 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
         from dpeft.launch.coordinator import run_coordinator
 
+        if args.command == "simulate" and cfg.sync.name == "allreduce":
+            from dpeft.launch.allreduce_local import run_local_allreduce
+
+            return run_local_allreduce(cfg, resume=not args.fresh)
         if args.command == "simulate":
             run_coordinator(cfg, "127.0.0.1:0", local_workers=cfg.simulate.processes, resume=not args.fresh)
         else:

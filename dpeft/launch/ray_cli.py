@@ -69,9 +69,17 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # the ray: section is part of RunConfig (errors name ray.<key>)
     if args.address:
         cfg.ray.address = args.address
+    resolve_mode(cfg)
     warn_simulate_only(cfg)
     run_ray(cfg, resume=not args.fresh)
     return 0
+
+
+def resolve_mode(cfg: RunConfig) -> str:
+    """``sync: allreduce`` selects ``ray.mode: allreduce`` (one config runs under simulate, torchrun and Ray)."""
+    if cfg.sync.name == "allreduce":
+        cfg.ray.mode = "allreduce"
+    return cfg.ray.mode
 
 
 def warn_simulate_only(cfg: RunConfig) -> list[str]:
@@ -83,10 +91,15 @@ def warn_simulate_only(cfg: RunConfig) -> list[str]:
     """
     if cfg.ray.mode != "allreduce":
         return []
+    return warn_collective_ignores(cfg, "dpeft ray", "ray.mode=allreduce")
+
+
+def warn_collective_ignores(cfg: RunConfig, prog: str, mode: str) -> list[str]:
+    """Warn that all-reduce rounds cannot simulate stragglers and dropouts; returns the ignored keys."""
     ignored = [key for key, on in (("simulate.speed_factors", bool(cfg.simulate.speed_factors)), ("simulate.dropout", cfg.simulate.dropout > 0)) if on]
     if ignored:
         print(
-            f"dpeft ray: warning: {' and '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored with ray.mode=allreduce "
+            f"{prog}: warning: {' and '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored with {mode} "
             "(synchronous all-reduce rounds; simulate.byzantine_clients still apply)",
             file=sys.stderr,
             flush=True,

@@ -1,8 +1,10 @@
 """`dpeft split ...`: DLoRA split training (cloud holds the frozen base, edges hold LoRA + data).
 
-    dpeft split simulate [--config FILE] [key=value ...]    one cloud + split.edges edge processes
-    dpeft split cloud --listen HOST:PORT [--config FILE] [key=value ...]
-    dpeft split edge --cloud HOST:PORT [--data FILE | --shard I] [--token T]
+    dpeft split simulate [--config FILE] [--fresh] [key=value ...]    one cloud + split.edges edge processes
+    dpeft split cloud --listen HOST:PORT [--config FILE] [--fresh] [key=value ...]
+    dpeft split edge --cloud HOST:PORT [--data FILE | --shard I] [--token T] [--state-dir DIR]
+
+A federated cloud checkpoints every round under run_dir and resumes from there unless --fresh.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ def add_parser(subparsers) -> None:
 
     s = sub.add_parser("simulate", help="one cloud + split.edges edge processes on loopback gRPC")
     s.add_argument("--config", help="YAML run config with an optional split: section")
+    s.add_argument("--fresh", action="store_true", help="ignore (and remove) checkpoints already in run_dir")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. rounds=3 split.edges=2 split.kr.enabled=true")
     s.set_defaults(extension=MODULE)
 
     c = sub.add_parser("cloud", help="serve the frozen base to edges")
     c.add_argument("--config", help="YAML run config with an optional split: section")
     c.add_argument("--listen", default="127.0.0.1:50061", help="HOST:PORT to listen on (port 0 = any free port)")
+    c.add_argument("--fresh", action="store_true", help="ignore (and remove) checkpoints already in run_dir")
     c.add_argument("overrides", nargs="*", metavar="key=value")
     c.set_defaults(extension=MODULE)
 
@@ -39,6 +43,7 @@ def add_parser(subparsers) -> None:
     e.add_argument("--threads", type=int, default=1, help="torch threads")
     e.add_argument("--patience", type=float, default=60.0, help="seconds to wait for the cloud")
     e.add_argument("--run-dir", default=None, help="write this edge's adapter here (non-federated clouds)")
+    e.add_argument("--state-dir", default=None, help="keep this edge's training state (optimizer, Kill-and-Revive) here, so a resumed run continues exactly")
     e.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     e.set_defaults(extension=MODULE)
 
@@ -53,13 +58,9 @@ def run(args: argparse.Namespace) -> int:
 
         run_cfg, split_cfg = load_split_config(args.config, args.overrides)
         if cmd == "simulate":
-            rows = run_cloud(run_cfg, split_cfg, "127.0.0.1:0", local_edges=split_cfg.edges)
+            run_cloud(run_cfg, split_cfg, "127.0.0.1:0", local_edges=split_cfg.edges, resume=not args.fresh)
         else:
-            rows = run_cloud(run_cfg, split_cfg, args.listen)
-        if rows:
-            from dpeft.coordinator.metrics import format_table
-
-            print(format_table(rows))
+            run_cloud(run_cfg, split_cfg, args.listen, resume=not args.fresh)
         return 0
     if args.threads < 1:
         raise ConfigError("--threads", "must be >= 1")
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from dpeft.split.launch import run_edge
 
     edge_id = args.edge_id or f"{socket.gethostname()}-{os.getpid()}"
-    report = run_edge(args.cloud, edge_id, args.token, args.shard, args.data, args.threads, args.patience, args.run_dir)
+    report = run_edge(args.cloud, edge_id, args.token, args.shard, args.data, args.threads, args.patience, args.run_dir, args.state_dir)
     steps = max(report.steps, 1)
     mean_up = sum(s.bytes_up for s in report.stats) / steps
     mean_down = sum(s.bytes_down for s in report.stats) / steps

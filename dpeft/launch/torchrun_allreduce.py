@@ -27,6 +27,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="process-group backend (default: nccl with CUDA, else gloo)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cpus / local world size)")
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints already in run_dir")
+    p.add_argument("--exit-with-parent", action="store_true", help="end when the launching process is gone (used by `dpeft simulate`)")
     p.add_argument("--debug", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
@@ -35,7 +36,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr)
-    from dpeft.launch.cli import report_errors
+    from dpeft.launch.cli import _exit_with_parent, report_errors
+
+    if args.exit_with_parent:
+        _exit_with_parent()
 
     def run() -> int:
         import torch.distributed as dist

@@ -31,7 +31,7 @@ class KillReviveConfig:
 class SplitConfig:
     """Cloud/edge split training."""
 
-    edges: int = _f(2, "simulate: edge processes (each one client with its own data shard)")
+    edges: int = _f(2, "edges (clients) of a federated run, each round trains clients_per_round of them; simulate: edge processes, each with its own data shard")
     steps: int = _f(100, "edge training steps when the cloud runs no federation (rounds are taken from the run config otherwise)")
     federated: bool = _f(True, "aggregate the edges' adapters every round with strategy.name (false: each edge trains alone for `steps` steps)")
     wire_dtype: str = _f("fp32", "dtype of activations and gradients on the wire: fp32, fp16 or bf16")
@@ -79,14 +79,14 @@ def validate_split(cfg: SplitConfig) -> None:
 
 def validate_run_for_split(run: RunConfig) -> None:
     """What split mode supports of the run config."""
-    if run.model.task != "seq_cls":
-        raise ConfigError("model.task", "split mode supports seq_cls (the head and the loss run on the edge)")
+    if run.model.task not in ("seq_cls", "causal_lm"):
+        raise ConfigError("model.task", f"split mode supports seq_cls and causal_lm (Llama models), got {run.model.task!r}")
     if run.adapter.method != "lora":
         raise ConfigError("adapter.method", f"split mode supports plain lora, got {run.adapter.method!r}")
     if run.adapter.options.get("use_dora"):
         raise ConfigError("adapter.options.use_dora", "split mode supports plain lora")
     if run.adapter.modules_to_save is not None:
-        raise ConfigError("adapter.modules_to_save", "split mode trains the classifier head only (leave it null)")
+        raise ConfigError("adapter.modules_to_save", "split mode trains the LoRA factors and the classifier head only (leave it null)")
 
 
 def split_config_from_dict(tree: dict[str, Any]) -> SplitConfig:

@@ -53,9 +53,17 @@ def lora_flops(tokens: int, r: int, d_in: int, d_out: int, backward: bool, input
     return f
 
 
-def head_flops(batch: int, d_in: int, d_out: int, backward: bool) -> int:
-    """Linear head: forward 2 B d_in d_out; backward (weights and input) 4 B d_in d_out."""
-    return 2 * batch * d_in * d_out * (3 if backward else 1)
+def head_flops(rows: int, d_in: int, d_out: int, backward: bool, weight_grad: bool = True) -> int:
+    """Linear head over ``rows`` vectors: forward 2 N d_in d_out; backward 2 N d_in d_out for the
+    input gradient, plus as much for the weight gradient when the head is trained."""
+    return 2 * rows * d_in * d_out * (1 + (2 if weight_grad else 1) * backward)
+
+
+def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over the non-pad targets (what peft/transformers compute with
+    ``labels = input_ids`` masked to -100 at padding)."""
+    mask = attention_mask[:, 1:].bool()
+    return nn.functional.cross_entropy(logits[:, :-1][mask].float(), input_ids[:, 1:][mask], reduction=reduction)
 
 
 @dataclass
@@ -92,6 +100,7 @@ class EdgeModel:
         head = self.arch.head_module(model)
         lin = head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
         self.head_in, self.head_out = int(lin.in_features), int(lin.out_features)
+        self.causal = self.arch.causal
 
     def _factors(self, i: int) -> list[torch.Tensor]:
         m = self.sites[i].module
@@ -102,6 +111,7 @@ class EdgeModel:
         """Free every frozen weight the edge never uses (all but embeddings, LoRA and head); returns bytes freed."""
         keep = {id(p) for p in self.params.values()}
         keep |= {id(p) for p in self.model.get_input_embeddings().parameters()}
+        keep |= {id(p) for p in self.arch.head_module(self.model).parameters()}  # the LM head (tied or not)
         freed = 0
         for module in self.model.modules():
             for name, p in list(module.named_parameters(recurse=False)):
@@ -181,16 +191,20 @@ class EdgeModel:
                     stats.lora_calls += 1
                     channel.send("lora_output", OrderedDict((f"y.{j}", y) for j, y in zip(members, ys, strict=True)), activations=True, call=msg.fields["call"])
                 elif msg.kind == "features":
-                    h = msg.tensors(activation_schema({"h": (batch, self.head_in)}), activations=True)["h"]
+                    h = msg.tensors(activation_schema({"h": self.arch.feature_shape(batch, width, self.head_in)}), activations=True)["h"]
                     c0 = time.thread_time()
                     if train:
                         h.requires_grad_(True)
                     with torch.set_grad_enabled(train):
                         logits = self.arch.head(self.model, h)
-                        if labels is not None:
+                        if self.causal:
+                            if train:  # the targets are the tokens themselves, shifted (they never leave the edge)
+                                loss = causal_lm_loss(logits, input_ids, attention_mask)
+                        elif labels is not None:
                             calibrated = logits + log_prior if (train and log_prior is not None) else logits
                             loss = nn.functional.cross_entropy(calibrated, labels)
-                    stats.flops += head_flops(batch, self.head_in, self.head_out, train)
+                    rows = batch * width if self.causal else batch
+                    stats.flops += head_flops(rows, self.head_in, self.head_out, train, weight_grad=not self.causal)
                     if train:
                         assert loss is not None
                         loss.backward()

@@ -98,3 +98,26 @@ class KillRevive:
         if decision.killed or decision.revived:
             self.history.append((t, decision))
         return decision
+
+    # -- checkpoints -----------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able info): the active set, the window snapshots and the last scores."""
+        tensors = {f"snap/{i}": snap for i, snap in sorted(self._snap.items())}
+        info = {"active": sorted(self.active), "full": sorted(self._full), "last_scores": {str(i): s for i, s in self.last_scores.items()}}
+        return tensors, info
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], info: dict) -> None:
+        """Restore what :meth:`state_dict` saved (module count and factor sizes must match)."""
+        active = {int(i) for i in info["active"]}
+        if not active <= set(range(self.modules)) or not active:
+            raise ValueError("Kill-and-Revive state is for a different set of LoRA modules")
+        snaps = {}
+        for name, t in tensors.items():
+            i = int(name.split("/", 1)[1])
+            if i >= self.modules or t.shape != self._flat(i).shape:
+                raise ValueError(f"Kill-and-Revive snapshot {name} does not fit this adapter")
+            snaps[i] = t.to(torch.float64)
+        self.active = active
+        self._snap = snaps
+        self._full = {int(i) for i in info["full"]}
+        self.last_scores = {int(i): float(s) for i, s in info["last_scores"].items()}

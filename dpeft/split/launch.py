@@ -32,8 +32,12 @@ from dpeft.split.transport import EdgeConnection, SplitServer
 log = logging.getLogger("dpeft.split")
 
 
-def start_cloud(run: RunConfig, split: SplitConfig, listen: str, run_dir: Path | None = None) -> tuple[SplitServer, CloudService]:
-    """Build the cloud half of the model and serve it (federated rounds when split.federated)."""
+def start_cloud(run: RunConfig, split: SplitConfig, listen: str, run_dir: Path | None = None, resume: bool = True) -> tuple[SplitServer, CloudService]:
+    """Build the cloud half of the model and serve it (federated rounds when split.federated).
+
+    A federated cloud with a ``run_dir`` checkpoints every round there and, with ``resume``,
+    continues from the newest readable checkpoint (like ``dpeft simulate``).
+    """
     torch.set_num_threads(split.cloud_threads)
     num_labels = num_labels_for(run)
     cloud = cloud_model_from_config(run, split, num_labels)
@@ -45,14 +49,13 @@ def start_cloud(run: RunConfig, split: SplitConfig, listen: str, run_dir: Path |
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(config_yaml(run, split, for_edges=True))  # no token on disk
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists():
-                metrics.unlink()
 
             def export(state):  # the cloud's model keeps its peft structure: export works unchanged
                 export_peft_dir(cloud.model, state, run_dir / "adapter")
 
-        federation = Federation(run, split, extract_state(cloud.model), run_dir, export)
+        federation = Federation(run, split, extract_state(cloud.model), run_dir, export, resume=resume)
+        if federation.resumed_from is not None:
+            print(f"dpeft split: resumed from round {federation.resumed_from} in {run_dir}", file=sys.stderr, flush=True)
     service = CloudService(cloud, run, split, federation)
     server = SplitServer(service.handle, listen, chunk_bytes=split.chunk_bytes, max_sessions=max(8, split.edges + 2)).start()
     log.info("split cloud listening on %s (%d LoRA sites in %d groups)", server.address, len(cloud.sites), len(cloud.groups))
@@ -84,8 +87,22 @@ def _edge_data(run: RunConfig, split: SplitConfig, tokenizer, shard: int | None,
     return EdgeData(tok, list(range(len(sub))), test_tok, len(train.label_names))
 
 
-def run_edge(address: str, edge_id: str, token: str = "", shard: int | None = None, data_path: str | None = None, threads: int = 1, patience_s: float = 60.0, run_dir: str | None = None) -> EdgeReport:
-    """One edge process: connect, receive the config, build the edge half, train, say goodbye."""
+def run_edge(
+    address: str,
+    edge_id: str,
+    token: str = "",
+    shard: int | None = None,
+    data_path: str | None = None,
+    threads: int = 1,
+    patience_s: float = 60.0,
+    run_dir: str | None = None,
+    state_dir: str | None = None,
+) -> EdgeReport:
+    """One edge process: connect, receive the config, build the edge half, train, say goodbye.
+
+    ``state_dir``: where this edge keeps its private training state between rounds, so a
+    resumed federated run continues exactly (see :mod:`dpeft.split.checkpoint`).
+    """
     torch.set_num_threads(threads)
     conn = EdgeConnection(address, patience_s=patience_s)
     try:
@@ -98,7 +115,7 @@ def run_edge(address: str, edge_id: str, token: str = "", shard: int | None = No
         tokenizer = load_tokenizer(run.model)
         data = _edge_data(run, split, tokenizer, shard, data_path, int(welcome.fields["client_id"]))
         edge, _ = edge_model_from_config(run, split, data.num_labels)
-        report = run_edge_session(conn.channel, welcome, edge, data, run, split, edge_id)
+        report = run_edge_session(conn.channel, welcome, edge, data, run, split, edge_id, Path(state_dir) if state_dir else None)
         if run_dir and not welcome.fields["federated"]:
             _export_edge(edge, run, split, data.num_labels, Path(run_dir))
         return report
@@ -130,6 +147,7 @@ class EdgeProcesses:
         logs.mkdir(parents=True, exist_ok=True)
         for i in range(count):
             cmd = [sys.executable, "-m", "dpeft.launch.cli", "split", "edge", "--cloud", address, "--shard", str(i), "--edge-id", f"edge-{i}", "--threads", str(threads), "--patience", "30", "--exit-with-parent"]
+            cmd += ["--state-dir", str(run_dir / "edges" / f"edge-{i}")]
             if token:
                 cmd += ["--token", token]
             with open(logs / f"edge-{i}.log", "wb") as out:
@@ -149,37 +167,53 @@ class EdgeProcesses:
         stop_processes(self.procs, grace_s)
 
 
-def run_cloud(run: RunConfig, split: SplitConfig, listen: str, local_edges: int = 0) -> list[dict]:
-    """Serve until the federation finishes (with ``local_edges`` edge processes for simulate)."""
+def run_cloud(run: RunConfig, split: SplitConfig, listen: str, local_edges: int = 0, resume: bool = True, quiet: bool = False) -> list[dict]:
+    """Serve until the federation finishes (with ``local_edges`` edge processes for simulate).
+
+    Returns the metrics rows (federated) and prints the end-of-run summary like ``dpeft
+    simulate`` (table, plots next to metrics.jsonl) unless ``quiet``.
+    """
+    import time
+
     if local_edges and not split.federated:
         raise ConfigError("split.federated", "simulate runs federated rounds; set split.federated=true")
+    t_start = time.time()
     run_dir = Path(run.run_dir)
-    server, service = start_cloud(run, split, listen, run_dir if split.federated else None)
+    server, service = start_cloud(run, split, listen, run_dir if split.federated else None, resume=resume)
+    fed = service.federation
     edges = EdgeProcesses()
     try:
-        if local_edges:
-            edges.start(server.address, local_edges, split.edge_threads, run_dir, split.token)
+        if fed is not None and fed.round >= fed.rounds:
+            print(f"dpeft split: {run_dir} already holds all {fed.rounds} rounds (use --fresh to start over)", file=sys.stderr, flush=True)
         else:
-            print(f"dpeft split cloud listening on {server.address}", file=sys.stderr, flush=True)
-        while True:
-            if service.finished.wait(0.5):
-                break
             if local_edges:
+                if fed is not None:
+                    fed.reserve([f"edge-{i}" for i in range(local_edges)])  # edge-i is client i (and shard i)
+                edges.start(server.address, local_edges, split.edge_threads, run_dir, split.token)
+            else:
+                print(f"dpeft split cloud listening on {server.address}", file=sys.stderr, flush=True)
+            while True:
+                if service.finished.wait(0.5):
+                    break
+                if local_edges:
+                    msg = edges.failed()
+                    if msg:
+                        raise DpeftError(msg)
+                    if edges.done() and not service.finished.wait(10.0):
+                        raise DpeftError("every edge process exited before the federation finished; see logs/")
+                if fed is not None and fed.failed:
+                    raise DpeftError(fed.failed)
+            if local_edges:
+                edges.stop()
                 msg = edges.failed()
                 if msg:
                     raise DpeftError(msg)
-                if edges.done() and not service.finished.wait(10.0):
-                    raise DpeftError("every edge process exited before the federation finished; see logs/")
-            if service.federation is not None and service.federation.failed:
-                raise DpeftError(service.federation.failed)
-            if not split.federated and not local_edges:
-                continue
-        if local_edges:
-            edges.stop()
-            msg = edges.failed()
-            if msg:
-                raise DpeftError(msg)
-        return service.federation.rows if service.federation else []
     finally:
         edges.stop(grace_s=2.0)
         server.stop(1.0)
+    if fed is None:
+        return []
+    fed.flush()
+    if not quiet and fed.metrics is not None:
+        fed.metrics.print_summary(fed.rows, t_start)
+    return fed.rows

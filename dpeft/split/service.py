@@ -2,25 +2,28 @@
 
 Session, as messages (edge -> cloud on the left):
 
-    hello ->                          <- welcome (config, modules, groups, client id, global)
+    hello ->                          <- welcome (config, modules, groups, client id, global,
+                                                  next round, trains in it, evaluate first)
     [step_start -> (<- lora_input, lora_output ->)* <- features, feature_grad ->
         (<- lora_output_grad, lora_input_grad ->)* <- step_end]*    (one training step)
     frozen_factors ->                 (Kill-and-Revive: a module killed or revived)
     round_update ->                   <- round_global   (federated: delta in, new global out)
+    round_update(skipped) ->          <- round_global   (not sampled: the global once the round closed)
     round_update(evaluated) ->        (the evaluating edge reports the global's accuracy)
     goodbye ->
 
-Federation: every edge is one client; after each round of ``train.local_steps`` steps the
-edges' adapter deltas (LoRA factors and head, killed modules included) are aggregated by the
-configured dpeft strategy (``strategy.name``: fedavg, fedadam, flexlora, ...) and each edge
-continues from ``strategy.client_state(new_global, client_id)``. All edges share the one
-frozen base of the cloud.
+Federation: every edge is one client; each round (numbered from 1, as in ``dpeft simulate``)
+trains the seeded sample of ``clients_per_round`` edges the round engine would draw; after
+``train.local_steps`` steps their adapter deltas (LoRA factors and head, killed modules
+included) are aggregated by the configured dpeft strategy (``strategy.name``: fedavg,
+fedadam, flexlora, ...) and every edge continues from ``strategy.client_state(new_global,
+client_id)``. All edges share the one frozen base of the cloud. With a run directory the
+cloud checkpoints every round and resumes (:mod:`dpeft.split.checkpoint`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import secrets
 import threading
@@ -33,7 +36,10 @@ import torch
 import yaml
 
 from dpeft.config import RunConfig, config_to_dict
-from dpeft.errors import ConfigError, ProtocolError
+from dpeft.coordinator.checkpoint import clear_checkpoints, latest_checkpoint, save_checkpoint
+from dpeft.coordinator.engine import sample_clients
+from dpeft.coordinator.metrics import MetricsLog
+from dpeft.errors import ConfigError, DpeftError, ProtocolError
 from dpeft.split.cloud import CloudModel, CloudSession
 from dpeft.split.config import SplitConfig, load_split_config
 from dpeft.split.edge import EdgeModel, StepStats
@@ -42,7 +48,7 @@ from dpeft.state import AdapterState, subtract
 from dpeft.strategies import ClientUpdate, make_strategy
 
 log = logging.getLogger("dpeft.split")
-VERSION = "dpeft-split/1"
+VERSION = "dpeft-split/2"  # 2: rounds numbered from 1, sampled rounds, resume
 
 
 def config_yaml(run: RunConfig, split: SplitConfig, for_edges: bool = False) -> str:
@@ -73,111 +79,235 @@ def configs_from_yaml(text: str) -> tuple[RunConfig, SplitConfig]:
 
 
 class Federation:
-    """Rounds over a fixed set of edges: a streaming aggregate per round, a dpeft strategy."""
+    """Rounds over a fixed set of edges: a seeded sample per round, a streaming aggregate, a dpeft strategy.
 
-    def __init__(self, run: RunConfig, split: SplitConfig, initial: AdapterState, run_dir: Path | None = None, export=None) -> None:
+    Rounds are numbered from 1 like ``dpeft simulate``'s (round 0 is the untrained global's
+    metrics line). Round r trains the edges ``sample_clients(seed, r, range(split.edges),
+    clients_per_round)`` (the round engine's sampler); the others sit it out and receive the new
+    global when it closes. With ``run_dir`` the federation writes ``metrics.jsonl`` (through
+    :class:`~dpeft.coordinator.metrics.MetricsLog`) and a checkpoint per round, and resumes from
+    the newest readable checkpoint there unless ``resume`` is false.
+    """
+
+    def __init__(
+        self, run: RunConfig, split: SplitConfig, initial: AdapterState, run_dir: Path | None = None, export=None, resume: bool = True
+    ) -> None:
         self.run = run
         self.split = split
         self.edges = split.edges
         self.rounds = run.rounds
         self.strategy = make_strategy(run.strategy)
         self.global_state = initial
-        self.round = 0
+        self.schema = initial.schema()
+        self.round = 0  # rounds closed so far; the next one is round + 1
         self._agg = None
         self._cond = threading.Condition()
-        self._registered: dict[str, int] = {}
-        self._pending: dict[int, dict[str, Any]] = {}
+        self._registered: dict[str, int] = {}  # edge id -> client id (kept in checkpoints)
+        self._connected: set[int] = set()
+        self._pending: dict[int, dict[str, Any]] = {}  # closed rounds waiting for the evaluating edge
         self._round_info: dict[str, Any] = {}
         self._round_t0 = time.time()
+        self.started = time.time()
         self.run_dir = run_dir
         self.export = export
-        self.rows: list[dict[str, Any]] = []
+        self.metrics = MetricsLog(run_dir, total_rounds=run.rounds) if run_dir is not None else None
+        self._rows: list[dict[str, Any]] = []
         self.failed: str | None = None
+        self.resumed_from: int | None = None
+        if run_dir is not None:
+            if resume:
+                self._resume()
+            else:  # a fresh run: older checkpoints would outrank (and be kept over) the new ones
+                clear_checkpoints(run_dir / "checkpoints")
+        if self.resumed_from is None:
+            if self.metrics is not None:
+                self.metrics.truncate_after(-1)
+            row = {"round": 0, "clients": 0, "num_examples": 0, "train_loss": None, "bytes_up": 0, "bytes_down": 0, "rejected": 0, "wall_s": 0.0}
+            self._hold(0, row)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.metrics.rows if self.metrics is not None else self._rows
+
+    # -- resume -----------------------------------------------------------------
+    def _resume(self) -> None:
+        assert self.run_dir is not None and self.metrics is not None
+        found = latest_checkpoint(self.run_dir / "checkpoints")
+        if found is None:
+            return
+        round_num, glob, strat, info = found
+        if glob.schema() != self.schema:
+            raise DpeftError(f"checkpoint in {self.run_dir} is for a different adapter; use a new run_dir or --fresh")
+        self.global_state = glob
+        self.strategy.load_state_dict(strat)
+        self.round = self.resumed_from = round_num
+        self._registered = {str(k): int(v) for k, v in info.get("edges", {}).items() if 0 <= int(v) < self.edges}
+        self.metrics.truncate_after(round_num)
+        row = info.get("row")
+        if row and not any(r.get("round") == round_num for r in self.metrics.rows):
+            self._hold(round_num, row)  # its line was lost with the process: evaluate (again) and write it
+        log.info("resumed from round %d", round_num)
+
+    # -- edges ------------------------------------------------------------------
+    def reserve(self, edge_ids: list[str]) -> None:
+        """Give these edge ids the lowest free client ids, in order (simulate: edge-i is client i)."""
+        with self._cond:
+            for edge_id in edge_ids:
+                if edge_id not in self._registered:
+                    free = sorted(set(range(self.edges)) - set(self._registered.values()))
+                    if free:
+                        self._registered[edge_id] = free[0]
 
     def register(self, edge_id: str) -> int:
+        """This edge's client id: its own from before (a reconnect or a resumed run), else a free one."""
         with self._cond:
-            if edge_id in self._registered:
-                return self._registered[edge_id]
-            if len(self._registered) >= self.edges:
-                raise ProtocolError(f"all {self.edges} edge slots are taken (split.edges)")
-            cid = len(self._registered)
-            self._registered[edge_id] = cid
-            if cid == 0:
-                self._round_t0 = time.time()
+            cid = self._registered.get(edge_id)
+            if cid is None:
+                free = sorted(set(range(self.edges)) - set(self._registered.values()))
+                if not free:  # a slot whose edge id is not connected now (e.g. an edge restarted with a new id)
+                    free = sorted(set(range(self.edges)) - self._connected)
+                if not free:
+                    raise ProtocolError(f"all {self.edges} edge slots are taken (split.edges)")
+                cid = free[0]
+                self._registered = {k: v for k, v in self._registered.items() if v != cid}
+                self._registered[edge_id] = cid
+            self._connected.add(cid)
             return cid
+
+    def unregister(self, client_id: int) -> None:
+        with self._cond:
+            self._connected.discard(client_id)
+
+    def sampled(self, round_num: int) -> list[int]:
+        """The edges (client ids) that train in round ``round_num``: the round engine's seeded sample."""
+        return sample_clients(self.run.seed, round_num, list(range(self.edges)), self.run.clients_per_round)
+
+    def _next_for(self, client_id: int) -> tuple[AdapterState, int, bool]:
+        nxt = self.round + 1
+        trains = nxt <= self.rounds and client_id in self.sampled(nxt)
+        return self.strategy.client_state(self.global_state, client_id), nxt, trains
+
+    def welcome(self, client_id: int) -> tuple[AdapterState, int, bool, bool]:
+        """(state to start from, next round, trains in it, evaluate the state first)."""
+        with self._cond:
+            state, nxt, trains = self._next_for(client_id)
+            return state, nxt, trains, self.round in self._pending
 
     def client_global(self, client_id: int) -> AdapterState:
         with self._cond:
             return self.strategy.client_state(self.global_state, client_id)
 
-    def submit(self, client_id: int, round_num: int, delta: AdapterState, num_examples: int, metrics: dict[str, float]) -> tuple[AdapterState, int]:
-        """Fold one edge's delta; block until the round closes; return (its next state, next round)."""
+    # -- rounds -----------------------------------------------------------------
+    def _wait(self, predicate, what: str) -> None:
         timeout = self.run.sync.round_timeout_s
+        if not self._cond.wait_for(lambda: predicate() or self.failed is not None, timeout=timeout):
+            self.failed = f"{what} not complete after {timeout:.0f} s (sync.round_timeout_s)"
+            self._cond.notify_all()
+        if self.failed:
+            raise ProtocolError(self.failed)
+
+    def submit(self, client_id: int, round_num: int, delta: AdapterState, num_examples: int, metrics: dict[str, float]) -> tuple[AdapterState, int, bool]:
+        """Fold one edge's delta; block until the round closes; return (its next state, next round, trains in it)."""
         with self._cond:
-            if round_num != self.round:
-                raise ProtocolError(f"update for round {round_num}, but the federation is at round {self.round}")
+            if round_num != self.round + 1:
+                raise ProtocolError(f"update for round {round_num}, but the federation is at round {self.round + 1}")
+            sampled = self.sampled(round_num)
+            if client_id not in sampled:
+                raise ProtocolError(f"edge {client_id} sent an update for round {round_num}, which did not sample it")
             if self._agg is None:
                 self._agg = self.strategy.begin_round(self.global_state)
                 self._round_info = {"t0": self._round_t0, "loss": [], "bytes_up": 0, "bytes_down": 0, "steps": 0, "edge_flops": 0.0, "examples": 0}
             self._agg.add(ClientUpdate(client_id=client_id, delta=delta, num_examples=max(1, num_examples), metrics=metrics))
             info = self._round_info
-            info["loss"].append(metrics.get("train_loss", float("nan")))
+            if metrics.get("train_loss") == metrics.get("train_loss"):  # not NaN
+                info["loss"].append((metrics["train_loss"], num_examples))
             for key in ("bytes_up", "bytes_down", "steps", "edge_flops"):
                 info[key] += metrics.get(key, 0)
             info["examples"] += num_examples
-            if self._agg.count == self.edges:
-                self.global_state = self.strategy.finish_round(self.global_state, self._agg)
-                self._agg = None
-                self._close_round(info)
-                self.round += 1
+            if self._agg.count == len(sampled):
+                # lines stay in order: the previous round's evaluation comes first
+                self._wait(lambda: self.round not in self._pending, f"the evaluation of round {self.round}")
+                self._close_round(round_num, sampled, info)
                 self._cond.notify_all()
             else:
-                target = round_num + 1
-                if not self._cond.wait_for(lambda: self.round >= target or self.failed is not None, timeout=timeout):
-                    self.failed = f"round {round_num} not complete after {timeout:.0f} s (sync.round_timeout_s)"
-                    self._cond.notify_all()
-                if self.failed:
-                    raise ProtocolError(self.failed)
-            return self.strategy.client_state(self.global_state, client_id), self.round
+                self._wait(lambda: self.round >= round_num, f"round {round_num}")
+            return self._next_for(client_id)
 
-    def _close_round(self, info: dict[str, Any]) -> None:
-        losses = [x for x in info["loss"] if x == x]
-        row = {
-            "round": self.round,
-            "clients": self.edges,
+    def skip(self, client_id: int, round_num: int) -> tuple[AdapterState, int, bool]:
+        """An edge not sampled for ``round_num``: block until that round closes; then as :meth:`submit`."""
+        with self._cond:
+            if round_num > self.round + 1 or (round_num == self.round + 1 and client_id in self.sampled(round_num)):
+                raise ProtocolError(f"edge {client_id} cannot sit out round {round_num}")
+            self._wait(lambda: self.round >= round_num, f"round {round_num}")
+            return self._next_for(client_id)
+
+    def _close_round(self, round_num: int, sampled: list[int], info: dict[str, Any]) -> None:
+        meta = {**self.global_state.meta, "round": round_num}
+        self.global_state = self.strategy.finish_round(self.global_state, self._agg)
+        self.global_state.meta = meta
+        count = self._agg.count
+        self._agg = None
+        losses = info["loss"]
+        weight = sum(n for _, n in losses)
+        row: dict[str, Any] = {
+            "round": round_num,
+            "clients": count,
+            "sampled": sampled,
             "num_examples": info["examples"],
-            "train_loss": sum(losses) / len(losses) if losses else None,
+            "train_loss": sum(x * n for x, n in losses) / max(weight, 1) if losses else None,
             "bytes_up": int(info["bytes_up"]),
             "bytes_down": int(info["bytes_down"]),
+            "rejected": 0,
             "split_steps": int(info["steps"]),
             "edge_flops": info["edge_flops"],
             "wall_s": round(time.time() - info["t0"], 3),
         }
+        row.update(self.strategy.last_metrics or {})
         self._round_t0 = time.time()
-        row.update({f"strategy_{k}": v for k, v in self.strategy.last_metrics.items()})
+        self.round = round_num
+        if self.run_dir is not None:
+            save_checkpoint(
+                self.run_dir / "checkpoints", round_num, self.global_state, self.strategy.state_dict(),
+                {"seed": self.run.seed, "edges": dict(self._registered), "row": row},
+            )
         if self.export is not None:
             self.export(self.global_state)
+        self._hold(round_num, row)
+
+    def _hold(self, round_num: int, row: dict[str, Any]) -> None:
+        """Write the line now, or keep it for the evaluating edge's result."""
         if self.split.eval_examples:
-            self._pending[self.round] = row
+            self._pending[round_num] = row
         else:
             self._write(row)
 
     def report_eval(self, round_num: int, loss: float | None, accuracy: float | None) -> None:
         """The evaluating edge's result for round ``round_num`` (None: it had no held-out data)."""
         with self._cond:
+            for earlier in sorted(r for r in self._pending if r < round_num):  # never evaluated: write as is
+                self._write(self._pending.pop(earlier))
             row = self._pending.pop(round_num, None)
-            if row is None:
-                return
-            if loss is not None:
-                row["eval_loss"] = loss
-                row["eval_accuracy"] = accuracy
-            self._write(row)
+            if row is not None:
+                if loss is not None:
+                    row["eval_loss"] = loss
+                    row["eval_accuracy"] = accuracy
+                self._write(row)
+            self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Write any line still waiting for an evaluation (end of the run)."""
+        with self._cond:
+            for r in sorted(self._pending):
+                self._write(self._pending.pop(r))
 
     def _write(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        if self.run_dir is not None:
-            with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+        if row["round"] == 0:  # round 1's clock starts once the edges are up and the start is evaluated
+            self._round_t0 = time.time()
+        row["elapsed_s"] = round(time.time() - self.started, 3)
+        if self.metrics is not None:
+            self.metrics.append(row)
+        else:
+            self._rows.append(row)
         log.info("round %s: %s", row["round"], row)
 
 
@@ -204,17 +334,28 @@ class CloudService:
         hello = channel.recv("hello")
         if self.split.token and not secrets.compare_digest(hello.fields["token"], self.split.token):
             raise ProtocolError("invalid token")
+        if hello.fields["version"] != VERSION:
+            raise ProtocolError(f"the edge speaks {hello.fields['version'][:40]!r}, this cloud {VERSION!r}: run the same dpeft version on both")
         edge_id = hello.fields["edge_id"][:128] or "edge"
         fed = self.federation
+        evaluate_now = False
         if fed is not None:
             client_id = fed.register(edge_id)
-            state = fed.client_global(client_id)
-            rounds, local_steps, start = fed.rounds, self.run.train.local_steps, fed.round
+            state, next_round, trains, evaluate_now = fed.welcome(client_id)
+            rounds, local_steps = fed.rounds, self.run.train.local_steps
         else:
             with self._lock:
                 client_id = self._next_id
                 self._next_id += 1
-            state, rounds, local_steps, start = None, 1, self.split.steps, 0
+            state, rounds, local_steps, next_round, trains = None, 1, self.split.steps, 1, True
+        evaluate = bool(client_id == 0 and self.split.eval_examples > 0)
+        try:
+            self._serve(channel, edge_id, client_id, fed, state, rounds, local_steps, next_round, trains, evaluate, evaluate and evaluate_now)
+        finally:
+            if fed is not None:
+                fed.unregister(client_id)
+
+    def _serve(self, channel: Channel, edge_id: str, client_id: int, fed: Federation | None, state, rounds, local_steps, next_round, trains, evaluate, evaluate_now) -> None:
         channel.send(
             "welcome",
             state.tensors if state is not None else None,
@@ -223,15 +364,18 @@ class CloudService:
             modules=self.cloud.keys,
             groups=self.cloud.groups,
             client_id=client_id,
-            evaluate=bool(client_id == 0 and self.split.eval_examples > 0),
-            rounds=rounds - start,
+            evaluate=evaluate,
+            rounds=rounds,
             local_steps=local_steps,
             federated=fed is not None,
+            round=next_round,
+            train=trains,
+            evaluate_now=evaluate_now,
         )
         session = CloudSession(self.cloud, channel, name=edge_id)
         with self._lock:
             self.sessions.append(session)
-        schema = self.federation.global_state.schema() if fed is not None else None
+        schema = fed.schema if fed is not None else None
         while True:
             msg = channel.recv()
             if msg.kind == "step_start":
@@ -242,6 +386,11 @@ class CloudService:
                 if fed is None:
                     raise ProtocolError("round_update, but this cloud runs no federation")
                 f = msg.fields
+                if f["skipped"]:  # not sampled for this round: wait for it to close
+                    msg.tensors({})
+                    new_state, next_round, trains = fed.skip(client_id, int(f["round"]))
+                    channel.send("round_global", new_state.tensors, round=next_round, done=next_round > fed.rounds, train=trains)
+                    continue
                 if f["num_examples"] == 0:  # an evaluation report (an edge without examples cannot train)
                     msg.tensors({})
                     if f["evaluated"]:
@@ -254,8 +403,8 @@ class CloudService:
                     if not torch.isfinite(v).all():
                         raise ProtocolError(f"non-finite delta in {k}")
                 metrics = {k: float(f[k]) for k in ("train_loss", "bytes_up", "bytes_down", "steps", "edge_flops")}
-                new_state, next_round = fed.submit(client_id, int(f["round"]), delta, int(f["num_examples"]), metrics)
-                channel.send("round_global", new_state.tensors, round=next_round, done=next_round >= fed.rounds)
+                new_state, next_round, trains = fed.submit(client_id, int(f["round"]), delta, int(f["num_examples"]), metrics)
+                channel.send("round_global", new_state.tensors, round=next_round, done=next_round > fed.rounds, train=trains)
             elif msg.kind == "goodbye":
                 break
             else:
@@ -286,18 +435,33 @@ class EdgeReport:
     stats: list[StepStats] = dataclasses.field(default_factory=list)
     evals: list[dict[str, float]] = dataclasses.field(default_factory=list)
     killed_history: list[tuple[int, list[int], list[int]]] = dataclasses.field(default_factory=list)
+    rounds: list[int] = dataclasses.field(default_factory=list)  # federated rounds closed while connected
+    trained: list[int] = dataclasses.field(default_factory=list)  # the rounds this edge trained in
 
 
 def split_evaluate(edge: EdgeModel, channel: Channel, data, batch_size: int, limit: int | None = None) -> dict[str, float]:
-    """Accuracy and loss through the split (forward only; labels stay on the edge)."""
+    """Accuracy and loss through the split (forward only; labels stay on the edge).
+
+    Causal LM: next-token loss and token accuracy over the non-pad targets, as
+    :func:`dpeft.train.loop.evaluate` computes them.
+    """
+    from dpeft.split.edge import causal_lm_loss
+
     n = len(data) if limit is None else min(limit, len(data))
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, total = 0.0, 0, 0
     for start in range(0, n, batch_size):
         b = data.batch(list(range(start, min(start + batch_size, n))))
         _, logits = edge.step(channel, b["input_ids"], b["attention_mask"], None, train=False)
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, b["labels"], reduction="sum"))
-        correct += int((logits.argmax(-1) == b["labels"]).sum())
-    return {"eval_loss": loss_sum / max(n, 1), "eval_accuracy": correct / max(n, 1)}
+        if edge.causal:
+            mask = b["attention_mask"][:, 1:].bool()
+            loss_sum += float(causal_lm_loss(logits, b["input_ids"], b["attention_mask"], reduction="sum"))
+            correct += int((logits[:, :-1].argmax(-1)[mask] == b["input_ids"][:, 1:][mask]).sum())
+            total += int(mask.sum())
+        else:
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, b["labels"], reduction="sum"))
+            correct += int((logits.argmax(-1) == b["labels"]).sum())
+            total += len(b["labels"])
+    return {"eval_loss": loss_sum / max(total, 1), "eval_accuracy": correct / max(total, 1)}
 
 
 def handshake(channel: Channel, edge_id: str, token: str = ""):
@@ -306,8 +470,17 @@ def handshake(channel: Channel, edge_id: str, token: str = ""):
     return channel.recv("welcome")
 
 
-def run_edge_session(channel: Channel, welcome, edge: EdgeModel, data: EdgeData, run: RunConfig, split: SplitConfig, edge_id: str = "edge") -> EdgeReport:
-    """Train through the cloud per the welcome (rounds x steps, federated or not); then goodbye."""
+def run_edge_session(
+    channel: Channel, welcome, edge: EdgeModel, data: EdgeData, run: RunConfig, split: SplitConfig, edge_id: str = "edge", state_dir: Path | None = None
+) -> EdgeReport:
+    """Train through the cloud per the welcome (rounds x steps, federated or not); then goodbye.
+
+    Federated rounds are numbered from 1; a round the cloud did not sample this edge for is
+    sat out (``round_update(skipped)``, then the new global). With ``state_dir`` the edge saves
+    its private training state (optimizer, Kill-and-Revive, step count, RNG) after each round's
+    training and restores it when the cloud resumes a run (see :mod:`dpeft.split.checkpoint`).
+    """
+    from dpeft.split.checkpoint import clear_edge_state, restore_edge_state, save_edge_state
     from dpeft.train.loop import batch_schedule, label_log_prior, task_seed
 
     w = welcome.fields
@@ -321,56 +494,80 @@ def run_edge_session(channel: Channel, welcome, edge: EdgeModel, data: EdgeData,
     client_id = int(w["client_id"])
     report = EdgeReport()
     log_prior = None
-    if run.train.loss == "prior_calibrated" and data.train.labels is not None:
+    if run.model.task == "seq_cls" and run.train.loss == "prior_calibrated" and data.train.labels is not None:
         log_prior = label_log_prior(data.train.labels, data.indices, data.num_labels)
 
     def on_frozen(killed: list[int], revived: list[int]) -> None:
         report.killed_history.append((edge.step_count, killed, revived))
         edge.sync_frozen(channel, killed, revived)
 
-    round_num = 0
+    def evaluate(round_num: int) -> None:
+        if data.test is not None:
+            ev = split_evaluate(edge, channel, data.test, run.train.eval_batch_size, split.eval_examples)
+            ev["round"] = round_num
+            report.evals.append(ev)
+            channel.send("round_update", round=round_num, evaluated=True, eval_loss=ev["eval_loss"], eval_accuracy=ev["eval_accuracy"])
+        else:  # no held-out data on this edge: the round's metrics line goes out without evaluation
+            channel.send("round_update", round=round_num, evaluated=False)
+
     rounds = int(w["rounds"])
     steps = int(w["local_steps"])
-    for _ in range(rounds):
-        start_state = edge.state() if federated else None
-        losses = []
-        stats0 = len(report.stats)
-        for idx in batch_schedule(data.indices, steps, run.train.batch_size, task_seed(run.seed, round_num, client_id)):
-            b = data.train.batch(idx)
-            st, _ = edge.step(channel, b["input_ids"], b["attention_mask"], b["labels"], train=True, log_prior=log_prior, on_frozen=on_frozen)
-            losses.append(st.loss)
-            report.stats.append(st)
-            report.steps += 1
-        report.losses.extend(losses)
-        if not federated:
-            break
-        delta = subtract(edge.state(), start_state)
-        rs = report.stats[stats0:]
-        channel.send(
-            "round_update",
-            delta.tensors,
-            round=round_num,
-            num_examples=len(data.indices),
-            train_loss=sum(losses) / len(losses),
-            steps=len(rs),
-            bytes_up=sum(s.bytes_up for s in rs),
-            bytes_down=sum(s.bytes_down for s in rs),
-            edge_flops=float(sum(s.flops for s in rs)),
-        )
+    round_num = int(w["round"]) if federated else 1
+    trains = bool(w["train"]) if federated else True
+    if federated and state_dir is not None:
+        if round_num <= 1:
+            clear_edge_state(state_dir)
+        else:
+            got = restore_edge_state(state_dir, round_num - 1, edge)
+            if got is None:
+                log.warning("no saved edge state of a round <= %d in %s: the optimizer and Kill-and-Revive start over", round_num - 1, state_dir)
+            else:
+                log.info("edge state of round %d restored from %s", got, state_dir)
+    if federated and edge.killed():  # a resumed edge: the cloud needs the killed modules' factors again
+        edge.sync_frozen(channel, edge.killed(), [])
+    if federated and w["evaluate_now"]:
+        evaluate(round_num - 1)
+    while round_num <= rounds:
+        if not trains:
+            channel.send("round_update", round=round_num, skipped=True)
+        else:
+            start_state = edge.state() if federated else None
+            losses = []
+            stats0 = len(report.stats)
+            for idx in batch_schedule(data.indices, steps, run.train.batch_size, task_seed(run.seed, round_num, client_id)):
+                b = data.train.batch(idx)
+                st, _ = edge.step(channel, b["input_ids"], b["attention_mask"], b.get("labels"), train=True, log_prior=log_prior, on_frozen=on_frozen)
+                losses.append(st.loss)
+                report.stats.append(st)
+                report.steps += 1
+            report.losses.extend(losses)
+            report.trained.append(round_num)
+            if not federated:
+                break
+            if state_dir is not None:
+                save_edge_state(state_dir, round_num, edge)
+            delta = subtract(edge.state(), start_state)
+            rs = report.stats[stats0:]
+            channel.send(
+                "round_update",
+                delta.tensors,
+                round=round_num,
+                num_examples=len(data.indices),
+                train_loss=sum(losses) / len(losses),
+                steps=len(rs),
+                bytes_up=sum(s.bytes_up for s in rs),
+                bytes_down=sum(s.bytes_down for s in rs),
+                edge_flops=float(sum(s.flops for s in rs)),
+            )
         g = channel.recv("round_global")
         edge.load(AdapterState(g.tensors(edge.state().schema())))
         # the killed modules' factors changed with the new global: refresh the cloud's copies
         if edge.killed():
             edge.sync_frozen(channel, edge.killed(), [])
+        closed, round_num, trains = int(g.fields["round"]) - 1, int(g.fields["round"]), bool(g.fields["train"])
+        report.rounds.append(closed)
         if w["evaluate"]:
-            if data.test is not None:
-                ev = split_evaluate(edge, channel, data.test, run.train.eval_batch_size, split.eval_examples)
-                ev["round"] = round_num
-                report.evals.append(ev)
-                channel.send("round_update", round=round_num, evaluated=True, eval_loss=ev["eval_loss"], eval_accuracy=ev["eval_accuracy"])
-            else:  # no held-out data on this edge: the round's metrics line goes out without evaluation
-                channel.send("round_update", round=round_num, evaluated=False)
-        round_num = int(g.fields["round"])
+            evaluate(closed)
         if g.fields["done"]:
             break
     channel.send("goodbye", reason="done")

@@ -3,13 +3,14 @@
 The cut (the same for both sides, so both build the same peft model from the same config):
 
 - edge: the word-embedding lookup (token ids never leave the edge; the embedded vectors do),
-  every LoRA factor pair, the classifier head (trained, ``modules_to_save``), the pooling
-  position, the labels and the loss;
+  every LoRA factor pair, the head (classification: the trained classifier, ``modules_to_save``,
+  at the pooling position; causal LM: the frozen LM head, tied to the embedding table in
+  SmolLM2, at every position), the labels or next-token targets and the loss;
 - cloud: everything frozen in between: position/type embeddings, every transformer layer's
   frozen weights, the final norm (Llama) or the pooler (BERT).
 
-Architectures: ``bert`` (all-MiniLM-L6-v2) and ``llama`` (SmolLM2). Another one needs an
-:class:`Arch` with these four functions.
+Architectures: ``bert`` (all-MiniLM-L6-v2, classification) and ``llama`` (SmolLM2,
+classification or causal LM). Another one needs an :class:`Arch` with these four functions.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class Arch:
     """Per-architecture cut points (static methods over the peft model)."""
 
     name = "base"
+    #: next-token task: the head (frozen LM head) and the loss run over every position
+    causal = False
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError
@@ -113,6 +116,10 @@ class Arch:
 
     def hidden_size(self, model: nn.Module) -> int:
         return int(_inner(model).config.hidden_size)
+
+    def feature_shape(self, batch: int, width: int, hidden: int) -> tuple[int, ...]:
+        """Shape of the head's input the cloud sends: one vector per row (B, H)."""
+        return (batch, hidden)
 
 
 class BertArch(Arch):
@@ -170,14 +177,44 @@ class LlamaArch(Arch):
         return _inner(model).score
 
 
+class LlamaCausalArch(LlamaArch):
+    """LlamaForCausalLM: final norm on the cloud; the (frozen, usually tied) LM head, the
+    next-token targets and the loss on the edge, over every position (B, T, H)."""
+
+    name = "llama_causal"
+    causal = True
+
+    def pool_index(self, model, input_ids, attention_mask):
+        return torch.zeros(input_ids.shape[0], dtype=torch.long)  # unused: every position feeds the head
+
+    def backbone(self, model, inputs_embeds, attention_mask, pool_index):
+        out = _inner(model).model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def head(self, model, features):
+        return _inner(model).lm_head(features)
+
+    def head_module(self, model):
+        return _inner(model).lm_head
+
+    def feature_shape(self, batch: int, width: int, hidden: int) -> tuple[int, ...]:
+        return (batch, width, hidden)
+
+
 _ARCHS = {"bert": BertArch(), "llama": LlamaArch()}
+_CAUSAL_ARCHS = {"llama": LlamaCausalArch()}
 
 
 def arch_for(model: nn.Module) -> Arch:
-    """The cut for this model's architecture (ConfigError when unsupported)."""
-    model_type = _inner(model).config.model_type
+    """The cut for this model's architecture and task (ConfigError when unsupported)."""
+    inner = _inner(model)
+    model_type = inner.config.model_type
     if model_type not in _ARCHS:
         raise ConfigError("model", f"split mode supports {', '.join(sorted(_ARCHS))} models, not {model_type!r}")
+    if hasattr(inner, "lm_head") or not (hasattr(inner, "classifier") or hasattr(inner, "score")):
+        if model_type not in _CAUSAL_ARCHS:
+            raise ConfigError("model.task", f"split mode runs causal_lm on {', '.join(sorted(_CAUSAL_ARCHS))} models, not {model_type!r}")
+        return _CAUSAL_ARCHS[model_type]
     return _ARCHS[model_type]
 
 

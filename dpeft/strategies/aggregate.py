@@ -1,4 +1,10 @@
-"""Aggregation math as plain functions and one streaming accumulator."""
+"""Aggregation math as plain functions and one streaming accumulator.
+
+The streaming accumulator and the server step work on flat slices of ``SLICE`` elements, so
+their float64 temporaries stay a few MiB however large a tensor is (a mixed-dtype ``add_``
+over a whole multi-GiB tensor would first make a float64 copy of it); the results are
+bit-identical to whole-tensor arithmetic, element by element.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,16 @@ from collections.abc import Sequence
 
 import torch
 
+from dpeft.codec.spool import release
 from dpeft.state import AdapterState
 from dpeft.strategies.base import Aggregator, ClientUpdate
+
+#: elements per slice of the sliced arithmetic (8 MiB of float64)
+SLICE = 1 << 20
+
+
+def _slices(n: int) -> range:
+    return range(0, n, SLICE)
 
 
 class StreamingWeightedMean(Aggregator):
@@ -29,7 +43,12 @@ class StreamingWeightedMean(Aggregator):
         if w <= 0:
             return
         for k, acc in self._sum.items():
-            acc.add_(update.delta[k], alpha=w)  # promotes into the float64 accumulator, no copy
+            flat, src = acc.view(-1), update.delta[k].reshape(-1)
+            for j, i in enumerate(_slices(flat.numel())):
+                flat[i : i + SLICE].add_(src[i : i + SLICE], alpha=w)  # promoted into float64 slice by slice
+                if j % 8 == 7:
+                    release(update.delta, k)  # a spooled update gives back the pages read so far
+            release(update.delta, k)
         self._weight += w
         self._count += 1
 
@@ -44,7 +63,13 @@ class StreamingWeightedMean(Aggregator):
     def result(self) -> AdapterState:
         if self._count == 0:
             raise ValueError("no updates were aggregated")
-        return AdapterState(OrderedDict((k, (v / self._weight).to(self._dtypes[k])) for k, v in self._sum.items()))
+        out: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for k, v in self._sum.items():
+            out[k] = t = torch.empty(v.shape, dtype=self._dtypes[k])
+            flat, src = t.view(-1), v.view(-1)
+            for i in _slices(flat.numel()):
+                flat[i : i + SLICE] = src[i : i + SLICE] / self._weight
+        return AdapterState(out)
 
 
 def weighted_mean(deltas: Sequence[AdapterState], weights: Sequence[float]) -> AdapterState:
@@ -61,8 +86,17 @@ def apply_delta(global_state: AdapterState, delta: AdapterState, lr: float = 1.0
     """global + lr * delta, computed in float64 and cast back."""
     out = OrderedDict()
     for k, g in global_state.items():
-        out[k] = (g.double() + lr * delta[k].double()).to(g.dtype)
+        out[k] = _sliced_step(g, delta[k], lr)
     return AdapterState(out, dict(global_state.meta))
+
+
+def _sliced_step(g: torch.Tensor, d: torch.Tensor, lr: float) -> torch.Tensor:
+    """``(g.double() + lr * d.double()).to(g.dtype)``, computed slice by slice."""
+    out = torch.empty(g.shape, dtype=g.dtype)
+    flat, gf, df = out.view(-1), g.reshape(-1), d.reshape(-1)
+    for i in _slices(flat.numel()):
+        flat[i : i + SLICE] = gf[i : i + SLICE].double() + lr * df[i : i + SLICE].double()
+    return out
 
 
 def restrict(state: AdapterState, names: Sequence[str]) -> AdapterState:
@@ -75,5 +109,5 @@ def apply_partial_delta(global_state: AdapterState, delta: AdapterState, lr: flo
     """global + lr * delta for the names ``delta`` holds; every other tensor is kept as is."""
     out = OrderedDict()
     for k, g in global_state.items():
-        out[k] = (g.double() + lr * delta[k].double()).to(g.dtype) if k in delta.tensors else g.clone()
+        out[k] = _sliced_step(g, delta[k], lr) if k in delta.tensors else g.clone()
     return AdapterState(out, dict(global_state.meta))

@@ -79,6 +79,18 @@ def make_policy(cfg: SyncConfig, clients_per_round: int | None = None) -> SyncPo
     return _REGISTRY[cfg.name](cfg, clients_per_round)
 
 
+def check_coordinated(run_cfg: Any) -> None:
+    """Config error for a policy without a coordinator in the data path (``allreduce``)."""
+    if getattr(_REGISTRY.get(run_cfg.sync.name), "collective", False):
+        from dpeft.errors import ConfigError
+
+        raise ConfigError(
+            "sync.name",
+            f"{run_cfg.sync.name} aggregates among the workers' process group, without a coordinator: run it with "
+            "`dpeft simulate`, `dpeft ray` or `torchrun -m dpeft.launch.torchrun_allreduce` (README: Cluster scale)",
+        )
+
+
 def deadline_sample_size(run_cfg: Any) -> int:
     """Clients a deadline round samples: ceil(clients_per_round x over_selection), at most ``clients``."""
     return min(run_cfg.clients, math.ceil(run_cfg.clients_per_round * run_cfg.sync.over_selection - 1e-9))

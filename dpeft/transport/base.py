@@ -7,12 +7,21 @@ The coordinator core talks to a :class:`CoordinatorTransport`; a worker runtime 
 from __future__ import annotations
 
 import abc
+import math
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+import torch
+
+from dpeft.codec.spool import SpooledBlob, release
 from dpeft.codec.tensors import StateDecoder
+from dpeft.errors import RejectedUpdate
 from dpeft.state import AdapterState
+
+#: a published payload: in memory, or spooled to a temp file for large adapters
+Blob = Union[bytes, SpooledBlob]
 
 
 @dataclass
@@ -26,6 +35,8 @@ class TrainTask:
     blob_size: int
     blob_sha256: bytes
     hyperparams: dict[str, Any] = field(default_factory=dict)
+    #: CRC-32 of the payload: the worker checks the chunk CRCs against it instead of re-hashing (None = check blob_sha256)
+    blob_crc32: int | None = None
 
 
 @dataclass
@@ -39,6 +50,8 @@ class TaskResult:
     num_examples: int
     metrics: dict[str, float]
     bytes_up: int
+    #: global L2 norm, set when the transport already ran :func:`check_update` (the engine skips its pass)
+    norm: float | None = None
 
 
 @dataclass
@@ -62,6 +75,38 @@ class WorkerRegistration:
     heartbeat_s: float
 
 
+#: elements per slice when an update's norm is computed (bounds the temporaries to a few MiB)
+_NORM_SLICE = 1 << 20
+
+
+def check_update(delta: AdapterState) -> float:
+    """Content checks of a decoded update: every floating value finite. Returns its global L2 norm.
+
+    One pass, tensor by tensor in slices (float64 accumulation, no full-size temporaries); a
+    spooled update gives its pages back every few slices, so a pass costs a few MiB of RAM. Raises
+    ``RejectedUpdate("non_finite")`` naming the first tensor with a NaN or Inf.
+    """
+    total = 0.0
+    for name, t in delta.items():
+        if t.is_floating_point() and t.numel():
+            sq = 0.0
+            for j, piece in enumerate(t.reshape(-1).split(_NORM_SLICE)):
+                sq += float(torch.linalg.vector_norm(piece, dtype=torch.float64)) ** 2
+                if j % 8 == 7:  # a spooled tensor keeps at most ~8 slices of pages resident
+                    release(delta, name)
+            if not math.isfinite(sq) and not bool(t.isfinite().all()):
+                raise RejectedUpdate("non_finite", f"tensor {name} has NaN or Inf")
+            total += sq
+        release(delta, name)
+    return math.sqrt(total)
+
+
+def check_norm(norm: float, max_norm: float | None) -> None:
+    """``RejectedUpdate("norm")`` when ``norm`` exceeds ``max_norm`` (``transport.max_update_norm``; None = no bound)."""
+    if max_norm is not None and not norm <= max_norm:
+        raise RejectedUpdate("norm", f"update L2 norm {norm:.6g} exceeds the bound {max_norm:g} (transport.max_update_norm)")
+
+
 Event = Union[TaskResult, Rejection]
 #: Builds a validating decoder for an upload of ``task_id`` (raises RejectedUpdate if the task is unknown).
 DecoderFactory = Callable[[str, int], StateDecoder]
@@ -75,8 +120,10 @@ class CoordinatorTransport(abc.ABC):
         """Start serving; return the address workers should dial."""
 
     @abc.abstractmethod
-    def publish_blob(self, blob_id: str, payload: bytes) -> None:
-        """Make a payload (an encoded global adapter) downloadable; older blobs may be dropped."""
+    def publish_blob(self, blob_id: str, payload: Blob) -> None:
+        """Make a payload (an encoded global adapter) downloadable; older blobs may be dropped.
+
+        A :class:`~dpeft.codec.spool.SpooledBlob` (large adapters) is served from its file."""
 
     @abc.abstractmethod
     def submit(self, tasks: list[TrainTask], pinned: dict[int, str]) -> None:
@@ -117,8 +164,16 @@ class WorkerConnection(abc.ABC):
     def poll(self) -> TrainTask | float | str:
         """A task, a number of seconds to wait, or a stop reason (str)."""
 
+    def poll_many(self, max_tasks: int) -> list[TrainTask] | float | str:
+        """Up to ``max_tasks`` tasks of one round (for lockstep training), else as :meth:`poll`.
+
+        The default asks for one; a transport that can hand out several at once overrides it.
+        """
+        item = self.poll()
+        return [item] if isinstance(item, TrainTask) else item
+
     @abc.abstractmethod
-    def fetch(self, task: TrainTask) -> bytes:
+    def fetch(self, task: TrainTask) -> bytes | bytearray | mmap.mmap:
         """The payload a task refers to (cached by blob id)."""
 
     @abc.abstractmethod

@@ -31,7 +31,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -183,12 +182,6 @@ def broadcast_state(state: AdapterState | None, src: int = 0) -> AdapterState:
     return decode_state(_broadcast_bytes(data, src))
 
 
-def sample_clients(seed: int, round_num: int, eligible: list[int], k: int) -> list[int]:
-    """The round engine's seeded sample (same seed, round and eligible set -> same clients)."""
-    rng = np.random.default_rng([seed, round_num])
-    return sorted(int(c) for c in rng.choice(eligible, size=k, replace=False))
-
-
 # ---------------------------------------------------------------- rounds
 
 
@@ -204,7 +197,8 @@ def _check_strategy(strategy: Any, state: AdapterState) -> None:
 
 def run_allreduce(cfg: RunConfig, resume: bool = True, quiet: bool = False) -> list[dict[str, Any]]:
     """All rounds on the current process group. Call on every rank; rank 0's metrics rows are returned."""
-    from dpeft.coordinator.checkpoint import latest_checkpoint, save_checkpoint
+    from dpeft.coordinator.checkpoint import clear_checkpoints, latest_checkpoint, save_checkpoint
+    from dpeft.coordinator.engine import sample_clients
     from dpeft.coordinator.global_model import GlobalModel
     from dpeft.coordinator.metrics import MetricsLog
     from dpeft.workers.runtime import WorkerRuntime
@@ -212,7 +206,7 @@ def run_allreduce(cfg: RunConfig, resume: bool = True, quiet: bool = False) -> l
     if not dist.is_initialized():
         init_group()
     rank, world = dist.get_rank(), dist.get_world_size()
-    if cfg.sync.name != "sync":
+    if cfg.sync.name not in ("sync", "allreduce"):
         log.warning("all-reduce rounds are synchronous; sync.name=%s is ignored", cfg.sync.name)
     strategy = make_strategy(cfg.strategy)
     run_dir = Path(cfg.run_dir)
@@ -237,6 +231,7 @@ def run_allreduce(cfg: RunConfig, resume: bool = True, quiet: bool = False) -> l
             metrics.truncate_after(start_round)
         else:
             metrics.truncate_after(-1)
+            clear_checkpoints(run_dir / "checkpoints")  # an earlier run's rounds would outrank this one's
         glob.meta = {**glob.meta, "round": start_round}
     # every rank starts from rank 0's global adapter, round and server-optimizer state
     glob = broadcast_state(glob)
@@ -266,9 +261,12 @@ def run_allreduce(cfg: RunConfig, resume: bool = True, quiet: bool = False) -> l
         aggregator = strategy.begin_round(glob)
         loss_sum = loss_n = examples = rejected = 0.0
         t_train = time.time()
-        for c in mine:
-            task = TrainTask(task_id=f"r{round_num}-c{c}", round=round_num, client_id=c, blob_id=f"r{round_num}", blob_size=len(payload), blob_sha256=b"", hyperparams=hp)
-            update, n, m = runtime.train_task(task, payload)
+        tasks = [
+            TrainTask(task_id=f"r{round_num}-c{c}", round=round_num, client_id=c, blob_id=f"r{round_num}", blob_size=len(payload), blob_sha256=b"", hyperparams=hp)
+            for c in mine
+        ]
+        # this rank's clients of the round, trained together with train.lockstep (one after another otherwise)
+        for c, (update, n, m) in zip(mine, runtime.train_tasks([(t, payload) for t in tasks]), strict=True):
             delta = decode_state(update, schema=schema)
             if n <= 0 or any(t.is_floating_point() and not bool(t.isfinite().all()) for t in delta.tensors.values()):
                 rejected += 1

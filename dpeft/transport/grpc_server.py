@@ -16,8 +16,13 @@ schema). On top of that it is what faces the network:
   back to the front of the queue (another worker takes them); a worker that comes back is alive
   again. Workers that do nothing else send Heartbeat.
 - resumable uploads: an upload that breaks off keeps its verified prefix (per-chunk CRC-32,
-  running sha256) keyed by task id for ``resume_window_s``; ``QueryUpload`` tells the worker
+  running whole-payload CRC-32 or sha256) keyed by task id for ``resume_window_s``; ``QueryUpload`` tells the worker
   where to continue, and a corrupted chunk is refused with DATA_LOSS and re-sent.
+- bounded memory for large adapters: the engine's decoder spools a large upload's data to an
+  unlinked temp file as chunks arrive (:mod:`dpeft.codec.spool`), and a published payload may
+  be a :class:`~dpeft.codec.spool.SpooledBlob` served chunk by chunk from its file; the update
+  is checked (finite values, global L2 norm against ``max_update_norm``) tensor by tensor
+  before it is acknowledged.
 - bad updates: every rejection is a precise gRPC status + message, logged as one structured
   line, and reported to the engine as a :class:`Rejection` (counted in metrics.jsonl); nothing
   reaches the aggregate.
@@ -36,6 +41,7 @@ import queue
 import secrets
 import threading
 import time
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent import futures
@@ -48,11 +54,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dpeft._proto.dpeft.v1 import coordinator_pb2 as pb
 from dpeft._proto.dpeft.v1 import coordinator_pb2_grpc as pb_grpc
+from dpeft.codec.crc import crc32_combine
+from dpeft.codec.spool import SpooledBlob
 from dpeft.codec.tensors import StateDecoder
 from dpeft.errors import ProtocolError, RejectedUpdate
 from dpeft.transport import serde
 from dpeft.transport.auth import AuthInterceptor, TokenStore, metadata_identity
-from dpeft.transport.base import CoordinatorTransport, DecoderFactory, Event, Rejection, TaskResult, TrainTask
+from dpeft.transport.base import (
+    Blob,
+    CoordinatorTransport,
+    DecoderFactory,
+    Event,
+    Rejection,
+    TaskResult,
+    TrainTask,
+    check_norm,
+    check_update,
+)
 
 log = logging.getLogger("dpeft.transport.grpc")
 events_log = logging.getLogger("dpeft.events")
@@ -70,6 +88,45 @@ _REASON_CODES = {
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
     "forbidden": grpc.StatusCode.PERMISSION_DENIED,
 }
+
+
+def blob_piece(blob: Blob, start: int, length: int) -> bytes | memoryview:
+    """``length`` bytes of a published payload from ``start``: a view of an in-memory payload,
+    or one copy read from a spooled one's file."""
+    if isinstance(blob, SpooledBlob):
+        return blob.read(start, length)
+    return memoryview(blob)[start : start + length]
+
+
+def add_servicer(servicer: pb_grpc.CoordinatorServicer, server: grpc.Server) -> None:
+    """Register the Coordinator service like the generated ``add_CoordinatorServicer_to_server``,
+    except that the bulk streams (FetchBlob responses, PushUpdate requests) use serde's zero-copy
+    (de)serializers; the bytes on the wire are the same protobuf messages."""
+    unary = {
+        "Join": (pb.JoinRequest, pb.JoinReply),
+        "PollTask": (pb.PollRequest, pb.PollReply),
+        "Heartbeat": (pb.HeartbeatRequest, pb.HeartbeatReply),
+        "Leave": (pb.LeaveRequest, pb.LeaveReply),
+        "QueryUpload": (pb.UploadQuery, pb.UploadStatus),
+        "Status": (pb.StatusRequest, pb.StatusReply),
+    }
+    handlers: dict[str, grpc.RpcMethodHandler] = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name), request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+        )
+        for name, (req, resp) in unary.items()
+    }
+    handlers["FetchBlob"] = grpc.unary_stream_rpc_method_handler(
+        servicer.FetchBlob, request_deserializer=pb.FetchRequest.FromString, response_serializer=serde.encode_blob_chunk
+    )
+    handlers["PushUpdate"] = grpc.stream_unary_rpc_method_handler(
+        servicer.PushUpdate, request_deserializer=serde.decode_update_part, response_serializer=pb.UpdateAck.SerializeToString
+    )
+    missing = {m.name for m in pb.DESCRIPTOR.services_by_name["Coordinator"].methods} - set(handlers)
+    if missing:  # pragma: no cover - a new RPC in the proto must be added above
+        raise RuntimeError(f"add_servicer does not register {sorted(missing)}")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:
@@ -102,13 +159,19 @@ def channel_options(chunk_bytes: int) -> list[tuple[str, int]]:
 
 @dataclass
 class _Upload:
-    """The verified prefix of one task's upload (what a resumed upload continues)."""
+    """The verified prefix of one task's upload (what a resumed upload continues).
+
+    The whole payload is checked against the header's ``crc32`` (the running CRC ``crc``,
+    combined from the verified chunk CRCs: no second pass) or, from workers that send one, its
+    ``sha256`` (hashed as chunks arrive)."""
 
     worker_id: str
     client_id: int
     size: int
     sha256: bytes
     decoder: StateDecoder
+    crc32: int | None = None
+    crc: int = 0
     digest: Any = field(default_factory=hashlib.sha256)
     received: int = 0
     resumed: int = 0
@@ -197,17 +260,19 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             while True:
                 if self.o._stop_reason is not None:
                     return pb.PollReply(stop_reason=self.o._stop_reason)
-                task = self.o._take_task(request.worker_id, info)
-                if task is not None:
-                    log_event("task_assigned", level=logging.DEBUG, worker=request.worker_id, task=task.task_id, round=task.round)
-                    return pb.PollReply(task=serde.task_to_proto(task))
+                tasks = self.o._take_tasks(request.worker_id, info, request.max_tasks)
+                if tasks:
+                    for task in tasks:
+                        log_event("task_assigned", level=logging.DEBUG, worker=request.worker_id, task=task.task_id, round=task.round)
+                    more = [serde.task_to_proto(t) for t in tasks[1:]]
+                    return pb.PollReply(task=serde.task_to_proto(tasks[0]), more_tasks=more)
                 left = deadline - time.time()
                 if left <= 0 or not context.is_active():
                     return pb.PollReply(wait_s=0.05)
                 self.o._cond.wait(min(left, 0.5))
                 info["last_seen"] = time.time()
 
-    def FetchBlob(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.BlobChunk]:
+    def FetchBlob(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[serde.BlobPiece]:
         info = self._worker(request.worker_id, request.session, context)
         blob = self.o._blobs.get(request.blob_id)
         if blob is None:
@@ -215,11 +280,11 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         if not 0 <= request.offset <= len(blob):
             context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} outside 0..{len(blob)}")
         step = self.o.chunk_bytes
-        view = memoryview(blob)
         for start in range(request.offset, len(blob), step):
-            data = bytes(view[start : start + step])
+            data = blob_piece(blob, start, step)
             self.o._count(down=len(data), info=info)
-            yield pb.BlobChunk(offset=start, data=data)
+            info["last_seen"] = time.time()  # a long download is a sign of life too
+            yield serde.BlobPiece(start, data, zlib.crc32(data))  # serialized by serde.encode_blob_chunk
 
     def QueryUpload(self, request: pb.UploadQuery, context: grpc.ServicerContext) -> pb.UploadStatus:
         self._worker(request.worker_id, request.session, context)
@@ -234,7 +299,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
         worker_id, task_id = "?", "?"
         try:
             first = next(request_iterator, None)
-            if first is None or first.WhichOneof("part") != "header":
+            if first is None or isinstance(first, serde.DataPiece) or first.WhichOneof("part") != "header":
                 raise RejectedUpdate("malformed", "an upload must start with its header")
             try:
                 header = serde.update_header_from_proto(first.header)
@@ -279,12 +344,13 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             if up.received < up.size:  # the worker paused (half-closed early): resumable
                 return pb.UpdateAck(accepted=False, reason="incomplete", received=up.received)
             try:
-                if up.digest.digest() != up.sha256:
+                if up.sha256 and up.digest.digest() != up.sha256:
                     raise RejectedUpdate("checksum", "sha256 of the received bytes does not match the header")
+                if up.crc32 is not None and up.crc != up.crc32:
+                    raise RejectedUpdate("checksum", "CRC-32 of the received bytes does not match the header")
                 state = up.decoder.finish()
-                for name, t in state.items():
-                    if t.is_floating_point() and not bool(t.isfinite().all()):
-                        raise RejectedUpdate("non_finite", f"tensor {name} has NaN or Inf")
+                norm = check_update(state)  # tensor by tensor: a spooled update stays on disk
+                check_norm(norm, o.max_update_norm)
             except ProtocolError as exc:
                 o._drop_upload(task_id, up)
                 return self._reject(context, worker_id, task_id, RejectedUpdate("malformed", str(exc)))
@@ -321,6 +387,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                 num_examples=header["num_examples"],
                 metrics=header["metrics"],
                 bytes_up=up.size,
+                norm=norm,
             )
         )
         return pb.UpdateAck(accepted=True, received=up.received)
@@ -336,6 +403,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                 and up.worker_id == header["worker_id"]
                 and up.size == header["size"]
                 and up.sha256 == header["sha256"]
+                and up.crc32 == header["crc32"]
                 and up.client_id == header["client_id"]
             )
             if up is not None and same and header["offset"] > 0:
@@ -354,7 +422,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                 o._uploads.pop(oldest, None)
                 log_event("upload_evicted", task=oldest)
         decoder = o.decoder_factory(task_id, header["client_id"])  # RejectedUpdate for unknown/closed tasks
-        up = _Upload(header["worker_id"], header["client_id"], header["size"], header["sha256"], decoder)
+        up = _Upload(header["worker_id"], header["client_id"], header["size"], header["sha256"], decoder, crc32=header["crc32"])
         with o._lock:
             o._uploads[task_id] = up
         return up
@@ -362,7 +430,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
     def _receive(self, up: _Upload, request_iterator: Iterator[pb.UpdateChunk], info: dict[str, Any], context: grpc.ServicerContext, task_id: str) -> None:
         o = self.o
         for msg in request_iterator:
-            data, crc_ok = serde.data_chunk_from_proto(msg, up.received)
+            data, crc_ok, crc = serde.checked_chunk(msg, up.received)
             o._count(up=len(data), info=info)
             if not crc_ok:
                 o._corrupt_chunks += 1
@@ -373,7 +441,9 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             up.decoder.feed(data)
             if not up.checked_tensors:
                 self._check_tensor_sizes(up)
-            up.digest.update(data)
+            if up.sha256:
+                up.digest.update(data)
+            up.crc = crc32_combine(up.crc, crc, len(data))
             up.received += len(data)
             info["last_seen"] = time.time()
 
@@ -461,6 +531,7 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
         chunk_bytes: int = 4 << 20,
         max_update_bytes: int = 1 << 31,
         max_tensor_bytes: int = 1 << 31,
+        max_update_norm: float | None = None,
         max_concurrent_uploads: int = 32,
         poll_timeout_s: float = 2.0,
         heartbeat_s: float = 5.0,
@@ -481,6 +552,7 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
         self.chunk_bytes = chunk_bytes
         self.max_update_bytes = max_update_bytes
         self.max_tensor_bytes = max_tensor_bytes
+        self.max_update_norm = max_update_norm
         self.max_concurrent_uploads = max(1, max_concurrent_uploads)
         self.poll_timeout_s = poll_timeout_s
         self.heartbeat_s = heartbeat_s
@@ -496,7 +568,7 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._workers: dict[str, dict[str, Any]] = {}
-        self._blobs: OrderedDict[str, bytes] = OrderedDict()
+        self._blobs: OrderedDict[str, Blob] = OrderedDict()
         self._blob_round: dict[str, int] = {}
         self._pending: deque[TrainTask] = deque()
         self._pinned: dict[int, str] = {}
@@ -521,7 +593,7 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
             options=channel_options(chunk_bytes),
             interceptors=interceptors,
         )
-        pb_grpc.add_CoordinatorServicer_to_server(_Servicer(self), self._server)
+        add_servicer(_Servicer(self), self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self.port: int | None = None
@@ -629,7 +701,7 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
     #: payloads kept beyond those a queued or in-flight task refers to
     keep_blobs = 2
 
-    def publish_blob(self, blob_id: str, payload: bytes) -> None:
+    def publish_blob(self, blob_id: str, payload: Blob) -> None:
         with self._lock:
             self._blobs[blob_id] = payload
 
@@ -671,15 +743,40 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
                 self._uploads.pop(tid, None)
             self._prune_blobs()
 
-    def _take_task(self, worker_id: str, info: dict[str, Any]) -> TrainTask | None:
-        for i, task in enumerate(self._pending):
-            owner = self._pinned.get(task.client_id)
-            if owner == worker_id or (owner is None and not info["own_data"]):
-                del self._pending[i]
-                self._inflight[task.task_id] = (worker_id, task, time.time())
-                info["current_task"] = task.task_id
-                return task
-        return None
+    #: most tasks one poll takes (PollRequest.max_tasks is capped here)
+    max_tasks_per_poll = 64
+
+    def _take_tasks(self, worker_id: str, info: dict[str, Any], max_tasks: int = 1) -> list[TrainTask]:
+        """Tasks for a polling worker (lock held): the first it may run, plus more of that round.
+
+        With ``max_tasks`` > 1 (a worker training clients together), the worker gets its fair
+        share of the round's tasks it may run: ceil(those tasks / idle virtual-client hosts,
+        itself included), at most ``max_tasks``, so the other idle workers are not starved.
+        """
+        mine = [i for i, t in enumerate(self._pending) if self._may_run(t, worker_id, info)]
+        if not mine:
+            return []
+        limit = min(max(1, max_tasks), self.max_tasks_per_poll)
+        if limit > 1:
+            round_num = self._pending[mine[0]].round
+            mine = [i for i in mine if self._pending[i].round == round_num]
+            busy = {w for w, _, _ in self._inflight.values()}
+            idle = sum(
+                1 for wid, w in self._workers.items() if wid == worker_id or (w["alive"] and not w["left"] and not w["own_data"] and wid not in busy)
+            )
+            limit = min(limit, -(-len(mine) // max(1, idle)))
+        taken = [self._pending[i] for i in mine[:limit]]
+        drop = {t.task_id for t in taken}
+        self._pending = deque(t for t in self._pending if t.task_id not in drop)
+        now = time.time()
+        for task in taken:
+            self._inflight[task.task_id] = (worker_id, task, now)
+        info["current_task"] = ",".join(t.task_id for t in taken)
+        return taken
+
+    def _may_run(self, task: TrainTask, worker_id: str, info: dict[str, Any]) -> bool:
+        owner = self._pinned.get(task.client_id)
+        return owner == worker_id or (owner is None and not info["own_data"])
 
     def next_event(self, timeout: float) -> Event | None:
         try:

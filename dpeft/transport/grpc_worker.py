@@ -11,7 +11,9 @@ Built to survive real networks:
 - a heartbeat thread keeps the worker alive on the coordinator while it trains;
 - downloads resume from the byte offset reached; uploads resume from the offset the
   coordinator acknowledges (QueryUpload), each chunk carrying a CRC-32 so a corrupted chunk is
-  re-sent instead of poisoning the update. ``bytes_resent`` counts what went twice.
+  re-sent instead of poisoning the update. ``bytes_resent`` counts what went twice. The whole
+  payload is checked by a CRC-32 combined from the chunk CRCs (:mod:`dpeft.codec.crc`: no
+  second pass over the data), and chunks go through serde's zero-copy (de)serializers.
 - UNAUTHENTICATED / PERMISSION_DENIED are final (:class:`AuthRefused`).
 """
 
@@ -19,9 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import random
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -29,6 +33,8 @@ import grpc
 
 from dpeft._proto.dpeft.v1 import coordinator_pb2 as pb
 from dpeft._proto.dpeft.v1 import coordinator_pb2_grpc as pb_grpc
+from dpeft.codec.crc import chunk_crcs, combine_chunks, crc32_combine
+from dpeft.codec.tensors import zeroed_buffer
 from dpeft.errors import DpeftError, ProtocolError
 from dpeft.transport import serde
 from dpeft.transport.auth import call_metadata
@@ -50,6 +56,10 @@ class CoordinatorGone(ConnectionError):
 
 class AuthRefused(DpeftError):
     """The coordinator refused this worker's credentials (bad or revoked token, wrong worker id)."""
+
+
+class _CorruptChunk(Exception):
+    """A downloaded chunk failed its CRC-32 (fetched again from its offset)."""
 
 
 class _StreamCut(Exception):
@@ -81,12 +91,19 @@ class GrpcWorkerConnection(WorkerConnection):
         else:
             self.channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
+        # the bulk streams with serde's zero-copy (de)serializers (same protobuf bytes on the wire)
+        self._fetch_blob = self.channel.unary_stream(
+            "/dpeft.v1.Coordinator/FetchBlob", request_serializer=pb.FetchRequest.SerializeToString, response_deserializer=serde.decode_blob_chunk
+        )
+        self._push_update = self.channel.stream_unary(
+            "/dpeft.v1.Coordinator/PushUpdate", request_serializer=serde.encode_update_part, response_deserializer=pb.UpdateAck.FromString
+        )
         self.worker_id = ""
         self.session = ""
         self.run_id = ""
         self._join_args: tuple[str, int | None] | None = None
         self._join_lock = threading.Lock()
-        self._cache: tuple[str, bytes] | None = None
+        self._cache: tuple[str, bytes | bytearray | mmap.mmap] | None = None
         self.bytes_up = 0
         self.bytes_down = 0
         self.bytes_resent = 0
@@ -202,45 +219,77 @@ class GrpcWorkerConnection(WorkerConnection):
 
     # -- tasks ------------------------------------------------------------------------
     def poll(self) -> TrainTask | float | str:
-        reply = self._call(lambda: self.stub.PollTask(pb.PollRequest(worker_id=self.worker_id, session=self.session), timeout=30, metadata=self._md()))
+        item = self.poll_many(1)
+        return item[0] if isinstance(item, list) else item
+
+    def poll_many(self, max_tasks: int) -> list[TrainTask] | float | str:
+        want = max(1, int(max_tasks))
+        reply = self._call(
+            lambda: self.stub.PollTask(pb.PollRequest(worker_id=self.worker_id, session=self.session, max_tasks=want), timeout=30, metadata=self._md())
+        )
         kind = reply.WhichOneof("kind")
         if kind == "task":
-            return serde.task_from_proto(reply.task)
+            return [serde.task_from_proto(t) for t in [reply.task, *reply.more_tasks]]
         if kind == "stop_reason":
             return reply.stop_reason or "stopped"
         return float(reply.wait_s)
 
-    def fetch(self, task: TrainTask) -> bytes:
+    def fetch(self, task: TrainTask) -> bytes | bytearray | mmap.mmap:
+        """The payload of ``task``: streamed into one preallocated buffer (no second copy, even
+        for a multi-GiB global), each chunk checked against its CRC-32 and the whole against the
+        task's ``blob_crc32`` (combined from the chunk CRCs) or, without one, its sha256;
+        resumed from the offset reached after a drop or a corrupted chunk."""
         if self._cache is not None and self._cache[0] == task.blob_id:
             return self._cache[1]
-        buf = bytearray()
+        self._cache = None  # never hold two payloads at once
+        buf = zeroed_buffer(task.blob_size)
+        view = memoryview(buf)
+        digest = hashlib.sha256() if task.blob_crc32 is None else None
+        crc = 0
+        filled = 0
         attempts = 0
         start = time.time()
-        while len(buf) < task.blob_size:
+        while filled < task.blob_size:
             try:
-                req = pb.FetchRequest(worker_id=self.worker_id, session=self.session, blob_id=task.blob_id, offset=len(buf))
-                for chunk in self.stub.FetchBlob(req, timeout=600, metadata=self._md()):
-                    if chunk.offset != len(buf) or len(buf) + len(chunk.data) > task.blob_size:
+                req = pb.FetchRequest(worker_id=self.worker_id, session=self.session, blob_id=task.blob_id, offset=filled)
+                for chunk in self._fetch_blob(req, timeout=600, metadata=self._md()):
+                    data = chunk.data  # a view into the received frame
+                    if chunk.offset != filled or filled + len(data) > task.blob_size:
                         raise ProtocolError("payload chunk out of order or beyond the declared size")
-                    buf += chunk.data
-                    self.bytes_down += len(chunk.data)
-            except grpc.RpcError as exc:
-                self._final(exc)
-                if exc.code() == grpc.StatusCode.ABORTED:
-                    self._rejoin()
-                    continue
-                if exc.code() not in _RETRYABLE or time.time() - start > self.patience_s:
-                    raise
+                    got = zlib.crc32(data)
+                    if chunk.crc32 is not None and got != chunk.crc32:
+                        raise _CorruptChunk(f"payload chunk at offset {filled} failed its CRC-32")
+                    view[filled : filled + len(data)] = data
+                    if digest is not None:
+                        digest.update(data)
+                    crc = crc32_combine(crc, got, len(data))
+                    filled += len(data)
+                    self.bytes_down += len(data)
+            except (grpc.RpcError, _CorruptChunk) as exc:
+                if isinstance(exc, grpc.RpcError):
+                    self._final(exc)
+                    if exc.code() == grpc.StatusCode.ABORTED:
+                        self._rejoin()
+                        continue
+                    if exc.code() not in _RETRYABLE:
+                        raise
+                if time.time() - start > self.patience_s:
+                    if isinstance(exc, grpc.RpcError):
+                        raise
+                    raise ProtocolError(f"download of {task.blob_id}: {exc} (again after {attempts} retries)") from None
+                log.info("download of %s interrupted at %d bytes (%s); resuming", task.blob_id, filled, exc)
                 time.sleep(self._backoff(attempts))
                 attempts += 1
-                continue  # resume from len(buf)
-            if len(buf) < task.blob_size:
-                raise ProtocolError(f"payload ended at {len(buf)} of {task.blob_size} bytes")
-        if hashlib.sha256(buf).digest() != task.blob_sha256:
+                continue  # resume from the offset reached
+            if filled < task.blob_size:
+                raise ProtocolError(f"payload ended at {filled} of {task.blob_size} bytes")
+        view.release()
+        if digest is not None and digest.digest() != task.blob_sha256:
             raise ProtocolError("payload checksum mismatch")
-        data = bytes(buf)
-        self._cache = (task.blob_id, data)
-        return data
+        if task.blob_crc32 is not None and crc != task.blob_crc32:
+            raise ProtocolError("payload CRC-32 mismatch")
+        self._cache = (task.blob_id, buf)
+        return buf
 
     def query_upload(self, task_id: str) -> int:
         """Bytes of our upload of ``task_id`` the coordinator holds (where to resume)."""
@@ -250,9 +299,16 @@ class GrpcWorkerConnection(WorkerConnection):
         return int(reply.received)
 
     def push(self, task: TrainTask, payload: bytes, num_examples: int, metrics: dict[str, float]) -> tuple[bool, str]:
+        """Upload ``payload`` in CRC-checked chunks, resuming after drops; (accepted, reason).
+
+        One pass over the payload computes every chunk's CRC-32; the whole-payload CRC the header
+        carries is combined from them (:mod:`dpeft.codec.crc`), and chunks are serialized straight
+        from the payload's memory."""
         size = len(payload)
-        sha = hashlib.sha256(payload).digest()
-        view = memoryview(payload)
+        view = memoryview(payload).cast("B")
+        step = self.chunk_bytes
+        crcs = chunk_crcs(view, step)
+        whole = combine_chunks((c, min(step, size - i * step)) for i, c in enumerate(crcs))
         sent = 0
         offset = 0
         start = time.time()
@@ -260,16 +316,16 @@ class GrpcWorkerConnection(WorkerConnection):
         while True:
             cut: list[BaseException] = []
 
-            def chunks(first: int, cut: list[BaseException] = cut) -> Iterator[pb.UpdateChunk]:
+            def chunks(first: int, cut: list[BaseException] = cut) -> Iterator[pb.UpdateChunk | serde.DataPiece]:
                 nonlocal sent
-                header = serde.update_header_to_proto(self.worker_id, self.session, task, num_examples, metrics, size, sha, offset=first)
+                header = serde.update_header_to_proto(self.worker_id, self.session, task, num_examples, metrics, size, b"", offset=first, crc32=whole)
                 yield pb.UpdateChunk(header=header)
-                for pos in range(first, size, self.chunk_bytes):
-                    data = bytes(view[pos : pos + self.chunk_bytes])
-                    msg = serde.data_chunk_to_proto(pos, data)
+                for pos in range(first, size, step):
+                    data = view[pos : pos + step]  # no copy: serialized straight from the payload
+                    msg = serde.DataPiece(pos, data, crcs[pos // step]) if pos % step == 0 else serde.data_piece(pos, data)
                     if self.chunk_hook is not None:
                         try:
-                            msg.chunk.data = self.chunk_hook(pos, data)
+                            msg = msg._replace(data=self.chunk_hook(pos, bytes(data)))
                         except BaseException as exc:
                             cut.append(exc)
                             raise
@@ -277,7 +333,7 @@ class GrpcWorkerConnection(WorkerConnection):
                     yield msg
 
             try:
-                ack = self.stub.PushUpdate(chunks(offset), timeout=600, metadata=self._md())
+                ack = self._push_update(chunks(offset), timeout=600, metadata=self._md())
             except grpc.RpcError as exc:
                 code = exc.code()
                 self._final(exc)

@@ -27,6 +27,11 @@ flexlora client rank), and while it is among the newest ``keep_blobs``; after th
 drops its reference and Ray frees it. ``forget_tasks`` (tasks the engine gave up on) drops
 them from the queue and discards a running one's result.
 
+Lockstep (``train.lockstep``): an idle actor gets up to ``train.lockstep_clients`` queued
+tasks of one round in one call (``train_many``; its fair share: ceil(that round's queued tasks /
+idle actors)) and trains them together over its shared base, as a gRPC worker does with
+``PollRequest.max_tasks``. Results, failures and re-queues stay per task.
+
 Simulated heterogeneity (``simulate.*``, as in ``dpeft simulate`` workers): a task drawn for
 ``simulate.dropout`` is never run and gets no reply (the engine's ``sync.task_timeout_s``
 notices); a client with ``simulate.speed_factors`` factor ``f`` has its result held back
@@ -46,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from dpeft.codec.spool import SpooledBlob
 from dpeft.errors import DpeftError, ProtocolError, RejectedUpdate
 from dpeft.transport.base import CoordinatorTransport, DecoderFactory, Event, Rejection, TaskResult, TrainTask
 from dpeft.workers.simulate import Heterogeneity
@@ -100,6 +106,15 @@ class _Call:
     task: TrainTask | None  # None: a readiness probe
     attempt: int = 1
     cancelled: bool = False
+    more: list[TrainTask] = field(default_factory=list)  # a lockstep call: further tasks, trained together
+    dropped: set[str] = field(default_factory=set)  # tasks of a lockstep call the engine gave up on
+
+    @property
+    def tasks(self) -> list[TrainTask]:
+        return [] if self.task is None else [self.task, *self.more]
+
+    def wanted(self, task: TrainTask) -> bool:
+        return not self.cancelled and task.task_id not in self.dropped
 
 
 class RayCoordinatorTransport(CoordinatorTransport):
@@ -134,6 +149,9 @@ class RayCoordinatorTransport(CoordinatorTransport):
 
             heterogeneity = Heterogeneity(config_from_dict(config_tree))
         self.sim = heterogeneity
+        train = config_tree.get("train") or {}
+        # train.lockstep: hand an idle actor several tasks of a round at once (trained together)
+        self.lockstep_clients = int(train.get("lockstep_clients") or 1) if train.get("lockstep") else 1
         self._actors: OrderedDict[str, _Actor] = OrderedDict()
         self._blobs: OrderedDict[str, Any] = OrderedDict()
         self._blob_sizes: dict[str, int] = {}
@@ -227,9 +245,11 @@ class RayCoordinatorTransport(CoordinatorTransport):
     #: payloads kept beyond those a queued or in-flight task refers to
     keep_blobs = 2
 
-    def publish_blob(self, blob_id: str, payload: bytes) -> None:
+    def publish_blob(self, blob_id: str, payload: bytes | SpooledBlob) -> None:
         """Put a payload into the object store once (as a uint8 array: zero-copy reads on each node)."""
         if blob_id not in self._blobs:
+            if isinstance(payload, SpooledBlob):  # the object store needs one buffer
+                payload = payload.tobytes()
             self._blobs[blob_id] = self.ray.put(np.frombuffer(payload, dtype=np.uint8))
             self._blob_sizes[blob_id] = len(payload)
 
@@ -240,7 +260,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
         (the engine hands them out again without re-publishing), and the newest ``keep_blobs``.
         A payload is always published right before the submit of the tasks that refer to it.
         """
-        needed = {t.blob_id for t, _ in self._pending} | {c.task.blob_id for c in self._calls.values() if c.task is not None}
+        needed = {t.blob_id for t, _ in self._pending} | {t.blob_id for c in self._calls.values() for t in c.tasks}
         names = list(self._blobs)
         for name in names[: max(0, len(names) - self.keep_blobs)]:
             if name in needed or self._blob_round.get(name) == self._latest_round:
@@ -263,7 +283,9 @@ class RayCoordinatorTransport(CoordinatorTransport):
         drop = set(task_ids)
         self._pending = deque((t, n) for t, n in self._pending if t.task_id not in drop)
         for call in self._calls.values():
-            if call.task is not None and call.task.task_id in drop:
+            if call.more:
+                call.dropped |= {t.task_id for t in call.tasks if t.task_id in drop}
+            elif call.task is not None and call.task.task_id in drop:
                 call.cancelled = True
         if any(d[2].task_id in drop for d in self._delayed):
             self._delayed = [d for d in self._delayed if d[2].task_id not in drop]
@@ -271,11 +293,20 @@ class RayCoordinatorTransport(CoordinatorTransport):
         self._prune_blobs()
 
     def _dispatch(self) -> None:
-        """Hand queued tasks to idle actors, one each."""
-        for a in self._actors.values():
-            if not a.alive or a.busy or a.probing:
-                continue
-            while self._pending and not a.busy:
+        """Hand queued tasks to idle actors: one each, or with lockstep a fair share of a round's tasks."""
+        idle = [a for a in self._actors.values() if a.alive and not a.busy and not a.probing]
+        for n, a in enumerate(idle):
+            if not self._pending:
+                return
+            batch: list[tuple[TrainTask, int, Any]] = []
+            share = 1
+            if self.lockstep_clients > 1:
+                first_round = self._pending[0][0].round
+                queued = sum(1 for t, _ in self._pending if t.round == first_round)
+                share = min(self.lockstep_clients, -(-queued // (len(idle) - n)))
+            while self._pending and len(batch) < share:
+                if batch and self._pending[0][0].round != batch[0][0].round:
+                    break
                 task, attempt = self._pending.popleft()
                 if attempt == 1 and self.sim.drops(task):  # drawn per (seed, round, client, attempt, dispatch), as in simulate
                     log.info("simulated dropout: task %s gets no reply", task.task_id)
@@ -284,15 +315,21 @@ class RayCoordinatorTransport(CoordinatorTransport):
                 if blob is None:
                     self._events.append(Rejection(task.task_id, a.worker_id, "unknown_blob", f"payload {task.blob_id} was dropped"))
                     continue
-                ref = a.handle.train.remote(task, blob)
-                a.busy = True
+                batch.append((task, attempt, blob))
                 if task.blob_id not in a.blobs_seen:  # counted once per actor and payload (the store ships it once per node)
                     a.blobs_seen = (a.blobs_seen & set(self._blobs)) | {task.blob_id}
                     a.bytes_down += self._blob_sizes.get(task.blob_id, 0)
                     self._bytes_down += self._blob_sizes.get(task.blob_id, 0)
-                self._calls[ref] = _Call(a, task, attempt)
-            if not self._pending:
-                return
+            if not batch:
+                continue
+            a.busy = True
+            if len(batch) == 1:
+                task, attempt, blob = batch[0]
+                self._calls[a.handle.train.remote(task, blob)] = _Call(a, task, attempt)
+            else:  # payload refs as top-level arguments, so Ray resolves each (zero-copy) before the call
+                tasks = [t for t, _, _ in batch]
+                ref = a.handle.train_many.remote(tasks, *[b for _, _, b in batch])
+                self._calls[ref] = _Call(a, tasks[0], max(n for _, n, _ in batch), more=tasks[1:])
 
     def next_event(self, timeout: float) -> Event | None:
         deadline = time.time() + timeout
@@ -337,9 +374,10 @@ class RayCoordinatorTransport(CoordinatorTransport):
             return
         except ray.exceptions.RayError as exc:
             a.busy = a.probing = False
-            if call.task is not None and not call.cancelled:
-                log.warning("task %s failed on %s: %s", call.task.task_id, a.worker_id, _short(exc))
-                self._events.append(Rejection(call.task.task_id, a.worker_id, "worker_error", _short(exc)))
+            for task in call.tasks:
+                if call.wanted(task):
+                    log.warning("task %s failed on %s: %s", task.task_id, a.worker_id, _short(exc))
+                    self._events.append(Rejection(task.task_id, a.worker_id, "worker_error", _short(exc)))
             return
         if call.task is None:  # probe answered: the (restarted) actor is back
             a.probing = False
@@ -349,14 +387,24 @@ class RayCoordinatorTransport(CoordinatorTransport):
             log.info("Ray actor %s is back (pid %s)", a.worker_id, value.get("pid"))
             return
         a.busy = False
-        a.tasks_done += 1
-        if call.cancelled:
-            return
-        delay = self.sim.delay_s(call.task.client_id, _compute_s(value))
-        if delay > 0:  # a simulated slow client: the actor is free, the reply comes later
-            heapq.heappush(self._delayed, (time.time() + delay, next(self._seq), call.task, a, value, delay))
-            return
-        self._events.append(self._decode(call.task, a, value))
+        tasks = call.tasks
+        a.tasks_done += len(tasks)
+        if call.more:
+            if not isinstance(value, (list, tuple)) or len(value) != len(tasks):
+                for task in tasks:
+                    self._events.append(Rejection(task.task_id, a.worker_id, "malformed", "train_many returned the wrong number of results"))
+                return
+            results = list(zip(tasks, value, strict=True))
+        else:
+            results = [(tasks[0], value)]
+        for task, result in results:
+            if not call.wanted(task):
+                continue
+            delay = self.sim.delay_s(task.client_id, _compute_s(result))
+            if delay > 0:  # a simulated slow client: the actor is free, the reply comes later
+                heapq.heappush(self._delayed, (time.time() + delay, next(self._seq), task, a, result, delay))
+                continue
+            self._events.append(self._decode(task, a, result))
 
     def _decode(self, task: TrainTask, a: _Actor, value: Any, extra: dict[str, float] | None = None) -> Event:
         try:
@@ -391,10 +439,9 @@ class RayCoordinatorTransport(CoordinatorTransport):
         a = call.actor
         a.busy = False
         a.probing = False
-        if call.task is not None:
-            task = call.task
+        for task in reversed(call.tasks):  # back to the front of the queue, in their order
             log.warning("Ray actor %s failed during task %s (attempt %d): %s", a.worker_id, task.task_id, call.attempt, _short(exc))
-            if not call.cancelled:
+            if call.wanted(task):
                 if call.attempt < self.spec.max_attempts:
                     self._pending.appendleft((task, call.attempt + 1))
                 else:
@@ -453,7 +500,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
 
     def in_flight(self) -> dict[str, str]:
         """task id -> worker id of the tasks currently running."""
-        return {c.task.task_id: c.actor.worker_id for c in self._calls.values() if c.task is not None}
+        return {t.task_id: c.actor.worker_id for c in self._calls.values() for t in c.tasks}
 
 
 def _compute_s(value: Any) -> float:

@@ -1,11 +1,22 @@
-"""The one place where protobuf messages are converted to and from dpeft's dataclasses."""
+"""The one place where protobuf messages are converted to and from dpeft's dataclasses.
+
+The two bulk messages (``BlobChunk`` down, ``UpdateChunk`` carrying a ``DataChunk`` up) also
+have a zero-copy path used as the gRPC (de)serializers of FetchBlob and PushUpdate: a chunk is
+written as protobuf wire bytes straight from a memoryview of the payload (one copy, where a
+message object costs three: into the message, into the serialization, out of a ``bytes``
+slice), and read back as a :class:`BlobPiece` / :class:`DataPiece` whose ``data`` is a
+memoryview into the received frame (no copy; the generated parser and each ``.data`` access
+copy). The wire format is unchanged protobuf, so either end may use the generated classes;
+anything but the canonical chunk layout (a header, the legacy ``data`` field, unknown or
+repeated fields) falls back to the generated parser, which also refuses malformed frames.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 from dpeft._proto.dpeft.v1 import coordinator_pb2 as pb
 from dpeft.errors import ProtocolError
@@ -23,6 +34,7 @@ def task_to_proto(task: TrainTask) -> pb.TrainTask:
         blob_size=task.blob_size,
         blob_sha256=task.blob_sha256,
         hyperparams_json=json.dumps(task.hyperparams, sort_keys=True),
+        blob_crc32=task.blob_crc32,
     )
 
 
@@ -49,13 +61,25 @@ def task_from_proto(msg: pb.TrainTask) -> TrainTask:
         blob_size=msg.blob_size,
         blob_sha256=bytes(msg.blob_sha256),
         hyperparams=_json_object(msg.hyperparams_json, "task hyperparameters"),
+        blob_crc32=msg.blob_crc32 if msg.HasField("blob_crc32") else None,
     )
 
 
 def update_header_to_proto(
-    worker_id: str, session: str, task: TrainTask, num_examples: int, metrics: dict[str, float], size: int, sha256: bytes, offset: int = 0
+    worker_id: str,
+    session: str,
+    task: TrainTask,
+    num_examples: int,
+    metrics: dict[str, float],
+    size: int,
+    sha256: bytes,
+    offset: int = 0,
+    crc32: int | None = None,
 ) -> pb.UpdateHeader:
+    """The first message of an upload: identify it by ``crc32`` (whole-payload CRC-32, with
+    ``sha256`` empty) or by ``sha256``."""
     return pb.UpdateHeader(
+        crc32=crc32,
         offset=offset,
         worker_id=worker_id,
         session=session,
@@ -79,8 +103,8 @@ def update_header_from_proto(msg: pb.UpdateHeader) -> dict[str, Any]:
         raise ProtocolError("too many metrics")
     if len(msg.task_id) > 256 or len(msg.worker_id) > 128:
         raise ProtocolError("task_id or worker_id too long")
-    if len(msg.sha256) != 32:
-        raise ProtocolError("sha256 must be 32 bytes")
+    if len(msg.sha256) != 32 and not (len(msg.sha256) == 0 and msg.HasField("crc32")):
+        raise ProtocolError("sha256 must be 32 bytes (or empty, with the payload's crc32)")
     if not all(math.isfinite(v) for v in msg.metrics.values()):
         raise ProtocolError("metrics must be finite numbers")
     return {
@@ -92,8 +116,127 @@ def update_header_from_proto(msg: pb.UpdateHeader) -> dict[str, Any]:
         "metrics": dict(msg.metrics),
         "size": msg.size,
         "sha256": bytes(msg.sha256),
+        "crc32": msg.crc32 if msg.HasField("crc32") else None,
         "offset": msg.offset,
     }
+
+
+class BlobPiece(NamedTuple):
+    """One FetchBlob chunk: ``data`` (bytes or a memoryview) at byte ``offset`` of the payload,
+    with its CRC-32 (None from a coordinator that sends none)."""
+
+    offset: int
+    data: bytes | memoryview
+    crc32: int | None = None
+
+
+class DataPiece(NamedTuple):
+    """One upload chunk (``UpdateChunk.chunk``): data at ``offset`` with its CRC-32."""
+
+    offset: int
+    data: bytes | memoryview
+    crc32: int
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise ValueError("truncated or over-long varint")
+        b = buf[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return n, pos
+        shift += 7
+
+
+def _fields(buf: memoryview, pos: int, end: int) -> dict[int, Any]:
+    """Fields of a flat message: number -> int (varint) or (start, end) (length-delimited).
+
+    Raises ValueError for anything else (other wire types, repeated fields, bad lengths): the
+    caller then falls back to the generated parser."""
+    out: dict[int, Any] = {}
+    while pos < end:
+        key, pos = _read_varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if number in out:
+            raise ValueError("repeated field")
+        if wire == 0:
+            out[number], pos = _read_varint(buf, pos, end)
+        elif wire == 2:
+            n, pos = _read_varint(buf, pos, end)
+            if pos + n > end:
+                raise ValueError("length beyond the frame")
+            out[number] = (pos, pos + n)
+            pos += n
+        else:
+            raise ValueError("unexpected wire type")
+    return out
+
+
+def encode_blob_chunk(msg: BlobPiece | pb.BlobChunk) -> bytes:
+    """FetchBlob response serializer: a BlobChunk's (canonical) wire bytes in one copy of the data."""
+    if not isinstance(msg, BlobPiece):
+        return msg.SerializeToString()
+    head = (b"\x08" + _varint(msg.offset) if msg.offset else b"") + (b"\x12" + _varint(len(msg.data)) if len(msg.data) else b"")
+    tail = b"\x18" + _varint(msg.crc32) if msg.crc32 is not None else b""
+    return b"".join((head, msg.data, tail))
+
+
+def decode_blob_chunk(raw: bytes) -> BlobPiece:
+    """FetchBlob response deserializer (worker side): data is a view into ``raw``."""
+    view = memoryview(raw)
+    try:
+        f = _fields(view, 0, len(view))
+        offset, data, crc = f.get(1, 0), f.get(2, (0, 0)), f.get(3)
+        if set(f) <= {1, 2, 3} and isinstance(offset, int) and isinstance(data, tuple) and (crc is None or isinstance(crc, int)):
+            if offset < 1 << 63 and (crc is None or crc < 1 << 32):
+                return BlobPiece(offset, view[data[0] : data[1]], crc)
+    except ValueError:
+        pass
+    msg = pb.BlobChunk.FromString(raw)
+    return BlobPiece(msg.offset, msg.data, msg.crc32 if msg.HasField("crc32") else None)
+
+
+def encode_update_part(msg: DataPiece | pb.UpdateChunk) -> bytes:
+    """PushUpdate request serializer: a DataPiece as ``UpdateChunk{chunk: DataChunk}`` in one copy."""
+    if not isinstance(msg, DataPiece):
+        return msg.SerializeToString()
+    head = (b"\x08" + _varint(msg.offset) if msg.offset else b"") + (b"\x12" + _varint(len(msg.data)) if len(msg.data) else b"")
+    tail = b"\x18" + _varint(msg.crc32) if msg.crc32 else b""
+    inner = len(head) + len(msg.data) + len(tail)
+    return b"".join((b"\x1a" + _varint(inner), head, msg.data, tail))
+
+
+def decode_update_part(raw: bytes) -> DataPiece | pb.UpdateChunk:
+    """PushUpdate request deserializer (coordinator side): a data chunk as a DataPiece viewing
+    ``raw``; a header (or anything unusual) as the generated message (DecodeError if invalid)."""
+    view = memoryview(raw)
+    try:
+        outer = _fields(view, 0, len(view))
+        if set(outer) == {3} and isinstance(outer[3], tuple):
+            f = _fields(view, *outer[3])
+            offset, crc = f.get(1, 0), f.get(3, 0)
+            data = f.get(2, (0, 0))
+            if set(f) <= {1, 2, 3} and isinstance(offset, int) and isinstance(crc, int) and isinstance(data, tuple):
+                if offset < 1 << 63 and crc < 1 << 32:
+                    return DataPiece(offset, view[data[0] : data[1]], crc)
+    except ValueError:
+        pass
+    return pb.UpdateChunk.FromString(raw)
 
 
 def data_chunk_to_proto(offset: int, data: bytes) -> pb.UpdateChunk:
@@ -101,19 +244,37 @@ def data_chunk_to_proto(offset: int, data: bytes) -> pb.UpdateChunk:
     return pb.UpdateChunk(chunk=pb.DataChunk(offset=offset, data=data, crc32=zlib.crc32(data)))
 
 
-def data_chunk_from_proto(msg: pb.UpdateChunk, expected_offset: int) -> tuple[bytes, bool]:
+def data_piece(offset: int, data: bytes | memoryview) -> DataPiece:
+    """An upload chunk with its CRC-32 (for :func:`encode_update_part`)."""
+    return DataPiece(offset, data, zlib.crc32(data))
+
+
+def data_chunk_from_proto(msg: pb.UpdateChunk | DataPiece, expected_offset: int) -> tuple[bytes | memoryview, bool]:
     """(bytes, crc_ok) of a data piece; raises ProtocolError for a header or a misplaced chunk.
 
     Legacy ``data`` pieces carry no checksum (crc_ok is True)."""
+    data, crc_ok, _ = checked_chunk(msg, expected_offset)
+    return data, crc_ok
+
+
+def checked_chunk(msg: pb.UpdateChunk | DataPiece, expected_offset: int) -> tuple[bytes | memoryview, bool, int]:
+    """(bytes, crc_ok, the CRC-32 the data has) of a data piece, as :func:`data_chunk_from_proto`."""
+    if isinstance(msg, DataPiece):
+        if msg.offset != expected_offset:
+            raise ProtocolError(f"chunk at offset {msg.offset}, expected {expected_offset}")
+        crc = zlib.crc32(msg.data)
+        return msg.data, crc == msg.crc32, crc
     kind = msg.WhichOneof("part")
     if kind == "data":
-        return msg.data, True
+        data = msg.data
+        return data, True, zlib.crc32(data)
     if kind != "chunk":
         raise ProtocolError("a second header inside one upload" if kind == "header" else "an empty upload message")
     if msg.chunk.offset != expected_offset:
         raise ProtocolError(f"chunk at offset {msg.chunk.offset}, expected {expected_offset}")
     data = msg.chunk.data
-    return data, zlib.crc32(data) == msg.chunk.crc32
+    crc = zlib.crc32(data)
+    return data, crc == msg.chunk.crc32, crc
 
 
 def status_to_dict(msg: pb.StatusReply) -> dict[str, Any]:

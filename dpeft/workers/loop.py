@@ -30,7 +30,9 @@ def _own_dataset(path: str, cfg_tree: dict[str, Any], label_names: list[str] | N
     return TextDataset([t for t, _ in pairs], [index[lab] for _, lab in pairs], label_names)
 
 
-def run_worker(conn: WorkerConnection, worker_id: str, threads: int = 1, data_path: str | None = None, stop: threading.Event | None = None) -> int:
+def run_worker(
+    conn: WorkerConnection, worker_id: str, threads: int = 1, data_path: str | None = None, stop: threading.Event | None = None
+) -> int:
     """Serve tasks until the coordinator says stop (returns 0) or ``stop`` is set."""
     stop = stop or threading.Event()
     set_threads(threads)
@@ -52,13 +54,15 @@ def run_worker(conn: WorkerConnection, worker_id: str, threads: int = 1, data_pa
     log.info("worker %s ready (clients %s)", worker_id, reg.client_ids or "virtual")
     done = 0
     remote_stop = getattr(conn, "stop_requested", None)  # set by a heartbeat reply (gRPC)
-    last: tuple[str, bytes, bytes, int, dict[str, float]] | None = None  # (task id, blob sha, update, n, metrics)
+    want = runtime.lockstep_clients  # train.lockstep: take several tasks of a round and train them together
+    # task id -> (blob sha, update, n, metrics) of the last batch trained
+    last: dict[str, tuple[bytes, bytes, int, dict[str, float]]] = {}
     try:
         while not stop.is_set():
             if remote_stop is not None and remote_stop.is_set():
                 log.info("worker %s stopping: the coordinator asked", worker_id)
                 break
-            item = conn.poll()
+            item = conn.poll_many(want)
             if isinstance(item, str):
                 log.info("worker %s stopping: %s", worker_id, item)
                 break
@@ -66,31 +70,37 @@ def run_worker(conn: WorkerConnection, worker_id: str, threads: int = 1, data_pa
                 if item > 0:
                     time.sleep(min(item, 1.0))
                 continue
-            task: TrainTask = item
-            if last is not None and last[0] == task.task_id and last[1] == task.blob_sha256:
-                # the same task again (a restarted coordinator re-issued it): send the result we have
-                log.info("task %s re-issued; re-sending the update computed before", task.task_id)
-                _push(conn, task, last[2], last[3], last[4])
+            todo: list[tuple[TrainTask, bytes]] = []
+            for task in item:
+                prev = last.get(task.task_id)
+                if prev is not None and prev[0] == task.blob_sha256:
+                    # the same task again (a restarted coordinator re-issued it): send the result we have
+                    log.info("task %s re-issued; re-sending the update computed before", task.task_id)
+                    _push(conn, task, prev[1], prev[2], prev[3])
+                    continue
+                if sim.drops(task):
+                    log.info("simulated dropout: task %s gets no reply", task.task_id)
+                    continue
+                try:
+                    payload = conn.fetch(task)
+                except ConnectionError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - e.g. the payload of a task the coordinator already closed
+                    log.warning("cannot fetch the payload of task %s: %s", task.task_id, exc)
+                    continue
+                todo.append((task, payload))
+            if not todo:
                 continue
-            if sim.drops(task):
-                log.info("simulated dropout: task %s gets no reply", task.task_id)
-                continue
-            try:
-                payload = conn.fetch(task)
-            except ConnectionError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - e.g. the payload of a task the coordinator already closed
-                log.warning("cannot fetch the payload of task %s: %s", task.task_id, exc)
-                continue
-            update, n, metrics = runtime.train_task(task, payload)
-            last = (task.task_id, task.blob_sha256, update, n, metrics)
-            delay = sim.delay_s(task.client_id, metrics.get("compute_s", 0.0))
-            if delay > 0:
-                metrics["simulated_delay_s"] = delay
-                threading.Thread(target=_push_later, args=(conn, task, update, n, metrics, delay, stop), daemon=True).start()
-            else:
-                _push(conn, task, update, n, metrics)
-            done += 1
+            results = runtime.train_tasks(todo)
+            last = {task.task_id: (task.blob_sha256, *result) for (task, _), result in zip(todo, results, strict=True)}
+            for (task, _), (update, n, metrics) in zip(todo, results, strict=True):
+                delay = sim.delay_s(task.client_id, metrics.get("compute_s", 0.0))
+                if delay > 0:
+                    metrics["simulated_delay_s"] = delay
+                    threading.Thread(target=_push_later, args=(conn, task, update, n, metrics, delay, stop), daemon=True).start()
+                else:
+                    _push(conn, task, update, n, metrics)
+                done += 1
     finally:
         stop.set()  # delayed (simulated slow) replies are abandoned
         conn.leave()

@@ -55,6 +55,14 @@ class TrainActor:
         self.tasks_done += 1
         return np.frombuffer(update, dtype=np.uint8), int(num_examples), dict(metrics)
 
+    def train_many(self, tasks: list[TrainTask], *payloads: np.ndarray) -> list[tuple[np.ndarray, int, dict[str, float]]]:
+        """Several tasks of a round, trained together (``train.lockstep``); one result per task, in order."""
+        if len(payloads) != len(tasks):
+            raise ValueError(f"{len(tasks)} tasks but {len(payloads)} payloads")
+        results = self.runtime.train_tasks([(t, memoryview(p)) for t, p in zip(tasks, payloads, strict=True)])
+        self.tasks_done += len(tasks)
+        return [(np.frombuffer(update, dtype=np.uint8), int(n), dict(metrics)) for update, n, metrics in results]
+
     def pid(self) -> int:
         return os.getpid()
 

@@ -12,13 +12,24 @@ payload whose LoRA factors have another rank than the configured one (flexlora's
 ranks) is trained on a second peft adapter of that rank on the same base, created once. Its
 ``lora_alpha`` keeps ``alpha / r`` of the configured adapter, so ``B @ A`` means the same
 weight change at every rank.
+
+With ``train.lockstep`` the worker hands several tasks of a round to :meth:`train_tasks`
+at once: tasks that can share one pass (same adapter rank, same frozen tensors) are trained
+together by :func:`dpeft.train.multi_lora.lockstep_train` -- one forward/backward of the base
+per step, each client's rows through its own adapter, its own optimizer, prox term, personal
+start state and batch order (seeded per (seed, round, client)), so each update equals the one
+sequential training gives, to fp32 rounding. Everything after training (personal tensors saved,
+byzantine corruption, error-feedback codecs) is per client as before. A task that cannot join a
+group is trained alone (a debug log says why).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +45,26 @@ from dpeft.errors import ProtocolError
 from dpeft.state import AdapterState
 from dpeft.strategies.hyperparams import is_full_factor, sent_names
 from dpeft.strategies.lora import has_component, lora_pairs
-from dpeft.train import local_train, make_optimizer, task_seed
+from dpeft.train import LocalResult, local_train, make_optimizer, task_seed
 from dpeft.transport.base import TrainTask
 from dpeft.workers.personal import PersonalStore
+
+log = logging.getLogger("dpeft.worker")
 
 
 def _component_match(name: str, parts: list[str]) -> bool:
     return any(p in name.split(".") for p in parts)
+
+
+@dataclass
+class _Prepared:
+    """A task ready to train: its payload decoded, its adapter and start state chosen."""
+
+    task: TrainTask
+    adapter: str  # peft adapter name (one per LoRA rank)
+    start: AdapterState  # the training start: the received global, personal tensors restored
+    frozen: list[str]  # path components not trained (ffa_lora)
+    t0: float
 
 
 class WorkerRuntime:
@@ -74,19 +98,25 @@ class WorkerRuntime:
         self._rank_adapters: dict[int, str] = {}  # LoRA rank -> peft adapter name (heterogeneous ranks)
         self.personal = PersonalStore(cfg.train.personal_dir or Path(cfg.run_dir) / "personal")
         self.codecs = RunCodecs.from_config(cfg)  # codec.down payloads in, codec.up (+ error feedback) out
+        self._lockstep_refused: dict[str, str | None] = {}  # adapter name -> why lockstep cannot train it
 
-    def _activate_for(self, state: AdapterState) -> None:
-        """Make the peft adapter whose shapes match ``state`` the active one (creating it once per rank)."""
-        name = self.model.active_adapter
-        if state.schema() != self.schema:
-            pairs = lora_pairs(state.tensors)
-            ranks = {int(state[a].shape[0]) for a, _ in pairs.values()}
-            if len(ranks) != 1 or set(state.tensors) != set(self.schema):
-                raise ProtocolError("the payload does not match this worker's adapter (names differ or mixed LoRA ranks)")
-            rank = ranks.pop()
-            name = self._rank_adapters.get(rank) or self._add_rank_adapter(rank)
-        else:
-            name = "default"
+    @property
+    def lockstep_clients(self) -> int:
+        """How many tasks this runtime wants at once (1 unless ``train.lockstep``)."""
+        return self.cfg.train.lockstep_clients if self.cfg.train.lockstep else 1
+
+    def _adapter_for(self, state: AdapterState) -> str:
+        """The peft adapter whose shapes match ``state`` (creating it once per rank)."""
+        if state.schema() == self.schema:
+            return "default"
+        pairs = lora_pairs(state.tensors)
+        ranks = {int(state[a].shape[0]) for a, _ in pairs.values()}
+        if len(ranks) != 1 or set(state.tensors) != set(self.schema):
+            raise ProtocolError("the payload does not match this worker's adapter (names differ or mixed LoRA ranks)")
+        rank = ranks.pop()
+        return self._rank_adapters.get(rank) or self._add_rank_adapter(rank)
+
+    def _use_adapter(self, name: str) -> None:
         if self.model.active_adapter != name:
             self.model.set_adapter(name)
             self.params = adapter_parameters(self.model)
@@ -111,20 +141,86 @@ class WorkerRuntime:
 
     def train_task(self, task: TrainTask, payload: bytes) -> tuple[bytes, int, dict[str, float]]:
         """Run one task: returns (encoded delta, num_examples, metrics)."""
+        return self.train_tasks([(task, payload)])[0]
+
+    def train_tasks(self, items: list[tuple[TrainTask, bytes]]) -> list[tuple[bytes, int, dict[str, float]]]:
+        """Run several tasks (in lockstep where ``train.lockstep`` allows); results in the same order."""
+        decoded: dict[int, AdapterState] = {}  # one decoded global per payload object (tasks of a round share it)
+        prepared = [self._prepare(task, payload, decoded) for task, payload in items]
+        results: list[tuple[bytes, int, dict[str, float]] | None] = [None] * len(prepared)
+        for group in self._groups(prepared):
+            if len(group) > 1:
+                for i, (local, result) in zip(group, self._train_lockstep([prepared[i] for i in group]), strict=True):
+                    results[i] = self._finish(prepared[i], local, result, {"lockstep_clients": float(len(group))})
+            else:
+                (i,) = group
+                local, result = self._train_alone(prepared[i])
+                results[i] = self._finish(prepared[i], local, result, {})
+        return [r for r in results if r is not None]
+
+    def _prepare(self, task: TrainTask, payload: bytes, decoded: dict[int, AdapterState]) -> _Prepared:
         t0 = time.perf_counter()
-        global_state = self.codecs.decode_global(payload)
-        self._activate_for(global_state)
-        load_state(self.model, global_state)  # strict: names and shapes must match the active adapter
+        global_state = decoded.get(id(payload))
+        if global_state is None:
+            global_state = decoded[id(payload)] = self.codecs.decode_global(payload)
+        adapter = self._adapter_for(global_state)
         hp = task.hyperparams
         personal = list(hp.get("personal", []))
-        start = global_state
-        if personal:
-            start = self._restore_personal(task.client_id, global_state, personal)
-        frozen = list(hp.get("freeze", []))
-        names = [n for n in self.params if not _component_match(n, frozen)]
+        start = self._personal_start(task.client_id, global_state, personal) if personal else global_state
+        return _Prepared(task, adapter, start, list(hp.get("freeze", [])), t0)
+
+    def _groups(self, prepared: list[_Prepared]) -> list[list[int]]:
+        """Indices of tasks trained together (lockstep), in first-seen order; singletons train alone."""
+        if not self.cfg.train.lockstep or len(prepared) < 2:
+            return [[i] for i in range(len(prepared))]
+        keyed: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        for i, p in enumerate(prepared):
+            keyed.setdefault((p.adapter, tuple(p.frozen)), []).append(i)
+        groups: list[list[int]] = []
+        for (adapter, _), idx in keyed.items():
+            reason = self._lockstep_reason(adapter)
+            if reason is not None:
+                log.debug("round %s: %d clients trained one after another: %s", prepared[idx[0]].task.round, len(idx), reason)
+                groups.extend([i] for i in idx)
+                continue
+            if len(keyed) > 1:
+                log.debug(
+                    "round %s: tasks differ in adapter rank or frozen tensors; %d trained together on adapter %s",
+                    prepared[idx[0]].task.round,
+                    len(idx),
+                    adapter,
+                )
+            k = self.lockstep_clients  # at most train.lockstep_clients in one pass (memory)
+            groups.extend(idx[at : at + k] for at in range(0, len(idx), k))
+        return groups
+
+    def _lockstep_reason(self, adapter: str) -> str | None:
+        """Why lockstep cannot train on ``adapter`` (None: it can); checked once per adapter."""
+        if adapter not in self._lockstep_refused:
+            from dpeft.train.multi_lora import lockstep_unsupported
+
+            self._use_adapter(adapter)
+            reason = lockstep_unsupported(self.model, self.cfg.model.task)
+            if reason is not None:
+                log.warning(
+                    "train.lockstep: adapter %s cannot be trained in lockstep (%s); its clients train one after another",
+                    adapter,
+                    reason,
+                )
+            self._lockstep_refused[adapter] = reason
+        return self._lockstep_refused[adapter]
+
+    def _trainable(self, frozen: list[str]) -> list[str]:
+        return [n for n in self.params if not _component_match(n, frozen)]
+
+    def _train_alone(self, p: _Prepared) -> tuple[AdapterState, LocalResult]:
+        task = p.task
+        self._use_adapter(p.adapter)
+        load_state(self.model, p.start)  # strict: names and shapes must match the active adapter
+        names = self._trainable(p.frozen)
         params = [self.params[n] for n in names]
-        for n, p in self.params.items():
-            p.requires_grad_(n in names)
+        for n, param in self.params.items():
+            param.requires_grad_(n in names)
         opt = make_optimizer(params, self.cfg.train)
         if self.cfg.train.keep_optimizer_state and task.client_id in self._opt_states:
             opt.load_state_dict(self._opt_states[task.client_id])
@@ -137,23 +233,71 @@ class WorkerRuntime:
             self.cfg.model.task,
             self._train_seed(task),
             optimizer=opt,
-            prox_mu=float(hp.get("prox_mu", 0.0)),
+            prox_mu=float(task.hyperparams.get("prox_mu", 0.0)),
             num_labels=self.num_labels,
         )
         if self.cfg.train.keep_optimizer_state:
             self._opt_states[task.client_id] = opt.state_dict()
-        for p in self.params.values():
-            p.requires_grad_(True)
-        local = extract_state(self.model)
+        for param in self.params.values():
+            param.requires_grad_(True)
+        return extract_state(self.model), result
+
+    def _train_lockstep(self, group: list[_Prepared]) -> list[tuple[AdapterState, LocalResult]]:
+        """One lockstep run for tasks on the same adapter with the same frozen tensors."""
+        from dpeft.train.multi_lora import ClientJob, lockstep_train
+
+        self._use_adapter(group[0].adapter)
+        keep = self.cfg.train.keep_optimizer_state
+        jobs = [
+            ClientJob(
+                p.task.client_id,
+                p.start,
+                self.client_indices(p.task.client_id),
+                self._train_seed(p.task),
+                prox_mu=float(p.task.hyperparams.get("prox_mu", 0.0)),
+                optimizer_state=self._opt_states.get(p.task.client_id) if keep else None,
+            )
+            for p in group
+        ]
+        outcomes = lockstep_train(
+            self.model,
+            self.data,
+            jobs,
+            self.cfg.train,
+            self.cfg.model.task,
+            num_labels=self.num_labels,
+            trainable=self._trainable(group[0].frozen),
+            keep_optimizer_state=keep,
+        )
+        if keep:
+            for o in outcomes:
+                if o.optimizer_state is not None:
+                    self._opt_states[o.client_id] = o.optimizer_state
+        log.debug(
+            "round %s: %d clients trained in lockstep in %.2fs",
+            group[0].task.round,
+            len(group),
+            sum(o.result.compute_s for o in outcomes),
+        )
+        return [(o.state, o.result) for o in outcomes]
+
+    def _finish(
+        self, p: _Prepared, local: AdapterState, result: LocalResult, extra: dict[str, float]
+    ) -> tuple[bytes, int, dict[str, float]]:
+        """Personal tensors saved, the update built (and corrupted for byzantine clients), encoded."""
+        task, hp, start = p.task, p.task.hyperparams, p.start
+        personal = list(hp.get("personal", []))
         if personal:
-            self.personal.save(task.client_id, AdapterState(OrderedDict((k, v) for k, v in local.items() if has_component(k, personal))))
+            self.personal.save(
+                task.client_id, AdapterState(OrderedDict((k, v) for k, v in local.items() if has_component(k, personal)))
+            )
         delta = AdapterState(
             OrderedDict((k, local[k] if is_full_factor(k, hp) else local[k] - start[k]) for k in sent_names(local.tensors, hp)),
             {"round": task.round, "client_id": task.client_id, "kind": "delta"},
         )
         if task.client_id in self.cfg.simulate.byzantine_clients:
             delta = self._corrupt(task, delta)
-        metrics = {"train_loss": result.train_loss, "compute_s": result.compute_s, "task_s": time.perf_counter() - t0}
+        metrics = {"train_loss": result.train_loss, "compute_s": result.compute_s, "task_s": time.perf_counter() - p.t0, **extra}
         pairs = lora_pairs(local.tensors)
         if pairs:
             metrics["lora_rank"] = float(max(local[a].shape[0] for a, _ in pairs.values()))
@@ -165,20 +309,17 @@ class WorkerRuntime:
         base = self.cfg.seed if seq is None else self.cfg.seed + 1_000_003 * (int(seq) + 1)
         return task_seed(base, task.round, task.client_id)
 
-    def _restore_personal(self, client_id: int, received: AdapterState, personal: list[str]) -> AdapterState:
-        """Load the client's saved personal tensors over the received ones; returns the training start state."""
+    def _personal_start(self, client_id: int, received: AdapterState, personal: list[str]) -> AdapterState:
+        """The training start state: the client's saved personal tensors over the received ones."""
         saved = self.personal.load(client_id)
         if saved is None:
             return received
         names = [k for k in received.tensors if has_component(k, personal)]
         if any(k not in saved.tensors or saved[k].shape != received[k].shape for k in names):
             return received  # saved for another adapter shape: start over from the global
-        with torch.no_grad():
-            for k in names:
-                self.params[k].copy_(saved[k].to(self.params[k].dtype))
         start = received.clone()
         for k in names:
-            start.tensors[k] = saved[k].clone()
+            start.tensors[k] = saved[k].to(received[k].dtype).clone()
         return start
 
     def _corrupt(self, task: TrainTask, delta: AdapterState) -> AdapterState:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def scenario(tiny_model: Path, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("bad-input")
     tokens_file = tmp / "tokens.yaml"
     tokens_file.write_text(json.dumps(TOKENS))
-    cfg = load_config(None, tiny_overrides(tiny_model, tmp / "run", rounds=2, transport__max_update_bytes=1 << 20))
+    cfg = load_config(None, tiny_overrides(tiny_model, tmp / "run", rounds=2, transport__max_update_bytes=1 << 20, transport__max_update_norm=10.0))
     engine = RoundEngine(cfg, GlobalModel(cfg), Path(cfg.run_dir), resume=False)
     before = {k: v.clone() for k, v in engine.global_state.items()}
     schema = engine.schema
@@ -66,6 +67,7 @@ def scenario(tiny_model: Path, tmp_path_factory) -> dict:
         num_clients=cfg.clients,
         decoder_factory=engine.decoder_for,
         max_update_bytes=cfg.transport.max_update_bytes,
+        max_update_norm=cfg.transport.max_update_norm,
         poll_timeout_s=0.2,
         tokens=TokenStore(tokens_file, check_every_s=0.0),
     )
@@ -122,8 +124,11 @@ def scenario(tiny_model: Path, tmp_path_factory) -> dict:
 
         cases["nan"] = push(_payload(schema, poison(float("nan"))))
         cases["inf"] = push(_payload(schema, poison(float("inf"))))
+        cases["norm_above_bound"] = push(_payload(schema, poison(12.5)))  # L2 norm 12.5 > transport.max_update_norm=10
         cases["not_a_payload"] = push(b"\x10\x00\x00\x00\x00\x00\x00\x00this is not json" + bytes(64))
         cases["checksum"] = push(zero, sha256=hashlib.sha256(b"something else").digest())
+        cases["crc_checksum"] = push(zero, sha256=b"", crc32=zlib.crc32(zero) ^ 1)  # whole-payload CRC-32 instead of sha256
+        cases["no_digest"] = push(zero, sha256=b"")
         cases["too_large"] = push(zero, size=(1 << 20) + 1)
         cases["zero_examples"] = push(zero, num_examples=0)
         cases["unknown_task"] = push(zero, task=pb.TrainTask(task_id="r1-c99-deadbeef", client_id=99))
@@ -163,8 +168,11 @@ EXPECTED = {
     "wrong_dtype": (grpc.StatusCode.INVALID_ARGUMENT, "dtype F64 but expected F32"),
     "nan": (grpc.StatusCode.INVALID_ARGUMENT, "(non_finite)"),
     "inf": (grpc.StatusCode.INVALID_ARGUMENT, "(non_finite)"),
+    "norm_above_bound": (grpc.StatusCode.INVALID_ARGUMENT, "(norm): update L2 norm 12.5 exceeds the bound 10 (transport.max_update_norm)"),
     "not_a_payload": (grpc.StatusCode.INVALID_ARGUMENT, "(malformed)"),
     "checksum": (grpc.StatusCode.INVALID_ARGUMENT, "(checksum)"),
+    "crc_checksum": (grpc.StatusCode.INVALID_ARGUMENT, "(checksum): CRC-32 of the received bytes does not match the header"),
+    "no_digest": (grpc.StatusCode.INVALID_ARGUMENT, "sha256 must be 32 bytes (or empty, with the payload's crc32)"),
     "too_large": (grpc.StatusCode.INVALID_ARGUMENT, "(too_large)"),
     "zero_examples": (grpc.StatusCode.INVALID_ARGUMENT, "(num_examples)"),
     "unknown_task": (grpc.StatusCode.FAILED_PRECONDITION, "(unknown_task)"),
@@ -194,10 +202,10 @@ def test_garbage_protobuf_is_refused_and_the_server_survives(scenario: dict) -> 
 def test_rejections_counted_and_global_untouched(scenario: dict) -> None:
     row = scenario["row"]
     reasons = row["rejected_reasons"]
-    for reason, n in {"non_finite": 2, "malformed": 2, "checksum": 1, "too_large": 1, "num_examples": 1, "unknown_task": 1,
+    for reason, n in {"non_finite": 2, "norm": 1, "malformed": 3, "checksum": 2, "too_large": 1, "num_examples": 1, "unknown_task": 1,
                       "wrong_client": 1, "duplicate": 1, "unauthenticated": 1}.items():
         assert reasons.get(reason, 0) >= n, (reason, reasons)
-    assert row["rejected"] == sum(reasons.values()) and row["rejected"] >= 14
+    assert row["rejected"] == sum(reasons.values()) and row["rejected"] >= 17
     assert row["clients"] == 2
     assert [r["round"] for r in scenario["metrics"]] == [1]
     before, after = scenario["before"], scenario["after"]

@@ -45,7 +45,7 @@ def _split_step(model, run, batch):
 
         torch.nn.utils.clip_grad_norm_ = clip
         try:
-            stats, logits = edge.step(channel, batch["input_ids"], batch["attention_mask"], batch["labels"], train=True)
+            stats, logits = edge.step(channel, batch["input_ids"], batch["attention_mask"], batch.get("labels"), train=True)
         finally:
             torch.nn.utils.clip_grad_norm_ = real
         updated = {k: p.detach().clone() for k, p in edge.params.items()}
@@ -110,3 +110,65 @@ def test_smollm2_two_layer_slice_split_step_matches_monolithic():
     # q/v share their input; o_proj and down_proj each get their own call
     assert groups == [[0, 1], [2], [3], [4, 5], [6], [7]]
     assert stats.lora_calls == 6
+
+
+def test_causal_lm_llama_split_step_matches_monolithic():
+    """Next-token task on a 2-layer Llama (random weights, tied LM head like SmolLM2): the LM head,
+    the shifted targets and the loss run on the edge; loss, logits, factor gradients and the
+    updated factors equal peft's own causal-LM loss step, with right padding."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dpeft.split.edge import EdgeModel
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], task_type="CAUSAL_LM"))
+    model.eval()
+    _perturb(model)
+    ids = torch.randint(1, 320, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    run = RunConfig(model=ModelConfig(task="causal_lm"), train=TrainConfig(optimizer="sgd", lr=0.5))
+
+    ref = copy.deepcopy(model)
+    params = adapter_parameters(ref)
+    assert all(".lora_" in k for k in params)  # the LM head is frozen: only the factors train
+    from dpeft.train.loop import make_optimizer
+
+    opt = make_optimizer(params.values(), run.train)
+    out = ref(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    out.loss.backward()
+    grads_r = {k: p.grad.detach().clone() for k, p in params.items()}
+    torch.nn.utils.clip_grad_norm_(list(params.values()), run.train.max_grad_norm)
+    opt.step()
+
+    stats, logits, grads, upd, groups = _split_step(model, run, batch)
+    assert abs(stats.loss - float(out.loss.detach())) <= TOL
+    assert logits.shape == (3, 9, 320) and float((logits - out.logits.detach()).abs().max()) <= TOL
+    assert set(grads) == set(grads_r) and all(float(g.abs().max()) > 0 for g in grads.values())
+    for k, p in params.items():
+        assert float((grads[k] - grads_r[k]).abs().max()) <= TOL, k
+        assert float((upd[k] - p.detach()).abs().max()) <= TOL, k
+    assert groups == [[0, 1], [2], [3], [4, 5], [6], [7]]
+    # the edge keeps the tied embedding/LM head and frees the frozen body
+    edge = EdgeModel(copy.deepcopy(model), run.train)
+    assert edge.causal and edge.drop_body() > 0
+    assert edge.arch.head_module(edge.model).weight.device.type == "cpu"
+
+
+def test_causal_lm_on_bert_is_a_config_error_naming_model_task():
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertLMHeadModel
+
+    from dpeft.errors import ConfigError
+    from dpeft.split.spec import arch_for
+
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, is_decoder=True)
+    model = get_peft_model(BertLMHeadModel(cfg), LoraConfig(r=2, target_modules=["query", "value"]))
+    with pytest.raises(ConfigError, match="model.task"):
+        arch_for(model)

@@ -75,7 +75,10 @@ def test_kr_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="split.kr.nope"):
         load_split_config(None, ["split.kr.nope=1"])
     with pytest.raises(ConfigError, match="model.task"):
-        load_split_config(None, ["model.task=causal_lm"])
+        load_split_config(None, ["model.task=token_cls"])
+    with pytest.raises(ConfigError, match="adapter.method"):
+        load_split_config(None, ["adapter.method=ia3"])
+    assert load_split_config(None, ["model.task=causal_lm"])[0].model.task == "causal_lm"  # on Llama models
     run, split = load_split_config(None, ["rounds=3", "split.kr.enabled=true", "split.edges=3"])
     assert run.rounds == 3 and split.kr.enabled and split.edges == 3
 

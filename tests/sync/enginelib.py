@@ -166,10 +166,12 @@ class FakeTransport(CoordinatorTransport):
         pass
 
 
-def make_engine(tmp_path: Path, overrides: list[str], behaviour: Behaviour, state: AdapterState | None = None) -> tuple[RoundEngine, FakeTransport]:
+def make_engine(
+    tmp_path: Path, overrides: list[str], behaviour: Behaviour, state: AdapterState | None = None, resume: bool = False
+) -> tuple[RoundEngine, FakeTransport]:
     """A RoundEngine on a fake model and transport (train.eval_every=1, tiny timeouts by default)."""
     cfg: RunConfig = load_config(None, [f"run_dir={tmp_path / 'run'}", "sync.round_timeout_s=20", *overrides])
     gm = FakeGlobalModel(state or lora_state())
-    engine = RoundEngine(cfg, gm, Path(cfg.run_dir), resume=False)  # type: ignore[arg-type]
+    engine = RoundEngine(cfg, gm, Path(cfg.run_dir), resume=resume)  # type: ignore[arg-type]
     transport = FakeTransport(behaviour, engine, cfg.clients)
     return engine, transport

@@ -206,3 +206,28 @@ def test_partial_strategies_leave_tensors_out_of_updates(tmp_path, name, omitted
     for k in after.tensors:
         moved = not torch.equal(after[k], before[k])
         assert moved == (f".{omitted}." not in k), k
+
+
+def test_a_fresh_run_forgets_an_earlier_runs_checkpoints_and_a_resume_keeps_personal_state(tmp_path) -> None:
+    """`--fresh` in a used run_dir: the earlier run's higher rounds must not outrank (or outlive) the new ones."""
+    from dpeft.coordinator.checkpoint import latest_checkpoint
+
+    engine, tr = make_engine(tmp_path, ["rounds=3", "clients=2", "clients_per_round=2"], lambda t, s: Reply())
+    engine.run(tr)
+    ckpts = engine.run_dir / "checkpoints"
+    assert latest_checkpoint(ckpts)[0] == 3
+    personal = engine.run_dir / "personal"
+    personal.mkdir()
+    (personal / "client-0.safetensors").write_bytes(b"personal B of client 0")
+
+    # resuming keeps the clients' personal state (fedsa_lora's B) and continues from round 3
+    resumed, tr = make_engine(tmp_path, ["rounds=4", "clients=2", "clients_per_round=2"], lambda t, s: Reply(), resume=True)
+    assert resumed.resumed_from == 3 and (personal / "client-0.safetensors").exists()
+
+    # starting over: one round, and the newest checkpoint is that round, not the earlier run's round 3
+    fresh, tr = make_engine(tmp_path, ["rounds=1", "clients=2", "clients_per_round=2"], lambda t, s: Reply())
+    assert not personal.exists()
+    fresh.run(tr)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["round-000001.safetensors"]
+    assert latest_checkpoint(ckpts)[0] == 1
+    assert [r["round"] for r in rows(fresh)] == [0, 1]

@@ -14,7 +14,7 @@ from dpeft.workers.simulate import Heterogeneity
 
 
 def test_registry_names() -> None:
-    assert available_policies() == ["async", "deadline", "sync"]
+    assert available_policies() == ["allreduce", "async", "deadline", "sync"]
 
 
 @pytest.mark.parametrize(

@@ -113,6 +113,16 @@ class FakeTrainActor:
         time.sleep(self.train_s)
         return np.frombuffer(bytes(payload[:4]), dtype=np.uint8), 10, {"train_loss": 1.0, "compute_s": self.compute_s}
 
+    def train_many(self, tasks, *payloads):
+        """train.lockstep: several tasks in one call; each result reports the call's size as ``batch``."""
+        import time
+
+        import numpy as np
+
+        time.sleep(self.train_s)
+        metrics = {"train_loss": 1.0, "compute_s": self.compute_s, "batch": float(len(tasks))}
+        return [(np.frombuffer(bytes(p[:4]), dtype=np.uint8), 10, dict(metrics)) for p in payloads]
+
 
 def register_by_value() -> None:
     """Ray workers cannot import this test module: ship its classes by value."""

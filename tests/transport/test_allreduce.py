@@ -97,3 +97,32 @@ def test_torchrun_allreduce_run_matches_grpc_simulate(simulate_reference, tmp_pa
     rows = [__import__("json").loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients"] == 2 and rows[1]["world_size"] == 2
     assert torch.isfinite(torch.tensor(rows[1]["eval_loss"]))
+
+
+@pytest.mark.integration
+def test_simulate_sync_allreduce_matches_grpc_simulate(simulate_reference, tmp_path):
+    """`dpeft simulate sync.name=allreduce` starts a local gloo group: same global adapter as gRPC simulate."""
+    from dpeft.coordinator.checkpoint import latest_checkpoint
+
+    _sim_dir, (sim_round, sim_global, _, _) = simulate_reference
+    run_dir = tmp_path / "sim-ar"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "dpeft.launch.cli", "simulate", "--fresh", *tiny(run_dir), "sync.name=allreduce", "simulate.dropout=0.1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 ranks" in proc.stderr and "simulate.dropout is ignored" in proc.stderr
+    found = latest_checkpoint(run_dir / "checkpoints")
+    assert found is not None and found[0] == sim_round
+    assert max_abs_diff(found[1], sim_global) <= 1e-6
+    rows = [__import__("json").loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["transport"] == "allreduce" and rows[-1]["world_size"] == 2
+    assert (run_dir / "logs" / "rank-1.log").exists()
+
+
+def test_coordinator_refuses_sync_allreduce(tmp_path):
+    """There is no coordinator in the all-reduce data path: `dpeft coordinator` exits 2 naming the key."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "dpeft.launch.cli", "coordinator", "--listen", "127.0.0.1:0", f"run_dir={tmp_path}", "sync.name=allreduce"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "sync.name" in proc.stderr and "torchrun" in proc.stderr and "Traceback" not in proc.stderr

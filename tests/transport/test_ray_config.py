@@ -100,3 +100,12 @@ def test_cli_help_lists_ray(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "--address" in out and "key=value" in out
+
+
+def test_sync_allreduce_selects_ray_allreduce_mode():
+    from dpeft.config import load_config
+    from dpeft.launch.ray_cli import resolve_mode
+
+    assert resolve_mode(load_config(None, ["sync.name=allreduce"])) == "allreduce"
+    assert resolve_mode(load_config(None, [])) == "actors"
+    assert resolve_mode(load_config(None, ["ray.mode=allreduce"])) == "allreduce"

@@ -209,3 +209,36 @@ def test_simulated_dropout_and_slow_clients(ray_local):
         else:
             assert "simulated_delay_s" not in event.metrics
     assert any(e.client_id % 2 == 1 for e, _ in got.values())
+
+
+def test_lockstep_hands_each_actor_a_share_of_the_round(ray_local):
+    """train.lockstep: an idle actor gets ceil(queued tasks of the round / idle actors) tasks in one train_many call."""
+    from dpeft.config import config_to_dict, load_config
+    from dpeft.transport.ray_transport import RayActorSpec, RayCoordinatorTransport
+
+    register_by_value()
+    cfg = load_config(None, ["clients=8", "clients_per_round=6", "train.lockstep=true", "model.dropout=0", "simulate.speed_factors=[1, 3]"])
+    spec = RayActorSpec(actors=2, num_cpus=0.5, placement_strategy=None)
+    t = RayCoordinatorTransport(
+        config_tree=config_to_dict(cfg), decoder_factory=lambda tid, cid: FakeDecoder(), spec=spec, actor_cls=FakeTrainActor
+    )
+    tasks = [task(f"r1-c{c}", c, "p") for c in range(6)]
+    try:
+        t.start()
+        t.publish_blob("p", b"payload!")
+        t0 = time.time()
+        t.submit(tasks, {})
+        got = {}
+        while len(got) < len(tasks) and time.time() - t0 < 60:
+            event = t.next_event(timeout=0.5)
+            if event is not None:
+                got[event.task_id] = event
+        done = {w: v["tasks_done"] for w, v in t.workers().items()}
+    finally:
+        t.shutdown("test over")
+    assert set(got) == {x.task_id for x in tasks}
+    assert sorted(done.values()) == [3, 3]  # 6 tasks, 2 idle actors: 3 each, one call per actor
+    for event in got.values():
+        assert event.metrics["batch"] == 3
+        # a slow client in a lockstep call is still held back on its own
+        assert ("simulated_delay_s" in event.metrics) == (event.client_id % 2 == 1)

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dpeft.codec.tensors import DTYPES, Limits, Schema, StateDecoder, decode_state, encode_state
+from dpeft.codec.spool import SpoolPolicy
+from dpeft.codec.tensors import DTYPES, Limits, Schema, StateDecoder, decode_state, encode_state, iter_encoded
 from dpeft.codec.updates.base import META_KEY, UpdateCodec
 from dpeft.codec.updates.feedback import DiskResidualStore, ErrorFeedback
 from dpeft.codec.updates.packed import pack, packed_layout, unpack
@@ -158,10 +159,15 @@ class RunCodecs:
         wire = fb.encode(str(client_id), delta) if fb is not None else self.up.encode(delta)
         return encode_state(pack(self.up, wire, delta.schema()) if self.packed else wire)
 
-    def update_decoder(self, schema: Schema, limits: Limits = Limits(), allow_subset: bool = False) -> StateDecoder | CodecStateDecoder:
-        """Streaming decoder for one upload expected to match ``schema``."""
+    def update_decoder(
+        self, schema: Schema, limits: Limits = Limits(), allow_subset: bool = False, spool: SpoolPolicy | None = None
+    ) -> StateDecoder | CodecStateDecoder:
+        """Streaming decoder for one upload expected to match ``schema``.
+
+        With ``spool``, a plain (fp32) upload at least ``spool.threshold`` bytes large is written
+        to a temp file as it arrives and decoded to file-mapped tensors (large adapters)."""
         if is_plain(self.up):
-            return StateDecoder(schema, limits, allow_subset)
+            return StateDecoder(schema, limits, allow_subset, spool)
         return CodecStateDecoder(self.up, schema, limits, allow_subset, packed=self.packed)
 
     # -- coordinator -> worker ------------------------------------------------------
@@ -170,6 +176,10 @@ class RunCodecs:
         if is_plain(self.down):
             return encode_state(state)
         return encode_state(self.down.encode(state))
+
+    def iter_global(self, state: AdapterState) -> Iterator[memoryview]:
+        """:meth:`encode_global` as zero-copy pieces (to spool a large global to a file)."""
+        return iter_encoded(state if is_plain(self.down) else self.down.encode(state))
 
     def decode_global(self, payload: bytes | memoryview) -> AdapterState:
         """Worker side of :meth:`encode_global` (the coordinator is the trusted side here)."""

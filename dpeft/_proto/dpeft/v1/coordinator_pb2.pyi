@@ -35,15 +35,17 @@ class JoinReply(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., session: _Optional[str] = ..., config_yaml: _Optional[str] = ..., client_ids: _Optional[_Iterable[int]] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
 
 class PollRequest(_message.Message):
-    __slots__ = ("worker_id", "session")
+    __slots__ = ("worker_id", "session", "max_tasks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_TASKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session: str
-    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ...) -> None: ...
+    max_tasks: int
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ..., max_tasks: _Optional[int] = ...) -> None: ...
 
 class TrainTask(_message.Message):
-    __slots__ = ("task_id", "round", "client_id", "blob_id", "blob_size", "blob_sha256", "hyperparams_json")
+    __slots__ = ("task_id", "round", "client_id", "blob_id", "blob_size", "blob_sha256", "hyperparams_json", "blob_crc32")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +53,7 @@ class TrainTask(_message.Message):
     BLOB_SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOB_SHA256_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    BLOB_CRC32_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round: int
     client_id: int
@@ -58,17 +61,20 @@ class TrainTask(_message.Message):
     blob_size: int
     blob_sha256: bytes
     hyperparams_json: str
-    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., blob_id: _Optional[str] = ..., blob_size: _Optional[int] = ..., blob_sha256: _Optional[bytes] = ..., hyperparams_json: _Optional[str] = ...) -> None: ...
+    blob_crc32: int
+    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., blob_id: _Optional[str] = ..., blob_size: _Optional[int] = ..., blob_sha256: _Optional[bytes] = ..., hyperparams_json: _Optional[str] = ..., blob_crc32: _Optional[int] = ...) -> None: ...
 
 class PollReply(_message.Message):
-    __slots__ = ("task", "wait_s", "stop_reason")
+    __slots__ = ("task", "wait_s", "stop_reason", "more_tasks")
     TASK_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    MORE_TASKS_FIELD_NUMBER: _ClassVar[int]
     task: TrainTask
     wait_s: float
     stop_reason: str
-    def __init__(self, task: _Optional[_Union[TrainTask, _Mapping]] = ..., wait_s: _Optional[float] = ..., stop_reason: _Optional[str] = ...) -> None: ...
+    more_tasks: _containers.RepeatedCompositeFieldContainer[TrainTask]
+    def __init__(self, task: _Optional[_Union[TrainTask, _Mapping]] = ..., wait_s: _Optional[float] = ..., stop_reason: _Optional[str] = ..., more_tasks: _Optional[_Iterable[_Union[TrainTask, _Mapping]]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("worker_id", "session", "blob_id", "offset")
@@ -83,15 +89,17 @@ class FetchRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ..., blob_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class BlobChunk(_message.Message):
-    __slots__ = ("offset", "data")
+    __slots__ = ("offset", "data", "crc32")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
     offset: int
     data: bytes
-    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    crc32: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("worker_id", "session", "task_id", "client_id", "num_examples", "metrics", "size", "sha256", "offset")
+    __slots__ = ("worker_id", "session", "task_id", "client_id", "num_examples", "metrics", "size", "sha256", "offset", "crc32")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +116,7 @@ class UpdateHeader(_message.Message):
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session: str
     task_id: str
@@ -117,7 +126,8 @@ class UpdateHeader(_message.Message):
     size: int
     sha256: bytes
     offset: int
-    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ..., task_id: _Optional[str] = ..., client_id: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
+    crc32: int
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ..., task_id: _Optional[str] = ..., client_id: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., offset: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class DataChunk(_message.Message):
     __slots__ = ("offset", "data", "crc32")

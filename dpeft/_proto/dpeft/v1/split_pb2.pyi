@@ -95,7 +95,7 @@ class FrozenFactors(_message.Message):
     def __init__(self, module: _Optional[int] = ..., revive: _Optional[bool] = ..., payload: _Optional[bytes] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class RoundUpdate(_message.Message):
-    __slots__ = ("round", "num_examples", "train_loss", "payload", "more", "steps", "bytes_up", "bytes_down", "edge_flops", "eval_loss", "eval_accuracy", "evaluated")
+    __slots__ = ("round", "num_examples", "train_loss", "payload", "more", "steps", "bytes_up", "bytes_down", "edge_flops", "eval_loss", "eval_accuracy", "evaluated", "skipped")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class RoundUpdate(_message.Message):
     EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     EVAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     EVALUATED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_examples: int
     train_loss: float
@@ -120,7 +121,8 @@ class RoundUpdate(_message.Message):
     eval_loss: float
     eval_accuracy: float
     evaluated: bool
-    def __init__(self, round: _Optional[int] = ..., num_examples: _Optional[int] = ..., train_loss: _Optional[float] = ..., payload: _Optional[bytes] = ..., more: _Optional[bool] = ..., steps: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., edge_flops: _Optional[float] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ..., evaluated: _Optional[bool] = ...) -> None: ...
+    skipped: bool
+    def __init__(self, round: _Optional[int] = ..., num_examples: _Optional[int] = ..., train_loss: _Optional[float] = ..., payload: _Optional[bytes] = ..., more: _Optional[bool] = ..., steps: _Optional[int] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., edge_flops: _Optional[float] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ..., evaluated: _Optional[bool] = ..., skipped: _Optional[bool] = ...) -> None: ...
 
 class Goodbye(_message.Message):
     __slots__ = ("reason",)
@@ -157,7 +159,7 @@ class CloudMessage(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., lora_input: _Optional[_Union[LoraInput, _Mapping]] = ..., features: _Optional[_Union[Features, _Mapping]] = ..., lora_output_grad: _Optional[_Union[LoraOutputGrad, _Mapping]] = ..., step_end: _Optional[_Union[StepEnd, _Mapping]] = ..., round_global: _Optional[_Union[RoundGlobal, _Mapping]] = ..., error: _Optional[_Union[SplitError, _Mapping]] = ..., chunk: _Optional[_Union[PayloadChunk, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("session", "config_yaml", "modules", "groups", "client_id", "evaluate", "rounds", "local_steps", "federated", "payload", "more")
+    __slots__ = ("session", "config_yaml", "modules", "groups", "client_id", "evaluate", "rounds", "local_steps", "federated", "payload", "more", "round", "train", "evaluate_now")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
     MODULES_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +171,9 @@ class Welcome(_message.Message):
     FEDERATED_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_NOW_FIELD_NUMBER: _ClassVar[int]
     session: str
     config_yaml: str
     modules: _containers.RepeatedScalarFieldContainer[str]
@@ -180,7 +185,10 @@ class Welcome(_message.Message):
     federated: bool
     payload: bytes
     more: bool
-    def __init__(self, session: _Optional[str] = ..., config_yaml: _Optional[str] = ..., modules: _Optional[_Iterable[str]] = ..., groups: _Optional[_Iterable[_Union[ModuleGroup, _Mapping]]] = ..., client_id: _Optional[int] = ..., evaluate: _Optional[bool] = ..., rounds: _Optional[int] = ..., local_steps: _Optional[int] = ..., federated: _Optional[bool] = ..., payload: _Optional[bytes] = ..., more: _Optional[bool] = ...) -> None: ...
+    round: int
+    train: bool
+    evaluate_now: bool
+    def __init__(self, session: _Optional[str] = ..., config_yaml: _Optional[str] = ..., modules: _Optional[_Iterable[str]] = ..., groups: _Optional[_Iterable[_Union[ModuleGroup, _Mapping]]] = ..., client_id: _Optional[int] = ..., evaluate: _Optional[bool] = ..., rounds: _Optional[int] = ..., local_steps: _Optional[int] = ..., federated: _Optional[bool] = ..., payload: _Optional[bytes] = ..., more: _Optional[bool] = ..., round: _Optional[int] = ..., train: _Optional[bool] = ..., evaluate_now: _Optional[bool] = ...) -> None: ...
 
 class ModuleGroup(_message.Message):
     __slots__ = ("modules",)
@@ -233,16 +241,18 @@ class StepEnd(_message.Message):
     def __init__(self, step: _Optional[int] = ...) -> None: ...
 
 class RoundGlobal(_message.Message):
-    __slots__ = ("round", "done", "payload", "more")
+    __slots__ = ("round", "done", "payload", "more", "train")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
     round: int
     done: bool
     payload: bytes
     more: bool
-    def __init__(self, round: _Optional[int] = ..., done: _Optional[bool] = ..., payload: _Optional[bytes] = ..., more: _Optional[bool] = ...) -> None: ...
+    train: bool
+    def __init__(self, round: _Optional[int] = ..., done: _Optional[bool] = ..., payload: _Optional[bytes] = ..., more: _Optional[bool] = ..., train: _Optional[bool] = ...) -> None: ...
 
 class SplitError(_message.Message):
     __slots__ = ("message",)

@@ -1,0 +1,172 @@
+"""Payloads too large to hold in memory twice: spooled to an unlinked temporary file.
+
+A coordinator with a multi-GiB adapter must not keep every upload, nor the serialized global
+it serves, as a Python ``bytearray``. Two pieces here keep its memory bounded by a few chunks
+(plus the global state and the aggregate, which it needs anyway):
+
+- :class:`SpoolFile`: the data region of one incoming payload, written chunk by chunk as the
+  (already schema-checked) chunks arrive. Its tensors are then *mapped* from the file
+  (:meth:`SpoolFile.tensor`), each through its own private, copy-on-write ``mmap``; a pass
+  over a tensor (validation, folding into the aggregate) calls :meth:`SpooledState.release`
+  every few slices so the kernel drops the pages it touched from this process (they stay in
+  the page cache, or go back to disk under pressure). The resident cost of a pass over a
+  spooled update is a few slices, not the update.
+- :class:`SpooledBlob`: a payload written once to a file (e.g. the encoded global adapter of a
+  round) and served in ranges with ``os.pread``: no full in-memory copy exists.
+
+Both files are created with :func:`tempfile.TemporaryFile` (unlinked at once), so they vanish
+when the last reference goes, including on a crash. Nothing here parses untrusted bytes: the
+layout (dtypes, shapes, offsets) comes from a header the caller validated first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import tempfile
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpeft.state import AdapterState
+
+_GRANULARITY = mmap.ALLOCATIONGRANULARITY
+
+
+@dataclass(frozen=True)
+class SpoolPolicy:
+    """Where and from which size payloads are spooled to disk (``None`` dir = system temp dir)."""
+
+    threshold: int = 64 << 20
+    directory: str | os.PathLike[str] | None = None
+
+    def applies(self, size: int) -> bool:
+        return size >= self.threshold
+
+    def make_dir(self) -> str | None:
+        if self.directory is None:
+            return None
+        Path(self.directory).mkdir(parents=True, exist_ok=True)
+        return str(self.directory)
+
+
+class SpoolFile:
+    """An unlinked temporary file receiving one payload's data region sequentially."""
+
+    def __init__(self, size: int, policy: SpoolPolicy) -> None:
+        self.size = size
+        self._fh = tempfile.TemporaryFile(dir=policy.make_dir(), prefix="dpeft-spool-", buffering=0)
+        self.written = 0
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
+
+    def write(self, data: memoryview | bytes) -> None:
+        """Append ``data`` (the caller has checked it fits in ``size``)."""
+        view = memoryview(data)
+        while len(view):
+            n = self._fh.write(view)
+            if n is None or n <= 0:  # pragma: no cover - unbuffered writes on a regular file
+                raise OSError("short write to a spool file")
+            view = view[n:]
+            self.written += n
+
+    def tensor(self, dtype: torch.dtype, shape: tuple[int, ...], start: int, end: int) -> tuple[torch.Tensor, mmap.mmap | None]:
+        """The tensor stored at ``[start, end)``, mapped (private, copy-on-write) from the file,
+        and its mapping (None for an empty tensor)."""
+        if end == start:
+            return torch.empty(shape, dtype=dtype), None
+        base = start - start % _GRANULARITY
+        mm = mmap.mmap(self.fileno(), end - base, offset=base, access=mmap.ACCESS_COPY)
+        count = (end - start) // torch.empty((), dtype=dtype).element_size()
+        return torch.frombuffer(mm, dtype=dtype, offset=start - base, count=count).reshape(shape), mm
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class SpooledState(AdapterState):
+    """An AdapterState whose tensors are mapped from a :class:`SpoolFile`.
+
+    Every tensor is an ordinary CPU tensor (writable: the mappings are private copy-on-write).
+    :meth:`release` lets a pass over the update give back the pages of a tensor it is done with:
+    they are dropped from this process (the data stays in the file). A page written in place is
+    discarded too, so only passes that read call it.
+    """
+
+    def __init__(
+        self, tensors: OrderedDict[str, torch.Tensor], meta: dict[str, Any], spool: SpoolFile, maps: dict[str, mmap.mmap]
+    ) -> None:
+        super().__init__(tensors, meta)
+        self.spool = spool  # keeps the file alive as long as the state is
+        self._maps = maps
+
+    def release(self, name: str) -> None:
+        mm = self._maps.get(name)
+        if mm is not None and hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
+
+class SpooledBlob:
+    """A payload written once to an unlinked temp file, served by range (``len``, ``read``).
+
+    :meth:`write` streams ``pieces`` (memoryviews, e.g. :func:`~dpeft.codec.tensors.iter_encoded`)
+    to the file and hashes them on the way (sha256 and CRC-32), so publishing a multi-GiB global adapter costs one
+    chunk of memory, not a serialized copy.
+    """
+
+    def __init__(self, fh: Any, size: int, sha256: bytes, crc32: int) -> None:
+        self._fh = fh
+        self.size = size
+        self.sha256 = sha256
+        self.crc32 = crc32
+
+    @classmethod
+    def write(cls, pieces: Iterable[memoryview | bytes], policy: SpoolPolicy) -> SpooledBlob:
+        fh = tempfile.TemporaryFile(dir=policy.make_dir(), prefix="dpeft-blob-", buffering=0)
+        digest = hashlib.sha256()
+        crc = 0
+        size = 0
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            digest.update(view)
+            crc = zlib.crc32(view, crc)
+            while len(view):
+                n = fh.write(view)
+                view = view[n:]
+                size += n
+        return cls(fh, size, digest.digest(), crc)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (fewer at the end)."""
+        length = max(0, min(length, self.size - offset))
+        out = os.pread(self._fh.fileno(), length, offset)
+        while len(out) < length:  # pragma: no cover - short reads on regular files are rare
+            more = os.pread(self._fh.fileno(), length - len(out), offset + len(out))
+            if not more:
+                raise OSError("spooled blob ended early")
+            out += more
+        return out
+
+    def tobytes(self) -> bytes:
+        """The whole payload in memory (for transports that need one buffer, such as Ray's)."""
+        return self.read(0, self.size)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def release(state: AdapterState, name: str) -> None:
+    """``state.release(name)`` for spooled states; nothing for in-memory ones."""
+    fn = getattr(state, "release", None)
+    if fn is not None:
+        fn(name)
