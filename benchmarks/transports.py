@@ -284,8 +284,10 @@ def report(rows: list[dict], params: int, rounds: int, write: bool = True) -> st
         summary = (
             f"From {lo} to {hi} workers the gRPC round grows {by[('grpc', hi)] / by[('grpc', lo)]:.1f}x (every byte through the "
             f"coordinator's process), Ray's {by[('ray', hi)] / by[('ray', lo)]:.1f}x (one shared-memory copy of the payload per node, "
-            f"zero-copy reads), all-reduce {by[('allreduce', hi)] / by[('allreduce', lo)]:.1f}x. On one small machine Ray's star "
-            "beats the all-reduce: gloo goes through loopback TCP with float64 sums (2x the bytes) and N ranks share the cores. "
+            f"zero-copy reads), all-reduce {by[('allreduce', hi)] / by[('allreduce', lo)]:.1f}x. On this one small machine "
+            f"all-reduce beats Ray's star at {_listing([n for n in ns if by[('allreduce', n)] < by[('ray', n)]])} workers and Ray "
+            f"wins at {_listing([n for n in ns if by[('allreduce', n)] >= by[('ray', n)]])}: gloo goes through loopback TCP with "
+            "float64 sums (2x the bytes) and N ranks share the cores. "
             "Across machines the ring's advantage is the coordinator link: a star pushes N*S each way through one NIC, the ring "
             "at most 2S' per rank whatever N."
         )
@@ -323,6 +325,10 @@ def report(rows: list[dict], params: int, rounds: int, write: bool = True) -> st
         write_section("transports", "Transport overhead per round: gRPC vs Ray vs all-reduce", body)
         _plot(rows, HERE / "transports.png", S)
     return body
+
+
+def _listing(ns: list[int]) -> str:
+    return ", ".join(str(n) for n in ns) if ns else "no number of"
 
 
 def _plot(rows, path: Path, S: int) -> None:

@@ -149,8 +149,8 @@ class MetricsLog:
         if rows:
             fig, ax = plt.subplots(figsize=(6, 4))
             x = [r["round"] for r in rows]
-            ax.bar([v - 0.2 for v in x], [r["bytes_up"] / 1024 for r in rows], width=0.4, label="up (workers -> coordinator)")
-            ax.bar([v + 0.2 for v in x], [r["bytes_down"] / 1024 for r in rows], width=0.4, label="down")
+            ax.bar([v - 0.2 for v in x], [r["bytes_up"] / 1024 for r in rows], width=0.4, label="up (client updates to the aggregator)")
+            ax.bar([v + 0.2 for v in x], [r["bytes_down"] / 1024 for r in rows], width=0.4, label="down (global to the clients)")
             ax.set_xlabel("round")
             ax.set_ylabel("KiB per round")
             ax.legend()
