@@ -50,7 +50,7 @@ def rank_env(rank: int, world: int, port: int, threads: int) -> dict[str, str]:
 
 def run_local_allreduce(cfg: RunConfig, resume: bool = True, backend: str | None = None) -> int:
     """Run every round on ``cfg.simulate.processes`` local ranks; returns the exit code."""
-    from dpeft.launch.ray_cli import warn_collective_ignores  # imports no ray
+    from dpeft.transport.distributed_allreduce import warn_collective_ignores
 
     warn_collective_ignores(cfg, "dpeft simulate", "sync=allreduce")
     world = max(1, cfg.simulate.processes)
@@ -72,16 +72,33 @@ def run_local_allreduce(cfg: RunConfig, resume: bool = True, backend: str | None
     port = free_port()
     try:
         for rank in range(world):
-            cmd = [sys.executable, "-m", "dpeft.launch.torchrun_allreduce", "--config", config_path, "--threads", str(threads), "--exit-with-parent"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "dpeft.launch.torchrun_allreduce",
+                "--config",
+                config_path,
+                "--threads",
+                str(threads),
+                "--exit-with-parent",
+            ]
             if backend:
                 cmd += ["--backend", backend]
             if not resume:
                 cmd.append("--fresh")
             out = None if rank == 0 else open(logs / f"rank-{rank}.log", "wb")
-            procs.append(subprocess.Popen(cmd, env=rank_env(rank, world, port, threads), stdout=out, stderr=subprocess.STDOUT if out else None))
+            procs.append(
+                subprocess.Popen(
+                    cmd, env=rank_env(rank, world, port, threads), stdout=out, stderr=subprocess.STDOUT if out else None
+                )
+            )
             if out is not None:
                 out.close()
-        print(f"dpeft simulate: sync=allreduce, {world} ranks (gloo on CPU) on 127.0.0.1:{port}; run directory {run_dir}", file=sys.stderr, flush=True)
+        print(
+            f"dpeft simulate: sync=allreduce, {world} ranks (gloo on CPU) on 127.0.0.1:{port}; run directory {run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
         while not interrupted:
             codes = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
@@ -103,4 +120,3 @@ def run_local_allreduce(cfg: RunConfig, resume: bool = True, backend: str | None
         for s, h in old.items():
             signal.signal(s, h)
         os.unlink(config_path)
-

@@ -91,20 +91,9 @@ def warn_simulate_only(cfg: RunConfig) -> list[str]:
     """
     if cfg.ray.mode != "allreduce":
         return []
+    from dpeft.transport.distributed_allreduce import warn_collective_ignores
+
     return warn_collective_ignores(cfg, "dpeft ray", "ray.mode=allreduce")
-
-
-def warn_collective_ignores(cfg: RunConfig, prog: str, mode: str) -> list[str]:
-    """Warn that all-reduce rounds cannot simulate stragglers and dropouts; returns the ignored keys."""
-    ignored = [key for key, on in (("simulate.speed_factors", bool(cfg.simulate.speed_factors)), ("simulate.dropout", cfg.simulate.dropout > 0)) if on]
-    if ignored:
-        print(
-            f"{prog}: warning: {' and '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored with {mode} "
-            "(synchronous all-reduce rounds; simulate.byzantine_clients still apply)",
-            file=sys.stderr,
-            flush=True,
-        )
-    return ignored
 
 
 # ---------------------------------------------------------------- driver

@@ -185,6 +185,20 @@ def broadcast_state(state: AdapterState | None, src: int = 0) -> AdapterState:
 # ---------------------------------------------------------------- rounds
 
 
+def warn_collective_ignores(cfg: RunConfig, prog: str, mode: str) -> list[str]:
+    """Warn that all-reduce rounds cannot simulate stragglers and dropouts; returns the ignored keys."""
+    ignored = [key for key, on in (("simulate.speed_factors", bool(cfg.simulate.speed_factors)), ("simulate.dropout", cfg.simulate.dropout > 0)) if on]
+    if ignored:
+        print(
+            f"{prog}: warning: {' and '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored with {mode} "
+            "(synchronous all-reduce rounds; simulate.byzantine_clients still apply)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return ignored
+
+
+
 def _check_strategy(strategy: Any, state: AdapterState) -> None:
     inner = unwrap(strategy.make_aggregator(state))
     if not isinstance(inner, StreamingWeightedMean):

@@ -24,7 +24,12 @@ from dpeft.state import AdapterState
 
 
 def test_two_edges_fedavg_round_is_the_weighted_mean_of_their_deltas():
-    run = RunConfig(rounds=2, model=ModelConfig(max_length=24), train=TrainConfig(local_steps=2, batch_size=4, loss="cross_entropy", lr=1e-2), strategy=StrategyConfig(name="fedavg"))
+    run = RunConfig(
+        rounds=2,
+        model=ModelConfig(max_length=24),
+        train=TrainConfig(local_steps=2, batch_size=4, loss="cross_entropy", lr=1e-2),
+        strategy=StrategyConfig(name="fedavg"),
+    )
     split = SplitConfig(edges=2, layers=2, eval_examples=0)
     bundle = build_model(run.model, run.adapter, 2, 0)
     slice_layers(bundle.model, 2)
@@ -66,16 +71,7 @@ def test_two_edges_fedavg_round_is_the_weighted_mean_of_their_deltas():
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=edge_main, args=(i,)) for i in range(2)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
-        assert service.finished.wait(10)
-    finally:
-        server.stop(0.5)
+    _serve_edges(service, server, edge_main, 2, errors)
     # rounds are numbered from 1 (round 0: the untrained global's line), as in `dpeft simulate`
     assert len(globals_seen) == 2 and [r["round"] for r in fed.rows] == [0, 1, 2] and sorted(submitted) == [1, 2]
     assert fed.rows[0]["clients"] == 0 and fed.rows[0]["train_loss"] is None
@@ -117,10 +113,29 @@ def test_edge_flop_formula_matches_torch_flop_counter():
     assert fc.get_total_flops() == head_flops(4, 384, 2, True)
 
 
-SIMULATE = [sys.executable, "-m", "dpeft.launch.cli", "split", "simulate", "rounds=3", "train.local_steps=2", "train.batch_size=4",
-            "split.edges=2", "split.layers=1", "data.max_train_examples=40", "data.test_examples=8", "split.eval_examples=8",
-            "model.max_length=24", "data.partition=iid", "split.kr.enabled=true", "split.kr.window=1", "split.kr.warmup=1",
-            "split.kr.revive_every=0", "split.wire_dtype=bf16", "adapter.dropout=0.1"]
+SIMULATE = [
+    sys.executable,
+    "-m",
+    "dpeft.launch.cli",
+    "split",
+    "simulate",
+    "rounds=3",
+    "train.local_steps=2",
+    "train.batch_size=4",
+    "split.edges=2",
+    "split.layers=1",
+    "data.max_train_examples=40",
+    "data.test_examples=8",
+    "split.eval_examples=8",
+    "model.max_length=24",
+    "data.partition=iid",
+    "split.kr.enabled=true",
+    "split.kr.window=1",
+    "split.kr.warmup=1",
+    "split.kr.revive_every=0",
+    "split.wire_dtype=bf16",
+    "adapter.dropout=0.1",
+]
 
 
 def _in_own_group(cmd, run_dir, timeout, until=None):
@@ -194,7 +209,12 @@ def test_split_simulate_sigkilled_and_resumed_ends_like_an_uninterrupted_run(tmp
         assert float((got[k] - want[k]).abs().max()) <= 1e-6, k
     assert any(float((want[k]).abs().max()) > 0 for k in want if "lora_B" in k)  # it trained
     # a bad key exits 2 with a message naming it
-    bad = subprocess.run([sys.executable, "-m", "dpeft.launch.cli", "split", "simulate", "split.kr.budget=2"], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "dpeft.launch.cli", "split", "simulate", "split.kr.budget=2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "split.kr.budget" in bad.stderr
 
 
@@ -215,7 +235,10 @@ def test_token_is_checked_and_never_sent_to_edges():
         conn = EdgeConnection(server.address, patience_s=10)
         welcome = handshake(conn.channel, "edge", "s3cret-token")
         assert "s3cret-token" not in welcome.fields["config_yaml"]
-        assert welcome.fields["modules"] == ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value"]
+        assert welcome.fields["modules"] == [
+            "bert.encoder.layer.0.attention.self.query",
+            "bert.encoder.layer.0.attention.self.value",
+        ]
         conn.channel.send("goodbye", reason="done")
         conn.close()
     finally:
@@ -238,9 +261,28 @@ def test_split_cloud_listen_and_edge_with_own_data_file(tmp_path):
     run_dir = tmp_path / "cloud"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cloud = subprocess.Popen(
-        [sys.executable, "-m", "dpeft.launch.cli", "split", "cloud", "--listen", "127.0.0.1:0", "rounds=1", "train.local_steps=2",
-         "train.batch_size=4", "split.edges=1", "split.layers=1", "model.max_length=16", "split.token=tok", f"run_dir={run_dir}"],
-        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "dpeft.launch.cli",
+            "split",
+            "cloud",
+            "--listen",
+            "127.0.0.1:0",
+            "rounds=1",
+            "train.local_steps=2",
+            "train.batch_size=4",
+            "split.edges=1",
+            "split.layers=1",
+            "model.max_length=16",
+            "split.token=tok",
+            f"run_dir={run_dir}",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         address = None
         for line in cloud.stderr:
@@ -249,8 +291,25 @@ def test_split_cloud_listen_and_edge_with_own_data_file(tmp_path):
                 address = m.group(1)
                 break
         assert address, "the cloud did not report its address"
-        edge = subprocess.run([sys.executable, "-m", "dpeft.launch.cli", "split", "edge", "--cloud", address, "--data", str(data), "--token", "tok"],
-                              capture_output=True, text=True, timeout=180, env=env)
+        edge = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dpeft.launch.cli",
+                "split",
+                "edge",
+                "--cloud",
+                address,
+                "--data",
+                str(data),
+                "--token",
+                "tok",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=env,
+        )
         assert edge.returncode == 0, edge.stderr[-2000:]
         assert "2 steps" in edge.stdout
         out, _ = cloud.communicate(timeout=60)
@@ -264,6 +323,20 @@ def test_split_cloud_listen_and_edge_with_own_data_file(tmp_path):
         if cloud.poll() is None:
             cloud.kill()
             cloud.wait()
+
+
+def _serve_edges(service, server, edge_main, n: int, errors: list) -> None:
+    """Run ``edge_main(i)`` for i < n in threads against ``server``; assert none failed and the run finished; stop the server."""
+    threads = [threading.Thread(target=edge_main, args=(i,)) for i in range(n)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        assert service.finished.wait(10)
+    finally:
+        server.stop(0.5)
 
 
 def _run_federation(fed, bundle, run, split, shards, tok, state_dirs=None):
@@ -280,21 +353,14 @@ def _run_federation(fed, bundle, run, split, shards, tok, state_dirs=None):
             edge = EdgeModel(copy.deepcopy(bundle.model), run.train, split.kr)
             edge.drop_body()
             sd = state_dirs[i] if state_dirs else None
-            reports[i] = run_edge_session(conn.channel, welcome, edge, EdgeData(tok, shards[i], None, 2), run, split, f"edge-{i}", sd)
+            reports[i] = run_edge_session(
+                conn.channel, welcome, edge, EdgeData(tok, shards[i], None, 2), run, split, f"edge-{i}", sd
+            )
             conn.close()
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=edge_main, args=(i,)) for i in range(len(shards))]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
-        assert service.finished.wait(10)
-    finally:
-        server.stop(0.5)
+    _serve_edges(service, server, edge_main, len(shards), errors)
     return reports
 
 
@@ -302,8 +368,14 @@ def test_clients_per_round_samples_edges_like_the_round_engine():
     """3 edges, 2 per round: each round trains the round engine's seeded sample; the others sit out."""
     from dpeft.coordinator.engine import sample_clients
 
-    run = RunConfig(rounds=3, clients_per_round=2, seed=3, model=ModelConfig(max_length=24), strategy=StrategyConfig(name="fedavg"),
-                    train=TrainConfig(local_steps=1, batch_size=4, loss="cross_entropy", lr=1e-2))
+    run = RunConfig(
+        rounds=3,
+        clients_per_round=2,
+        seed=3,
+        model=ModelConfig(max_length=24),
+        strategy=StrategyConfig(name="fedavg"),
+        train=TrainConfig(local_steps=1, batch_size=4, loss="cross_entropy", lr=1e-2),
+    )
     split = SplitConfig(edges=3, layers=1, eval_examples=0)
     bundle = build_model(run.model, run.adapter, 2, 0)
     slice_layers(bundle.model, 1)

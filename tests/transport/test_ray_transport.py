@@ -19,6 +19,20 @@ def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def _run_tasks(t, tasks, expect: int, timeout_s: float = 60.0) -> dict:
+    """Start ``t``, publish payload "p", submit ``tasks``; {task id: (event, seconds after submit)} of up to ``expect`` replies."""
+    t.start()
+    t.publish_blob("p", b"payload!")
+    t0 = time.time()
+    t.submit(tasks, {})
+    got = {}
+    while len(got) < expect and time.time() - t0 < timeout_s:
+        event = t.next_event(timeout=0.5)
+        if event is not None:
+            got[event.task_id] = (event, time.time() - t0)
+    return got
+
+
 def test_ray_run_matches_grpc_simulate(ray_local, simulate_reference, tmp_path):
     from dpeft.config import load_config
     from dpeft.coordinator.checkpoint import latest_checkpoint
@@ -186,15 +200,7 @@ def test_simulated_dropout_and_slow_clients(ray_local):
     kept = {x.task_id for x in tasks if not sim.drops(x)}
     assert 0 < len(kept) < len(tasks)
     try:
-        t.start()
-        t.publish_blob("p", b"payload!")
-        t0 = time.time()
-        t.submit(tasks, {})
-        got = {}
-        while len(got) < len(kept) and time.time() - t0 < 60:
-            event = t.next_event(timeout=0.5)
-            if event is not None:
-                got[event.task_id] = (event, time.time() - t0)
+        got = _run_tasks(t, tasks, len(kept))
         time.sleep(0.3)
         assert t.next_event(timeout=0.2) is None  # the dropped tasks never answer
         done = sum(w["tasks_done"] for w in t.workers().values())
@@ -217,22 +223,16 @@ def test_lockstep_hands_each_actor_a_share_of_the_round(ray_local):
     from dpeft.transport.ray_transport import RayActorSpec, RayCoordinatorTransport
 
     register_by_value()
-    cfg = load_config(None, ["clients=8", "clients_per_round=6", "train.lockstep=true", "model.dropout=0", "simulate.speed_factors=[1, 3]"])
+    cfg = load_config(
+        None, ["clients=8", "clients_per_round=6", "train.lockstep=true", "model.dropout=0", "simulate.speed_factors=[1, 3]"]
+    )
     spec = RayActorSpec(actors=2, num_cpus=0.5, placement_strategy=None)
     t = RayCoordinatorTransport(
         config_tree=config_to_dict(cfg), decoder_factory=lambda tid, cid: FakeDecoder(), spec=spec, actor_cls=FakeTrainActor
     )
     tasks = [task(f"r1-c{c}", c, "p") for c in range(6)]
     try:
-        t.start()
-        t.publish_blob("p", b"payload!")
-        t0 = time.time()
-        t.submit(tasks, {})
-        got = {}
-        while len(got) < len(tasks) and time.time() - t0 < 60:
-            event = t.next_event(timeout=0.5)
-            if event is not None:
-                got[event.task_id] = event
+        got = {tid: event for tid, (event, _at) in _run_tasks(t, tasks, len(tasks)).items()}
         done = {w: v["tasks_done"] for w, v in t.workers().items()}
     finally:
         t.shutdown("test over")
