@@ -8,6 +8,7 @@ types and impossible values raise :class:`~dpeft.errors.ConfigError` naming the 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -133,6 +134,7 @@ class SimulateConfig:
     processes: int = _f(2, "worker processes (each loads the base model once)")
     threads_per_process: int = _f(1, "torch threads in each worker process")
     coordinator_threads: int = _f(2, "torch threads in the coordinator (global evaluation)")
+    start: str = _f("auto", "how local worker processes start: fork (from the coordinator once it has loaded the base model and data, sharing those pages copy-on-write; Linux), spawn (fresh interpreters running `dpeft worker`), auto (fork on Linux, else spawn)")
     speed_factors: list[float] = _f([], "simulated slowness, cycled over client ids: a client with factor f replies (f - 1) x its compute time late (the worker trains others meanwhile); [] = all 1")
     dropout: float = _f(0.0, "probability that a task is dropped without a reply (seeded per seed, round, client, attempt)")
     byzantine_clients: list[int] = _f([], "client ids that send garbage: their update is multiplied by byzantine_scale")
@@ -417,6 +419,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.transport.max_update_norm is not None and not cfg.transport.max_update_norm > 0:
         raise ConfigError("transport.max_update_norm", f"must be > 0 or null, got {cfg.transport.max_update_norm}")
     _one_of("model.task", cfg.model.task, ["seq_cls", "causal_lm"])
+    _one_of("simulate.start", cfg.simulate.start, ["auto", "fork", "spawn"])
+    if cfg.simulate.start == "fork" and not hasattr(os, "fork"):
+        raise ConfigError("simulate.start", "fork is not available on this platform; use spawn or auto")
     if cfg.model.path is None:
         _one_of("model.name", cfg.model.name, ["minilm", "smollm2"])
     _one_of("data.dataset", cfg.data.dataset, ["rotten_tomatoes", "reuters_r8", "file"])

@@ -160,6 +160,7 @@ def test_override_without_equals_sign() -> None:
         (["data.dirichlet_alpha=-1"], "data.dirichlet_alpha"),
         (["data.partition=zipf"], "data.partition"),
         (["model.task=regression"], "model.task"),
+        (["simulate.start=thread"], "simulate.start"),
         (["data.dataset=file"], "data.path"),
         (["transport.chunk_bytes=999999999"], "transport.chunk_bytes"),
     ],

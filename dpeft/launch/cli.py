@@ -147,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     from dpeft.workers.loop import run_worker
 
     if args.exit_with_parent:
-        _exit_with_parent()
+        exit_with_parent()
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     conn = _connect(args, worker_id, patience_s=args.patience)
     stop = threading.Event()
@@ -247,7 +247,7 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exit_with_parent() -> None:
+def exit_with_parent() -> None:
     """Simulation workers end when the process that started them is gone (even after SIGKILL)."""
     parent = os.getppid()
 

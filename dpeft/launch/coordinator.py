@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import logging
 import os
@@ -58,11 +59,69 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], grace_s: float = 10.0) 
             p.wait()
 
 
+class ForkedWorker:
+    """A worker process forked from this one; the ``subprocess.Popen`` calls the launcher uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._lock = threading.Lock()  # the watchdog and stop() both reap
+
+    def poll(self) -> int | None:
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:
+                    self.returncode = -1  # reaped elsewhere: gone, status unknown
+                    return self.returncode
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (rc := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"worker pid {self.pid}", timeout or 0.0)
+            time.sleep(0.05)
+        return rc
+
+    def _signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+
+def start_method(cfg: RunConfig) -> str:
+    """``simulate.start`` resolved: fork or spawn."""
+    if cfg.simulate.start == "auto":
+        return "fork" if sys.platform.startswith("linux") else "spawn"
+    return cfg.simulate.start
+
+
 class WorkerProcesses:
-    """Local worker processes that this coordinator started and must clean up."""
+    """Local worker processes that this coordinator started and must clean up.
+
+    Two ways to start them, one worker code path (``run_worker`` over real gRPC):
+    - ``start``: fresh interpreters running ``dpeft worker`` (spawn);
+    - ``fork`` then ``connect``: children forked from the coordinator after it has loaded the
+      base model and data, before it starts any thread. They share those pages copy-on-write
+      (the frozen base is never written), so N workers cost far less than N loaded models and
+      skip the imports and loading. Each child waits on a pipe for the coordinator's address.
+    """
 
     def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[Any] = []
+        self._pipes: list[int] = []
 
     def start(self, address: str, count: int, threads: int, run_dir: Path) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -74,6 +133,44 @@ class WorkerProcesses:
             self.procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env))
             out.close()
 
+    def fork(self, runtime: Any, count: int, threads: int, run_dir: Path) -> None:
+        """Fork ``count`` workers that will serve with ``runtime`` once ``connect`` gives them the address.
+
+        Call with no other thread running and torch at one thread (OpenMP's pool does not survive
+        a fork); the children set their own thread count.
+        """
+        logs = run_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        gc.collect()
+        gc.freeze()  # what exists now is shared: keep the collector from touching (and so copying) it
+        for i in range(count):
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child never returns from here
+                os.close(write_fd)
+                for fd in self._pipes:
+                    os.close(fd)
+                _forked_worker(runtime, read_fd, f"sim-{i}", threads, logs / f"worker-{i}.log")
+            os.close(read_fd)
+            self._pipes.append(write_fd)
+            self.procs.append(ForkedWorker(pid))
+
+    def connect(self, address: str) -> None:
+        """Tell forked workers where the coordinator listens (they exit quietly if never told)."""
+        for fd in self._pipes:
+            try:
+                os.write(fd, address.encode())
+            except OSError:
+                pass  # that child is gone; the watchdog reports it
+        self.close_pipes()
+
+    def close_pipes(self) -> None:
+        for fd in self._pipes:
+            os.close(fd)
+        self._pipes = []
+
     def failed(self) -> str | None:
         """A message when a worker exited abnormally before being asked to stop."""
         for i, p in enumerate(self.procs):
@@ -84,7 +181,72 @@ class WorkerProcesses:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Wait for workers to leave, then SIGTERM, then SIGKILL; reap all."""
+        self.close_pipes()  # forked workers still waiting for an address exit
         stop_processes(self.procs, grace_s)
+
+
+class _WorkerStop(BaseException):
+    """SIGTERM in a forked worker: unwind (run_worker's finally says Leave), exit 0."""
+
+
+def _name_process(name: str) -> None:
+    """Linux: the name ``ps``/``top`` show (a forked worker still has the coordinator's command line)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # 15 = PR_SET_NAME
+        except (OSError, AttributeError):
+            pass
+
+
+def _forked_worker(runtime: Any, read_fd: int, worker_id: str, threads: int, log_path: Path) -> None:
+    """Body of a forked worker process: same loop as `dpeft worker`; ends with ``os._exit``."""
+    code = 1
+    try:
+        _name_process(f"dpeft-{worker_id}")
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        stop = threading.Event()
+
+        def on_term(signum: int, frame: Any) -> None:
+            stop.set()
+            raise _WorkerStop
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        address = b""
+        while chunk := os.read(read_fd, 4096):
+            address += chunk
+        os.close(read_fd)
+        if not address:  # the coordinator stopped before listening
+            code = 0
+            return
+        from dpeft.launch.cli import exit_with_parent
+        from dpeft.transport.grpc_worker import GrpcWorkerConnection
+        from dpeft.workers.loop import run_worker
+
+        exit_with_parent()
+        conn = GrpcWorkerConnection(address.decode(), token="", patience_s=20.0)
+        conn.worker_id = worker_id
+        code = run_worker(conn, worker_id, threads=threads, stop=stop, runtime=runtime)
+    except _WorkerStop:
+        print(f"dpeft worker {worker_id}: stopped by SIGTERM", file=sys.stderr)
+        code = 0
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # noqa: BLE001 - the child must never return into the coordinator's stack
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
 
 
 def edge_security(cfg: RunConfig, listen: str) -> tuple[Any, Any]:
@@ -127,13 +289,28 @@ def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume:
     from dpeft.transport.grpc_server import GrpcCoordinatorTransport, log_event
 
     check_coordinated(cfg)
-    return_large_frees()
-    set_threads(cfg.simulate.coordinator_threads)
+    forking = bool(local_workers) and start_method(cfg) == "fork"
+    # forked workers: the coordinator loads the model with one torch thread (OpenMP's pool does
+    # not survive a fork) and sets its own threads and allocator after forking
+    set_threads(1 if forking else cfg.simulate.coordinator_threads)
+    if not forking:
+        return_large_frees()
     run_dir = Path(cfg.run_dir)
     t_start = time.time()
     credentials, tokens = edge_security(cfg, listen)
     gm = GlobalModel(cfg)
-    engine = RoundEngine(cfg, gm, run_dir, resume=resume)
+    workers = WorkerProcesses()
+    if forking:
+        from dpeft.workers.runtime import WorkerRuntime
+
+        workers.fork(WorkerRuntime(cfg, bundle=gm.bundle), local_workers, cfg.simulate.threads_per_process, run_dir)
+        set_threads(cfg.simulate.coordinator_threads)
+        return_large_frees()
+    try:
+        engine = RoundEngine(cfg, gm, run_dir, resume=resume)
+    except BaseException:
+        workers.stop(grace_s=5.0)
+        raise
     if engine.resumed_from is not None:
         log_event("resumed", round=engine.resumed_from, run_dir=run_dir)
     registry = run_dir / "workers.json"
@@ -161,11 +338,14 @@ def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume:
         total_rounds=cfg.rounds,
         max_threads=cfg.transport.server_threads,
     )
-    address = transport.start()
+    try:
+        address = transport.start()
+    except BaseException:
+        workers.stop(grace_s=5.0)
+        raise
     scheme = "TLS" if credentials is not None else "plaintext"
     auth = f"{len(tokens)} worker tokens" if tokens is not None else "no authentication"
     print(f"dpeft coordinator listening on {address} ({scheme}, {auth}); run directory {run_dir}", file=sys.stderr, flush=True)
-    workers = WorkerProcesses()
     failure: list[str] = []
     interrupted = threading.Event()
 
@@ -185,8 +365,11 @@ def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume:
             time.sleep(0.5)
 
     try:
-        if local_workers:
+        if forking:
+            workers.connect(address)
+        elif local_workers:
             workers.start(address, local_workers, cfg.simulate.threads_per_process, run_dir)
+        if local_workers:
             threading.Thread(target=watchdog, daemon=True).start()
         rows = engine.run(transport)
     finally:

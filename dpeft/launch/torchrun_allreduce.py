@@ -36,10 +36,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr)
-    from dpeft.launch.cli import _exit_with_parent, report_errors
+    from dpeft.launch.cli import exit_with_parent, report_errors
 
     if args.exit_with_parent:
-        _exit_with_parent()
+        exit_with_parent()
 
     def run() -> int:
         import torch.distributed as dist

@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+from dpeft.config import StrategyConfig
+from dpeft.errors import ConfigError
 from dpeft.state import AdapterState
-from dpeft.strategies.aggregate import StreamingWeightedMean, apply_delta
+from dpeft.strategies.aggregate import ACCUMULATORS, StreamingWeightedMean, apply_delta
 from dpeft.strategies.base import Aggregator, Strategy, register_strategy
+from dpeft.strategies.options import choice_option, option_key
 
 
 @register_strategy("fedavg")
 class FedAvg(Strategy):
     """new_global = global + server_lr * sum_i (n_i / n) * delta_i."""
 
+    option_help = {
+        "accumulator": "dtype of the streaming weighted sum: float64 (default; the result does not depend on the order "
+        "updates arrive in, to ~1e-16) or float32 (half the memory, about 3x the fold throughput of float64, but ~1e-7 "
+        "order-dependent rounding: runs are not reproducible across arrival orders or transports)",
+    }
+    #: whether this strategy folds updates with a StreamingWeightedMean (``accumulator`` applies)
+    streaming_mean = True
+
+    def __init__(self, cfg: StrategyConfig) -> None:
+        super().__init__(cfg)
+        name = choice_option(self.options, "accumulator", "float64", tuple(ACCUMULATORS))
+        if name != "float64" and not self.streaming_mean:
+            raise ConfigError(
+                option_key("accumulator"),
+                f"strategy {self.name!r} does not aggregate with a streaming weighted mean; only float64 applies",
+            )
+        self.accumulator = ACCUMULATORS[name]
+
     def make_aggregator(self, global_state: AdapterState) -> Aggregator:
-        return StreamingWeightedMean(global_state)
+        return StreamingWeightedMean(global_state, dtype=self.accumulator)
 
     def aggregated_delta(self, aggregator: Aggregator) -> AdapterState:
         """The mean client delta (subclasses turn it into a server optimizer step)."""

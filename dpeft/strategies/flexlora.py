@@ -54,6 +54,7 @@ def redistribute(global_state: AdapterState, rank: int) -> AdapterState:
 class FlexLoRA(FedAvg):
     """Weighted mean of client LoRA products of any rank, SVD-truncated to the global rank."""
 
+    streaming_mean = False  # sums of LoRA products (float64), not a StreamingWeightedMean of the deltas
     option_help = {
         "rank": "LoRA rank the global keeps, the largest any client uses (default: the global's rank)",
         "client_ranks": "list of client LoRA ranks, client i uses client_ranks[i % len] (default: all at the global rank)",

@@ -40,6 +40,7 @@ class FLoRA(FedAvg):
     """Stacking aggregation of LoRA products, SVD-truncated back to the global rank."""
 
     option_help = {"rank": "live rank after truncation, at most the global LoRA rank (default: the global rank)"}
+    streaming_mean = False  # sums of LoRA products (float64), not a StreamingWeightedMean of the deltas
 
     def __init__(self, cfg: StrategyConfig) -> None:
         super().__init__(cfg)

@@ -110,3 +110,13 @@ def int_list_option(options: Mapping[str, Any], key: str, *, low: int | None = N
     for v in out:
         _check_range(key, v, low, None, False, False)
     return out
+
+
+def choice_option(options: Mapping[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:
+    """``options[key]``, one of ``choices`` (strings); ``default`` when absent or null."""
+    value = options.get(key, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    if not isinstance(value, str) or value.strip() not in choices:
+        raise ConfigError(option_key(key), f"must be one of {', '.join(choices)}, got {value!r}")
+    return value.strip()

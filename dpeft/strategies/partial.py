@@ -35,7 +35,7 @@ class PartialFedAvg(FedAvg):
 
     def make_aggregator(self, global_state: AdapterState) -> Aggregator:
         self.require_lora(global_state)
-        return StreamingWeightedMean(restrict(global_state, self.shared_names(global_state)))
+        return StreamingWeightedMean(restrict(global_state, self.shared_names(global_state)), dtype=self.accumulator)
 
     def server_step(self, global_state: AdapterState, delta: AdapterState) -> AdapterState:
         return apply_partial_delta(global_state, delta, self.cfg.server_lr)

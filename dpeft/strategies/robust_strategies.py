@@ -23,6 +23,8 @@ from dpeft.strategies.robust import coordinate_median, krum, trimmed_mean
 class RobustStrategy(FedAvg):
     """FedAvg with the mean replaced by ``reduce`` over all buffered updates."""
 
+    streaming_mean = False
+
     def make_aggregator(self, global_state: AdapterState) -> Aggregator:
         return BufferedAggregator(global_state, self.reduce)
 

@@ -207,6 +207,11 @@ def _check_strategy(strategy: Any, state: AdapterState) -> None:
             f"{strategy.name!r} aggregates with {type(inner).__name__}, which all-reduce cannot compute; "
             "use a weighted-mean strategy (fedavg, fedprox, fedavgm, fedadam, ...) or the coordinator transports",
         )
+    if inner.dtype != torch.float64:
+        raise ConfigError(
+            "strategy.options.accumulator",
+            "all-reduce sums float64 buffers across ranks; use accumulator: float64 (the default) or the coordinator transports",
+        )
 
 
 def run_allreduce(cfg: RunConfig, resume: bool = True, quiet: bool = False) -> list[dict[str, Any]]:

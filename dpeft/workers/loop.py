@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
 import time
 from typing import Any
 
-from dpeft.config import config_from_dict
+from dpeft.config import AuthConfig, config_from_dict
 from dpeft.data.datasets import TextDataset, load_text_file
 from dpeft.errors import DataError
 from dpeft.transport.base import TrainTask, WorkerConnection
@@ -31,22 +32,37 @@ def _own_dataset(path: str, cfg_tree: dict[str, Any], label_names: list[str] | N
 
 
 def run_worker(
-    conn: WorkerConnection, worker_id: str, threads: int = 1, data_path: str | None = None, stop: threading.Event | None = None
+    conn: WorkerConnection,
+    worker_id: str,
+    threads: int = 1,
+    data_path: str | None = None,
+    stop: threading.Event | None = None,
+    runtime: WorkerRuntime | None = None,
 ) -> int:
-    """Serve tasks until the coordinator says stop (returns 0) or ``stop`` is set."""
+    """Serve tasks until the coordinator says stop (returns 0) or ``stop`` is set.
+
+    ``runtime``: one built before joining (a worker forked by `dpeft simulate` inherits the
+    coordinator's loaded model and data); used only when the coordinator's config is the one it
+    was built for, otherwise the worker builds its own.
+    """
     stop = stop or threading.Event()
     set_threads(threads)
     reg = conn.join(worker_id, own_examples=0 if data_path else None)
     try:
         cfg = config_from_dict(reg.config)
-        own = None
-        if data_path:
-            from dpeft.data import load_dataset
+        if runtime is not None and data_path is None and dataclasses.replace(runtime.cfg, auth=AuthConfig()) == cfg:
+            pass  # the prepared runtime serves this coordinator's run
+        else:
+            if runtime is not None:
+                log.warning("worker %s: the coordinator's config differs from the prepared one; loading the model again", worker_id)
+            own = None
+            if data_path:
+                from dpeft.data import load_dataset
 
-            need_labels = cfg.model.task == "seq_cls"
-            label_names = load_dataset(cfg.data, cfg.seed, need_labels)[0].label_names if need_labels else None
-            own = _own_dataset(data_path, reg.config, label_names)
-        runtime = WorkerRuntime(cfg, own_data=own)
+                need_labels = cfg.model.task == "seq_cls"
+                label_names = load_dataset(cfg.data, cfg.seed, need_labels)[0].label_names if need_labels else None
+                own = _own_dataset(data_path, reg.config, label_names)
+            runtime = WorkerRuntime(cfg, own_data=own)
     except BaseException:
         conn.leave()  # e.g. bad data: give the client slot back instead of holding it while silent
         raise

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from dpeft.adapters import adapter_parameters, build_model, extract_state, load_state
+from dpeft.adapters import ModelBundle, adapter_parameters, build_model, extract_state, load_state
 from dpeft.codec import decode_state, encode_state  # noqa: F401 - kept for importers
 from dpeft.codec.updates.session import RunCodecs
 from dpeft.config import RunConfig
@@ -70,7 +70,7 @@ class _Prepared:
 class WorkerRuntime:
     """Trains clients' tasks on one shared model."""
 
-    def __init__(self, cfg: RunConfig, own_data: TextDataset | None = None) -> None:
+    def __init__(self, cfg: RunConfig, own_data: TextDataset | None = None, bundle: ModelBundle | None = None) -> None:
         self.cfg = cfg
         need_labels = cfg.model.task == "seq_cls"
         train, _test = load_dataset(cfg.data, cfg.seed, need_labels=need_labels)
@@ -89,7 +89,9 @@ class WorkerRuntime:
             )
         num_labels = len(self.label_names) if need_labels else None
         self.num_labels = num_labels
-        self.bundle = build_model(cfg.model, cfg.adapter, num_labels, cfg.seed)
+        # ``bundle``: a model built by the caller from the same config (the coordinator's, shared
+        # copy-on-write with workers it forks); otherwise this worker's own
+        self.bundle = bundle if bundle is not None else build_model(cfg.model, cfg.adapter, num_labels, cfg.seed)
         self.model = self.bundle.model
         self.data = tokenize(self.bundle.tokenizer, train.texts, train.labels if need_labels else None, cfg.model.max_length)
         self.params = adapter_parameters(self.model)

@@ -103,6 +103,7 @@ class Started:
         self._eof = False
         self.descendants: dict[int, psutil.Process] = {}
         self.cmdlines: dict[int, list[str]] = {}
+        self.forked_workers: set[int] = set()
         self._stop_watch = threading.Event()
         self._readers = [
             threading.Thread(target=self._read_err, daemon=True),
@@ -163,6 +164,11 @@ class Started:
         while not self._stop_watch.is_set():
             try:
                 for child in me.children(recursive=True):
+                    try:  # forked simulate workers rename themselves (comm) right after the fork
+                        if child.name().startswith("dpeft-sim-"):
+                            self.forked_workers.add(child.pid)
+                    except psutil.Error:
+                        pass
                     if child.pid not in self.descendants:
                         self.descendants[child.pid] = child
                         try:
@@ -179,8 +185,8 @@ class Started:
         return list(self.descendants.values())
 
     def workers_seen(self) -> list[psutil.Process]:
-        """Descendants whose command line was a `dpeft ... worker` (as first seen)."""
-        return [p for pid, p in self.descendants.items() if "worker" in self.cmdlines.get(pid, [])]
+        """Descendants whose command line was a `dpeft ... worker` (as first seen), or forked workers."""
+        return [p for pid, p in self.descendants.items() if "worker" in self.cmdlines.get(pid, []) or pid in self.forked_workers]
 
     def alive_descendants(self) -> list[psutil.Process]:
         return [p for p in self.descendants.values() if _alive(p)]

@@ -61,3 +61,33 @@ def test_simulate_end_to_end(tmp_path: Path, procs) -> None:
     # -- the exported PEFT dir is exactly the checkpointed global adapter
     conf = compare_exported_adapter(run)
     assert conf["peft_type"] == "LORA"
+
+
+def test_forked_and_spawned_workers_train_the_same(tmp_path: Path, procs) -> None:
+    """simulate.start=fork (workers share the coordinator's loaded model) and spawn (fresh
+    `dpeft worker` interpreters) are one code path: same global adapter, same metrics."""
+    from safetensors.torch import load_file
+
+    from integration_testlib import SHORT
+
+    finals = {}
+    for start in ("fork", "spawn"):
+        run = tmp_path / start
+        rc, p = procs.run("simulate", *overrides(run, simulate__start=start, rounds=1, **SHORT), timeout=240)
+        assert rc == 0, f"{start}: exit {rc}:\n{p.stderr}"
+        assert_no_traceback(p.stderr)
+        workers = p.workers_seen()
+        assert len(workers) == 2, f"{start}: {p.cmdlines}"
+        if start == "fork":  # forked: direct children carrying the coordinator's command line
+            assert all(w.pid in p.forked_workers for w in workers)
+        else:
+            assert all("worker" in p.cmdlines[w.pid] for w in workers)
+        assert p.alive_descendants() == []
+        ckpt = sorted((run / "checkpoints").glob("round-*.safetensors"))[-1]
+        finals[start] = (load_file(ckpt), [(r["eval_accuracy"], r["train_loss"], r["bytes_up"]) for r in read_metrics(run)])
+    fork_t, fork_rows = finals["fork"]
+    spawn_t, spawn_rows = finals["spawn"]
+    assert fork_rows == spawn_rows
+    assert fork_t.keys() == spawn_t.keys()
+    for k in fork_t:
+        assert (fork_t[k].double() - spawn_t[k].double()).abs().max().item() <= 1e-6, k
