@@ -39,8 +39,7 @@ MiB = 1 << 20
 
 
 def ensure_venv() -> str:
-    if not (VENV / ".installed").exists():
-        subprocess.run(["bash", str(HERE / "setup_venv.sh")], check=True)
+    subprocess.run(["bash", str(HERE / "setup_venv.sh")], check=True)  # quick when ready; adds late small deps
     out = subprocess.run([str(VENV / "bin" / "python"), "-c", "import flwr, ray; print(flwr.__version__, ray.__version__)"], capture_output=True, text=True, check=True)
     return out.stdout.strip()
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import torch
 
 from dpeft.state import AdapterState
@@ -117,31 +118,33 @@ class SpooledBlob:
     """A payload written once to an unlinked temp file, served by range (``len``, ``read``).
 
     :meth:`write` streams ``pieces`` (memoryviews, e.g. :func:`~dpeft.codec.tensors.iter_encoded`)
-    to the file and hashes them on the way (sha256 and CRC-32), so publishing a multi-GiB global adapter costs one
+    to the file and hashes them on the way (sha256, CRC-32 and CRC-32C), so publishing a multi-GiB global adapter costs one
     chunk of memory, not a serialized copy.
     """
 
-    def __init__(self, fh: Any, size: int, sha256: bytes, crc32: int) -> None:
+    def __init__(self, fh: Any, size: int, sha256: bytes, crc32: int, crc32c: int | None = None) -> None:
         self._fh = fh
         self.size = size
         self.sha256 = sha256
         self.crc32 = crc32
+        self.crc32c = crc32c
 
     @classmethod
     def write(cls, pieces: Iterable[memoryview | bytes], policy: SpoolPolicy) -> SpooledBlob:
         fh = tempfile.TemporaryFile(dir=policy.make_dir(), prefix="dpeft-blob-", buffering=0)
         digest = hashlib.sha256()
-        crc = 0
+        crc = crcc = 0
         size = 0
         for piece in pieces:
             view = memoryview(piece).cast("B")
             digest.update(view)
             crc = zlib.crc32(view, crc)
+            crcc = crc32c.crc32c(view, crcc)
             while len(view):
                 n = fh.write(view)
                 view = view[n:]
                 size += n
-        return cls(fh, size, digest.digest(), crc)
+        return cls(fh, size, digest.digest(), crc, crcc)
 
     def __len__(self) -> int:
         return self.size

@@ -37,6 +37,9 @@ class TrainTask:
     hyperparams: dict[str, Any] = field(default_factory=dict)
     #: CRC-32 of the payload: the worker checks the chunk CRCs against it instead of re-hashing (None = check blob_sha256)
     blob_crc32: int | None = None
+    #: CRC-32C of the payload, filled in by the gRPC coordinator transport (which computes it when
+    #: the payload is published); its presence tells a worker the coordinator speaks CRC-32C
+    blob_crc32c: int | None = None
 
 
 @dataclass

@@ -15,9 +15,27 @@ schema). On top of that it is what faces the network:
 - liveness: a worker not seen for ``dead_after_s`` is marked dead and its in-flight tasks go
   back to the front of the queue (another worker takes them); a worker that comes back is alive
   again. Workers that do nothing else send Heartbeat.
-- resumable uploads: an upload that breaks off keeps its verified prefix (per-chunk CRC-32,
-  running whole-payload CRC-32 or sha256) keyed by task id for ``resume_window_s``; ``QueryUpload`` tells the worker
+- resumable uploads: an upload that breaks off keeps its verified prefix (per-chunk CRC,
+  running whole-payload CRC or sha256) keyed by task id for ``resume_window_s``; ``QueryUpload`` tells the worker
   where to continue, and a corrupted chunk is refused with DATA_LOSS and re-sent.
+- wire integrity: CRC-32C (Castagnoli, hardware-computed by the ``crc32c`` package) per chunk
+  and for the whole payload (combined from the chunk CRCs, :mod:`dpeft.codec.crc`). How a worker
+  learns the coordinator speaks it: every task this coordinator hands out carries
+  ``TrainTask.blob_crc32c`` (the published payload's CRC-32C, computed once at
+  :meth:`~GrpcCoordinatorTransport.publish_blob`); a worker that sees it asks for CRC-32C chunks
+  (``FetchRequest.crc32c``) and uploads with ``UpdateHeader.crc32c`` / ``DataChunk.crc32c``. No
+  separate handshake: the task a worker answers is itself the proof, and a task from an older
+  coordinator (no ``blob_crc32c``) keeps the worker on CRC-32 (zlib) both ways. Older workers are
+  still served: a fetch without ``crc32c`` gets ``BlobChunk.crc32`` (zlib), and uploads with
+  ``crc32`` or ``sha256`` headers are checked as before. The two algorithms travel in separate
+  fields and an upload uses its header's algorithm for every chunk, so a CRC-32 value is never
+  compared with a CRC-32C one.
+- a round's global is published once and downloaded by every worker, so per-download work is
+  done at publish instead: the chunk CRCs are computed once (CRC-32C at publish, CRC-32 for older
+  workers on their first fetch) and an in-memory payload is kept as its ready-made response
+  frames (:class:`FramedBlob`), so a current worker's download costs the coordinator no copy of
+  its own and no checksum. Chunks are cut on a fixed grid of ``chunk_bytes`` (a download resuming
+  off the grid gets one short chunk first).
 - bounded memory for large adapters: the engine's decoder spools a large upload's data to an
   unlinked temp file as chunks arrive (:mod:`dpeft.codec.spool`), and a published payload may
   be a :class:`~dpeft.codec.spool.SpooledBlob` served chunk by chunk from its file; the update
@@ -41,11 +59,10 @@ import queue
 import secrets
 import threading
 import time
-import zlib
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +71,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dpeft._proto.dpeft.v1 import coordinator_pb2 as pb
 from dpeft._proto.dpeft.v1 import coordinator_pb2_grpc as pb_grpc
-from dpeft.codec.crc import crc32_combine
+from dpeft.codec.crc import CRC32, CRC32C, CrcAlgorithm, chunk_crcs, combine_chunks, crc32_combine
 from dpeft.codec.spool import SpooledBlob
 from dpeft.codec.tensors import StateDecoder
 from dpeft.errors import ProtocolError, RejectedUpdate
@@ -90,10 +107,46 @@ _REASON_CODES = {
 }
 
 
-def blob_piece(blob: Blob, start: int, length: int) -> bytes | memoryview:
+class FramedBlob:
+    """An in-memory payload kept as the FetchBlob responses that carry it: one BlobChunk frame
+    (wire bytes, with its CRC-32C) per ``step`` bytes, built once when the payload is published.
+    A current worker's download of a chunk on the grid is that frame, handed to gRPC as is: no
+    serialization copy per worker. Memory is the payload's (the caller's copy is not kept);
+    :meth:`read` views the data inside the frames."""
+
+    def __init__(self, payload: bytes | memoryview, step: int) -> None:
+        view = memoryview(payload).cast("B")
+        self.size = len(view)
+        self.step = step
+        self.crc32c = chunk_crcs(view, step, CRC32C.fn)
+        frames = [serde.blob_chunk_frame(serde.BlobPiece(i * step, view[i * step : (i + 1) * step], crc32c=c)) for i, c in enumerate(self.crc32c)]
+        self.frames = [f for f, _ in frames]
+        self._starts = [start for _, start in frames]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, offset: int, length: int) -> bytes | memoryview:
+        """``length`` bytes from ``offset`` (fewer at the end): a view when they lie in one chunk."""
+        end = min(self.size, offset + length)
+        if end <= offset:
+            return b""
+        i = offset // self.step
+        if end <= (i + 1) * self.step:
+            at = self._starts[i] + offset - i * self.step
+            return memoryview(self.frames[i])[at : at + end - offset]
+        pieces = []
+        while offset < end:
+            stop = min(end, (offset // self.step + 1) * self.step)
+            pieces.append(self.read(offset, stop - offset))
+            offset = stop
+        return b"".join(pieces)
+
+
+def blob_piece(blob: Blob | FramedBlob, start: int, length: int) -> bytes | memoryview:
     """``length`` bytes of a published payload from ``start``: a view of an in-memory payload,
     or one copy read from a spooled one's file."""
-    if isinstance(blob, SpooledBlob):
+    if isinstance(blob, SpooledBlob | FramedBlob):
         return blob.read(start, length)
     return memoryview(blob)[start : start + length]
 
@@ -157,13 +210,53 @@ def channel_options(chunk_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+class _ChunkCrcs:
+    """The chunk CRCs of one published payload on the grid of ``step`` bytes, computed once and
+    shared by every download of it: CRC-32C (and its whole-payload value, for
+    ``TrainTask.blob_crc32c``) at publish, CRC-32 (zlib) only when an older worker asks.
+
+    A :class:`FramedBlob` brings its chunk CRC-32Cs (taken when it was framed); a spooled payload
+    already carries its whole CRC-32C (computed while it was written), and its chunk CRCs are
+    filled in as chunks are first served (the read happens anyway); anything else is scanned
+    here. Concurrent fillers write the same values."""
+
+    def __init__(self, blob: Blob | FramedBlob, step: int) -> None:
+        self.step = step
+        self.size = len(blob)
+        n = -(-self.size // step)
+        whole = blob.crc32c if isinstance(blob, SpooledBlob) else None
+        if isinstance(blob, FramedBlob) and blob.step == step:
+            crcs: list[int | None] = list(blob.crc32c)
+            whole = combine_chunks(((c, min(step, self.size - i * step)) for i, c in enumerate(blob.crc32c)), poly=CRC32C.poly)
+        elif whole is None:
+            if isinstance(blob, SpooledBlob | FramedBlob):  # chunk by chunk (memory stays one chunk)
+                crcs = [CRC32C.fn(blob.read(i * step, step)) for i in range(n)]
+            else:
+                crcs = list(chunk_crcs(blob, step, CRC32C.fn))
+            whole = combine_chunks(((c, min(step, self.size - i * step)) for i, c in enumerate(crcs)), poly=CRC32C.poly)
+        else:
+            crcs = [None] * n
+        self.whole_crc32c: int = whole
+        self.by_algo: dict[str, list[int | None]] = {CRC32C.name: crcs}
+
+    def get(self, algo: CrcAlgorithm, index: int, data: bytes | memoryview) -> int:
+        """The ``algo`` CRC of chunk ``index`` (whose bytes are ``data``), computed on first use."""
+        crcs = self.by_algo.get(algo.name)
+        if crcs is None:
+            crcs = self.by_algo.setdefault(algo.name, [None] * len(self.by_algo[CRC32C.name]))
+        crc = crcs[index]
+        if crc is None:
+            crc = crcs[index] = algo.fn(data)
+        return crc
+
+
 @dataclass
 class _Upload:
     """The verified prefix of one task's upload (what a resumed upload continues).
 
-    The whole payload is checked against the header's ``crc32`` (the running CRC ``crc``,
-    combined from the verified chunk CRCs: no second pass) or, from workers that send one, its
-    ``sha256`` (hashed as chunks arrive)."""
+    The whole payload is checked against the header's ``crc32c`` or ``crc32`` (the running CRC
+    ``crc`` in that algorithm, ``algo``, combined from the verified chunk CRCs: no second pass)
+    or, from workers that send one, its ``sha256`` (hashed as chunks arrive)."""
 
     worker_id: str
     client_id: int
@@ -171,6 +264,7 @@ class _Upload:
     sha256: bytes
     decoder: StateDecoder
     crc32: int | None = None
+    crc32c: int | None = None
     crc: int = 0
     digest: Any = field(default_factory=hashlib.sha256)
     received: int = 0
@@ -178,6 +272,11 @@ class _Upload:
     updated: float = field(default_factory=time.time)
     lock: threading.Lock = field(default_factory=threading.Lock)
     checked_tensors: bool = False
+
+    @property
+    def algo(self) -> CrcAlgorithm:
+        """The upload's checksum (every chunk's and the whole payload's): its header's choice."""
+        return CRC32C if self.crc32c is not None else CRC32
 
 
 class _Servicer(pb_grpc.CoordinatorServicer):
@@ -264,27 +363,41 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                 if tasks:
                     for task in tasks:
                         log_event("task_assigned", level=logging.DEBUG, worker=request.worker_id, task=task.task_id, round=task.round)
-                    more = [serde.task_to_proto(t) for t in tasks[1:]]
-                    return pb.PollReply(task=serde.task_to_proto(tasks[0]), more_tasks=more)
+                    wire = [serde.task_to_proto(self.o._with_crc32c(t)) for t in tasks]
+                    return pb.PollReply(task=wire[0], more_tasks=wire[1:])
                 left = deadline - time.time()
                 if left <= 0 or not context.is_active():
                     return pb.PollReply(wait_s=0.05)
                 self.o._cond.wait(min(left, 0.5))
                 info["last_seen"] = time.time()
 
-    def FetchBlob(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[serde.BlobPiece]:
+    def FetchBlob(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[serde.BlobPiece | bytes]:
         info = self._worker(request.worker_id, request.session, context)
         blob = self.o._blobs.get(request.blob_id)
         if blob is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no payload {request.blob_id!r} (round already closed?)")
         if not 0 <= request.offset <= len(blob):
             context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} outside 0..{len(blob)}")
-        step = self.o.chunk_bytes
-        for start in range(request.offset, len(blob), step):
-            data = blob_piece(blob, start, step)
+        crcs = self.o._crcs_of(request.blob_id, blob)
+        step = crcs.step
+        algo = CRC32C if request.crc32c else CRC32
+        start, size = request.offset, len(blob)
+        framed = request.crc32c and isinstance(blob, FramedBlob) and blob.step == step
+        while start < size:
+            end = min(size, (start // step + 1) * step)  # on the grid (a resume off it: one short chunk)
+            if framed and start % step == 0:  # the frame made at publish: nothing to copy or hash
+                self.o._count(down=end - start, info=info)
+                info["last_seen"] = time.time()
+                yield blob.frames[start // step]
+                start = end
+                continue
+            data = blob_piece(blob, start, end - start)
+            crc = crcs.get(algo, start // step, data) if start % step == 0 else algo.fn(data)
             self.o._count(down=len(data), info=info)
             info["last_seen"] = time.time()  # a long download is a sign of life too
-            yield serde.BlobPiece(start, data, zlib.crc32(data))  # serialized by serde.encode_blob_chunk
+            # serialized by serde.encode_blob_chunk
+            yield serde.BlobPiece(start, data, crc32c=crc) if request.crc32c else serde.BlobPiece(start, data, crc32=crc)
+            start = end
 
     def QueryUpload(self, request: pb.UploadQuery, context: grpc.ServicerContext) -> pb.UploadStatus:
         self._worker(request.worker_id, request.session, context)
@@ -346,8 +459,9 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             try:
                 if up.sha256 and up.digest.digest() != up.sha256:
                     raise RejectedUpdate("checksum", "sha256 of the received bytes does not match the header")
-                if up.crc32 is not None and up.crc != up.crc32:
-                    raise RejectedUpdate("checksum", "CRC-32 of the received bytes does not match the header")
+                expected = up.crc32c if up.crc32c is not None else up.crc32
+                if expected is not None and up.crc != expected:
+                    raise RejectedUpdate("checksum", f"{up.algo.name} of the received bytes does not match the header")
                 state = up.decoder.finish()
                 norm = check_update(state)  # tensor by tensor: a spooled update stays on disk
                 check_norm(norm, o.max_update_norm)
@@ -404,6 +518,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                 and up.size == header["size"]
                 and up.sha256 == header["sha256"]
                 and up.crc32 == header["crc32"]
+                and up.crc32c == header["crc32c"]
                 and up.client_id == header["client_id"]
             )
             if up is not None and same and header["offset"] > 0:
@@ -422,20 +537,21 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                 o._uploads.pop(oldest, None)
                 log_event("upload_evicted", task=oldest)
         decoder = o.decoder_factory(task_id, header["client_id"])  # RejectedUpdate for unknown/closed tasks
-        up = _Upload(header["worker_id"], header["client_id"], header["size"], header["sha256"], decoder, crc32=header["crc32"])
+        up = _Upload(header["worker_id"], header["client_id"], header["size"], header["sha256"], decoder, crc32=header["crc32"], crc32c=header["crc32c"])
         with o._lock:
             o._uploads[task_id] = up
         return up
 
     def _receive(self, up: _Upload, request_iterator: Iterator[pb.UpdateChunk], info: dict[str, Any], context: grpc.ServicerContext, task_id: str) -> None:
         o = self.o
+        algo = up.algo
         for msg in request_iterator:
-            data, crc_ok, crc = serde.checked_chunk(msg, up.received)
+            data, crc_ok, crc = serde.checked_chunk(msg, up.received, algo)
             o._count(up=len(data), info=info)
             if not crc_ok:
                 o._corrupt_chunks += 1
                 log_event("chunk_corrupt", level=logging.WARNING, worker=up.worker_id, task=task_id, offset=up.received)
-                context.abort(grpc.StatusCode.DATA_LOSS, f"chunk at offset {up.received} failed its CRC-32; resume from {up.received}")
+                context.abort(grpc.StatusCode.DATA_LOSS, f"chunk at offset {up.received} failed its {algo.name}; resume from {up.received}")
             if up.received + len(data) > up.size:
                 raise RejectedUpdate("malformed", f"more than the declared {up.size} bytes")
             up.decoder.feed(data)
@@ -443,7 +559,7 @@ class _Servicer(pb_grpc.CoordinatorServicer):
                 self._check_tensor_sizes(up)
             if up.sha256:
                 up.digest.update(data)
-            up.crc = crc32_combine(up.crc, crc, len(data))
+            up.crc = crc32_combine(up.crc, crc, len(data), algo.poly)
             up.received += len(data)
             info["last_seen"] = time.time()
 
@@ -568,7 +684,8 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._workers: dict[str, dict[str, Any]] = {}
-        self._blobs: OrderedDict[str, Blob] = OrderedDict()
+        self._blobs: OrderedDict[str, Blob | FramedBlob] = OrderedDict()
+        self._blob_crcs: dict[str, _ChunkCrcs] = {}
         self._blob_round: dict[str, int] = {}
         self._pending: deque[TrainTask] = deque()
         self._pinned: dict[int, str] = {}
@@ -702,8 +819,34 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
     keep_blobs = 2
 
     def publish_blob(self, blob_id: str, payload: Blob) -> None:
+        """Publish a payload. An in-memory one is kept as its response frames (:class:`FramedBlob`:
+        one CRC-32C pass and one copy now, instead of a serialization copy per worker's download;
+        the caller's bytes are not kept, so the payload is held once); a spooled one stays in its
+        file. Both outside the lock."""
+        if not isinstance(payload, SpooledBlob):
+            payload = FramedBlob(payload, self.chunk_bytes)  # type: ignore[assignment]
+        crcs = _ChunkCrcs(payload, self.chunk_bytes)
         with self._lock:
             self._blobs[blob_id] = payload
+            self._blob_crcs[blob_id] = crcs
+
+    def _crcs_of(self, blob_id: str, blob: Blob | FramedBlob) -> _ChunkCrcs:
+        """The chunk CRC cache of a published payload (built now if it was published behind our back)."""
+        crcs = self._blob_crcs.get(blob_id)
+        if crcs is None or crcs.size != len(blob):
+            crcs = _ChunkCrcs(blob, self.chunk_bytes)
+            with self._lock:
+                if self._blobs.get(blob_id) is blob:  # not pruned meanwhile
+                    self._blob_crcs[blob_id] = crcs
+        return crcs
+
+    def _with_crc32c(self, task: TrainTask) -> TrainTask:
+        """``task`` as handed to a worker: with its payload's CRC-32C (which also tells the worker
+        that this coordinator speaks CRC-32C)."""
+        blob = self._blobs.get(task.blob_id)
+        if blob is None:
+            return task  # not published (the fetch will say so)
+        return replace(task, blob_crc32c=self._crcs_of(task.blob_id, blob).whole_crc32c)
 
     def _prune_blobs(self) -> None:
         """Drop payloads no queued or in-flight task needs, except the newest ``keep_blobs``."""
@@ -715,6 +858,7 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
         for name in names[: max(0, len(names) - self.keep_blobs)]:
             if name not in needed:
                 del self._blobs[name]
+                self._blob_crcs.pop(name, None)
                 self._blob_round.pop(name, None)
 
     def submit(self, tasks: list[TrainTask], pinned: dict[int, str]) -> None:

@@ -10,10 +10,14 @@ Built to survive real networks:
   same client ids) -- a coordinator now serving a different run is an error;
 - a heartbeat thread keeps the worker alive on the coordinator while it trains;
 - downloads resume from the byte offset reached; uploads resume from the offset the
-  coordinator acknowledges (QueryUpload), each chunk carrying a CRC-32 so a corrupted chunk is
+  coordinator acknowledges (QueryUpload), each chunk carrying a CRC so a corrupted chunk is
   re-sent instead of poisoning the update. ``bytes_resent`` counts what went twice. The whole
-  payload is checked by a CRC-32 combined from the chunk CRCs (:mod:`dpeft.codec.crc`: no
+  payload is checked by a CRC combined from the chunk CRCs (:mod:`dpeft.codec.crc`: no
   second pass over the data), and chunks go through serde's zero-copy (de)serializers.
+- the CRC is CRC-32C (hardware, the ``crc32c`` package) when the task carries
+  ``blob_crc32c`` -- which is how a coordinator says it speaks CRC-32C: the download then asks
+  for CRC-32C chunks and the upload declares ``crc32c`` -- and CRC-32 (zlib) with an older
+  coordinator (see :mod:`dpeft.transport.grpc_server`).
 - UNAUTHENTICATED / PERMISSION_DENIED are final (:class:`AuthRefused`).
 """
 
@@ -25,7 +29,6 @@ import mmap
 import random
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -33,8 +36,8 @@ import grpc
 
 from dpeft._proto.dpeft.v1 import coordinator_pb2 as pb
 from dpeft._proto.dpeft.v1 import coordinator_pb2_grpc as pb_grpc
-from dpeft.codec.crc import chunk_crcs, combine_chunks, crc32_combine
-from dpeft.codec.tensors import zeroed_buffer
+from dpeft.codec.crc import CRC32, CRC32C, CrcAlgorithm, chunk_crcs, combine_chunks, crc32_combine
+from dpeft.codec.tensors import write_into, zeroed_buffer
 from dpeft.errors import DpeftError, ProtocolError
 from dpeft.transport import serde
 from dpeft.transport.auth import call_metadata
@@ -59,7 +62,13 @@ class AuthRefused(DpeftError):
 
 
 class _CorruptChunk(Exception):
-    """A downloaded chunk failed its CRC-32 (fetched again from its offset)."""
+    """A downloaded chunk failed its CRC (fetched again from its offset)."""
+
+
+def wire_crc(task: TrainTask) -> CrcAlgorithm:
+    """The checksum for transfers of ``task``: CRC-32C when its coordinator announced it (the
+    task carries ``blob_crc32c``), else CRC-32 (zlib)."""
+    return CRC32C if task.blob_crc32c is not None else CRC32
 
 
 class _StreamCut(Exception):
@@ -236,33 +245,37 @@ class GrpcWorkerConnection(WorkerConnection):
 
     def fetch(self, task: TrainTask) -> bytes | bytearray | mmap.mmap:
         """The payload of ``task``: streamed into one preallocated buffer (no second copy, even
-        for a multi-GiB global), each chunk checked against its CRC-32 and the whole against the
-        task's ``blob_crc32`` (combined from the chunk CRCs) or, without one, its sha256;
-        resumed from the offset reached after a drop or a corrupted chunk."""
+        for a multi-GiB global), each chunk checked against its CRC-32C (CRC-32 from an older
+        coordinator) and the whole against the task's ``blob_crc32c`` / ``blob_crc32`` (combined
+        from the chunk CRCs) or, without either, its sha256; resumed from the offset reached
+        after a drop or a corrupted chunk."""
         if self._cache is not None and self._cache[0] == task.blob_id:
             return self._cache[1]
         self._cache = None  # never hold two payloads at once
         buf = zeroed_buffer(task.blob_size)
-        view = memoryview(buf)
-        digest = hashlib.sha256() if task.blob_crc32 is None else None
+        algo = wire_crc(task)
+        crc_fn, poly, use_c = algo.fn, algo.poly, algo == CRC32C
+        expected = task.blob_crc32c if use_c else task.blob_crc32
+        digest = hashlib.sha256() if expected is None else None
         crc = 0
         filled = 0
         attempts = 0
         start = time.time()
         while filled < task.blob_size:
             try:
-                req = pb.FetchRequest(worker_id=self.worker_id, session=self.session, blob_id=task.blob_id, offset=filled)
+                req = pb.FetchRequest(worker_id=self.worker_id, session=self.session, blob_id=task.blob_id, offset=filled, crc32c=use_c)
                 for chunk in self._fetch_blob(req, timeout=600, metadata=self._md()):
                     data = chunk.data  # a view into the received frame
                     if chunk.offset != filled or filled + len(data) > task.blob_size:
                         raise ProtocolError("payload chunk out of order or beyond the declared size")
-                    got = zlib.crc32(data)
-                    if chunk.crc32 is not None and got != chunk.crc32:
-                        raise _CorruptChunk(f"payload chunk at offset {filled} failed its CRC-32")
-                    view[filled : filled + len(data)] = data
+                    got = crc_fn(data)
+                    want = chunk.crc32c if use_c else chunk.crc32  # never the other algorithm's field
+                    if want is not None and got != want:
+                        raise _CorruptChunk(f"payload chunk at offset {filled} failed its {algo.name}")
+                    write_into(buf, filled, data)
                     if digest is not None:
                         digest.update(data)
-                    crc = crc32_combine(crc, got, len(data))
+                    crc = crc32_combine(crc, got, len(data), poly)
                     filled += len(data)
                     self.bytes_down += len(data)
             except (grpc.RpcError, _CorruptChunk) as exc:
@@ -283,11 +296,10 @@ class GrpcWorkerConnection(WorkerConnection):
                 continue  # resume from the offset reached
             if filled < task.blob_size:
                 raise ProtocolError(f"payload ended at {filled} of {task.blob_size} bytes")
-        view.release()
         if digest is not None and digest.digest() != task.blob_sha256:
             raise ProtocolError("payload checksum mismatch")
-        if task.blob_crc32 is not None and crc != task.blob_crc32:
-            raise ProtocolError("payload CRC-32 mismatch")
+        if expected is not None and crc != expected:
+            raise ProtocolError(f"payload {algo.name} mismatch")
         self._cache = (task.blob_id, buf)
         return buf
 
@@ -301,14 +313,18 @@ class GrpcWorkerConnection(WorkerConnection):
     def push(self, task: TrainTask, payload: bytes, num_examples: int, metrics: dict[str, float]) -> tuple[bool, str]:
         """Upload ``payload`` in CRC-checked chunks, resuming after drops; (accepted, reason).
 
-        One pass over the payload computes every chunk's CRC-32; the whole-payload CRC the header
-        carries is combined from them (:mod:`dpeft.codec.crc`), and chunks are serialized straight
-        from the payload's memory."""
+        One pass over the payload computes every chunk's CRC-32C (CRC-32 for an older
+        coordinator, :func:`wire_crc`); the whole-payload CRC the header carries is combined from
+        them (:mod:`dpeft.codec.crc`), and chunks are serialized straight from the payload's
+        memory."""
         size = len(payload)
         view = memoryview(payload).cast("B")
         step = self.chunk_bytes
-        crcs = chunk_crcs(view, step)
-        whole = combine_chunks((c, min(step, size - i * step)) for i, c in enumerate(crcs))
+        algo = wire_crc(task)
+        use_c = algo == CRC32C
+        crcs = chunk_crcs(view, step, algo.fn)
+        whole = combine_chunks(((c, min(step, size - i * step)) for i, c in enumerate(crcs)), poly=algo.poly)
+        sums = {"crc32c": whole} if use_c else {"crc32": whole}
         sent = 0
         offset = 0
         start = time.time()
@@ -318,11 +334,16 @@ class GrpcWorkerConnection(WorkerConnection):
 
             def chunks(first: int, cut: list[BaseException] = cut) -> Iterator[pb.UpdateChunk | serde.DataPiece]:
                 nonlocal sent
-                header = serde.update_header_to_proto(self.worker_id, self.session, task, num_examples, metrics, size, b"", offset=first, crc32=whole)
+                header = serde.update_header_to_proto(self.worker_id, self.session, task, num_examples, metrics, size, b"", offset=first, **sums)
                 yield pb.UpdateChunk(header=header)
-                for pos in range(first, size, step):
-                    data = view[pos : pos + step]  # no copy: serialized straight from the payload
-                    msg = serde.DataPiece(pos, data, crcs[pos // step]) if pos % step == 0 else serde.data_piece(pos, data)
+                pos = first
+                while pos < size:
+                    end = min(size, (pos // step + 1) * step)  # back on the grid after a resume off it
+                    data = view[pos:end]  # no copy: serialized straight from the payload
+                    if pos % step:
+                        msg = serde.data_piece(pos, data, algo)
+                    else:
+                        msg = serde.DataPiece(pos, data, 0, crcs[pos // step]) if use_c else serde.DataPiece(pos, data, crcs[pos // step])
                     if self.chunk_hook is not None:
                         try:
                             msg = msg._replace(data=self.chunk_hook(pos, bytes(data)))
@@ -330,6 +351,7 @@ class GrpcWorkerConnection(WorkerConnection):
                             cut.append(exc)
                             raise
                     sent += len(data)
+                    pos = end
                     yield msg
 
             try:

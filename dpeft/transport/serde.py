@@ -9,16 +9,21 @@ memoryview into the received frame (no copy; the generated parser and each ``.da
 copy). The wire format is unchanged protobuf, so either end may use the generated classes;
 anything but the canonical chunk layout (a header, the legacy ``data`` field, unknown or
 repeated fields) falls back to the generated parser, which also refuses malformed frames.
+
+Chunk checksums: a chunk carries either ``crc32`` (CRC-32, zlib; older peers) or ``crc32c``
+(CRC-32C, the default between current peers), in separate fields, so a value is only ever
+checked with the algorithm it was computed with (:func:`checked_chunk` takes the upload's
+algorithm and refuses a chunk carrying the other one).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import zlib
 from typing import Any, NamedTuple
 
 from dpeft._proto.dpeft.v1 import coordinator_pb2 as pb
+from dpeft.codec.crc import CRC32, CRC32C, CrcAlgorithm
 from dpeft.errors import ProtocolError
 from dpeft.transport.base import TrainTask
 
@@ -35,6 +40,7 @@ def task_to_proto(task: TrainTask) -> pb.TrainTask:
         blob_sha256=task.blob_sha256,
         hyperparams_json=json.dumps(task.hyperparams, sort_keys=True),
         blob_crc32=task.blob_crc32,
+        blob_crc32c=task.blob_crc32c,
     )
 
 
@@ -62,6 +68,7 @@ def task_from_proto(msg: pb.TrainTask) -> TrainTask:
         blob_sha256=bytes(msg.blob_sha256),
         hyperparams=_json_object(msg.hyperparams_json, "task hyperparameters"),
         blob_crc32=msg.blob_crc32 if msg.HasField("blob_crc32") else None,
+        blob_crc32c=msg.blob_crc32c if msg.HasField("blob_crc32c") else None,
     )
 
 
@@ -75,11 +82,13 @@ def update_header_to_proto(
     sha256: bytes,
     offset: int = 0,
     crc32: int | None = None,
+    crc32c: int | None = None,
 ) -> pb.UpdateHeader:
-    """The first message of an upload: identify it by ``crc32`` (whole-payload CRC-32, with
-    ``sha256`` empty) or by ``sha256``."""
+    """The first message of an upload: identify it by ``crc32c`` (whole-payload CRC-32C) or
+    ``crc32`` (CRC-32), with ``sha256`` empty, or by ``sha256``."""
     return pb.UpdateHeader(
         crc32=crc32,
+        crc32c=crc32c,
         offset=offset,
         worker_id=worker_id,
         session=session,
@@ -103,8 +112,10 @@ def update_header_from_proto(msg: pb.UpdateHeader) -> dict[str, Any]:
         raise ProtocolError("too many metrics")
     if len(msg.task_id) > 256 or len(msg.worker_id) > 128:
         raise ProtocolError("task_id or worker_id too long")
-    if len(msg.sha256) != 32 and not (len(msg.sha256) == 0 and msg.HasField("crc32")):
-        raise ProtocolError("sha256 must be 32 bytes (or empty, with the payload's crc32)")
+    if msg.HasField("crc32") and msg.HasField("crc32c"):
+        raise ProtocolError("set one of crc32 and crc32c, not both")
+    if len(msg.sha256) != 32 and not (len(msg.sha256) == 0 and (msg.HasField("crc32") or msg.HasField("crc32c"))):
+        raise ProtocolError("sha256 must be 32 bytes (or empty, with the payload's crc32c or crc32)")
     if not all(math.isfinite(v) for v in msg.metrics.values()):
         raise ProtocolError("metrics must be finite numbers")
     return {
@@ -117,25 +128,29 @@ def update_header_from_proto(msg: pb.UpdateHeader) -> dict[str, Any]:
         "size": msg.size,
         "sha256": bytes(msg.sha256),
         "crc32": msg.crc32 if msg.HasField("crc32") else None,
+        "crc32c": msg.crc32c if msg.HasField("crc32c") else None,
         "offset": msg.offset,
     }
 
 
 class BlobPiece(NamedTuple):
     """One FetchBlob chunk: ``data`` (bytes or a memoryview) at byte ``offset`` of the payload,
-    with its CRC-32 (None from a coordinator that sends none)."""
+    with its CRC-32 or its CRC-32C (None where the coordinator sends none)."""
 
     offset: int
     data: bytes | memoryview
     crc32: int | None = None
+    crc32c: int | None = None
 
 
 class DataPiece(NamedTuple):
-    """One upload chunk (``UpdateChunk.chunk``): data at ``offset`` with its CRC-32."""
+    """One upload chunk (``UpdateChunk.chunk``): data at ``offset`` with its CRC-32 (0 when it
+    carries a CRC-32C instead) or its CRC-32C (None = none)."""
 
     offset: int
     data: bytes | memoryview
     crc32: int
+    crc32c: int | None = None
 
 
 def _varint(n: int) -> bytes:
@@ -187,13 +202,24 @@ def _fields(buf: memoryview, pos: int, end: int) -> dict[int, Any]:
     return out
 
 
-def encode_blob_chunk(msg: BlobPiece | pb.BlobChunk) -> bytes:
-    """FetchBlob response serializer: a BlobChunk's (canonical) wire bytes in one copy of the data."""
+def encode_blob_chunk(msg: BlobPiece | pb.BlobChunk | bytes) -> bytes:
+    """FetchBlob response serializer: a BlobChunk's (canonical) wire bytes in one copy of the data
+    (``bytes`` are a frame made beforehand by :func:`blob_chunk_frame`, passed through as is)."""
+    if isinstance(msg, bytes):
+        return msg
     if not isinstance(msg, BlobPiece):
         return msg.SerializeToString()
+    return blob_chunk_frame(msg)[0]
+
+
+def blob_chunk_frame(msg: BlobPiece) -> tuple[bytes, int]:
+    """A BlobChunk's canonical wire bytes and where its ``data`` starts in them (so a payload kept
+    as frames can also be read back without a copy)."""
     head = (b"\x08" + _varint(msg.offset) if msg.offset else b"") + (b"\x12" + _varint(len(msg.data)) if len(msg.data) else b"")
     tail = b"\x18" + _varint(msg.crc32) if msg.crc32 is not None else b""
-    return b"".join((head, msg.data, tail))
+    if msg.crc32c is not None:
+        tail += b"\x20" + _varint(msg.crc32c)
+    return b"".join((head, msg.data, tail)), len(head)
 
 
 def decode_blob_chunk(raw: bytes) -> BlobPiece:
@@ -201,14 +227,19 @@ def decode_blob_chunk(raw: bytes) -> BlobPiece:
     view = memoryview(raw)
     try:
         f = _fields(view, 0, len(view))
-        offset, data, crc = f.get(1, 0), f.get(2, (0, 0)), f.get(3)
-        if set(f) <= {1, 2, 3} and isinstance(offset, int) and isinstance(data, tuple) and (crc is None or isinstance(crc, int)):
-            if offset < 1 << 63 and (crc is None or crc < 1 << 32):
-                return BlobPiece(offset, view[data[0] : data[1]], crc)
+        offset, data, crc, crcc = f.get(1, 0), f.get(2, (0, 0)), f.get(3), f.get(4)
+        if set(f) <= {1, 2, 3, 4} and isinstance(offset, int) and isinstance(data, tuple) and _u32(crc) and _u32(crcc):
+            if offset < 1 << 63:
+                return BlobPiece(offset, view[data[0] : data[1]], crc, crcc)
     except ValueError:
         pass
     msg = pb.BlobChunk.FromString(raw)
-    return BlobPiece(msg.offset, msg.data, msg.crc32 if msg.HasField("crc32") else None)
+    return BlobPiece(msg.offset, msg.data, msg.crc32 if msg.HasField("crc32") else None, msg.crc32c if msg.HasField("crc32c") else None)
+
+
+def _u32(v: Any) -> bool:
+    """An absent field (None) or an int that fits a uint32."""
+    return v is None or (isinstance(v, int) and v < 1 << 32)
 
 
 def encode_update_part(msg: DataPiece | pb.UpdateChunk) -> bytes:
@@ -217,6 +248,8 @@ def encode_update_part(msg: DataPiece | pb.UpdateChunk) -> bytes:
         return msg.SerializeToString()
     head = (b"\x08" + _varint(msg.offset) if msg.offset else b"") + (b"\x12" + _varint(len(msg.data)) if len(msg.data) else b"")
     tail = b"\x18" + _varint(msg.crc32) if msg.crc32 else b""
+    if msg.crc32c is not None:
+        tail += b"\x20" + _varint(msg.crc32c)
     inner = len(head) + len(msg.data) + len(tail)
     return b"".join((b"\x1a" + _varint(inner), head, msg.data, tail))
 
@@ -229,52 +262,67 @@ def decode_update_part(raw: bytes) -> DataPiece | pb.UpdateChunk:
         outer = _fields(view, 0, len(view))
         if set(outer) == {3} and isinstance(outer[3], tuple):
             f = _fields(view, *outer[3])
-            offset, crc = f.get(1, 0), f.get(3, 0)
+            offset, crc, crcc = f.get(1, 0), f.get(3, 0), f.get(4)
             data = f.get(2, (0, 0))
-            if set(f) <= {1, 2, 3} and isinstance(offset, int) and isinstance(crc, int) and isinstance(data, tuple):
-                if offset < 1 << 63 and crc < 1 << 32:
-                    return DataPiece(offset, view[data[0] : data[1]], crc)
+            if set(f) <= {1, 2, 3, 4} and isinstance(offset, int) and isinstance(data, tuple) and _u32(crc) and _u32(crcc):
+                if offset < 1 << 63:
+                    return DataPiece(offset, view[data[0] : data[1]], crc, crcc)
     except ValueError:
         pass
     return pb.UpdateChunk.FromString(raw)
 
 
-def data_chunk_to_proto(offset: int, data: bytes) -> pb.UpdateChunk:
-    """One upload chunk with its offset and CRC-32."""
-    return pb.UpdateChunk(chunk=pb.DataChunk(offset=offset, data=data, crc32=zlib.crc32(data)))
+def data_chunk_to_proto(offset: int, data: bytes, algo: CrcAlgorithm = CRC32) -> pb.UpdateChunk:
+    """One upload chunk with its offset and CRC-32 (or CRC-32C, with ``algo=CRC32C``)."""
+    if algo == CRC32C:
+        return pb.UpdateChunk(chunk=pb.DataChunk(offset=offset, data=data, crc32c=algo.fn(data)))
+    return pb.UpdateChunk(chunk=pb.DataChunk(offset=offset, data=data, crc32=algo.fn(data)))
 
 
-def data_piece(offset: int, data: bytes | memoryview) -> DataPiece:
-    """An upload chunk with its CRC-32 (for :func:`encode_update_part`)."""
-    return DataPiece(offset, data, zlib.crc32(data))
+def data_piece(offset: int, data: bytes | memoryview, algo: CrcAlgorithm = CRC32) -> DataPiece:
+    """An upload chunk with its CRC-32 or CRC-32C (for :func:`encode_update_part`)."""
+    if algo == CRC32C:
+        return DataPiece(offset, data, 0, algo.fn(data))
+    return DataPiece(offset, data, algo.fn(data))
 
 
-def data_chunk_from_proto(msg: pb.UpdateChunk | DataPiece, expected_offset: int) -> tuple[bytes | memoryview, bool]:
+def data_chunk_from_proto(msg: pb.UpdateChunk | DataPiece, expected_offset: int, algo: CrcAlgorithm = CRC32) -> tuple[bytes | memoryview, bool]:
     """(bytes, crc_ok) of a data piece; raises ProtocolError for a header or a misplaced chunk.
 
     Legacy ``data`` pieces carry no checksum (crc_ok is True)."""
-    data, crc_ok, _ = checked_chunk(msg, expected_offset)
+    data, crc_ok, _ = checked_chunk(msg, expected_offset, algo)
     return data, crc_ok
 
 
-def checked_chunk(msg: pb.UpdateChunk | DataPiece, expected_offset: int) -> tuple[bytes | memoryview, bool, int]:
-    """(bytes, crc_ok, the CRC-32 the data has) of a data piece, as :func:`data_chunk_from_proto`."""
+def checked_chunk(msg: pb.UpdateChunk | DataPiece, expected_offset: int, algo: CrcAlgorithm = CRC32) -> tuple[bytes | memoryview, bool, int]:
+    """(bytes, crc_ok, the CRC the data has) of a data piece, as :func:`data_chunk_from_proto`.
+
+    ``algo`` is the upload's algorithm (its header's): a chunk must carry that checksum, in its
+    own field (``crc32c`` for CRC-32C, ``crc32`` otherwise); one carrying the other algorithm's
+    is a ProtocolError, never compared."""
     if isinstance(msg, DataPiece):
-        if msg.offset != expected_offset:
-            raise ProtocolError(f"chunk at offset {msg.offset}, expected {expected_offset}")
-        crc = zlib.crc32(msg.data)
-        return msg.data, crc == msg.crc32, crc
-    kind = msg.WhichOneof("part")
-    if kind == "data":
-        data = msg.data
-        return data, True, zlib.crc32(data)
-    if kind != "chunk":
-        raise ProtocolError("a second header inside one upload" if kind == "header" else "an empty upload message")
-    if msg.chunk.offset != expected_offset:
-        raise ProtocolError(f"chunk at offset {msg.chunk.offset}, expected {expected_offset}")
-    data = msg.chunk.data
-    crc = zlib.crc32(data)
-    return data, crc == msg.chunk.crc32, crc
+        offset, data, crc32, crc32c = msg
+    else:
+        kind = msg.WhichOneof("part")
+        if kind == "data":
+            data = msg.data
+            return data, True, algo.fn(data)
+        if kind != "chunk":
+            raise ProtocolError("a second header inside one upload" if kind == "header" else "an empty upload message")
+        offset, data, crc32 = msg.chunk.offset, msg.chunk.data, msg.chunk.crc32
+        crc32c = msg.chunk.crc32c if msg.chunk.HasField("crc32c") else None
+    if offset != expected_offset:
+        raise ProtocolError(f"chunk at offset {offset}, expected {expected_offset}")
+    if algo == CRC32C:
+        if crc32c is None:
+            raise ProtocolError(f"chunk at offset {offset} has no crc32c, but the upload's header declared CRC-32C")
+        want = crc32c
+    else:
+        if crc32c is not None:
+            raise ProtocolError(f"chunk at offset {offset} carries a crc32c, but the upload's header did not declare CRC-32C")
+        want = crc32
+    crc = algo.fn(data)
+    return data, crc == want, crc
 
 
 def status_to_dict(msg: pb.StatusReply) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import grpc
 
 from dpeft._proto.dpeft.v1 import coordinator_pb2 as pb
 from dpeft._proto.dpeft.v1 import coordinator_pb2_grpc as pb_grpc
+from dpeft.codec.crc import CRC32, CrcAlgorithm
 from dpeft.transport import serde
 from dpeft.transport.auth import call_metadata
 
@@ -108,9 +109,12 @@ class RawClient:
         )
         return pb.UpdateChunk(header=h)
 
-    def push(self, task_id: str, client_id: int, payload: bytes, chunk: int = 1 << 16, start: int = 0, **fields: Any) -> pb.UpdateAck:
+    def push(
+        self, task_id: str, client_id: int, payload: bytes, chunk: int = 1 << 16, start: int = 0, algo: CrcAlgorithm = CRC32, **fields: Any
+    ) -> pb.UpdateAck:
+        """Upload ``payload``; chunks carry ``algo`` checksums (CRC-32, as older workers send, unless told)."""
         msgs = [self.header(task_id, client_id, payload, offset=start, **fields)]
-        msgs += [serde.data_chunk_to_proto(p, payload[p : p + chunk]) for p in range(start, len(payload), chunk)]
+        msgs += [serde.data_chunk_to_proto(p, payload[p : p + chunk], algo) for p in range(start, len(payload), chunk)]
         return self.stub.PushUpdate(iter(msgs), timeout=20, metadata=self.md)
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ import zlib
 from collections import OrderedDict
 from pathlib import Path
 
+import crc32c
 import grpc
 import pytest
 import torch
@@ -24,6 +25,7 @@ from edge_testlib import RawClient, tiny_overrides
 
 from dpeft._proto.dpeft.v1 import coordinator_pb2 as pb
 from dpeft.codec import encode_state
+from dpeft.codec.crc import CRC32C
 from dpeft.config import load_config
 from dpeft.coordinator.engine import RoundEngine
 from dpeft.coordinator.global_model import GlobalModel
@@ -98,6 +100,8 @@ def scenario(tiny_model: Path, tmp_path_factory) -> dict:
                 tasks.append(reply.task)
         assert len(tasks) == 2, "the round's two tasks never arrived"
         t0, t1 = tasks
+        # this coordinator speaks CRC-32C: every task says so with the payload's CRC-32C
+        assert t0.HasField("blob_crc32c") and t0.blob_crc32c == crc32c.crc32c(good.fetch(t0.blob_id))
         zero = _payload(schema)
         name0 = next(iter(schema))
 
@@ -128,6 +132,10 @@ def scenario(tiny_model: Path, tmp_path_factory) -> dict:
         cases["not_a_payload"] = push(b"\x10\x00\x00\x00\x00\x00\x00\x00this is not json" + bytes(64))
         cases["checksum"] = push(zero, sha256=hashlib.sha256(b"something else").digest())
         cases["crc_checksum"] = push(zero, sha256=b"", crc32=zlib.crc32(zero) ^ 1)  # whole-payload CRC-32 instead of sha256
+        cases["crc32c_checksum"] = push(zero, sha256=b"", crc32c=crc32c.crc32c(zero) ^ 1, algo=CRC32C)
+        cases["crc32c_header_crc32_chunks"] = push(zero, sha256=b"", crc32c=crc32c.crc32c(zero))  # chunks carry CRC-32 only
+        cases["crc32_header_crc32c_chunks"] = push(zero, sha256=b"", crc32=zlib.crc32(zero), algo=CRC32C)
+        cases["both_crcs"] = push(zero, sha256=b"", crc32=zlib.crc32(zero), crc32c=crc32c.crc32c(zero), algo=CRC32C)
         cases["no_digest"] = push(zero, sha256=b"")
         cases["too_large"] = push(zero, size=(1 << 20) + 1)
         cases["zero_examples"] = push(zero, num_examples=0)
@@ -139,7 +147,7 @@ def scenario(tiny_model: Path, tmp_path_factory) -> dict:
         # --- the round's real updates, then a duplicate ------------------------------------------
         cases["good_0"] = push(zero)
         cases["duplicate"] = push(zero)
-        cases["good_1"] = push(zero, task=t1)
+        cases["good_1"] = push(zero, task=t1, sha256=b"", crc32c=crc32c.crc32c(zero), algo=CRC32C)  # current workers: CRC-32C
         runner.join(60)
         assert rows and rows[0] is not None, "the round did not close"
         cases["replayed_after_round"] = push(zero)
@@ -172,7 +180,11 @@ EXPECTED = {
     "not_a_payload": (grpc.StatusCode.INVALID_ARGUMENT, "(malformed)"),
     "checksum": (grpc.StatusCode.INVALID_ARGUMENT, "(checksum)"),
     "crc_checksum": (grpc.StatusCode.INVALID_ARGUMENT, "(checksum): CRC-32 of the received bytes does not match the header"),
-    "no_digest": (grpc.StatusCode.INVALID_ARGUMENT, "sha256 must be 32 bytes (or empty, with the payload's crc32)"),
+    "crc32c_checksum": (grpc.StatusCode.INVALID_ARGUMENT, "(checksum): CRC-32C of the received bytes does not match the header"),
+    "crc32c_header_crc32_chunks": (grpc.StatusCode.INVALID_ARGUMENT, "(malformed): chunk at offset 0 has no crc32c"),
+    "crc32_header_crc32c_chunks": (grpc.StatusCode.INVALID_ARGUMENT, "(malformed): chunk at offset 0 carries a crc32c"),
+    "both_crcs": (grpc.StatusCode.INVALID_ARGUMENT, "set one of crc32 and crc32c, not both"),
+    "no_digest": (grpc.StatusCode.INVALID_ARGUMENT, "sha256 must be 32 bytes (or empty, with the payload's crc32c or crc32)"),
     "too_large": (grpc.StatusCode.INVALID_ARGUMENT, "(too_large)"),
     "zero_examples": (grpc.StatusCode.INVALID_ARGUMENT, "(num_examples)"),
     "unknown_task": (grpc.StatusCode.FAILED_PRECONDITION, "(unknown_task)"),

@@ -5,8 +5,10 @@ the coordinator (only a clean gRPC abort or an ack) and never allocate beyond th
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections import OrderedDict
 
+import crc32c
 import grpc
 import torch
 from google.protobuf.message import DecodeError
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 
 from dpeft._proto.dpeft.v1 import coordinator_pb2 as pb
 from dpeft.codec import encode_state
+from dpeft.codec.crc import CRC32, CRC32C, CrcAlgorithm
 from dpeft.codec.tensors import Limits, StateDecoder
 from dpeft.state import AdapterState
 from dpeft.transport import serde
@@ -100,8 +103,8 @@ def _header(payload: bytes, **kw) -> pb.UpdateChunk:
     return pb.UpdateChunk(header=pb.UpdateHeader(**fields))
 
 
-def _chunks(payload: bytes, size: int) -> list[pb.UpdateChunk]:
-    return [serde.data_chunk_to_proto(p, payload[p : p + size]) for p in range(0, len(payload), size)]
+def _chunks(payload: bytes, size: int, algo: CrcAlgorithm = CRC32) -> list[pb.UpdateChunk]:
+    return [serde.data_chunk_to_proto(p, payload[p : p + size], algo) for p in range(0, len(payload), size)]
 
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -109,6 +112,12 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 def test_the_good_payload_is_accepted() -> None:
     assert _run([_header(GOOD), *_chunks(GOOD, 100)]) == grpc.StatusCode.OK
+    # identified by its whole-payload CRC-32C (current workers) or CRC-32 (older ones) instead of sha256
+    assert _run([_header(GOOD, sha256=b"", crc32c=crc32c.crc32c(GOOD)), *_chunks(GOOD, 100, CRC32C)]) == grpc.StatusCode.OK
+    assert _run([_header(GOOD, sha256=b"", crc32=zlib.crc32(GOOD)), *_chunks(GOOD, 100)]) == grpc.StatusCode.OK
+    # a chunk checked with the other algorithm is never accepted
+    assert _run([_header(GOOD, sha256=b"", crc32c=crc32c.crc32c(GOOD)), *_chunks(GOOD, 100)]) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _run([_header(GOOD, sha256=b"", crc32=zlib.crc32(GOOD)), *_chunks(GOOD, 100, CRC32C)]) == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @FUZZ
@@ -178,7 +187,8 @@ def _agree(raw: bytes) -> None:
         assert ref is None and got is None, (ref, got)
     elif isinstance(got, serde.DataPiece):
         assert ref.WhichOneof("part") == "chunk"
-        assert (ref.chunk.offset, ref.chunk.data, ref.chunk.crc32) == (got.offset, bytes(got.data), got.crc32)
+        ref_c = ref.chunk.crc32c if ref.chunk.HasField("crc32c") else None
+        assert (ref.chunk.offset, ref.chunk.data, ref.chunk.crc32, ref_c) == (got.offset, bytes(got.data), got.crc32, got.crc32c)
     else:
         assert got == ref
 
@@ -190,14 +200,20 @@ def test_zero_copy_deserializer_on_random_frames(raw: bytes) -> None:
 
 
 @FUZZ
-@given(st.integers(0, (1 << 63) - 1), st.binary(max_size=200), st.integers(0, (1 << 32) - 1), st.data())
-def test_zero_copy_serializers_round_trip_and_survive_bit_flips(offset: int, data: bytes, crc: int, flips: st.DataObject) -> None:
-    raw = serde.encode_update_part(serde.DataPiece(offset, memoryview(data), crc))
-    assert raw == pb.UpdateChunk(chunk=pb.DataChunk(offset=offset, data=data, crc32=crc)).SerializeToString()
+@given(st.integers(0, (1 << 63) - 1), st.binary(max_size=200), st.integers(0, (1 << 32) - 1), st.none() | st.integers(0, (1 << 32) - 1), st.data())
+def test_zero_copy_serializers_round_trip_and_survive_bit_flips(offset: int, data: bytes, crc: int, crcc: int | None, flips: st.DataObject) -> None:
+    raw = serde.encode_update_part(serde.DataPiece(offset, memoryview(data), crc, crcc))
+    assert raw == pb.UpdateChunk(chunk=pb.DataChunk(offset=offset, data=data, crc32=crc, crc32c=crcc)).SerializeToString()
     _agree(raw)
     blob = serde.encode_blob_chunk(serde.BlobPiece(offset, memoryview(data)))
     back = serde.decode_blob_chunk(blob)
     assert (back.offset, bytes(back.data)) == (offset, data) and pb.BlobChunk.FromString(blob) == pb.BlobChunk(offset=offset, data=data)
+    # a download chunk with either checksum: canonical protobuf, read back field for field
+    for piece in (serde.BlobPiece(offset, memoryview(data), crc32=crc), serde.BlobPiece(offset, memoryview(data), crc32c=crc)):
+        blob = serde.encode_blob_chunk(piece)
+        assert blob == pb.BlobChunk(offset=offset, data=data, crc32=piece.crc32, crc32c=piece.crc32c).SerializeToString()
+        back = serde.decode_blob_chunk(blob)
+        assert (back.offset, bytes(back.data), back.crc32, back.crc32c) == (offset, data, piece.crc32, piece.crc32c)
     mutated = bytearray(raw)
     for bit in flips.draw(st.lists(st.integers(0, len(raw) * 8 - 1), max_size=3)):
         mutated[bit // 8] ^= 1 << (bit % 8)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+import crc32c
 import pytest
 import torch
 
@@ -145,7 +147,11 @@ def test_spooled_global_is_served_from_its_file(tmp_path: Path) -> None:
         t.publish_blob("g1", blob)
         t.submit([TrainTask("r1-c0-x", 1, 0, "g1", len(blob), blob.sha256)], {})
         task = conn.poll()
+        # its CRC-32C was taken while it was written (the chunk CRCs are filled in as chunks are served)
+        assert task.blob_crc32c == blob.crc32c == crc32c.crc32c(payload)
         assert bytes(conn.fetch(task)) == payload
+        conn._cache = None  # fetch again, as an older worker would: CRC-32 chunks
+        assert bytes(conn.fetch(dataclasses.replace(task, blob_crc32c=None))) == payload
         conn.leave()
     finally:
         t.shutdown("over", grace_s=0.1)

@@ -138,7 +138,8 @@ def test_upload_cut_at_60_percent_resumes_and_a_corrupt_chunk_is_resent(tmp_path
         task = _task(b"g")
         t.publish_blob("blob1", b"g")
         t.submit([task], {})
-        assert conn.poll().task_id == task.task_id
+        task = conn.poll()  # as handed out: with the payload's CRC-32C, so the upload uses CRC-32C (the default path)
+        assert task.task_id == "r1-c0-x" and task.blob_crc32c is not None
         cut_at = int(len(payload) * 0.6)
         fired = []
         seen: list[int] = []
@@ -168,9 +169,9 @@ def test_upload_cut_at_60_percent_resumes_and_a_corrupt_chunk_is_resent(tmp_path
         assert conn.bytes_up == len(payload) + conn.bytes_resent
 
         # a corrupted chunk: DATA_LOSS, re-sent from its offset, update intact
-        task2 = _task(b"g", "r1-c1-y", 1)
-        t.submit([task2], {})
-        assert conn.poll().task_id == task2.task_id
+        t.submit([_task(b"g", "r1-c1-y", 1)], {})
+        task2 = conn.poll()
+        assert task2.task_id == "r1-c1-y" and task2.blob_crc32c is not None
         flipped = []
         seen.clear()
 

@@ -66,9 +66,8 @@ def test_simulate_end_to_end(tmp_path: Path, procs) -> None:
 def test_forked_and_spawned_workers_train_the_same(tmp_path: Path, procs) -> None:
     """simulate.start=fork (workers share the coordinator's loaded model) and spawn (fresh
     `dpeft worker` interpreters) are one code path: same global adapter, same metrics."""
-    from safetensors.torch import load_file
-
     from integration_testlib import SHORT
+    from safetensors.torch import load_file
 
     finals = {}
     for start in ("fork", "spawn"):

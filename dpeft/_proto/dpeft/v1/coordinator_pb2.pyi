@@ -45,7 +45,7 @@ class PollRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ..., max_tasks: _Optional[int] = ...) -> None: ...
 
 class TrainTask(_message.Message):
-    __slots__ = ("task_id", "round", "client_id", "blob_id", "blob_size", "blob_sha256", "hyperparams_json", "blob_crc32")
+    __slots__ = ("task_id", "round", "client_id", "blob_id", "blob_size", "blob_sha256", "hyperparams_json", "blob_crc32", "blob_crc32c")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class TrainTask(_message.Message):
     BLOB_SHA256_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
     BLOB_CRC32_FIELD_NUMBER: _ClassVar[int]
+    BLOB_CRC32C_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round: int
     client_id: int
@@ -62,7 +63,8 @@ class TrainTask(_message.Message):
     blob_sha256: bytes
     hyperparams_json: str
     blob_crc32: int
-    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., blob_id: _Optional[str] = ..., blob_size: _Optional[int] = ..., blob_sha256: _Optional[bytes] = ..., hyperparams_json: _Optional[str] = ..., blob_crc32: _Optional[int] = ...) -> None: ...
+    blob_crc32c: int
+    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., blob_id: _Optional[str] = ..., blob_size: _Optional[int] = ..., blob_sha256: _Optional[bytes] = ..., hyperparams_json: _Optional[str] = ..., blob_crc32: _Optional[int] = ..., blob_crc32c: _Optional[int] = ...) -> None: ...
 
 class PollReply(_message.Message):
     __slots__ = ("task", "wait_s", "stop_reason", "more_tasks")
@@ -77,29 +79,33 @@ class PollReply(_message.Message):
     def __init__(self, task: _Optional[_Union[TrainTask, _Mapping]] = ..., wait_s: _Optional[float] = ..., stop_reason: _Optional[str] = ..., more_tasks: _Optional[_Iterable[_Union[TrainTask, _Mapping]]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("worker_id", "session", "blob_id", "offset")
+    __slots__ = ("worker_id", "session", "blob_id", "offset", "crc32c")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     BLOB_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session: str
     blob_id: str
     offset: int
-    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ..., blob_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    crc32c: bool
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ..., blob_id: _Optional[str] = ..., offset: _Optional[int] = ..., crc32c: _Optional[bool] = ...) -> None: ...
 
 class BlobChunk(_message.Message):
-    __slots__ = ("offset", "data", "crc32")
+    __slots__ = ("offset", "data", "crc32", "crc32c")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
     offset: int
     data: bytes
     crc32: int
-    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+    crc32c: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("worker_id", "session", "task_id", "client_id", "num_examples", "metrics", "size", "sha256", "offset", "crc32")
+    __slots__ = ("worker_id", "session", "task_id", "client_id", "num_examples", "metrics", "size", "sha256", "offset", "crc32", "crc32c")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +123,7 @@ class UpdateHeader(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     session: str
     task_id: str
@@ -127,17 +134,20 @@ class UpdateHeader(_message.Message):
     sha256: bytes
     offset: int
     crc32: int
-    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ..., task_id: _Optional[str] = ..., client_id: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., offset: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
+    crc32c: int
+    def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ..., task_id: _Optional[str] = ..., client_id: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., offset: _Optional[int] = ..., crc32: _Optional[int] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class DataChunk(_message.Message):
-    __slots__ = ("offset", "data", "crc32")
+    __slots__ = ("offset", "data", "crc32", "crc32c")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
     offset: int
     data: bytes
     crc32: int
-    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+    crc32c: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "data", "chunk")
