@@ -46,7 +46,8 @@ def main() -> None:
             cmd = [sys.executable, "-m", "dpeft.launch.cli", "simulate", "--fresh", f"run_dir={run_dir}", f"clients={n}", *base]
             proc, wall, pss = run_measured(cmd, env=env)
             if proc.returncode != 0:
-                raise SystemExit(f"clients={n} failed:\n{proc.stderr[-3000:]}")
+                logs = "".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in sorted(Path(run_dir, "logs").glob("*.log")))
+                raise SystemExit(f"clients={n} failed:\n{proc.stderr[-3000:]}\n{logs}")
             metrics = [json.loads(x) for x in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
             # round 1 also waits for the worker processes to load the model: steady state is rounds 2..R
             trained = [r for r in metrics if r["round"] > 1] or [r for r in metrics if r["round"] > 0]
