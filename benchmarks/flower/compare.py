@@ -126,7 +126,7 @@ def main() -> None:
         "loss, FedAvg, evaluation on 600 examples every round). Both sides: the same initial adapter, split, per-round "
         "client sample, per-(round, client) batches and dropout seeds (the Flower client calls the same plain-PyTorch "
         "`local_train`), two training processes with one torch thread each (Flower: `num_cpus=1` per virtual client on "
-        "a 2-CPU Ray backend; dpeft: `simulate.processes=2`), server-side evaluation with 2 threads. Flower's actors "
+        "a 2-CPU Ray backend; dpeft: `simulate.processes=2`, forked from the coordinator once it has loaded the model and data), server-side evaluation with 2 threads. Flower's actors "
         "cache the model and data across rounds. The accuracies agree up to float rounding because the work is the same; "
         "the differences in time and memory are the frameworks'.",
     ]
