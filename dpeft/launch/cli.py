@@ -144,30 +144,13 @@ def _run(args: argparse.Namespace) -> int:
         return _status(args)
     if args.threads < 1:
         raise _config_error("--threads", "must be >= 1")
-    from dpeft.workers.loop import run_worker
+    from dpeft.workers.loop import serve_until_terminated
 
     if args.exit_with_parent:
         exit_with_parent()
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     conn = _connect(args, worker_id, patience_s=args.patience)
-    stop = threading.Event()
-
-    def on_term(signum: int, frame: object) -> None:  # leave cleanly (the coordinator re-queues our task)
-        stop.set()
-        raise _WorkerStop
-
-    import signal
-
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        return run_worker(conn, worker_id, threads=args.threads, data_path=args.data, stop=stop)
-    except _WorkerStop:
-        print(f"dpeft worker {worker_id}: stopped by SIGTERM", file=sys.stderr)
-        return 0
-
-
-class _WorkerStop(BaseException):
-    """SIGTERM in a worker: unwind (run_worker's finally says Leave), exit 0."""
+    return serve_until_terminated(conn, worker_id, threads=args.threads, data_path=args.data)
 
 
 def _token(args: argparse.Namespace) -> str:

@@ -185,10 +185,6 @@ class WorkerProcesses:
         stop_processes(self.procs, grace_s)
 
 
-class _WorkerStop(BaseException):
-    """SIGTERM in a forked worker: unwind (run_worker's finally says Leave), exit 0."""
-
-
 def _name_process(name: str) -> None:
     """Linux: the name ``ps``/``top`` show (a forked worker still has the coordinator's command line)."""
     if sys.platform.startswith("linux"):
@@ -209,13 +205,6 @@ def _forked_worker(runtime: Any, read_fd: int, worker_id: str, threads: int, log
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
-        stop = threading.Event()
-
-        def on_term(signum: int, frame: Any) -> None:
-            stop.set()
-            raise _WorkerStop
-
-        signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         address = b""
         while chunk := os.read(read_fd, 4096):
@@ -226,15 +215,12 @@ def _forked_worker(runtime: Any, read_fd: int, worker_id: str, threads: int, log
             return
         from dpeft.launch.cli import exit_with_parent
         from dpeft.transport.grpc_worker import GrpcWorkerConnection
-        from dpeft.workers.loop import run_worker
+        from dpeft.workers.loop import serve_until_terminated
 
         exit_with_parent()
         conn = GrpcWorkerConnection(address.decode(), token="", patience_s=20.0)
         conn.worker_id = worker_id
-        code = run_worker(conn, worker_id, threads=threads, stop=stop, runtime=runtime)
-    except _WorkerStop:
-        print(f"dpeft worker {worker_id}: stopped by SIGTERM", file=sys.stderr)
-        code = 0
+        code = serve_until_terminated(conn, worker_id, threads=threads, runtime=runtime)
     except KeyboardInterrupt:
         code = 130
     except BaseException:  # noqa: BLE001 - the child must never return into the coordinator's stack

@@ -227,17 +227,21 @@ class _ChunkCrcs:
         whole = blob.crc32c if isinstance(blob, SpooledBlob) else None
         if isinstance(blob, FramedBlob) and blob.step == step:
             crcs: list[int | None] = list(blob.crc32c)
-            whole = combine_chunks(((c, min(step, self.size - i * step)) for i, c in enumerate(blob.crc32c)), poly=CRC32C.poly)
+            whole = self._whole(blob.crc32c)
         elif whole is None:
             if isinstance(blob, SpooledBlob | FramedBlob):  # chunk by chunk (memory stays one chunk)
                 crcs = [CRC32C.fn(blob.read(i * step, step)) for i in range(n)]
             else:
                 crcs = list(chunk_crcs(blob, step, CRC32C.fn))
-            whole = combine_chunks(((c, min(step, self.size - i * step)) for i, c in enumerate(crcs)), poly=CRC32C.poly)
+            whole = self._whole(crcs)
         else:
             crcs = [None] * n
         self.whole_crc32c: int = whole
         self.by_algo: dict[str, list[int | None]] = {CRC32C.name: crcs}
+
+    def _whole(self, crcs: list[int] | list[int | None]) -> int:
+        """The payload's CRC-32C from its chunk CRC-32Cs on the grid."""
+        return combine_chunks(((c, min(self.step, self.size - i * self.step)) for i, c in enumerate(crcs)), poly=CRC32C.poly)
 
     def get(self, algo: CrcAlgorithm, index: int, data: bytes | memoryview) -> int:
         """The ``algo`` CRC of chunk ``index`` (whose bytes are ``data``), computed on first use."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -141,12 +142,22 @@ def _push_later(
         log.info("delayed update for task %s not delivered: %s", task.task_id, exc)
 
 
-def install_stop_handlers(stop: threading.Event) -> None:
-    """SIGTERM/SIGINT set ``stop`` so the loop leaves cleanly after the current step."""
+class _WorkerStop(BaseException):
+    """SIGTERM in a worker process: unwind (run_worker's finally says Leave), exit 0."""
 
-    def handler(signum: int, frame: Any) -> None:
+
+def serve_until_terminated(conn: WorkerConnection, worker_id: str, **kwargs: Any) -> int:
+    """``run_worker`` as a process's main loop (`dpeft worker`, a forked simulate worker): SIGTERM
+    leaves cleanly (the coordinator re-queues the task in hand) and returns 0."""
+    stop = threading.Event()
+
+    def on_term(signum: int, frame: Any) -> None:
         stop.set()
-        raise KeyboardInterrupt
+        raise _WorkerStop
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        return run_worker(conn, worker_id, stop=stop, **kwargs)
+    except _WorkerStop:
+        print(f"dpeft worker {worker_id}: stopped by SIGTERM", file=sys.stderr)
+        return 0
