@@ -91,13 +91,32 @@ class _Proc:
         self.fh.close()
 
 
-def _status(address: str, ca: Path) -> dict:
-    conn = GrpcWorkerConnection(address, token=TOKENS["admin"], credentials=channel_credentials(str(ca)), patience_s=2)
-    conn.worker_id = "admin"
-    try:
-        return conn.status()
-    finally:
-        conn.channel.close()
+class Admin:
+    """One status channel kept open for the whole poll. A fresh channel per poll would share
+    gRPC's process-wide subchannel, whose reconnect backoff (1 s, growing) after a refused
+    connection can outlast a whole tiny run; so pollers wait for `listening` first and reuse this."""
+
+    def __init__(self, address: str, ca: Path | None = None) -> None:
+        creds = channel_credentials(str(ca)) if ca else None
+        self.conn = GrpcWorkerConnection(address, token=TOKENS["admin"] if ca else "", credentials=creds, patience_s=2, heartbeat=False)
+        self.conn.worker_id = "admin"
+
+    def status(self) -> dict:
+        return self.conn.status()
+
+    def busy(self, worker_id: str):
+        """A predicate for `_until`: the worker holds a task (returns the status then)."""
+        def pred():
+            st = self.status()
+            return any(w["worker_id"] == worker_id and w["current_task"] for w in st["workers"]) and st
+        return pred
+
+    def close(self) -> None:
+        self.conn.channel.close()
+
+
+def wait_listening(coord: _Proc, procs: list[_Proc]) -> None:
+    _until(lambda: "event=listening" in coord.text(), 180, "the coordinator to listen", procs)
 
 
 def _until(pred, timeout: float, what: str, procs: list[_Proc]):
@@ -130,6 +149,8 @@ def test_worker_and_coordinator_sigkill_same_final_adapter(tiny_model: Path, cer
     try:
         coord = _Proc(coord_args, tmp_path / "coordinator-1.log")
         procs.append(coord)
+        wait_listening(coord, procs)
+        admin = Admin(listen, certs / "ca.pem")
         def worker(w: str) -> _Proc:
             args = ["worker", "--coordinator", listen, "--worker-id", w, "--token-file", str(tmp_path / f"{w}.token"),
                     "--ca", str(certs / "ca.pem"), "--threads", "1", "--patience", "90"]
@@ -138,20 +159,18 @@ def test_worker_and_coordinator_sigkill_same_final_adapter(tiny_model: Path, cer
         # 1. w1 (alone) holds a round-1 task -> SIGKILL it; then w0 joins and gets the re-queued task too
         w1 = worker("w1")
         procs.append(w1)
-        def w1_busy():
-            st = _status(listen, certs / "ca.pem")
-            return any(w["worker_id"] == "w1" and w["current_task"] for w in st["workers"]) and st
-        _until(w1_busy, 180, "w1 to hold a task", procs)
+        _until(admin.busy("w1"), 180, "w1 to hold a task", procs)
         w1.kill()
         w0 = worker("w0")
         procs.append(w0)
 
         # 2. round 1 checkpointed and round 2 under way -> SIGKILL the coordinator
         def round2_running():
-            st = _status(listen, certs / "ca.pem")
+            st = admin.status()
             return st["round"] == 2 and st["tasks_done"] < st["tasks_submitted"] and (run / "checkpoints" / "round-000001.safetensors").exists() and st
         st = _until(round2_running, 180, "round 2 to be running", procs)
         assert any(w["worker_id"] == "w1" and w["state"] == "dead" for w in st["workers"]), st
+        admin.close()
         coord.kill()
         first_log = coord.text()
         assert "event=worker_dead worker=w1" in first_log, first_log[-3000:]

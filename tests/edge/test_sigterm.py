@@ -9,20 +9,9 @@ from pathlib import Path
 
 import pytest
 from edge_testlib import free_port, tiny_overrides
-from test_crash_resume import _Proc, _until
-
-from dpeft.transport.grpc_worker import GrpcWorkerConnection
+from test_crash_resume import Admin, _Proc, _until, wait_listening
 
 pytestmark = pytest.mark.integration
-
-
-def _status(address: str) -> dict:
-    conn = GrpcWorkerConnection(address, patience_s=2)
-    conn.worker_id = "admin"
-    try:
-        return conn.status()
-    finally:
-        conn.channel.close()
 
 
 def test_sigterm_worker_then_coordinator(tiny_model: Path, tmp_path: Path) -> None:
@@ -35,21 +24,21 @@ def test_sigterm_worker_then_coordinator(tiny_model: Path, tmp_path: Path) -> No
         procs.append(p)
         return p
 
-    def busy(w: str):
-        return lambda: any(x["worker_id"] == w and x["current_task"] for x in _status(listen)["workers"])
-
     try:
         coord = _Proc(args, tmp_path / "coordinator.log")
         procs.append(coord)
+        wait_listening(coord, procs)
+        admin = Admin(listen)
         w0 = worker("w0")
-        _until(busy("w0"), 180, "w0 to hold a task", procs)
+        _until(admin.busy("w0"), 180, "w0 to hold a task", procs)
         w0.p.send_signal(signal.SIGTERM)
         assert w0.wait(30) == 0, w0.text()[-2000:]
         assert "stopped by SIGTERM" in w0.text()
         _until(lambda: "event=worker_left worker=w0 requeued=1" in coord.text(), 10, "w0's goodbye", procs)
 
         w1 = worker("w1")
-        _until(busy("w1"), 180, "w1 to hold a task", procs)
+        _until(admin.busy("w1"), 180, "w1 to hold a task", procs)
+        admin.close()
         t0 = time.time()
         coord.p.send_signal(signal.SIGTERM)
         assert coord.wait(60) == 130, coord.text()[-2000:]
