@@ -97,6 +97,10 @@ class TrainConfig:
         8,
         "train.lockstep: at most this many clients trained together (a worker asks the coordinator for up to this many tasks at once)",
     )
+    worker_mmap_threshold_kib: int | None = _f(
+        2048,
+        "glibc: a worker process serves allocations of this many KiB and more from their own mmap, returned to the system on free, instead of glibc's growing threshold that keeps freed activations as fragmented heap (2048: about 10% less simulate memory at no measured time cost; 1024: about 25% less, about 12% slower, from page faults); null = glibc's default",
+    )
 
 
 @dataclass(kw_only=True)
@@ -443,6 +447,8 @@ def validate(cfg: RunConfig) -> None:
     from dpeft.codec.updates import CodecSpec
 
     CodecSpec.from_config({"up": cfg.codec.up, "down": cfg.codec.down, "options": cfg.codec.options})  # names codec.up / codec.down
+    if cfg.train.worker_mmap_threshold_kib is not None:
+        _positive("train.worker_mmap_threshold_kib", cfg.train.worker_mmap_threshold_kib)
     validate_ray(cfg.ray)
 
 

@@ -34,6 +34,8 @@ sys.path.insert(0, str(HERE.parent))
 from procmem import run_measured  # noqa: E402
 from results import machine_note, write_section  # noqa: E402
 
+from dpeft.launch.cli import LEAN_TUNABLES  # noqa: E402
+
 VENV = ROOT / "benchmarks" / ".venv-flower"
 MiB = 1 << 20
 
@@ -55,9 +57,9 @@ def _leftovers(marker: str) -> list[psutil.Process]:
     return found
 
 
-def run_flower(overrides: list[str], tmp: str) -> dict:
+def run_flower(overrides: list[str], tmp: str, extra_env: dict[str, str] | None = None) -> dict:
     out = os.path.join(tmp, "flower.jsonl")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=f"{ROOT}:{HERE}", RAY_DEDUP_LOGS="0")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=f"{ROOT}:{HERE}", RAY_DEDUP_LOGS="0", **(extra_env or {}))
     env.pop("VIRTUAL_ENV", None)
     before = {p.pid for p in _leftovers(str(VENV))}
     proc, wall, pss = run_measured([str(VENV / "bin" / "python"), str(HERE / "flower_task.py"), "--out", out, *overrides], env=env, cwd=str(ROOT))
@@ -89,6 +91,11 @@ def main() -> None:
     parser.add_argument("--clients", default="10,100")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--no-flower-tunables",
+        action="store_true",
+        help="skip the extra Flower run (first client count) with the glibc tunables dpeft's CLI starts with",
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     versions = ensure_venv()
@@ -101,7 +108,11 @@ def main() -> None:
             print(f"clients={n} flower: {fl['wall_s']:.1f}s, {fl['pss'] / MiB:.0f} MiB PSS ({fl['procs']} procs), acc {fl['acc']}", flush=True)
             dp = run_dpeft(overrides, tmp)
             print(f"clients={n} dpeft:  {dp['wall_s']:.1f}s, {dp['pss'] / MiB:.0f} MiB PSS ({dp['procs']} procs), acc {dp['acc']}", flush=True)
-        results.append((n, overrides, fl, dp))
+            fl_lean = None
+            if not args.no_flower_tunables and not results:
+                fl_lean = run_flower(overrides, tmp, {"GLIBC_TUNABLES": LEAN_TUNABLES})
+                print(f"clients={n} flower, GLIBC_TUNABLES={LEAN_TUNABLES}: {fl_lean['wall_s']:.1f}s, {fl_lean['pss'] / MiB:.0f} MiB PSS", flush=True)
+        results.append((n, overrides, fl, dp, fl_lean))
     lines = [
         f"`python benchmarks/flower/compare.py --clients {args.clients} --rounds {args.rounds}{' ' + ' '.join(args.overrides) if args.overrides else ''}`",
         "",
@@ -111,12 +122,15 @@ def main() -> None:
         "| clients | | wall time | peak PSS (process tree) | processes | final accuracy |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for n, _o, fl, dp in results:
+    for n, _o, fl, dp, fl_lean in results:
         lines.append(f"| {n} | Flower simulation | {fl['wall_s']:.1f} s | {fl['pss'] / MiB:,.0f} MiB | {fl['procs']} | {fl['acc'][-1]:.4f} |")
         lines.append(f"| {n} | dpeft simulate | {dp['wall_s']:.1f} s | {dp['pss'] / MiB:,.0f} MiB | {dp['procs']} | {dp['acc'][-1]:.4f} |")
         lines.append(f"| {n} | **Flower / dpeft** | **{fl['wall_s'] / dp['wall_s']:.2f}x** | **{fl['pss'] / dp['pss']:.2f}x** | | |")
+        if fl_lean is not None:
+            lines.append(f"| {n} | Flower, `GLIBC_TUNABLES={LEAN_TUNABLES}` | {fl_lean['wall_s']:.1f} s | {fl_lean['pss'] / MiB:,.0f} MiB | {fl_lean['procs']} | {fl_lean['acc'][-1]:.4f} |")
+            lines.append(f"| {n} | Flower (same tunables) / dpeft | {fl_lean['wall_s'] / dp['wall_s']:.2f}x | {fl_lean['pss'] / dp['pss']:.2f}x | | |")
     lines += ["", "Accuracy per round (round 0 = the initial adapter):", "", "| clients | | " + " | ".join(f"r{i}" for i in range(args.rounds + 1)) + " |", "| --- | --- |" + " --- |" * (args.rounds + 1)]
-    for n, _o, fl, dp in results:
+    for n, _o, fl, dp, _fl_lean in results:
         lines.append(f"| {n} | Flower | " + " | ".join(f"{a:.4f}" for a in fl["acc"]) + " |")
         lines.append(f"| {n} | dpeft | " + " | ".join(f"{a:.4f}" for a in dp["acc"]) + " |")
     lines += [
@@ -128,9 +142,12 @@ def main() -> None:
         "`local_train`), two training processes with one torch thread each (Flower: `num_cpus=1` per virtual client on "
         "a 2-CPU Ray backend; dpeft: `simulate.processes=2`, forked from the coordinator once it has loaded the model and data), server-side evaluation with 2 threads. Flower's actors "
         "cache the model and data across rounds. The accuracies agree up to float rounding because the work is the same; "
-        "the differences in time and memory are the frameworks'.",
+        "the differences in time and memory are the frameworks'. dpeft's training commands start with "
+        f"`GLIBC_TUNABLES={LEAN_TUNABLES}` (glibc's per-thread cache of small blocks off; see the README) and set a fixed "
+        "2 MiB mmap threshold in their workers (`train.worker_mmap_threshold_kib`); the extra Flower row gives Flower's "
+        "processes the same tunables, to show what of the memory gap is that setting.",
     ]
-    if any(fl["stray"] for _n, _o, fl, _d in results):
+    if any(fl["stray"] for _n, _o, fl, _d, _l in results):
         lines.append("")
         lines.append("Ray processes that outlived the Flower driver were ended by pid after the run (not counted in wall time).")
     text = "\n".join(lines)

@@ -20,27 +20,18 @@ from dpeft.coordinator.engine import RoundEngine
 from dpeft.coordinator.global_model import GlobalModel
 from dpeft.errors import DpeftError
 from dpeft.sync.base import check_coordinated
-from dpeft.workers.runtime import set_threads
+from dpeft.workers.runtime import set_mmap_threshold, set_threads
 
 log = logging.getLogger("dpeft.launch")
 
 def return_large_frees(threshold: int = 1 << 20) -> bool:
-    """glibc: serve allocations of ``threshold`` bytes and more by their own mmap, unmapped on free.
+    """The coordinator's allocator: blocks of ``threshold`` bytes and more get their own mmap.
 
-    The coordinator allocates one buffer per gRPC chunk; with glibc's default (a dynamic
-    threshold that grows to 32 MiB) freed chunk buffers stay cached in per-thread arenas, a few
-    hundred MiB that do not go back to the system. With this, coordinator memory above the
-    global adapter and the aggregate stays a small multiple of the chunk size
-    (``benchmarks/large_adapter.py``). No-op off glibc or when ``MALLOC_MMAP_THRESHOLD_`` is set.
-    """
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)))  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    It allocates one buffer per gRPC chunk; with glibc's default (a dynamic threshold that grows
+    to 32 MiB) freed chunk buffers stay cached in per-thread arenas, a few hundred MiB that do not
+    go back to the system. With this, coordinator memory above the global adapter and the
+    aggregate stays a small multiple of the chunk size (``benchmarks/large_adapter.py``)."""
+    return set_mmap_threshold(threshold)
 
 
 def stop_processes(procs: list[subprocess.Popen[bytes]], grace_s: float = 10.0) -> None:

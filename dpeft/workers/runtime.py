@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import time
 from collections import OrderedDict
@@ -102,6 +103,7 @@ class WorkerRuntime:
         self.personal = PersonalStore(cfg.train.personal_dir or Path(cfg.run_dir) / "personal")
         self.codecs = RunCodecs.from_config(cfg)  # codec.down payloads in, codec.up (+ error feedback) out
         self._lockstep_refused: dict[str, str | None] = {}  # adapter name -> why lockstep cannot train it
+        self._allocator_set = False
 
     @property
     def lockstep_clients(self) -> int:
@@ -148,6 +150,10 @@ class WorkerRuntime:
 
     def train_tasks(self, items: list[tuple[TrainTask, bytes]]) -> list[tuple[bytes, int, dict[str, float]]]:
         """Run several tasks (in lockstep where ``train.lockstep`` allows); results in the same order."""
+        if not self._allocator_set:  # here, not in __init__: a forked worker's runtime is built before the fork
+            self._allocator_set = True
+            if self.cfg.train.worker_mmap_threshold_kib:
+                set_mmap_threshold(self.cfg.train.worker_mmap_threshold_kib << 10)
         decoded: dict[int, AdapterState] = {}  # one decoded global per payload object (tasks of a round share it)
         prepared = [self._prepare(task, payload, decoded) for task, payload in items]
         results: list[tuple[bytes, int, dict[str, float]] | None] = [None] * len(prepared)
@@ -351,6 +357,32 @@ def set_threads(n: int) -> None:
 _LIBC: Any = None
 
 
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        _LIBC = ctypes.CDLL("libc.so.6")
+    return _LIBC
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """glibc: serve allocations of ``nbytes`` and more by their own mmap, unmapped on free.
+
+    glibc's default threshold starts at 128 KiB and grows (up to 32 MiB) to the largest block
+    freed, so buffers of a few MiB (gRPC chunks, activations) end up cached in the heap, where
+    mixed sizes fragment it: a training worker on the default task keeps about twice its live
+    activations. A fixed threshold hands large blocks back on free, at the cost of page faults
+    when they are allocated again. No-op off glibc or when ``MALLOC_MMAP_THRESHOLD_`` is set
+    (the user's choice wins)."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        return bool(_libc().mallopt(-3, int(nbytes)))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def give_back_free_memory() -> bool:
     """glibc: return the heap's free pages to the system (``malloc_trim``).
 
@@ -358,17 +390,12 @@ def give_back_free_memory() -> bool:
     sequence length; glibc keeps much of that as free heap, so a worker's memory creeps up
     round after round. Trimming after each task keeps it at one task's peak. A few ms; no-op
     off glibc."""
-    global _LIBC
     if not sys.platform.startswith("linux"):
         return False
     try:
-        if _LIBC is None:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-        return bool(_LIBC.malloc_trim(0))
+        return bool(_libc().malloc_trim(0))
     except (OSError, AttributeError):
         return False
 
 
-__all__ = ["WorkerRuntime", "set_threads", "give_back_free_memory", "AdapterState"]
+__all__ = ["WorkerRuntime", "set_threads", "set_mmap_threshold", "give_back_free_memory", "AdapterState"]
