@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/aggregation.py
 	$(PY) benchmarks/codecs.py
 	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/worker_memory.py
 	$(PY) benchmarks/multi_lora.py
 	$(PY) benchmarks/flower/compare.py
 

@@ -14,20 +14,29 @@ import time
 import psutil
 
 
-def tree_pss(pid: int) -> tuple[int, int]:
-    """(sum of PSS in bytes, number of processes) of ``pid`` and its descendants now."""
+def tree_memory(pid: int) -> tuple[int, int, int]:
+    """(sum of PSS in bytes, number of processes, largest USS of a descendant) of ``pid``'s tree now."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0, 0
-    total, n = 0, 0
+        return 0, 0, 0
+    total, n, child_uss = 0, 0, 0
     for p in procs:
         try:
-            total += p.memory_full_info().pss
-            n += 1
+            info = p.memory_full_info()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
+        total += info.pss
+        n += 1
+        if p.pid != pid:
+            child_uss = max(child_uss, info.uss)
+    return total, n, child_uss
+
+
+def tree_pss(pid: int) -> tuple[int, int]:
+    """(sum of PSS in bytes, number of processes) of ``pid`` and its descendants now."""
+    total, n, _uss = tree_memory(pid)
     return total, n
 
 
@@ -39,6 +48,7 @@ class PssSampler:
         self.interval_s = interval_s
         self.peak = 0
         self.peak_procs = 0
+        self.peak_child_uss = 0  # the largest USS any descendant (a worker) reached
         self.samples: list[tuple[float, int, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -46,7 +56,8 @@ class PssSampler:
     def _run(self) -> None:
         t0 = time.time()
         while not self._stop.is_set():
-            total, n = tree_pss(self.pid)
+            total, n, child_uss = tree_memory(self.pid)
+            self.peak_child_uss = max(self.peak_child_uss, child_uss)
             if total:
                 self.samples.append((time.time() - t0, total, n))
                 if total > self.peak:

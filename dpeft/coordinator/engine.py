@@ -316,7 +316,7 @@ class RoundEngine:
                 )
             again, gone = self._expire(transport, task_ids, pinned)
             reassigned, lost = reassigned + again, lost + gone
-            event = transport.next_event(timeout=0.2)
+            event = transport.next_event(timeout=self.policy.wait_s(time.time() - t0))
             if event is None:
                 continue
             if isinstance(event, Rejection):

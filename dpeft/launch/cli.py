@@ -253,8 +253,8 @@ def _config_error(key: str, problem: str) -> Exception:
 
 #: glibc tunables a training process starts with: no per-thread cache of small blocks (tcache).
 #: Cached small blocks stay allocated between the activations a step frees, so the heap cannot
-#: coalesce them: a simulate worker on the default task held about 470 MiB instead of about 310,
-#: at the same speed (benchmarks/RESULTS.md, "Worker memory").
+#: coalesce them: a simulate worker on the default task held 468 MiB instead of 337, at the
+#: same speed (benchmarks/worker_memory.py).
 LEAN_TUNABLES = "glibc.malloc.tcache_count=0"
 _TRAINING_COMMANDS = {"simulate", "coordinator", "worker", "split", "ray"}
 

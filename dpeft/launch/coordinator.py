@@ -320,9 +320,6 @@ def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume:
     except BaseException:
         workers.stop(grace_s=5.0)
         raise
-    scheme = "TLS" if credentials is not None else "plaintext"
-    auth = f"{len(tokens)} worker tokens" if tokens is not None else "no authentication"
-    print(f"dpeft coordinator listening on {address} ({scheme}, {auth}); run directory {run_dir}", file=sys.stderr, flush=True)
     failure: list[str] = []
     interrupted = threading.Event()
 
@@ -330,7 +327,11 @@ def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume:
         interrupted.set()
         engine.stop_event.set()
 
+    # before the `listening` line: whoever reads it may signal at once
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    scheme = "TLS" if credentials is not None else "plaintext"
+    auth = f"{len(tokens)} worker tokens" if tokens is not None else "no authentication"
+    print(f"dpeft coordinator listening on {address} ({scheme}, {auth}); run directory {run_dir}", file=sys.stderr, flush=True)
 
     def watchdog() -> None:
         while not engine.stop_event.is_set():

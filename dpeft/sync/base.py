@@ -41,6 +41,11 @@ class SyncPolicy:
         """True when the engine should stop waiting and aggregate."""
         raise NotImplementedError
 
+    def wait_s(self, elapsed_s: float, poll_s: float = 0.2) -> float:
+        """How long the engine may block for the next event: ``poll_s``, or less where the round
+        can close by time before that (so a deadline is not overshot by a whole poll)."""
+        return poll_s
+
     def timed_out(self, elapsed_s: float) -> bool:
         """True when waiting longer is a failure."""
         return elapsed_s > self.cfg.round_timeout_s

@@ -35,6 +35,9 @@ class Deadline(SyncPolicy):
             return True
         return elapsed_s >= self.cfg.deadline_s or arrived + lost >= expected
 
+    def wait_s(self, elapsed_s: float, poll_s: float = 0.2) -> float:
+        return max(0.005, min(poll_s, self.cfg.deadline_s - elapsed_s)) if elapsed_s < self.cfg.deadline_s else poll_s
+
     @property
     def late_updates(self) -> str:
         return self.cfg.late_updates

@@ -207,6 +207,11 @@ def channel_options(chunk_bytes: int) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # a client's reconnect backoff grows 1.6x per refused attempt and would reach minutes,
+        # longer than a worker's --patience: a worker started before its coordinator (or across
+        # a coordinator restart) dials again at least every 5 s
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", 5_000),
     ]
 
 

@@ -34,7 +34,7 @@ from dpeft.workers.loop import run_worker
 pytestmark = pytest.mark.integration
 
 DPEFT = [sys.executable, "-m", "dpeft.launch.cli"]
-EXTRA = {"rounds": 3, "train__local_steps": 100, "transport__dead_after_s": 2.0, "transport__heartbeat_s": 0.5}
+EXTRA = {"rounds": 3, "train__local_steps": 300, "transport__dead_after_s": 2.0, "transport__heartbeat_s": 0.5}
 TOKENS = {"w0": "tok-w0-0123456789abcdef", "w1": "tok-w1-0123456789abcdef", "admin": "tok-admin-0123456789abcd"}
 
 

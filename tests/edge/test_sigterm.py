@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 def test_sigterm_worker_then_coordinator(tiny_model: Path, tmp_path: Path) -> None:
     listen = f"127.0.0.1:{free_port()}"
-    args = ["coordinator", "--listen", listen, *tiny_overrides(tiny_model, tmp_path / "run", rounds=50, train__local_steps=100)]
+    args = ["coordinator", "--listen", listen, *tiny_overrides(tiny_model, tmp_path / "run", rounds=50, train__local_steps=300, transport__heartbeat_s=0.5)]
     procs: list[_Proc] = []
 
     def worker(w: str) -> _Proc:

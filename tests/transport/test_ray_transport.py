@@ -79,11 +79,16 @@ def test_killed_actor_is_restarted_and_the_round_completes(ray_local, tmp_path):
             except RuntimeError:  # the engine thread changed the dict under us
                 continue
             if running:
-                time.sleep(1.0)  # mid-task: the actor is training
-                worker = sorted(running.values())[0]
-                ray_local.kill(transport.actor_handles()[worker], no_restart=False)
-                killed.append(worker)
-                return
+                time.sleep(0.3)  # mid-task: the actor is training
+                try:
+                    running = transport.in_flight()  # still running now? (a fast machine may be done)
+                except RuntimeError:
+                    continue
+                if running:
+                    worker = sorted(running.values())[0]
+                    ray_local.kill(transport.actor_handles()[worker], no_restart=False)
+                    killed.append(worker)
+                    return
             time.sleep(0.05)
 
     thread = threading.Thread(target=killer, daemon=True)

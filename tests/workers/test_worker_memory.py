@@ -62,8 +62,12 @@ def _tunables_after_start(env: dict[str, str]) -> set[str]:
     cmd = [sys.executable, "-m", "dpeft.launch.cli", "worker", "--coordinator", "127.0.0.1:9", "--patience", "30"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
-        time.sleep(3.0)  # the interpreter imports the CLI (tens of ms), re-executes itself once, then dials
-        assert proc.poll() is None, "the worker exited early"
+        # the CLI re-executes itself before importing anything heavy: once gRPC's extension is
+        # mapped, the process runs with the environment it keeps
+        deadline = time.time() + 60
+        while "cygrpc" not in Path(f"/proc/{proc.pid}/maps").read_text():
+            assert proc.poll() is None and time.time() < deadline, "the worker exited early or never imported gRPC"
+            time.sleep(0.05)
         block = Path(f"/proc/{proc.pid}/environ").read_bytes().decode(errors="replace")
         items = block.replace("\0", ":").replace("GLIBC_TUNABLES=", ":").split(":")
         return {item for item in items if item.startswith("glibc.")}
