@@ -17,10 +17,20 @@ def ray_local(tmp_path_factory):
     ray = pytest.importorskip("ray")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     # Ray's unix sockets live under the temp dir: keep the path short (AF_UNIX paths are <= 107 bytes)
-    temp = tmp_path_factory.mktemp("ray")
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), logging_level="WARNING", log_to_driver=False)
+    for attempt in (1, 2):
+        temp = tmp_path_factory.mktemp("ray")
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), logging_level="WARNING", log_to_driver=False)
+            break
+        except Exception as exc:  # noqa: BLE001
+            # Ray's own start-up ("The current node timed out during startup": its raylet did not
+            # register within Ray's fixed 30 s) failed once in a clean-clone CI run and never again;
+            # one more try with a fresh temp dir, then the error stands
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
     try:
         yield ray
     finally:
