@@ -34,14 +34,8 @@ def tree_memory(pid: int) -> tuple[int, int, int]:
     return total, n, child_uss
 
 
-def tree_pss(pid: int) -> tuple[int, int]:
-    """(sum of PSS in bytes, number of processes) of ``pid`` and its descendants now."""
-    total, n, _uss = tree_memory(pid)
-    return total, n
-
-
 class PssSampler:
-    """Samples ``tree_pss(pid)`` every ``interval_s`` until stopped; ``peak`` in bytes."""
+    """Samples ``tree_memory(pid)`` every ``interval_s`` until stopped; ``peak`` in bytes."""
 
     def __init__(self, pid: int, interval_s: float = 0.5) -> None:
         self.pid = pid

@@ -840,7 +840,7 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
             self._blob_crcs[blob_id] = crcs
 
     def _crcs_of(self, blob_id: str, blob: Blob | FramedBlob) -> _ChunkCrcs:
-        """The chunk CRC cache of a published payload (built now if it was published behind our back)."""
+        """The chunk CRC cache of a published payload (built again, not kept, when a prune raced this read)."""
         crcs = self._blob_crcs.get(blob_id)
         if crcs is None or crcs.size != len(blob):
             crcs = _ChunkCrcs(blob, self.chunk_bytes)

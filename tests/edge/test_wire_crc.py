@@ -53,6 +53,13 @@ def _publish(t: GrpcCoordinatorTransport, blob: bytes, task_id: str = "r1-c0-x",
     return task
 
 
+def _joined(address: str, patience_s: float = 10) -> GrpcWorkerConnection:
+    """A current worker (CRC-32C), joined as w0, no heartbeat thread."""
+    conn = GrpcWorkerConnection(address, chunk_bytes=CHUNK, patience_s=patience_s, heartbeat=False)
+    conn.join("w0", None)
+    return conn
+
+
 @pytest.fixture
 def headers(monkeypatch) -> list[dict]:
     """The upload headers the coordinator parsed, in order."""
@@ -72,8 +79,7 @@ def test_current_peers_speak_crc32c_both_ways(coordinator, headers) -> None:
     t, address = coordinator
     blob = encode_state(_state(3))
     _publish(t, blob)
-    conn = GrpcWorkerConnection(address, chunk_bytes=CHUNK, patience_s=10, heartbeat=False)
-    conn.join("w0", None)
+    conn = _joined(address)
     try:
         task = conn.poll()
         assert isinstance(task, TrainTask)
@@ -94,8 +100,7 @@ def test_a_worker_of_an_older_coordinator_uses_crc32(coordinator, headers) -> No
     t, address = coordinator
     blob = encode_state(_state(5))
     _publish(t, blob)
-    conn = GrpcWorkerConnection(address, chunk_bytes=CHUNK, patience_s=10, heartbeat=False)
-    conn.join("w0", None)
+    conn = _joined(address)
     try:
         task = dataclasses.replace(conn.poll(), blob_crc32c=None)
         assert bytes(conn.fetch(task)) == blob
@@ -172,8 +177,7 @@ def test_a_corrupted_download_chunk_is_detected_under_crc32c(coordinator) -> Non
     t, address = coordinator
     blob = encode_state(_state(9))
     _publish(t, blob)
-    conn = GrpcWorkerConnection(address, chunk_bytes=CHUNK, patience_s=0.5, heartbeat=False)
-    conn.join("w0", None)
+    conn = _joined(address, patience_s=0.5)
     try:
         task = conn.poll()
         assert task.blob_crc32c is not None
@@ -190,8 +194,7 @@ def test_a_corrupted_download_chunk_is_detected_under_crc32c(coordinator) -> Non
 def test_a_corrupted_upload_chunk_is_resent_under_crc32c(coordinator) -> None:
     t, address = coordinator
     _publish(t, encode_state(_state(1)))
-    conn = GrpcWorkerConnection(address, chunk_bytes=CHUNK, patience_s=10, heartbeat=False)
-    conn.join("w0", None)
+    conn = _joined(address)
     try:
         task = conn.poll()
         assert task.blob_crc32c is not None
