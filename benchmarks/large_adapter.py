@@ -75,9 +75,9 @@ class SyntheticModel:
 def coordinator(args: argparse.Namespace) -> None:
     import torch
 
-    from dpeft.config import load_config
     from dpeft.coordinator.engine import RoundEngine
     from dpeft.transport.grpc_server import GrpcCoordinatorTransport
+    from dpeft.validate import load_config
 
     torch.set_num_threads(1)
     if not args.glibc_default:

@@ -38,9 +38,9 @@ def plain_loop(overrides: list[str], out: str) -> None:
     import torch
 
     from dpeft.adapters import adapter_parameters, build_model, extract_state, load_state
-    from dpeft.config import load_config
     from dpeft.data import load_dataset, partition, tokenize
     from dpeft.train.loop import batch_schedule, label_log_prior, task_seed
+    from dpeft.validate import load_config
 
     t0 = time.time()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -140,7 +140,7 @@ def main() -> None:
     rows = [r for r in dp["rows"] if r["round"] > 0]
     framework = [r["wall_s"] - r.get("eval_s", 0.0) - r.get("client_compute_s", 0.0) / 2 for r in rows]
     ratio = dp["wall_s"] / plain["outer_wall_s"]
-    from dpeft.config import load_config
+    from dpeft.validate import load_config
 
     steps_per_client = load_config(None, overrides).train.local_steps
     table = [
@@ -182,7 +182,7 @@ def _plain(overrides: list[str], tmp: str) -> dict:
 
 def lockstep_comparison(args: argparse.Namespace, overrides: list[str]) -> None:
     """dpeft sequential vs dpeft lockstep vs the plain loop, all in this invocation."""
-    from dpeft.config import load_config
+    from dpeft.validate import load_config
 
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:

@@ -166,8 +166,8 @@ def bench_ray(params: int, workers: int, rounds: int, temp_dir: str) -> tuple[li
              object_store_memory=max(512 << 20, 6 * params * 4 * (workers + 2)))
     try:
         schema = make_state(params).schema()
-        from dpeft.config import load_config
         from dpeft.transport.ray_transport import Heterogeneity
+        from dpeft.validate import load_config
 
         t = RayCoordinatorTransport(config_tree={"params": params}, decoder_factory=_decoder_factory(schema),
                                     spec=RayActorSpec(actors=workers, num_cpus=1), actor_cls=FakeTrainActor,

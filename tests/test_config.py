@@ -6,8 +6,9 @@ import dataclasses
 
 import pytest
 
-from dpeft.config import RunConfig, config_from_dict, config_to_dict, dump_config, load_config, validate
+from dpeft.config import RunConfig, check_core, config_to_dict, dump_config
 from dpeft.errors import ConfigError
+from dpeft.validate import config_from_dict, load_config, validate_run
 
 
 def _error(overrides: list[str] | None = None, path=None) -> ConfigError:
@@ -21,7 +22,8 @@ def _error(overrides: list[str] | None = None, path=None) -> ConfigError:
 
 def test_defaults_validate() -> None:
     cfg = RunConfig()
-    validate(cfg)  # must not raise
+    check_core(cfg)  # must not raise
+    validate_run(cfg)
     loaded = load_config(None, [])
     assert loaded == cfg
     assert cfg.model.name == "minilm" and cfg.adapter.method == "lora" and cfg.data.dataset == "rotten_tomatoes"

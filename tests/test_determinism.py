@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dpeft.adapters import adapter_parameters, build_model, extract_state
-from dpeft.config import RunConfig, dump_config, load_config
+from dpeft.config import RunConfig, dump_config
 from dpeft.coordinator.checkpoint import latest_checkpoint
 from dpeft.coordinator.engine import RoundEngine
 from dpeft.coordinator.global_model import GlobalModel
@@ -25,6 +25,7 @@ from dpeft.state import AdapterState, max_abs_diff
 from dpeft.train.loop import batch_schedule, make_optimizer, task_seed
 from dpeft.transport.grpc_server import GrpcCoordinatorTransport
 from dpeft.transport.grpc_worker import GrpcWorkerConnection
+from dpeft.validate import load_config
 from dpeft.workers.loop import run_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("single_thread")]

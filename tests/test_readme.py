@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from dpeft.config import reference_markdown
+from dpeft.validate import reference_markdown
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

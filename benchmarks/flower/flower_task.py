@@ -33,7 +33,7 @@ ARGS: list[str] = []
 
 
 def _cfg():
-    from dpeft.config import load_config
+    from dpeft.validate import load_config
 
     return load_config(None, ARGS)
 

@@ -112,7 +112,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dpeft.config import load_config
+    from dpeft.validate import load_config
 
     if getattr(args, "extension", None):
         import importlib

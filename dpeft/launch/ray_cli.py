@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dpeft.config import RayConfig, RunConfig, config_to_dict, load_config
+from dpeft.config import RayConfig, RunConfig, config_to_dict
 from dpeft.errors import DpeftError
+from dpeft.validate import load_config
 
 log = logging.getLogger("dpeft.launch.ray")
 

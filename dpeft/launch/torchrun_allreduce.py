@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         import torch.distributed as dist
 
-        from dpeft.config import load_config
         from dpeft.transport.distributed_allreduce import init_group, run_allreduce
+        from dpeft.validate import load_config
         from dpeft.workers.runtime import set_threads
 
         cfg = load_config(args.config, args.overrides)  # a ray: section is accepted and ignored

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpeft.config import RunConfig, _build, _f, config_from_dict, merge_override, parse_override, read_config_file
+from dpeft.config import RunConfig, _build, _f, merge_override, parse_override, read_config_file
 from dpeft.errors import ConfigError
+from dpeft.validate import config_from_dict
 
 
 @dataclass(kw_only=True)

@@ -12,6 +12,22 @@ from dpeft.strategies import ffa_lora as _ffa_lora  # noqa: F401  (registers)
 from dpeft.strategies import flexlora as _flexlora  # noqa: F401  (registers)
 from dpeft.strategies import flora as _flora  # noqa: F401  (registers)
 from dpeft.strategies import robust_strategies as _robust_strategies  # noqa: F401  (registers)
-from dpeft.strategies.base import ClientUpdate, Strategy, available_strategies, make_strategy, register_strategy
+from dpeft.strategies.base import (
+    ClientUpdate,
+    Strategy,
+    StrategyOptions,
+    available_strategies,
+    make_strategy,
+    register_strategy,
+    registered_strategies,
+)
 
-__all__ = ["ClientUpdate", "Strategy", "available_strategies", "make_strategy", "register_strategy"]
+__all__ = [
+    "ClientUpdate",
+    "Strategy",
+    "StrategyOptions",
+    "available_strategies",
+    "make_strategy",
+    "register_strategy",
+    "registered_strategies",
+]

@@ -25,7 +25,7 @@ import torch
 from dpeft.codec.spool import release
 from dpeft.errors import RejectedUpdate
 from dpeft.state import AdapterState
-from dpeft.strategies.base import Aggregator, ClientUpdate
+from dpeft.strategies.aggregator import Aggregator, ClientUpdate
 
 #: elements per slice of the sliced arithmetic (8 MiB of float64)
 SLICE = 1 << 20

@@ -8,7 +8,11 @@ checkpoints carry optimizer moments.
 
 Subclasses implement ``make_aggregator``; ``begin_round`` wraps it with update-norm clipping
 when ``strategy.options.clip_norm`` is set, so clipping works with every strategy. Each
-class lists its options in ``option_help``; unknown option keys are a config error.
+strategy is registered with a typed options dataclass (``register_strategy(name, options)``,
+fields with a default, a help and a range; subclasses of a parent's options add fields), parsed
+from ``strategy.options`` when the strategy is built: unknown or bad options are config errors
+naming ``strategy.options.<key>``. ``validate_run`` checks the strategy against the rest of the
+run config when the config is loaded.
 ``client_state`` is what a given client should be sent (the global, unless a strategy
 such as flexlora re-factors it per client). ``last_metrics`` holds the last round's
 strategy metrics (clipping counts, truncation errors, selected clients, ...).
@@ -16,69 +20,50 @@ strategy metrics (clipping counts, truncation errors, selected clients, ...).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
-from dpeft.config import StrategyConfig
+from dpeft.config import RunConfig, StrategyConfig
+from dpeft.config.options import option, option_help, parse_options
 from dpeft.errors import ConfigError
 from dpeft.state import AdapterState
-from dpeft.strategies.options import float_option, option_key
+from dpeft.strategies.aggregator import Aggregator, ClientUpdate, unwrap
+from dpeft.strategies.clipping import ClippingAggregator
 
 
-@dataclass
-class ClientUpdate:
-    """One client's contribution: the change it made to the global adapter."""
+@dataclass(kw_only=True)
+class StrategyOptions:
+    """Options every strategy takes."""
 
-    client_id: int
-    delta: AdapterState
-    num_examples: int
-    metrics: dict[str, float] = field(default_factory=dict)
+    clip_norm: float | None = option(
+        None, "clip each client delta to this global L2 norm before aggregation (null = no clipping; not with flexlora)", low=0.0, low_open=True
+    )
 
 
-class Aggregator:
-    """Folds client updates one at a time; ``result()`` returns the aggregated delta."""
-
-    def add(self, update: ClientUpdate) -> None:
-        raise NotImplementedError
-
-    def result(self) -> AdapterState:
-        raise NotImplementedError
-
-    @property
-    def count(self) -> int:
-        raise NotImplementedError
+def option_key(key: str) -> str:
+    """The dotted config key an error about strategy option ``key`` names."""
+    return f"strategy.options.{key}"
 
 
 class Strategy:
     """Base class: FedAvg-shaped hooks; subclasses override what differs."""
 
     name = "base"
-    option_help: dict[str, str] = {
-        "clip_norm": "clip each client delta to this global L2 norm before aggregation (null = no clipping)",
-    }
+    options_cls: type[StrategyOptions] = StrategyOptions
 
     def __init__(self, cfg: StrategyConfig) -> None:
         self.cfg = cfg
-        self.options = dict(cfg.options)
+        self.opts = parse_options(self.options_cls, cfg.options, "strategy.options", f"strategy {self.name!r}")
         self.last_metrics: dict[str, float] = {}
-        known = self.known_options()
-        for key in self.options:
-            if key not in known:
-                raise ConfigError(
-                    option_key(key), f"unknown option for strategy {self.name!r}; known: {', '.join(sorted(known))}"
-                )
-        self.clip_norm = float_option(self.options, "clip_norm", None, low=0.0, low_open=True)
+        self.clip_norm = self.opts.clip_norm
 
     @classmethod
     def known_options(cls) -> dict[str, str]:
-        """Option name -> help, merged over the class hierarchy."""
-        merged: dict[str, str] = {}
-        for klass in reversed(cls.__mro__):
-            merged.update(vars(klass).get("option_help", {}))
-        return merged
+        """Option name -> help."""
+        return option_help(cls.options_cls)
 
     def configure_train(self, round_num: int, global_state: AdapterState) -> dict[str, Any]:
         """Extra hyperparameters sent with each TrainTask this round."""
@@ -92,18 +77,8 @@ class Strategy:
         """Clients with equal keys get the same ``client_state`` (the engine encodes one payload per key)."""
         return None
 
-    def validate_run(self, run_cfg: Any) -> None:
-        """Checks against the whole run config (a ``RunConfig``), called when a config is loaded."""
-        from dpeft.sync import updates_per_step
-
-        need = self.min_updates()
-        have = updates_per_step(run_cfg)
-        if have < need:
-            raise ConfigError(
-                "clients_per_round",
-                f"strategy {self.name!r} needs at least {need} updates per aggregation, but sync policy "
-                f"{run_cfg.sync.name!r} aggregates {have} (raise clients_per_round, sync.quorum or sync.buffer_size)",
-            )
+    def validate_run(self, run_cfg: RunConfig) -> None:
+        """Checks against the rest of the run config, called when a config is loaded."""
 
     def min_updates(self) -> int:
         """Fewest updates ``finish_round`` can aggregate (a deadline round waits for at least this many)."""
@@ -114,8 +89,6 @@ class Strategy:
         self.last_metrics = {}
         aggregator = self.make_aggregator(global_state)
         if self.clip_norm is not None:
-            from dpeft.strategies.clipping import ClippingAggregator
-
             aggregator = ClippingAggregator(aggregator, self.clip_norm, self.last_metrics)
         return aggregator
 
@@ -134,24 +107,27 @@ class Strategy:
         """Restore what ``state_dict`` returned."""
 
 
-def unwrap(aggregator: Aggregator) -> Aggregator:
-    """The innermost aggregator beneath wrappers (such as clipping) that expose ``inner``."""
-    while hasattr(aggregator, "inner"):
-        aggregator = aggregator.inner  # type: ignore[attr-defined]
-    return aggregator
+class Registered(NamedTuple):
+    """A registered strategy: its class and its options dataclass."""
+
+    cls: type[Strategy]
+    options: type[StrategyOptions]
 
 
-_REGISTRY: dict[str, Callable[[StrategyConfig], Strategy]] = {}
+_REGISTRY: dict[str, Registered] = {}
 
 
-def register_strategy(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
-    """Class decorator registering a strategy under a lowercase unique name."""
+def register_strategy(name: str, options: type[StrategyOptions] | None = None):  # noqa: ANN201 - a class decorator
+    """Class decorator registering a strategy under a lowercase unique name with its options
+    dataclass (default: the parent class's)."""
 
     def wrap(cls: type[Strategy]) -> type[Strategy]:
         if name in _REGISTRY:
             raise ValueError(f"strategy {name!r} registered twice")
         cls.name = name
-        _REGISTRY[name] = cls
+        if options is not None:
+            cls.options_cls = options
+        _REGISTRY[name] = Registered(cls, cls.options_cls)
         return cls
 
     return wrap
@@ -162,8 +138,17 @@ def available_strategies() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def registered_strategies() -> dict[str, Registered]:
+    """Name -> (class, options dataclass) of every registered strategy."""
+    return dict(_REGISTRY)
+
+
 def make_strategy(cfg: StrategyConfig) -> Strategy:
     """Instantiate the strategy that ``cfg.name`` names."""
     if cfg.name not in _REGISTRY:
         raise ConfigError("strategy.name", f"must be one of {', '.join(available_strategies())}; got {cfg.name!r}")
-    return _REGISTRY[cfg.name](cfg)
+    return _REGISTRY[cfg.name].cls(cfg)
+
+
+__all__ = ["Aggregator", "ClientUpdate", "Registered", "Strategy", "StrategyOptions", "available_strategies",
+           "make_strategy", "option_key", "register_strategy", "registered_strategies", "unwrap"]  # fmt: skip

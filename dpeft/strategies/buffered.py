@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from dpeft.state import AdapterState
-from dpeft.strategies.base import Aggregator, ClientUpdate
+from dpeft.strategies.aggregator import Aggregator, ClientUpdate
 
 Reducer = Callable[[list[torch.Tensor], list[float], list[int]], torch.Tensor]
 """(flat deltas, weights, client ids) -> one flat aggregated delta."""

@@ -13,7 +13,7 @@ from collections import OrderedDict
 import torch
 
 from dpeft.state import AdapterState
-from dpeft.strategies.base import Aggregator, ClientUpdate
+from dpeft.strategies.aggregator import Aggregator, ClientUpdate
 
 
 def global_norm(state: AdapterState) -> float:

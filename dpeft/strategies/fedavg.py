@@ -2,29 +2,40 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from dpeft.config import StrategyConfig
+from dpeft.config.options import option
 from dpeft.errors import ConfigError
 from dpeft.state import AdapterState
 from dpeft.strategies.aggregate import ACCUMULATORS, StreamingWeightedMean, apply_delta
-from dpeft.strategies.base import Aggregator, Strategy, register_strategy
-from dpeft.strategies.options import choice_option, option_key
+from dpeft.strategies.base import Aggregator, Strategy, StrategyOptions, option_key, register_strategy
 
 
-@register_strategy("fedavg")
+@dataclass(kw_only=True)
+class FedAvgOptions(StrategyOptions):
+    """Options of fedavg and the strategies built on it."""
+
+    accumulator: str = option(
+        "float64",
+        "dtype of the streaming weighted sum: float64 (the result does not depend on the order updates arrive in, "
+        "to ~1e-16) or float32 (half the memory, about 3x the fold throughput of float64, but ~1e-7 order-dependent "
+        "rounding: runs are not reproducible across arrival orders or transports); only weighted-mean strategies take float32",
+        choices=tuple(ACCUMULATORS),
+    )
+
+
+@register_strategy("fedavg", FedAvgOptions)
 class FedAvg(Strategy):
     """new_global = global + server_lr * sum_i (n_i / n) * delta_i."""
 
-    option_help = {
-        "accumulator": "dtype of the streaming weighted sum: float64 (default; the result does not depend on the order "
-        "updates arrive in, to ~1e-16) or float32 (half the memory, about 3x the fold throughput of float64, but ~1e-7 "
-        "order-dependent rounding: runs are not reproducible across arrival orders or transports)",
-    }
+    opts: FedAvgOptions
     #: whether this strategy folds updates with a StreamingWeightedMean (``accumulator`` applies)
     streaming_mean = True
 
     def __init__(self, cfg: StrategyConfig) -> None:
         super().__init__(cfg)
-        name = choice_option(self.options, "accumulator", "float64", tuple(ACCUMULATORS))
+        name = self.opts.accumulator
         if name != "float64" and not self.streaming_mean:
             raise ConfigError(
                 option_key("accumulator"),

@@ -11,26 +11,34 @@ With the mean client delta ``d`` as the server's (negative) pseudo-gradient::
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
 from dpeft.config import StrategyConfig
+from dpeft.config.options import option
 from dpeft.state import AdapterState
 from dpeft.strategies.base import register_strategy
-from dpeft.strategies.fedavg import FedAvg
+from dpeft.strategies.fedavg import FedAvg, FedAvgOptions
 from dpeft.strategies.moments import Moments
-from dpeft.strategies.options import float_option
 
 
-@register_strategy("fedavgm")
+@dataclass(kw_only=True)
+class FedAvgMOptions(FedAvgOptions):
+    """Options of fedavgm."""
+
+    momentum: float = option(0.9, "server momentum in [0, 1)", low=0.0, high=1.0, high_open=True)
+
+
+@register_strategy("fedavgm", FedAvgMOptions)
 class FedAvgM(FedAvg):
     """Heavy-ball momentum on the aggregated delta."""
 
-    option_help = {"momentum": "server momentum in [0, 1) (default 0.9)"}
+    opts: FedAvgMOptions
 
     def __init__(self, cfg: StrategyConfig) -> None:
         super().__init__(cfg)
-        self.momentum = float_option(self.options, "momentum", 0.9, low=0.0, high=1.0, high_open=True)
+        self.momentum = self.opts.momentum
         self.moments = Moments(("m",))
 
     def server_step(self, global_state: AdapterState, delta: AdapterState) -> AdapterState:

@@ -21,29 +21,43 @@ and ``"v/<param>"``.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
 from dpeft.config import StrategyConfig
+from dpeft.config.options import option
 from dpeft.state import AdapterState
 from dpeft.strategies.base import register_strategy
-from dpeft.strategies.fedavg import FedAvg
+from dpeft.strategies.fedavg import FedAvg, FedAvgOptions
 from dpeft.strategies.moments import Moments
-from dpeft.strategies.options import float_option
+
+
+@dataclass(kw_only=True)
+class FedOptOptions(FedAvgOptions):
+    """Options of fedadagrad (and, with beta2, fedadam and fedyogi)."""
+
+    beta1: float = option(0.9, "first-moment decay in [0, 1)", low=0.0, high=1.0, high_open=True)
+    tau: float = option(1e-3, "adaptivity / numerical floor added to sqrt(v), > 0", low=0.0, low_open=True)
+
+
+@dataclass(kw_only=True)
+class FedAdamOptions(FedOptOptions):
+    """Options of fedadam and fedyogi."""
+
+    beta2: float = option(0.99, "second-moment decay in [0, 1)", low=0.0, high=1.0, high_open=True)
 
 
 class FedOpt(FedAvg):
     """Adam-shaped server step; subclasses define the second-moment update."""
 
-    option_help = {
-        "beta1": "first-moment decay in [0, 1) (default 0.9)",
-        "tau": "adaptivity / numerical floor added to sqrt(v), > 0 (default 1e-3)",
-    }
+    options_cls = FedOptOptions
+    opts: FedOptOptions
 
     def __init__(self, cfg: StrategyConfig) -> None:
         super().__init__(cfg)
-        self.beta1 = float_option(self.options, "beta1", 0.9, low=0.0, high=1.0, high_open=True)
-        self.tau = float_option(self.options, "tau", 1e-3, low=0.0, low_open=True)
+        self.beta1 = self.opts.beta1
+        self.tau = self.opts.tau
         self.moments = Moments(("m", "v"))
 
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
@@ -76,15 +90,15 @@ class FedAdagrad(FedOpt):
         return v + d2
 
 
-@register_strategy("fedadam")
+@register_strategy("fedadam", FedAdamOptions)
 class FedAdam(FedOpt):
     """v is an exponential moving average of squared deltas."""
 
-    option_help = {"beta2": "second-moment decay in [0, 1) (default 0.99)"}
+    opts: FedAdamOptions
 
     def __init__(self, cfg: StrategyConfig) -> None:
         super().__init__(cfg)
-        self.beta2 = float_option(self.options, "beta2", 0.99, low=0.0, high=1.0, high_open=True)
+        self.beta2 = self.opts.beta2
 
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
         return self.beta2 * v + (1.0 - self.beta2) * d2

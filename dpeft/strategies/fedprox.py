@@ -7,24 +7,32 @@ where ``w_global`` is the adapter state it received this round.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from dpeft.config import StrategyConfig
+from dpeft.config.options import option
 from dpeft.state import AdapterState
 from dpeft.strategies.base import register_strategy
-from dpeft.strategies.fedavg import FedAvg
-from dpeft.strategies.options import float_option
+from dpeft.strategies.fedavg import FedAvg, FedAvgOptions
 
 
-@register_strategy("fedprox")
+@dataclass(kw_only=True)
+class FedProxOptions(FedAvgOptions):
+    """Options of fedprox."""
+
+    mu: float = option(0.01, "proximal term weight, >= 0", low=0.0)
+
+
+@register_strategy("fedprox", FedProxOptions)
 class FedProx(FedAvg):
     """FedAvg whose clients train with a proximal term of weight ``mu``."""
 
-    option_help = {"mu": "proximal term weight, >= 0 (default 0.01)"}
+    opts: FedProxOptions
 
     def __init__(self, cfg: StrategyConfig) -> None:
         super().__init__(cfg)
-        self.mu = float_option(self.options, "mu", 0.01, low=0.0)
+        self.mu = self.opts.mu
 
     def configure_train(self, round_num: int, global_state: AdapterState) -> dict[str, Any]:
         return {"prox_mu": self.mu}

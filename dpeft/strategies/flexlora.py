@@ -27,16 +27,17 @@ relative Frobenius truncation error. ``clip_norm`` is rejected: full factors are
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from dpeft.config import StrategyConfig
+from dpeft.config import RunConfig, StrategyConfig
+from dpeft.config.options import option
 from dpeft.errors import ConfigError
 from dpeft.state import AdapterState
-from dpeft.strategies.base import Aggregator, register_strategy, unwrap
-from dpeft.strategies.fedavg import FedAvg
+from dpeft.strategies.base import Aggregator, option_key, register_strategy, unwrap
+from dpeft.strategies.fedavg import FedAvg, FedAvgOptions
 from dpeft.strategies.lora import factor_components, lora_pairs, require_lora_method
 from dpeft.strategies.lora_products import ProductMeanAggregator, global_products, refactor_global, step_products
-from dpeft.strategies.options import int_list_option, int_option, option_key
 
 
 def redistribute(global_state: AdapterState, rank: int) -> AdapterState:
@@ -50,15 +51,22 @@ def redistribute(global_state: AdapterState, rank: int) -> AdapterState:
     return new
 
 
-@register_strategy("flexlora")
+@dataclass(kw_only=True)
+class FlexLoRAOptions(FedAvgOptions):
+    """Options of flexlora."""
+
+    rank: int | None = option(None, "LoRA rank the global keeps, the largest any client uses (null = the global's rank, adapter.r)", low=1)
+    client_ranks: list[int] | None = option(
+        None, "list of client LoRA ranks, client i uses client_ranks[i % len] (null = all at the global rank)", low=1
+    )
+
+
+@register_strategy("flexlora", FlexLoRAOptions)
 class FlexLoRA(FedAvg):
     """Weighted mean of client LoRA products of any rank, SVD-truncated to the global rank."""
 
     streaming_mean = False  # sums of LoRA products (float64), not a StreamingWeightedMean of the deltas
-    option_help = {
-        "rank": "LoRA rank the global keeps, the largest any client uses (default: the global's rank)",
-        "client_ranks": "list of client LoRA ranks, client i uses client_ranks[i % len] (default: all at the global rank)",
-    }
+    opts: FlexLoRAOptions
 
     def __init__(self, cfg: StrategyConfig) -> None:
         super().__init__(cfg)
@@ -66,8 +74,8 @@ class FlexLoRA(FedAvg):
             raise ConfigError(
                 option_key("clip_norm"), "flexlora updates carry full LoRA factors, not deltas; clipping is not supported"
             )
-        self.rank = int_option(self.options, "rank", None, low=1)
-        self.client_ranks = int_list_option(self.options, "client_ranks", low=1)
+        self.rank = self.opts.rank
+        self.client_ranks = self.opts.client_ranks
         if self.rank is not None and self.client_ranks and max(self.client_ranks) > self.rank:
             raise ConfigError(option_key("client_ranks"), f"{max(self.client_ranks)} exceeds the global rank {self.rank}")
 
@@ -92,7 +100,7 @@ class FlexLoRA(FedAvg):
     def client_key(self, client_id: int) -> int | None:
         return self.client_rank(client_id)
 
-    def validate_run(self, run_cfg: Any) -> None:
+    def validate_run(self, run_cfg: RunConfig) -> None:
         super().validate_run(run_cfg)
         require_lora_method(self.name, run_cfg)
         if self.rank is not None and self.rank != run_cfg.adapter.r:

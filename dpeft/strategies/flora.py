@@ -23,32 +23,41 @@ global's shapes; the dropped slots restart like a fresh peft init (A live, B zer
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
-from dpeft.config import StrategyConfig
+from dpeft.config import RunConfig, StrategyConfig
+from dpeft.config.options import option
 from dpeft.errors import ConfigError
 from dpeft.state import AdapterState
-from dpeft.strategies.base import Aggregator, register_strategy, unwrap
-from dpeft.strategies.fedavg import FedAvg
+from dpeft.strategies.base import Aggregator, option_key, register_strategy, unwrap
+from dpeft.strategies.fedavg import FedAvg, FedAvgOptions
 from dpeft.strategies.lora import lora_pairs, require_lora_method
 from dpeft.strategies.lora_products import ProductMeanAggregator, refactor_global, step_products
-from dpeft.strategies.options import int_option, option_key
 
 
-@register_strategy("flora")
+@dataclass(kw_only=True)
+class FLoRAOptions(FedAvgOptions):
+    """Options of flora."""
+
+    rank: int | None = option(None, "live rank after truncation, at most the global LoRA rank (null = the global rank)", low=1)
+
+
+@register_strategy("flora", FLoRAOptions)
 class FLoRA(FedAvg):
     """Stacking aggregation of LoRA products, SVD-truncated back to the global rank."""
 
-    option_help = {"rank": "live rank after truncation, at most the global LoRA rank (default: the global rank)"}
+    opts: FLoRAOptions
     streaming_mean = False  # sums of LoRA products (float64), not a StreamingWeightedMean of the deltas
 
     def __init__(self, cfg: StrategyConfig) -> None:
         super().__init__(cfg)
-        self.rank = int_option(self.options, "rank", None, low=1)
+        self.rank = self.opts.rank
 
-    def validate_run(self, run_cfg: Any) -> None:
+    def validate_run(self, run_cfg: RunConfig) -> None:
         super().validate_run(run_cfg)
         require_lora_method(self.name, run_cfg)
+        if self.rank is not None and self.rank > run_cfg.adapter.r:
+            raise ConfigError(option_key("rank"), f"{self.rank} exceeds the global LoRA rank adapter.r={run_cfg.adapter.r}")
 
     def make_aggregator(self, global_state: AdapterState) -> Aggregator:
         pairs = lora_pairs(global_state.tensors)

@@ -16,7 +16,7 @@ import torch
 from dpeft.errors import RejectedUpdate
 from dpeft.state import AdapterState
 from dpeft.strategies.aggregate import StreamingWeightedMean, restrict
-from dpeft.strategies.base import Aggregator, ClientUpdate
+from dpeft.strategies.aggregator import Aggregator, ClientUpdate
 from dpeft.strategies.lora import factorize, lora_pairs, product, relative_error, shaped_like
 
 

@@ -7,8 +7,7 @@ so clients may send the others as zeros or leave them out.
 
 from __future__ import annotations
 
-from typing import Any
-
+from dpeft.config import RunConfig
 from dpeft.errors import ConfigError
 from dpeft.state import AdapterState
 from dpeft.strategies.aggregate import StreamingWeightedMean, apply_partial_delta, restrict
@@ -29,7 +28,7 @@ class PartialFedAvg(FedAvg):
         if not lora_pairs(global_state.tensors):
             raise ConfigError("strategy.name", f"{self.name} needs a LoRA adapter (lora_A/lora_B factors); this adapter has none")
 
-    def validate_run(self, run_cfg: Any) -> None:
+    def validate_run(self, run_cfg: RunConfig) -> None:
         super().validate_run(run_cfg)
         require_lora_method(self.name, run_cfg)
 

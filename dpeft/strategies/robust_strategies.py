@@ -9,14 +9,16 @@ Combine with ``clip_norm`` to also bound each update's norm.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from dpeft.config import StrategyConfig
+from dpeft.config.options import option
 from dpeft.state import AdapterState
 from dpeft.strategies.base import Aggregator, register_strategy
 from dpeft.strategies.buffered import BufferedAggregator
-from dpeft.strategies.fedavg import FedAvg
-from dpeft.strategies.options import float_option, int_option
+from dpeft.strategies.fedavg import FedAvg, FedAvgOptions
 from dpeft.strategies.robust import coordinate_median, krum, trimmed_mean
 
 
@@ -41,21 +43,42 @@ class Median(RobustStrategy):
         return coordinate_median(vectors)
 
 
-@register_strategy("trimmed_mean")
+@dataclass(kw_only=True)
+class TrimmedMeanOptions(FedAvgOptions):
+    """Options of trimmed_mean."""
+
+    beta: float = option(0.1, "fraction trimmed at each end per coordinate, in [0, 0.5)", low=0.0, high=0.5, high_open=True)
+
+
+@dataclass(kw_only=True)
+class KrumOptions(FedAvgOptions):
+    """Options of krum."""
+
+    f: int = option(1, "number of Byzantine clients tolerated; a round needs at least 2f+3 updates", low=0)
+
+
+@dataclass(kw_only=True)
+class MultiKrumOptions(KrumOptions):
+    """Options of multi_krum."""
+
+    m: int | None = option(None, "updates averaged per round, at most the number received (null = n - f)", low=1)
+
+
+@register_strategy("trimmed_mean", TrimmedMeanOptions)
 class TrimmedMean(RobustStrategy):
     """Coordinate-wise mean after trimming a ``beta`` fraction at each end."""
 
-    option_help = {"beta": "fraction trimmed at each end per coordinate, in [0, 0.5) (default 0.1)"}
+    opts: TrimmedMeanOptions
 
     def __init__(self, cfg: StrategyConfig) -> None:
         super().__init__(cfg)
-        self.beta = float_option(self.options, "beta", 0.1, low=0.0, high=0.5, high_open=True)
+        self.beta = self.opts.beta
 
     def reduce(self, vectors: list[torch.Tensor], weights: list[float], client_ids: list[int]) -> torch.Tensor:
         return trimmed_mean(vectors, self.beta)
 
 
-@register_strategy("krum")
+@register_strategy("krum", KrumOptions)
 class Krum(RobustStrategy):
     """Krum: the single update closest to its ``n - f - 2`` neighbours (needs ``n >= 2f + 3``).
 
@@ -63,11 +86,11 @@ class Krum(RobustStrategy):
     ``krum_client`` (the chosen client id).
     """
 
-    option_help = {"f": "number of Byzantine clients tolerated; a round needs at least 2f+3 updates (default 1)"}
+    opts: KrumOptions
 
     def __init__(self, cfg: StrategyConfig) -> None:
         super().__init__(cfg)
-        self.f = int_option(self.options, "f", 1, low=0)
+        self.f = self.opts.f
         self.last_selected: list[int] = []
 
     def selection_size(self, n: int) -> int:
@@ -86,15 +109,15 @@ class Krum(RobustStrategy):
         return mean
 
 
-@register_strategy("multi_krum")
+@register_strategy("multi_krum", MultiKrumOptions)
 class MultiKrum(Krum):
     """Multi-Krum: the mean of the ``m`` best-scoring updates (default ``m = n - f``)."""
 
-    option_help = {"m": "updates averaged per round, at most the number received (default n - f)"}
+    opts: MultiKrumOptions
 
     def __init__(self, cfg: StrategyConfig) -> None:
         super().__init__(cfg)
-        self.m = int_option(self.options, "m", None, low=1)
+        self.m = self.opts.m
 
     def selection_size(self, n: int) -> int:
         m = n - self.f if self.m is None else self.m

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
-from dpeft.config import SyncConfig
-from dpeft.sync.staleness import staleness_weight
+from dpeft.config import RunConfig, SyncConfig
+from dpeft.errors import ConfigError
+from dpeft.sync.staleness import KINDS, staleness_weight
 
 
 class SyncPolicy:
@@ -84,11 +84,14 @@ def make_policy(cfg: SyncConfig, clients_per_round: int | None = None) -> SyncPo
     return _REGISTRY[cfg.name](cfg, clients_per_round)
 
 
-def check_coordinated(run_cfg: Any) -> None:
-    """Config error for a policy without a coordinator in the data path (``allreduce``)."""
-    if getattr(_REGISTRY.get(run_cfg.sync.name), "collective", False):
-        from dpeft.errors import ConfigError
+def is_collective(name: str) -> bool:
+    """Whether policy ``name`` aggregates among the workers' process group (all-reduce), without a coordinator."""
+    return bool(getattr(_REGISTRY.get(name), "collective", False))
 
+
+def check_coordinated(run_cfg: RunConfig) -> None:
+    """Config error for a policy without a coordinator in the data path (``allreduce``)."""
+    if is_collective(run_cfg.sync.name):
         raise ConfigError(
             "sync.name",
             f"{run_cfg.sync.name} aggregates among the workers' process group, without a coordinator: run it with "
@@ -96,12 +99,12 @@ def check_coordinated(run_cfg: Any) -> None:
         )
 
 
-def deadline_sample_size(run_cfg: Any) -> int:
+def deadline_sample_size(run_cfg: RunConfig) -> int:
     """Clients a deadline round samples: ceil(clients_per_round x over_selection), at most ``clients``."""
     return min(run_cfg.clients, math.ceil(run_cfg.clients_per_round * run_cfg.sync.over_selection - 1e-9))
 
 
-def updates_per_step(run_cfg: Any) -> int:
+def updates_per_step(run_cfg: RunConfig) -> int:
     """How many updates one aggregation step of the configured policy normally gets."""
     sync = run_cfg.sync
     if sync.name == "deadline":
@@ -111,12 +114,11 @@ def updates_per_step(run_cfg: Any) -> int:
     return run_cfg.clients_per_round
 
 
-def validate_run_sync(run_cfg: Any) -> None:
+def validate_run_sync(run_cfg: RunConfig) -> None:
     """Config errors (naming the key) for ``sync.*`` and the ``simulate.*`` heterogeneity keys."""
-    from dpeft.errors import ConfigError
-    from dpeft.sync.staleness import KINDS
-
     s = run_cfg.sync
+    if s.name not in _REGISTRY:
+        raise ConfigError("sync.name", f"must be one of {', '.join(available_policies())}; got {s.name!r}")
     if s.task_timeout_s is not None and s.task_timeout_s <= 0:
         raise ConfigError("sync.task_timeout_s", f"must be > 0 or null, got {s.task_timeout_s}")
     if s.over_selection < 1.0:

@@ -145,7 +145,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
             actor_cls = TrainActor
         self.actor_cls = actor_cls
         if heterogeneity is None:
-            from dpeft.config import config_from_dict
+            from dpeft.validate import config_from_dict
 
             heterogeneity = Heterogeneity(config_from_dict(config_tree))
         self.sim = heterogeneity

@@ -10,10 +10,11 @@ import threading
 import time
 from typing import Any
 
-from dpeft.config import AuthConfig, config_from_dict
+from dpeft.config import AuthConfig
 from dpeft.data.datasets import TextDataset, load_text_file
 from dpeft.errors import DataError
 from dpeft.transport.base import TrainTask, WorkerConnection
+from dpeft.validate import config_from_dict
 from dpeft.workers.runtime import WorkerRuntime, set_threads
 from dpeft.workers.simulate import Heterogeneity
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from dpeft.config import config_from_dict
 from dpeft.transport.base import TrainTask
+from dpeft.validate import config_from_dict
 
 
 def _node_ip() -> str:

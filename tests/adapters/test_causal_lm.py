@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from dpeft.adapters import adapter_parameters, build_model, extract_state
-from dpeft.config import load_config
 from dpeft.data import load_dataset, tokenize
 from dpeft.state import max_abs_diff
 from dpeft.train import evaluate, local_train
+from dpeft.validate import load_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from dpeft.config import DataConfig, load_config
+from dpeft.config import DataConfig
 from dpeft.data import load_dataset, load_text_file
 from dpeft.errors import DataError
+from dpeft.validate import load_config
 
 # ---------------------------------------------------------------------- rotten tomatoes
 

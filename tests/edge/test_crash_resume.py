@@ -22,13 +22,14 @@ import pytest
 import torch
 from edge_testlib import free_port, tiny_overrides
 
-from dpeft.config import dump_config, load_config
+from dpeft.config import dump_config
 from dpeft.coordinator.checkpoint import latest_checkpoint
 from dpeft.coordinator.engine import RoundEngine
 from dpeft.coordinator.global_model import GlobalModel
 from dpeft.transport.grpc_server import GrpcCoordinatorTransport
 from dpeft.transport.grpc_worker import GrpcWorkerConnection
 from dpeft.transport.tls import channel_credentials
+from dpeft.validate import load_config
 from dpeft.workers.loop import run_worker
 
 pytestmark = pytest.mark.integration

@@ -144,8 +144,8 @@ def test_global_down_codec(down: str) -> None:
 
 
 def test_config_section_names_the_key() -> None:
-    from dpeft.config import load_config
     from dpeft.errors import ConfigError
+    from dpeft.validate import load_config
 
     cfg = load_config(None, ["codec.up=topk+int8", "codec.options={fraction: 0.1}"])
     rc = RunCodecs.from_config(cfg)

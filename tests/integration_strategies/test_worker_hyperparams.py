@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from dpeft.codec import decode_state, encode_state
-from dpeft.config import load_config
 from dpeft.strategies import make_strategy
 from dpeft.strategies.flexlora import redistribute
 from dpeft.transport.base import TrainTask
+from dpeft.validate import load_config
 from dpeft.workers.personal import PersonalStore
 from dpeft.workers.runtime import WorkerRuntime
 

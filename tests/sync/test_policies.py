@@ -6,10 +6,11 @@ import math
 
 import pytest
 
-from dpeft.config import SyncConfig, load_config
+from dpeft.config import SyncConfig
 from dpeft.errors import ConfigError
 from dpeft.sync import available_policies, make_policy, staleness_weight, updates_per_step
 from dpeft.transport.base import TrainTask
+from dpeft.validate import load_config
 from dpeft.workers.simulate import Heterogeneity
 
 

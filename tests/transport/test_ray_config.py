@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dpeft.config import RayConfig, config_from_dict, config_to_dict, dump_config, load_config
+from dpeft.config import RayConfig, config_to_dict, dump_config
 from dpeft.errors import ConfigError
 from dpeft.launch.ray_cli import actor_spec, warn_simulate_only
+from dpeft.validate import config_from_dict, load_config
 
 
 def test_ray_section_and_overrides(tmp_path):
@@ -103,8 +104,8 @@ def test_cli_help_lists_ray(capsys):
 
 
 def test_sync_allreduce_selects_ray_allreduce_mode():
-    from dpeft.config import load_config
     from dpeft.launch.ray_cli import resolve_mode
+    from dpeft.validate import load_config
 
     assert resolve_mode(load_config(None, ["sync.name=allreduce"])) == "allreduce"
     assert resolve_mode(load_config(None, [])) == "actors"

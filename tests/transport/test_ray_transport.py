@@ -34,10 +34,10 @@ def _run_tasks(t, tasks, expect: int, timeout_s: float = 60.0) -> dict:
 
 
 def test_ray_run_matches_grpc_simulate(ray_local, simulate_reference, tmp_path):
-    from dpeft.config import load_config
     from dpeft.coordinator.checkpoint import latest_checkpoint
     from dpeft.launch.ray_cli import run_ray
     from dpeft.state import max_abs_diff
+    from dpeft.validate import load_config
 
     sim_dir, (sim_round, sim_global, _, _) = simulate_reference
     cfg = load_config(None, tiny(tmp_path / "ray", "ray.actors=2", "ray.num_cpus=1"))
@@ -58,11 +58,12 @@ def test_ray_run_matches_grpc_simulate(ray_local, simulate_reference, tmp_path):
 
 
 def test_killed_actor_is_restarted_and_the_round_completes(ray_local, tmp_path):
-    from dpeft.config import config_to_dict, load_config
+    from dpeft.config import config_to_dict
     from dpeft.coordinator.engine import RoundEngine
     from dpeft.coordinator.global_model import GlobalModel
     from dpeft.launch.ray_cli import actor_spec
     from dpeft.transport.ray_transport import RayCoordinatorTransport
+    from dpeft.validate import load_config
 
     cfg = load_config(None, tiny(tmp_path / "run", "train.local_steps=8", "ray.actors=2", "ray.max_restarts=3"))
     engine = RoundEngine(cfg, GlobalModel(cfg), tmp_path / "run", resume=False)
@@ -134,9 +135,9 @@ def test_actors_form_a_gloo_group_and_all_reduce(ray_local):
 
 def test_flexlora_with_three_client_ranks_completes(ray_local, tmp_path, monkeypatch):
     """One payload per distinct client rank (3 > keep_blobs): every task finds its payload."""
-    from dpeft.config import load_config
     from dpeft.launch.ray_cli import run_ray
     from dpeft.transport.ray_transport import RayCoordinatorTransport
+    from dpeft.validate import load_config
 
     monkeypatch.setattr(RayCoordinatorTransport, "keep_blobs", 0)  # only what tasks need (and the round's payloads) is kept
     overrides = [
@@ -164,8 +165,9 @@ def test_flexlora_with_three_client_ranks_completes(ray_local, tmp_path, monkeyp
 
 def test_payloads_are_kept_while_tasks_or_the_round_need_them(ray_local):
     """Pruning: queued/running tasks' payloads, the newest round's payloads, then the newest keep_blobs."""
-    from dpeft.config import config_to_dict, load_config
+    from dpeft.config import config_to_dict
     from dpeft.transport.ray_transport import RayCoordinatorTransport
+    from dpeft.validate import load_config
 
     t = RayCoordinatorTransport(config_tree=config_to_dict(load_config(None, [])), decoder_factory=lambda tid, cid: FakeDecoder())
     try:
@@ -190,8 +192,9 @@ def test_payloads_are_kept_while_tasks_or_the_round_need_them(ray_local):
 
 def test_simulated_dropout_and_slow_clients(ray_local):
     """simulate.dropout: no reply, as drawn in simulate workers; speed_factors: the reply is held back, the actor is free."""
-    from dpeft.config import config_to_dict, load_config
+    from dpeft.config import config_to_dict
     from dpeft.transport.ray_transport import RayActorSpec, RayCoordinatorTransport
+    from dpeft.validate import load_config
     from dpeft.workers.simulate import Heterogeneity
 
     register_by_value()
@@ -224,8 +227,9 @@ def test_simulated_dropout_and_slow_clients(ray_local):
 
 def test_lockstep_hands_each_actor_a_share_of_the_round(ray_local):
     """train.lockstep: an idle actor gets ceil(queued tasks of the round / idle actors) tasks in one train_many call."""
-    from dpeft.config import config_to_dict, load_config
+    from dpeft.config import config_to_dict
     from dpeft.transport.ray_transport import RayActorSpec, RayCoordinatorTransport
+    from dpeft.validate import load_config
 
     register_by_value()
     cfg = load_config(

@@ -19,8 +19,8 @@ import torch
 
 from dpeft.adapters import extract_state
 from dpeft.codec import encode_state
-from dpeft.config import load_config
 from dpeft.transport.base import TrainTask
+from dpeft.validate import load_config
 from dpeft.workers.runtime import WorkerRuntime, set_threads
 
 

@@ -16,12 +16,12 @@ import torch
 from dpeft.codec import decode_state, encode_state
 from dpeft.codec.updates import CodecSpec
 from dpeft.codec.updates.session import RunCodecs
-from dpeft.config import load_config
 from dpeft.errors import ConfigError
 from dpeft.strategies import make_strategy
 from dpeft.strategies.flexlora import redistribute
 from dpeft.strategies.hyperparams import update_schema
 from dpeft.transport.base import TrainTask
+from dpeft.validate import load_config
 from dpeft.workers.runtime import WorkerRuntime
 
 pytestmark = pytest.mark.integration

@@ -22,6 +22,7 @@ from dpeft.codec.updates.registry import (
     known_options,
     make_codec,
     register_codec,
+    registered_codecs,
 )
 from dpeft.codec.updates.session import CodecStateDecoder, RunCodecs, is_plain
 from dpeft.codec.updates.topk import TopKCodec
@@ -50,5 +51,6 @@ __all__ = [
     "known_options",
     "make_codec",
     "register_codec",
+    "registered_codecs",
     "wire_bytes",
 ]

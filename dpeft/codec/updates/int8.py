@@ -11,16 +11,25 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from dpeft.codec.updates.base import SEP, Part, Shape, UpdateCodec, numel_of
+from dpeft.config.options import option
 from dpeft.errors import ProtocolError
 
 MAX_BLOCK_SIZE = 1 << 24
 _MAX_SCALE = torch.finfo(torch.float32).max / 127
+
+
+@dataclass(kw_only=True)
+class Int8Options:
+    """``codec.options`` the int8 codec reads."""
+
+    block_size: int = option(256, f"values sharing one fp32 scale, an integer in [1, {MAX_BLOCK_SIZE}]")
 
 
 class Int8Codec(UpdateCodec):

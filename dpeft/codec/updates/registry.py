@@ -1,56 +1,81 @@
 """Codec registry, the ``a+b`` spec parser and the config shape ``codec: {up, down, options}``.
 
-``make_codec("topk+int8", {"fraction": 0.05, "block_size": 128})`` builds a chain. Options
-are shared by all stages (and by the up and down codecs), so each stage reads the options it
-knows; an option no registered codec knows is an error. Every problem raises
-``ConfigError(key, ...)`` where ``key`` is the config key being read (``codec.up``).
+Each codec is registered with a factory and a typed options dataclass (fields with a default
+and a help: :class:`~dpeft.codec.updates.int8.Int8Options`, ...). ``make_codec("topk+int8",
+{"fraction": 0.05, "block_size": 128})`` builds a chain. Options are shared by all stages (and
+by the up and down codecs), so each stage reads the fields of its own options class; an option
+no registered codec knows is an error. Every problem raises ``ConfigError(key, ...)`` where
+``key`` is the config key being read (``codec.up``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from dpeft.codec.updates.base import UpdateCodec
 from dpeft.codec.updates.cast import bf16, fp16, fp32
 from dpeft.codec.updates.chain import ChainCodec
-from dpeft.codec.updates.int8 import Int8Codec
-from dpeft.codec.updates.topk import TopKCodec
+from dpeft.codec.updates.int8 import Int8Codec, Int8Options
+from dpeft.codec.updates.topk import TopKCodec, TopKOptions
 from dpeft.errors import ConfigError
 
-#: factory(options) -> codec; raises ValueError for a bad option value
-CodecFactory = Callable[[Mapping[str, Any]], UpdateCodec]
 
-_FACTORIES: dict[str, CodecFactory] = {}
-_OPTIONS: set[str] = set()
+@dataclass(kw_only=True)
+class NoOptions:
+    """A codec that reads no options."""
 
 
-def register_codec(name: str, factory: CodecFactory, options: tuple[str, ...] = ()) -> None:
-    """Make ``name`` usable in specs; ``options`` lists the option keys the factory reads."""
+#: factory(its options dataclass) -> codec; raises ValueError for a bad option value
+CodecFactory = Callable[[Any], UpdateCodec]
+
+
+class RegisteredCodec(NamedTuple):
+    """A registered codec: how to build it and the options dataclass it reads."""
+
+    factory: CodecFactory
+    options: type
+
+
+_REGISTRY: dict[str, RegisteredCodec] = {}
+
+
+def register_codec(name: str, factory: CodecFactory, options: type = NoOptions) -> None:
+    """Make ``name`` usable in specs; ``factory`` gets an ``options`` instance built from ``codec.options``."""
     if not name or "+" in name or name != name.strip().lower():
         raise ValueError(f"bad codec name {name!r}")
-    if name in _FACTORIES:
+    if name in _REGISTRY:
         raise ValueError(f"codec {name!r} is already registered")
-    _FACTORIES[name] = factory
-    _OPTIONS.update(options)
+    _REGISTRY[name] = RegisteredCodec(factory, options)
 
 
 def available_codecs() -> list[str]:
     """Registered codec names, sorted."""
-    return sorted(_FACTORIES)
+    return sorted(_REGISTRY)
+
+
+def registered_codecs() -> dict[str, RegisteredCodec]:
+    """Name -> (factory, options dataclass) of every registered codec."""
+    return dict(_REGISTRY)
 
 
 def known_options() -> list[str]:
     """Option keys some registered codec reads, sorted."""
-    return sorted(_OPTIONS)
+    return sorted({f.name for entry in _REGISTRY.values() for f in dataclasses.fields(entry.options)})
+
+
+def _options_for(entry: RegisteredCodec, options: Mapping[str, Any]) -> Any:
+    """The codec's options dataclass from the shared mapping (its own fields only; the codec checks values)."""
+    return entry.options(**{f.name: options[f.name] for f in dataclasses.fields(entry.options) if f.name in options})
 
 
 register_codec("fp32", lambda o: fp32())
 register_codec("fp16", lambda o: fp16())
 register_codec("bf16", lambda o: bf16())
-register_codec("int8", lambda o: Int8Codec(o.get("block_size", 256)), ("block_size",))
-register_codec("topk", lambda o: TopKCodec(o.get("fraction", 0.01)), ("fraction",))
+register_codec("int8", lambda o: Int8Codec(o.block_size), Int8Options)
+register_codec("topk", lambda o: TopKCodec(o.fraction), TopKOptions)
 
 
 def make_codec(spec: str, options: Mapping[str, Any] | None = None, *, key: str = "codec.up") -> UpdateCodec:
@@ -59,7 +84,8 @@ def make_codec(spec: str, options: Mapping[str, Any] | None = None, *, key: str 
         options = {}
     if not isinstance(options, Mapping):
         raise ConfigError(key, f"codec options must be a mapping, got {type(options).__name__}")
-    unknown = sorted(str(k) for k in options if k not in _OPTIONS)
+    known = set(known_options())
+    unknown = sorted(str(k) for k in options if k not in known)
     if unknown:
         raise ConfigError(key, f"unknown codec option(s) {', '.join(unknown)} (known: {', '.join(known_options())})")
     if not isinstance(spec, str) or not spec.strip():
@@ -69,12 +95,12 @@ def make_codec(spec: str, options: Mapping[str, Any] | None = None, *, key: str 
     for i, name in enumerate(names):
         if not name:
             raise ConfigError(key, f"empty stage in codec spec {spec!r}")
-        if name not in _FACTORIES:
+        if name not in _REGISTRY:
             raise ConfigError(key, f"unknown codec {name!r} (known: {', '.join(available_codecs())})")
         if name in names[:i]:
             raise ConfigError(key, f"codec {name!r} appears twice in {spec!r}")
         try:
-            stage = _FACTORIES[name](options)
+            stage = _REGISTRY[name].factory(_options_for(_REGISTRY[name], options))
         except ValueError as exc:
             raise ConfigError(key, f"codec {name!r}: {exc}") from None
         if stages and stages[-1].terminal:

@@ -12,17 +12,26 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from dpeft.codec.updates.base import SEP, Part, Shape, UpdateCodec, numel_of
+from dpeft.config.options import option
 from dpeft.errors import ProtocolError
 
 
 def index_dtype(numel: int) -> torch.dtype:
     """The narrowest index dtype that addresses ``numel`` elements."""
     return torch.int32 if numel <= 1 << 31 else torch.int64
+
+
+@dataclass(kw_only=True)
+class TopKOptions:
+    """``codec.options`` the topk codec reads."""
+
+    fraction: float = option(0.01, "fraction of each tensor's entries sent (the largest magnitudes), in (0, 1]")
 
 
 class TopKCodec(UpdateCodec):

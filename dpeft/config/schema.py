@@ -1,24 +1,15 @@
-"""Typed run configuration: nested keyword-only dataclasses, loaded from YAML plus `key=value` overrides.
+"""The run configuration's schema: nested keyword-only dataclasses, one per section.
 
 Every field has a default and a one-line help string (``metadata["help"]``); the README's
-config reference is generated from these (``python -m dpeft.config``). Unknown keys, wrong
-types and impossible values raise :class:`~dpeft.errors.ConfigError` naming the dotted key.
+config reference is generated from these (``python -m dpeft.config``). Sections whose content
+depends on a registered implementation (``strategy.options``, ``codec.options``) stay plain
+mappings here; each family parses them into its own typed options (see :mod:`dpeft.validate`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import re
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
-
-from dpeft.errors import ConfigError
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors dataclasses naming
@@ -109,7 +100,7 @@ class StrategyConfig:
 
     name: str = _f("fedavg", "registered strategy name: fedavg, ...")
     server_lr: float = _f(1.0, "step size applied to the aggregated update")
-    options: dict[str, Any] = _f({}, "strategy-specific options (see the strategies section)")
+    options: dict[str, Any] = _f({}, "options of the named strategy (the strategy.options.* rows)")
 
 
 @dataclass(kw_only=True)
@@ -180,7 +171,7 @@ class CodecConfig:
 
     up: str = _f("fp32", "codec of worker -> coordinator updates: fp32, fp16, bf16, int8, topk, or a chain such as topk+int8")
     down: str = _f("fp32", "codec of the coordinator -> worker global adapter (a full state, not a delta)")
-    options: dict[str, Any] = _f({}, "codec options shared by both directions: block_size (int8, default 256), fraction (topk, default 0.01)")
+    options: dict[str, Any] = _f({}, "options of the codecs named in up and down, shared by both directions (the codec.options.* rows)")
     error_feedback: bool = _f(True, "lossy up codec: keep each client's residual (what the codec dropped) on the worker's disk and add it to its next update")
     residual_dir: str | None = _f(None, "where workers keep error-feedback residuals, one file per client; null = <run_dir>/residuals")
 
@@ -226,302 +217,3 @@ class RunConfig:
     auth: AuthConfig = field(default_factory=AuthConfig, metadata={"help": "TLS and worker tokens"})
     codec: CodecConfig = field(default_factory=CodecConfig, metadata={"help": "update codecs"})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "`dpeft ray` cluster and actors"})
-
-
-# ---------------------------------------------------------------- loading
-
-
-_SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check (and gently coerce) one value against a field type; raise ConfigError naming key."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError as exc:
-                errors.append(exc.problem)
-        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
-    if tp is Any:
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(key, f"expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(key, f"expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(key, f"expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # PyYAML (YAML 1.1) leaves exponents without a dot, like 1e-3, as strings
-        if isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
-            return float(value)
-        raise ConfigError(key, f"expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(key, f"expected a string, got {value!r}")
-    raise ConfigError(key, f"unsupported type {tp}")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(prefix.rstrip("."), f"expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in names:
-            raise ConfigError(f"{prefix}{key}", f"unknown key (known: {', '.join(sorted(names))})")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(f"{prefix}{key}", value, tp)
-    return cls(**kwargs)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``a.b=value`` into (["a", "b"], parsed YAML value)."""
-    if "=" not in text:
-        raise ConfigError(text, "overrides look like key=value (for example rounds=10 adapter.r=16)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(text, "empty key in override")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(key, f"cannot parse value {raw!r}: {exc}") from None
-    return key.split("."), value
-
-
-def merge_override(tree: dict[str, Any], path: list[str], value: Any, key: str | None = None) -> None:
-    """Set ``tree[path[0]]...[path[-1]] = value``, creating sections; ``key`` names it in errors."""
-    node = tree
-    for part in path[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(key or ".".join(path), f"{part} is not a section")
-        node = child
-    node[path[-1]] = value
-
-
-def read_config_file(path: str | Path | None) -> dict[str, Any]:
-    """The mapping at the top of a YAML config file ({} for no file); errors name ``--config``."""
-    if path is None:
-        return {}
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("--config", f"no such file: {p}")
-    try:
-        loaded = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError("--config", f"{p} is not valid YAML: {exc}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ConfigError("--config", f"{p} must hold a mapping at the top level")
-    return loaded
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Load a YAML file (optional), apply ``key=value`` overrides, validate, return a RunConfig."""
-    tree = read_config_file(path)
-    for text in overrides:
-        keys, value = parse_override(text)
-        merge_override(tree, keys, value)
-    cfg = _build(RunConfig, tree, "")
-    validate(cfg)
-    return cfg
-
-
-def config_from_dict(tree: dict[str, Any]) -> RunConfig:
-    """Rebuild a validated RunConfig from its dict form (as sent to workers)."""
-    cfg = _build(RunConfig, tree, "")
-    validate(cfg)
-    return cfg
-
-
-def _positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-def _one_of(key: str, value: str, allowed: typing.Iterable[str]) -> None:
-    allowed = list(allowed)
-    if value not in allowed:
-        raise ConfigError(key, f"must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def validate(cfg: RunConfig) -> None:
-    """Cross-field checks that types alone cannot express."""
-    from dpeft.strategies import available_strategies
-    from dpeft.sync import available_policies
-
-    for key, value in [
-        ("rounds", cfg.rounds),
-        ("clients", cfg.clients),
-        ("clients_per_round", cfg.clients_per_round),
-        ("train.local_steps", cfg.train.local_steps),
-        ("train.batch_size", cfg.train.batch_size),
-        ("train.lr", cfg.train.lr),
-        ("train.eval_batch_size", cfg.train.eval_batch_size),
-        ("train.eval_every", cfg.train.eval_every),
-        ("train.lockstep_clients", cfg.train.lockstep_clients),
-        ("adapter.r", cfg.adapter.r),
-        ("model.max_length", cfg.model.max_length),
-        ("simulate.processes", cfg.simulate.processes),
-        ("simulate.threads_per_process", cfg.simulate.threads_per_process),
-        ("simulate.coordinator_threads", cfg.simulate.coordinator_threads),
-        ("transport.chunk_bytes", cfg.transport.chunk_bytes),
-        ("transport.max_update_bytes", cfg.transport.max_update_bytes),
-        ("transport.spool_bytes", cfg.transport.spool_bytes),
-        ("sync.round_timeout_s", cfg.sync.round_timeout_s),
-        ("data.dirichlet_alpha", cfg.data.dirichlet_alpha),
-        ("data.test_examples", cfg.data.test_examples),
-        ("strategy.server_lr", cfg.strategy.server_lr),
-    ]:
-        _positive(key, value)
-    _positive("train.weight_decay", cfg.train.weight_decay, allow_zero=True)
-    _positive("adapter.dropout", cfg.adapter.dropout, allow_zero=True)
-    if cfg.model.dropout is not None and not 0 <= cfg.model.dropout < 1:
-        raise ConfigError("model.dropout", f"must be in [0, 1) or null, got {cfg.model.dropout}")
-    if cfg.train.lockstep:
-        validate_lockstep(cfg)
-    if cfg.clients_per_round > cfg.clients:
-        raise ConfigError(
-            "clients_per_round", f"{cfg.clients_per_round} clients per round but only {cfg.clients} clients"
-        )
-    if cfg.transport.chunk_bytes > 64 * 1024 * 1024:
-        raise ConfigError("transport.chunk_bytes", "must be at most 64 MiB (gRPC messages stay small)")
-    if cfg.transport.max_update_norm is not None and not cfg.transport.max_update_norm > 0:
-        raise ConfigError("transport.max_update_norm", f"must be > 0 or null, got {cfg.transport.max_update_norm}")
-    _one_of("model.task", cfg.model.task, ["seq_cls", "causal_lm"])
-    _one_of("simulate.start", cfg.simulate.start, ["auto", "fork", "spawn"])
-    if cfg.simulate.start == "fork" and not hasattr(os, "fork"):
-        raise ConfigError("simulate.start", "fork is not available on this platform; use spawn or auto")
-    if cfg.model.path is None:
-        _one_of("model.name", cfg.model.name, ["minilm", "smollm2"])
-    _one_of("data.dataset", cfg.data.dataset, ["rotten_tomatoes", "reuters_r8", "file"])
-    if cfg.data.dataset == "file" and not cfg.data.path:
-        raise ConfigError("data.path", "dataset=file needs data.path (a .csv or .jsonl file)")
-    _one_of("data.partition", cfg.data.partition, ["iid", "dirichlet"])
-    _one_of("train.optimizer", cfg.train.optimizer, ["adamw", "sgd"])
-    _one_of("train.loss", cfg.train.loss, ["cross_entropy", "prior_calibrated"])
-    _one_of("strategy.name", cfg.strategy.name, available_strategies())
-    _one_of("sync.name", cfg.sync.name, available_policies())
-    from dpeft.strategies import make_strategy
-    from dpeft.sync import validate_run_sync
-
-    make_strategy(cfg.strategy).validate_run(cfg)  # bad options name strategy.options.<key>
-    validate_run_sync(cfg)  # sync.* and simulate.* heterogeneity keys
-    from dpeft.adapters.methods import known_methods
-
-    _one_of("adapter.method", cfg.adapter.method, known_methods())
-    from dpeft.codec.updates import CodecSpec
-
-    CodecSpec.from_config({"up": cfg.codec.up, "down": cfg.codec.down, "options": cfg.codec.options})  # names codec.up / codec.down
-    if cfg.train.worker_mmap_threshold_kib is not None:
-        _positive("train.worker_mmap_threshold_kib", cfg.train.worker_mmap_threshold_kib)
-    validate_ray(cfg.ray)
-
-
-def validate_lockstep(cfg: RunConfig) -> None:
-    """``train.lockstep: true`` needs what multi-LoRA training can route (errors name the key to change)."""
-    if cfg.model.task != "seq_cls":
-        raise ConfigError("train.lockstep", f"supports model.task=seq_cls, not {cfg.model.task!r}; set train.lockstep=false")
-    if cfg.adapter.method != "lora":
-        raise ConfigError("train.lockstep", f"supports adapter.method=lora, not {cfg.adapter.method!r}; set train.lockstep=false")
-    if cfg.adapter.dropout > 0:
-        raise ConfigError(
-            "adapter.dropout", f"train.lockstep needs 0 (one joint pass cannot replay each client's dropout masks), got {cfg.adapter.dropout}"
-        )
-    if cfg.model.dropout != 0:
-        raise ConfigError(
-            "model.dropout",
-            f"train.lockstep needs the base model's dropout off: set model.dropout=0 (got {cfg.model.dropout}; null keeps the checkpoint's, 0.1 for MiniLM)",
-        )
-
-
-def validate_ray(r: RayConfig) -> None:
-    """Checks of the ``ray:`` section (errors name ``ray.<key>``)."""
-    _one_of("ray.mode", r.mode, ["actors", "allreduce"])
-    if r.actors is not None:
-        _positive("ray.actors", r.actors)
-    _positive("ray.num_cpus", r.num_cpus, allow_zero=True)
-    _positive("ray.num_gpus", r.num_gpus, allow_zero=True)
-    if r.num_gpus > 1 and r.num_gpus != int(r.num_gpus):
-        raise ConfigError("ray.num_gpus", f"fractions are for sharing one GPU; got {r.num_gpus}")
-    for k, v in r.resources.items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-            raise ConfigError(f"ray.resources.{k}", f"expected a non-negative number, got {v!r}")
-    if r.threads is not None:
-        _positive("ray.threads", r.threads)
-    if r.placement_strategy is not None:
-        _one_of("ray.placement_strategy", r.placement_strategy, ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
-    for key, value in (("ray.max_restarts", r.max_restarts), ("ray.max_task_retries", r.max_task_retries)):
-        if value < -1:
-            raise ConfigError(key, f"must be >= -1, got {value}")
-    _positive("ray.max_attempts", r.max_attempts)
-    _positive("ray.startup_timeout_s", r.startup_timeout_s)
-    if r.backend is not None:
-        _one_of("ray.backend", r.backend, ["gloo", "nccl"])
-    if r.local_num_cpus is not None:
-        _positive("ray.local_num_cpus", r.local_num_cpus)
-
-
-def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
-    """Plain dict form (YAML/JSON friendly)."""
-    return dataclasses.asdict(cfg)
-
-
-def dump_config(cfg: RunConfig) -> str:
-    """The resolved config as YAML text."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-
-
-def reference_markdown() -> str:
-    """A markdown table of every key with its default and help, for the README."""
-    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{prefix}{f.name}.")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"| `{prefix}{f.name}` | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | {f.metadata.get('help', '')} |")
-
-    walk(RunConfig, "")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(reference_markdown())

@@ -1,0 +1,144 @@
+"""Checks of the core config sections (model, adapter shape, data, train, simulate, transport, ray).
+
+The sections whose meaning depends on a registered implementation (strategy, sync policy,
+codecs, adapter method) are checked by their families (:mod:`dpeft.validate`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from dpeft.config.schema import RayConfig, RunConfig, TransportConfig
+from dpeft.errors import ConfigError
+
+
+def positive(key: str, value: float, allow_zero: bool = False) -> None:
+    """ConfigError(key) unless ``value`` > 0 (>= 0 with ``allow_zero``)."""
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def one_of(key: str, value: str, allowed: Iterable[str]) -> None:
+    """ConfigError(key) unless ``value`` is one of ``allowed``."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(key, f"must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def check_core(cfg: RunConfig) -> None:
+    """Cross-field checks of the core sections that types alone cannot express."""
+    for key, value in [
+        ("rounds", cfg.rounds),
+        ("clients", cfg.clients),
+        ("clients_per_round", cfg.clients_per_round),
+        ("train.local_steps", cfg.train.local_steps),
+        ("train.batch_size", cfg.train.batch_size),
+        ("train.lr", cfg.train.lr),
+        ("train.eval_batch_size", cfg.train.eval_batch_size),
+        ("train.eval_every", cfg.train.eval_every),
+        ("train.lockstep_clients", cfg.train.lockstep_clients),
+        ("adapter.r", cfg.adapter.r),
+        ("model.max_length", cfg.model.max_length),
+        ("simulate.processes", cfg.simulate.processes),
+        ("simulate.threads_per_process", cfg.simulate.threads_per_process),
+        ("simulate.coordinator_threads", cfg.simulate.coordinator_threads),
+        ("transport.chunk_bytes", cfg.transport.chunk_bytes),
+        ("transport.max_update_bytes", cfg.transport.max_update_bytes),
+        ("transport.spool_bytes", cfg.transport.spool_bytes),
+        ("sync.round_timeout_s", cfg.sync.round_timeout_s),
+        ("data.dirichlet_alpha", cfg.data.dirichlet_alpha),
+        ("data.test_examples", cfg.data.test_examples),
+        ("strategy.server_lr", cfg.strategy.server_lr),
+    ]:
+        positive(key, value)
+    positive("train.weight_decay", cfg.train.weight_decay, allow_zero=True)
+    positive("adapter.dropout", cfg.adapter.dropout, allow_zero=True)
+    if cfg.model.dropout is not None and not 0 <= cfg.model.dropout < 1:
+        raise ConfigError("model.dropout", f"must be in [0, 1) or null, got {cfg.model.dropout}")
+    if cfg.train.lockstep:
+        validate_lockstep(cfg)
+    if cfg.clients_per_round > cfg.clients:
+        raise ConfigError(
+            "clients_per_round", f"{cfg.clients_per_round} clients per round but only {cfg.clients} clients"
+        )
+    if cfg.transport.chunk_bytes > 64 * 1024 * 1024:
+        raise ConfigError("transport.chunk_bytes", "must be at most 64 MiB (gRPC messages stay small)")
+    if cfg.transport.max_update_norm is not None and not cfg.transport.max_update_norm > 0:
+        raise ConfigError("transport.max_update_norm", f"must be > 0 or null, got {cfg.transport.max_update_norm}")
+    one_of("model.task", cfg.model.task, ["seq_cls", "causal_lm"])
+    one_of("simulate.start", cfg.simulate.start, ["auto", "fork", "spawn"])
+    if cfg.simulate.start == "fork" and not hasattr(os, "fork"):
+        raise ConfigError("simulate.start", "fork is not available on this platform; use spawn or auto")
+    if cfg.model.path is None:
+        one_of("model.name", cfg.model.name, ["minilm", "smollm2"])
+    one_of("data.dataset", cfg.data.dataset, ["rotten_tomatoes", "reuters_r8", "file"])
+    if cfg.data.dataset == "file" and not cfg.data.path:
+        raise ConfigError("data.path", "dataset=file needs data.path (a .csv or .jsonl file)")
+    one_of("data.partition", cfg.data.partition, ["iid", "dirichlet"])
+    one_of("train.optimizer", cfg.train.optimizer, ["adamw", "sgd"])
+    one_of("train.loss", cfg.train.loss, ["cross_entropy", "prior_calibrated"])
+    if cfg.train.worker_mmap_threshold_kib is not None:
+        positive("train.worker_mmap_threshold_kib", cfg.train.worker_mmap_threshold_kib)
+    check_transport(cfg.transport)
+    validate_ray(cfg.ray)
+
+
+def check_transport(t: TransportConfig) -> None:
+    """Limits of the ``transport:`` section that a coordinator and its workers rely on."""
+    for key, value in [
+        ("transport.heartbeat_s", t.heartbeat_s),
+        ("transport.dead_after_s", t.dead_after_s),
+        ("transport.max_tensor_bytes", t.max_tensor_bytes),
+        ("transport.max_concurrent_uploads", t.max_concurrent_uploads),
+        ("transport.resume_window_s", t.resume_window_s),
+        ("transport.server_threads", t.server_threads),
+        ("transport.poll_timeout_s", t.poll_timeout_s),
+    ]:
+        positive(key, value)
+    if t.dead_after_s <= t.heartbeat_s:
+        raise ConfigError("transport.dead_after_s", f"must exceed transport.heartbeat_s ({t.heartbeat_s}) or live workers are declared dead")
+
+
+def validate_lockstep(cfg: RunConfig) -> None:
+    """``train.lockstep: true`` needs what multi-LoRA training can route (errors name the key to change)."""
+    if cfg.model.task != "seq_cls":
+        raise ConfigError("train.lockstep", f"supports model.task=seq_cls, not {cfg.model.task!r}; set train.lockstep=false")
+    if cfg.adapter.method != "lora":
+        raise ConfigError("train.lockstep", f"supports adapter.method=lora, not {cfg.adapter.method!r}; set train.lockstep=false")
+    if cfg.adapter.dropout > 0:
+        raise ConfigError(
+            "adapter.dropout", f"train.lockstep needs 0 (one joint pass cannot replay each client's dropout masks), got {cfg.adapter.dropout}"
+        )
+    if cfg.model.dropout != 0:
+        raise ConfigError(
+            "model.dropout",
+            f"train.lockstep needs the base model's dropout off: set model.dropout=0 (got {cfg.model.dropout}; null keeps the checkpoint's, 0.1 for MiniLM)",
+        )
+
+
+def validate_ray(r: RayConfig) -> None:
+    """Checks of the ``ray:`` section (errors name ``ray.<key>``)."""
+    one_of("ray.mode", r.mode, ["actors", "allreduce"])
+    if r.actors is not None:
+        positive("ray.actors", r.actors)
+    positive("ray.num_cpus", r.num_cpus, allow_zero=True)
+    positive("ray.num_gpus", r.num_gpus, allow_zero=True)
+    if r.num_gpus > 1 and r.num_gpus != int(r.num_gpus):
+        raise ConfigError("ray.num_gpus", f"fractions are for sharing one GPU; got {r.num_gpus}")
+    for k, v in r.resources.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"ray.resources.{k}", f"expected a non-negative number, got {v!r}")
+    if r.threads is not None:
+        positive("ray.threads", r.threads)
+    if r.placement_strategy is not None:
+        one_of("ray.placement_strategy", r.placement_strategy, ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
+    for key, value in (("ray.max_restarts", r.max_restarts), ("ray.max_task_retries", r.max_task_retries)):
+        if value < -1:
+            raise ConfigError(key, f"must be >= -1, got {value}")
+    positive("ray.max_attempts", r.max_attempts)
+    positive("ray.startup_timeout_s", r.startup_timeout_s)
+    if r.backend is not None:
+        one_of("ray.backend", r.backend, ["gloo", "nccl"])
+    if r.local_num_cpus is not None:
+        positive("ray.local_num_cpus", r.local_num_cpus)

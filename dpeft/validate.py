@@ -1,0 +1,164 @@
+"""A whole run config, validated: the core checks of :mod:`dpeft.config` composed with the checks
+each family owns, and the loaders commands call.
+
+:mod:`dpeft.config` knows no strategy, sync policy, codec or adapter method; this module sits
+above it and the families' registries and runs, when a config is loaded:
+
+- each family's own validation: the strategy (``strategy.name`` registered, ``strategy.options``
+  parsed by its options dataclass, ``Strategy.validate_run``), the sync policy
+  (:func:`~dpeft.sync.base.validate_run_sync`), the codecs (``codec.*``) and ``adapter.method``;
+- the combinations across families, refused here before anything starts: a strategy that needs
+  more updates per aggregation than the sync policy delivers, and all-reduce rounds
+  (``sync.name=allreduce`` or ``ray.mode=allreduce``) with a codec or an aggregation that a
+  sum of float64 buffers across ranks cannot carry.
+
+:func:`load_config` and :func:`config_from_dict` return a RunConfig that passed all of it;
+errors are :class:`~dpeft.errors.ConfigError` naming the keys (exit code 2).
+:func:`reference_markdown` is the config reference, families' options included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dpeft.adapters.methods import known_methods
+from dpeft.codec.updates import CodecSpec, registered_codecs
+from dpeft.codec.updates.session import PLAIN
+from dpeft.config import RunConfig, build_config, read_config_tree, reference_rows
+from dpeft.config.checks import one_of
+from dpeft.config.parse import yaml_inline
+from dpeft.errors import ConfigError
+from dpeft.strategies import make_strategy, registered_strategies
+from dpeft.strategies.base import Strategy, option_key
+from dpeft.sync import is_collective, updates_per_step, validate_run_sync
+
+
+def validate_strategy(cfg: RunConfig) -> Strategy:
+    """``strategy.*``: a registered name, options of its options dataclass, its own run checks."""
+    strategy = make_strategy(cfg.strategy)  # bad options name strategy.options.<key>
+    strategy.validate_run(cfg)
+    return strategy
+
+
+def validate_codecs(cfg: RunConfig) -> None:
+    """``codec.up`` / ``codec.down`` specs and ``codec.options``."""
+    CodecSpec.from_config({"up": cfg.codec.up, "down": cfg.codec.down, "options": cfg.codec.options})
+
+
+def validate_adapter_method(cfg: RunConfig) -> None:
+    """``adapter.method``: a peft method dpeft can build."""
+    one_of("adapter.method", cfg.adapter.method, known_methods())
+
+
+def check_enough_updates(cfg: RunConfig, strategy: Strategy) -> None:
+    """The sync policy must deliver the updates one aggregation of the strategy needs."""
+    need, have = strategy.min_updates(), updates_per_step(cfg)
+    if have < need:
+        raise ConfigError(
+            "clients_per_round",
+            f"strategy {strategy.name!r} needs at least {need} updates per aggregation, but sync policy "
+            f"{cfg.sync.name!r} aggregates {have} (raise clients_per_round, sync.quorum or sync.buffer_size)",
+        )
+
+
+def allreduce_mode(cfg: RunConfig) -> str | None:
+    """The setting that makes this run's workers all-reduce their updates, or None."""
+    if is_collective(cfg.sync.name):
+        return f"sync.name={cfg.sync.name}"
+    if cfg.ray.mode == "allreduce":
+        return "ray.mode=allreduce"
+    return None
+
+
+def check_allreduce(cfg: RunConfig, strategy: Strategy, mode: str) -> None:
+    """All-reduce sums plain float64 buffers of weighted deltas across ranks: no codec, a weighted mean.
+
+    ``mode`` names what selected all-reduce (``sync.name=allreduce``, or the torchrun launcher).
+    """
+    for key, spec in (("codec.up", cfg.codec.up), ("codec.down", cfg.codec.down)):
+        if spec.strip().lower() != PLAIN:
+            raise ConfigError(
+                key, f"{mode} exchanges plain {PLAIN} tensors between ranks and cannot use codec {spec!r}; set {key}={PLAIN} or use the coordinator transports"
+            )
+    if not getattr(strategy, "streaming_mean", False):
+        raise ConfigError(
+            "strategy.name",
+            f"{mode} sums weighted deltas across ranks, which cannot compute strategy {strategy.name!r}; "
+            "use a weighted-mean strategy (fedavg, fedprox, fedavgm, fedadam, ...) or the coordinator transports",
+        )
+    if strategy.opts.accumulator != "float64":
+        raise ConfigError(
+            option_key("accumulator"),
+            f"{mode} sums float64 buffers across ranks; use accumulator: float64 (the default) or the coordinator transports",
+        )
+
+
+def validate_run(cfg: RunConfig, allreduce: str | None = None) -> None:
+    """Every family's checks and the combinations across them (``cfg`` has passed the core checks).
+
+    ``allreduce`` names a launcher that all-reduces whatever ``sync.name`` says (torchrun).
+    """
+    strategy = validate_strategy(cfg)
+    validate_run_sync(cfg)  # sync.* and simulate.* heterogeneity keys
+    validate_adapter_method(cfg)
+    validate_codecs(cfg)
+    check_enough_updates(cfg, strategy)
+    mode = allreduce or allreduce_mode(cfg)
+    if mode is not None:
+        check_allreduce(cfg, strategy, mode)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), allreduce: str | None = None) -> RunConfig:
+    """Load a YAML file (optional), apply ``key=value`` overrides, validate everything, return a RunConfig."""
+    cfg = build_config(read_config_tree(path, overrides))
+    validate_run(cfg, allreduce)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> RunConfig:
+    """Rebuild a validated RunConfig from its dict form (as sent to workers)."""
+    cfg = build_config(tree)
+    validate_run(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- reference
+
+
+def _who(names: list[str], everyone: list[str], noun: str) -> str:
+    return f"all {noun}" if sorted(names) == sorted(everyone) else ", ".join(names)
+
+
+def _family_rows(prefix: str, owners: dict[str, type], noun: str) -> list[str]:
+    """One row per distinct (option, default, help) over the owners' options dataclasses."""
+    grouped: dict[tuple[str, str, str], list[str]] = {}
+    for owner, options_cls in owners.items():
+        for f in dataclasses.fields(options_cls):
+            grouped.setdefault((f.name, yaml_inline(f.default), f.metadata.get("help", "")), []).append(owner)
+    rows = []
+    for (name, default, text), names in sorted(grouped.items()):
+        rows.append(f"| `{prefix}.{name}` | `{default}` | {_who(names, list(owners), noun)}: {text} |")
+    return rows
+
+
+FamilyRows = Callable[[], list[str]]
+
+
+def reference_markdown() -> str:
+    """A markdown table of every key with its default and help, for the README."""
+    families: dict[str, FamilyRows] = {
+        "strategy.options": lambda: _family_rows(
+            "strategy.options", {n: r.options for n, r in sorted(registered_strategies().items())}, "strategies"
+        ),
+        "codec.options": lambda: _family_rows("codec.options", {n: r.options for n, r in sorted(registered_codecs().items())}, "codecs"),
+    }
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for row in reference_rows(RunConfig, ""):
+        lines.append(row)
+        for key, rows in families.items():
+            if row.startswith(f"| `{key}` |"):
+                lines.extend(rows())
+    return "\n".join(lines)
