@@ -24,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dpeft.adapters.methods import known_methods
 from dpeft.codec.updates import CodecSpec, registered_codecs
 from dpeft.codec.updates.session import PLAIN
 from dpeft.config import RunConfig, build_config, read_config_tree, reference_rows
@@ -49,7 +48,10 @@ def validate_codecs(cfg: RunConfig) -> None:
 
 
 def validate_adapter_method(cfg: RunConfig) -> None:
-    """``adapter.method``: a peft method dpeft can build."""
+    """``adapter.method``: a peft method dpeft can build (checked last: importing peft takes seconds,
+    and a config with another mistake should fail fast)."""
+    from dpeft.adapters.methods import known_methods
+
     one_of("adapter.method", cfg.adapter.method, known_methods())
 
 
@@ -103,12 +105,12 @@ def validate_run(cfg: RunConfig, allreduce: str | None = None) -> None:
     """
     strategy = validate_strategy(cfg)
     validate_run_sync(cfg)  # sync.* and simulate.* heterogeneity keys
-    validate_adapter_method(cfg)
     validate_codecs(cfg)
     check_enough_updates(cfg, strategy)
     mode = allreduce or allreduce_mode(cfg)
     if mode is not None:
         check_allreduce(cfg, strategy, mode)
+    validate_adapter_method(cfg)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), allreduce: str | None = None) -> RunConfig:

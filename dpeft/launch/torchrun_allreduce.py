@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         from dpeft.validate import load_config
         from dpeft.workers.runtime import set_threads
 
-        cfg = load_config(args.config, args.overrides)  # a ray: section is accepted and ignored
+        cfg = load_config(args.config, args.overrides, allreduce="torchrun_allreduce")  # a ray: section is accepted and ignored
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         set_threads(args.threads or max(1, (os.cpu_count() or 1) // max(1, local)))
         init_group(args.backend)

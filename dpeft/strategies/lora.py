@@ -22,6 +22,8 @@ from collections.abc import Iterable
 
 import torch
 
+from dpeft.errors import ConfigError
+
 A_TO_B = {"lora_A": "lora_B", "lora_embedding_A": "lora_embedding_B"}
 B_COMPONENTS = frozenset(A_TO_B.values())
 
@@ -148,8 +150,6 @@ LORA_METHODS = ("lora", "dora")
 
 def require_lora_method(strategy: str, run_cfg: object) -> None:
     """Config error unless the run's adapter method trains LoRA factor pairs."""
-    from dpeft.errors import ConfigError
-
     method = run_cfg.adapter.method  # type: ignore[attr-defined]
     if method not in LORA_METHODS:
         raise ConfigError("strategy.name", f"{strategy} aggregates LoRA factor pairs; adapter.method={method!r} has none (use lora or dora)")

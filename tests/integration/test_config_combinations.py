@@ -1,0 +1,66 @@
+"""Settings that cannot run together are refused when the config is loaded: `dpeft` exits 2 with
+one line naming the keys involved, before any model loads or process starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from integration_testlib import assert_no_traceback
+
+pytestmark = pytest.mark.integration
+
+CASES = [
+    # (id, arguments after `dpeft`, texts stderr must contain)
+    ("allreduce-int8-up", ["simulate", "sync.name=allreduce", "codec.up=int8"], ["codec.up", "sync.name=allreduce"]),
+    ("allreduce-topk-chain", ["simulate", "sync.name=allreduce", "codec.up=topk+int8"], ["codec.up", "sync.name=allreduce"]),
+    ("allreduce-fp16-down", ["simulate", "sync.name=allreduce", "codec.down=fp16"], ["codec.down", "sync.name=allreduce"]),
+    ("allreduce-median", ["simulate", "sync.name=allreduce", "strategy.name=median"], ["strategy.name", "sync.name=allreduce", "median"]),
+    ("allreduce-flora", ["simulate", "sync.name=allreduce", "strategy.name=flora"], ["strategy.name", "sync.name=allreduce", "flora"]),
+    (
+        "allreduce-float32",
+        ["simulate", "sync.name=allreduce", "strategy.options.accumulator=float32"],
+        ["strategy.options.accumulator", "sync.name=allreduce"],
+    ),
+    ("ray-allreduce-int8", ["coordinator", "--listen", "127.0.0.1:0", "ray.mode=allreduce", "codec.up=int8"], ["codec.up", "ray.mode=allreduce"]),
+    ("krum-too-few", ["simulate", "strategy.name=krum", "clients_per_round=4"], ["clients_per_round", "krum"]),
+    ("flora-rank", ["simulate", "strategy.name=flora", "strategy.options.rank=16", "adapter.r=8"], ["strategy.options.rank", "adapter.r"]),
+    ("bad-strategy-option", ["simulate", "strategy.name=fedavg", "strategy.options.server_lr=2"], ["strategy.options.server_lr"]),
+    (
+        "dead-before-heartbeat",
+        ["coordinator", "--listen", "127.0.0.1:0", "transport.heartbeat_s=5", "transport.dead_after_s=2"],
+        ["transport.dead_after_s", "transport.heartbeat_s"],
+    ),
+]
+
+
+@pytest.mark.parametrize("args,needles", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_incompatible_settings_exit_2_at_load(tmp_path: Path, procs, args: list[str], needles: list[str]) -> None:
+    run = tmp_path / "run"
+    rc, p = procs.run(*args, f"run_dir={run}", timeout=60, cwd=tmp_path)
+    err = p.stderr
+    assert rc == 2, f"exit {rc}, expected 2:\n{err}"
+    for needle in needles:
+        assert needle in err, f"stderr does not name {needle!r}:\n{err}"
+    assert_no_traceback(err + p.stdout)
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+    assert p.elapsed() < 30, f"took {p.elapsed():.1f}s to reject the config"
+    assert not run.exists(), "a run directory was created for a rejected config"
+    assert p.children_seen() == []
+
+
+def test_torchrun_launcher_refuses_a_codec_at_load(tmp_path: Path) -> None:
+    """The torchrun launcher all-reduces whatever sync.name says, so it refuses codecs too."""
+    run = tmp_path / "run"
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "dpeft.launch.torchrun_allreduce", "codec.up=int8", f"run_dir={run}"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    assert "codec.up" in p.stderr and "torchrun" in p.stderr, p.stderr
+    assert_no_traceback(p.stderr + p.stdout)
+    assert not run.exists()
