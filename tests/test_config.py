@@ -6,8 +6,10 @@ import dataclasses
 
 import pytest
 
+from dpeft.codec.updates import registered_codecs
 from dpeft.config import RunConfig, check_core, config_to_dict, dump_config
 from dpeft.errors import ConfigError
+from dpeft.strategies import registered_strategies
 from dpeft.validate import config_from_dict, load_config, validate_run
 
 
@@ -234,6 +236,8 @@ def test_every_field_has_help() -> None:
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help string"
             if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
-                walk(type(getattr(RunConfig(), f.name)))
+                walk(type(getattr(cls(), f.name)))
 
     walk(RunConfig)
+    for registered in [*registered_strategies().values(), *registered_codecs().values()]:
+        walk(registered.options)

@@ -6,7 +6,7 @@ validates its own section, and :func:`dpeft.validate.load_config` (what commands
 them. ``python -m dpeft.config`` prints the config reference, families' options included.
 """
 
-from dpeft.config.checks import check_core, validate_lockstep, validate_ray
+from dpeft.config.checks import check_core, validate_lockstep, validate_ray, validate_split
 from dpeft.config.parse import (
     build_config,
     build_section,
@@ -23,10 +23,12 @@ from dpeft.config.schema import (
     AuthConfig,
     CodecConfig,
     DataConfig,
+    KillReviveConfig,
     ModelConfig,
     RayConfig,
     RunConfig,
     SimulateConfig,
+    SplitConfig,
     StrategyConfig,
     SyncConfig,
     TrainConfig,
@@ -38,10 +40,12 @@ __all__ = [
     "AuthConfig",
     "CodecConfig",
     "DataConfig",
+    "KillReviveConfig",
     "ModelConfig",
     "RayConfig",
     "RunConfig",
     "SimulateConfig",
+    "SplitConfig",
     "StrategyConfig",
     "SyncConfig",
     "TrainConfig",
@@ -58,4 +62,5 @@ __all__ = [
     "reference_rows",
     "validate_lockstep",
     "validate_ray",
+    "validate_split",
 ]

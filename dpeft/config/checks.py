@@ -1,4 +1,4 @@
-"""Checks of the core config sections (model, adapter shape, data, train, simulate, transport, ray).
+"""Checks of the core config sections (model, adapter shape, data, train, simulate, transport, ray, split).
 
 The sections whose meaning depends on a registered implementation (strategy, sync policy,
 codecs, adapter method) are checked by their families (:mod:`dpeft.validate`).
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from dpeft.config.schema import RayConfig, RunConfig, TransportConfig
+from dpeft.config.schema import RayConfig, RunConfig, SplitConfig, TransportConfig
 from dpeft.errors import ConfigError
 
 
@@ -82,6 +82,7 @@ def check_core(cfg: RunConfig) -> None:
         positive("train.worker_mmap_threshold_kib", cfg.train.worker_mmap_threshold_kib)
     check_transport(cfg.transport)
     validate_ray(cfg.ray)
+    validate_split(cfg.split)
 
 
 def check_transport(t: TransportConfig) -> None:
@@ -142,3 +143,36 @@ def validate_ray(r: RayConfig) -> None:
         one_of("ray.backend", r.backend, ["gloo", "nccl"])
     if r.local_num_cpus is not None:
         positive("ray.local_num_cpus", r.local_num_cpus)
+
+
+WIRE_DTYPES = ("fp32", "fp16", "bf16")
+
+
+def validate_split(cfg: SplitConfig) -> None:
+    """Checks of the ``split:`` section (errors name ``split.<key>``)."""
+    for key, value in [
+        ("split.edges", cfg.edges),
+        ("split.steps", cfg.steps),
+        ("split.chunk_bytes", cfg.chunk_bytes),
+        ("split.cloud_threads", cfg.cloud_threads),
+        ("split.edge_threads", cfg.edge_threads),
+        ("split.kr.window", cfg.kr.window),
+    ]:
+        if value < 1:
+            raise ConfigError(key, f"must be >= 1, got {value}")
+    if cfg.eval_examples < 0:
+        raise ConfigError("split.eval_examples", f"must be >= 0, got {cfg.eval_examples}")
+    if cfg.layers is not None and cfg.layers < 1:
+        raise ConfigError("split.layers", f"must be >= 1 or null, got {cfg.layers}")
+    if cfg.wire_dtype not in WIRE_DTYPES:
+        raise ConfigError("split.wire_dtype", f"must be one of {', '.join(WIRE_DTYPES)}; got {cfg.wire_dtype!r}")
+    if cfg.chunk_bytes > 64 * 1024 * 1024:
+        raise ConfigError("split.chunk_bytes", "must be at most 64 MiB")
+    if not 0.0 < cfg.kr.budget <= 1.0:
+        raise ConfigError("split.kr.budget", f"must be in (0, 1], got {cfg.kr.budget}")
+    if cfg.kr.warmup < 0:
+        raise ConfigError("split.kr.warmup", f"must be >= 0, got {cfg.kr.warmup}")
+    if cfg.kr.revive_every < 0:
+        raise ConfigError("split.kr.revive_every", f"must be >= 0, got {cfg.kr.revive_every}")
+    if cfg.kr.revive_every and cfg.kr.revive_every % cfg.kr.window:
+        raise ConfigError("split.kr.revive_every", f"must be a multiple of split.kr.window ({cfg.kr.window}), got {cfg.kr.revive_every}")

@@ -198,6 +198,34 @@ class RayConfig:
 
 
 @dataclass(kw_only=True)
+class KillReviveConfig:
+    """Kill-and-Revive: skip the LoRA modules whose factors change least."""
+
+    enabled: bool = _f(False, "turn Kill-and-Revive on (off = every module active: 'no KR')")
+    budget: float = _f(0.5, "active budget: fraction of LoRA modules kept active after a kill, k = max(1, round(budget * modules))")
+    window: int = _f(10, "steps per scoring window; a module's score is the L2 norm of the change of its (A, B) over its last full active window")
+    warmup: int = _f(10, "steps with every module active before the first kill (rounded up to a window boundary)")
+    revive_every: int = _f(50, "revive every killed module every this many steps (a multiple of window; 0 = never)")
+
+
+@dataclass(kw_only=True)
+class SplitConfig:
+    """`dpeft split`: cloud/edge split training (DLoRA); other commands ignore it."""
+
+    edges: int = _f(2, "edges (clients) of a federated run, each round trains clients_per_round of them; simulate: edge processes, each with its own data shard")
+    steps: int = _f(100, "edge training steps when the cloud runs no federation (rounds are taken from the run config otherwise)")
+    federated: bool = _f(True, "aggregate the edges' adapters every round with strategy.name (false: each edge trains alone for `steps` steps)")
+    wire_dtype: str = _f("fp32", "dtype of activations and gradients on the wire: fp32, fp16 or bf16")
+    chunk_bytes: int = _f(4 * 1024 * 1024, "largest payload piece per gRPC message")
+    cloud_threads: int = _f(2, "torch threads of the cloud process")
+    edge_threads: int = _f(1, "torch threads of each edge process")
+    eval_examples: int = _f(200, "held-out examples the first edge evaluates through the cloud after each round (0 = no evaluation)")
+    layers: int | None = _f(None, "keep only the first N transformer layers of the base (tests, quick runs); null = all")
+    token: str = _f("", "shared bearer token edges must present (empty = none)")
+    kr: KillReviveConfig = field(default_factory=KillReviveConfig, metadata={"help": "Kill-and-Revive"})
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """A whole run. Top-level keys are the most common knobs."""
 
@@ -217,3 +245,4 @@ class RunConfig:
     auth: AuthConfig = field(default_factory=AuthConfig, metadata={"help": "TLS and worker tokens"})
     codec: CodecConfig = field(default_factory=CodecConfig, metadata={"help": "update codecs"})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "`dpeft ray` cluster and actors"})
+    split: SplitConfig = field(default_factory=SplitConfig, metadata={"help": "`dpeft split` cloud/edge training"})
