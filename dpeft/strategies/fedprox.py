@@ -15,6 +15,7 @@ from dpeft.config.options import option
 from dpeft.state import AdapterState
 from dpeft.strategies.base import register_strategy
 from dpeft.strategies.fedavg import FedAvg, FedAvgOptions
+from dpeft.strategies.hyperparams import TaskHyperparams
 
 
 @dataclass(kw_only=True)
@@ -35,4 +36,4 @@ class FedProx(FedAvg):
         self.mu = self.opts.mu
 
     def configure_train(self, round_num: int, global_state: AdapterState) -> dict[str, Any]:
-        return {"prox_mu": self.mu}
+        return TaskHyperparams(prox_mu=self.mu).to_dict()

@@ -18,6 +18,7 @@ from typing import Any
 
 from dpeft.state import AdapterState
 from dpeft.strategies.base import register_strategy
+from dpeft.strategies.hyperparams import TaskHyperparams
 from dpeft.strategies.lora import factor_components, has_component
 from dpeft.strategies.partial import PartialFedAvg
 
@@ -29,7 +30,7 @@ class FedSALoRA(PartialFedAvg):
     def configure_train(self, round_num: int, global_state: AdapterState) -> dict[str, Any]:
         self.require_lora(global_state)
         _, b_parts = factor_components(global_state.tensors)
-        return {"personal": b_parts}
+        return TaskHyperparams(personal=tuple(b_parts)).to_dict()
 
     def shared_names(self, global_state: AdapterState) -> list[str]:
         _, b_parts = factor_components(global_state.tensors)

@@ -16,6 +16,7 @@ from typing import Any
 
 from dpeft.state import AdapterState
 from dpeft.strategies.base import register_strategy
+from dpeft.strategies.hyperparams import TaskHyperparams
 from dpeft.strategies.lora import factor_components, has_component
 from dpeft.strategies.partial import PartialFedAvg
 
@@ -27,7 +28,7 @@ class FFALoRA(PartialFedAvg):
     def configure_train(self, round_num: int, global_state: AdapterState) -> dict[str, Any]:
         self.require_lora(global_state)
         a_parts, _ = factor_components(global_state.tensors)
-        return {"freeze": a_parts}
+        return TaskHyperparams(freeze=tuple(a_parts)).to_dict()
 
     def shared_names(self, global_state: AdapterState) -> list[str]:
         a_parts, _ = factor_components(global_state.tensors)

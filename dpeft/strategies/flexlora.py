@@ -36,6 +36,7 @@ from dpeft.errors import ConfigError
 from dpeft.state import AdapterState
 from dpeft.strategies.base import Aggregator, option_key, register_strategy, unwrap
 from dpeft.strategies.fedavg import FedAvg, FedAvgOptions
+from dpeft.strategies.hyperparams import TaskHyperparams
 from dpeft.strategies.lora import factor_components, lora_pairs, require_lora_method
 from dpeft.strategies.lora_products import ProductMeanAggregator, global_products, refactor_global, step_products
 
@@ -123,7 +124,7 @@ class FlexLoRA(FedAvg):
     def configure_train(self, round_num: int, global_state: AdapterState) -> dict[str, Any]:
         self._pairs(global_state)
         a_parts, b_parts = factor_components(global_state.tensors)
-        return {"full_factors": a_parts + b_parts}
+        return TaskHyperparams(full_factors=tuple(a_parts + b_parts)).to_dict()
 
     def make_aggregator(self, global_state: AdapterState) -> Aggregator:
         self._pairs(global_state)
