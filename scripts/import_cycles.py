@@ -82,15 +82,20 @@ def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
     return comps
 
 
-def main() -> int:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "dpeft").resolve()
+def import_cycles(root: Path) -> tuple[int, list[list[str]]]:
+    """(number of modules, the import cycles among them, largest first) of the package at ``root``."""
     files = {module_name(root, p): p for p in root.rglob("*.py") if "_proto" not in p.parts}
     modules = set(files)
     graph = {m: imports_of(p, m, p.name == "__init__.py", modules) for m, p in files.items()}
     cycles = [c for c in strongly_connected(graph) if len(c) > 1]
-    for c in sorted(cycles, key=len, reverse=True):
+    return len(files), sorted(cycles, key=len, reverse=True)
+
+
+def main() -> int:
+    count, cycles = import_cycles(Path(sys.argv[1] if len(sys.argv) > 1 else "dpeft").resolve())
+    for c in cycles:
         print(f"cycle of {len(c)} modules: {' '.join(c)}")
-    print(f"{len(files)} modules, {len(cycles)} cycle(s)")
+    print(f"{count} modules, {len(cycles)} cycle(s)")
     return 1 if cycles else 0
 
 
