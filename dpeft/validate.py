@@ -85,7 +85,7 @@ def check_allreduce(cfg: RunConfig, strategy: Strategy, mode: str) -> None:
             raise ConfigError(
                 key, f"{mode} exchanges plain {PLAIN} tensors between ranks and cannot use codec {spec!r}; set {key}={PLAIN} or use the coordinator transports"
             )
-    if not getattr(strategy, "streaming_mean", False):
+    if not strategy.streaming_mean:
         raise ConfigError(
             "strategy.name",
             f"{mode} sums weighted deltas across ranks, which cannot compute strategy {strategy.name!r}; "

@@ -53,6 +53,8 @@ class Strategy:
 
     name = "base"
     options_cls: type[StrategyOptions] = StrategyOptions
+    #: whether updates fold into a StreamingWeightedMean (what all-reduce rounds can sum across ranks)
+    streaming_mean = False
 
     def __init__(self, cfg: StrategyConfig) -> None:
         self.cfg = cfg

@@ -30,8 +30,7 @@ class FedAvg(Strategy):
     """new_global = global + server_lr * sum_i (n_i / n) * delta_i."""
 
     opts: FedAvgOptions
-    #: whether this strategy folds updates with a StreamingWeightedMean (``accumulator`` applies)
-    streaming_mean = True
+    streaming_mean = True  # ``accumulator`` applies
 
     def __init__(self, cfg: StrategyConfig) -> None:
         super().__init__(cfg)
