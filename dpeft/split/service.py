@@ -36,10 +36,10 @@ import torch
 import yaml
 
 from dpeft.config import RunConfig, config_to_dict
-from dpeft.coordinator.checkpoint import clear_checkpoints, latest_checkpoint, save_checkpoint
-from dpeft.coordinator.engine import sample_clients
-from dpeft.coordinator.metrics import MetricsLog
 from dpeft.errors import ConfigError, DpeftError, ProtocolError
+from dpeft.rounds.checkpoint import clear_checkpoints, latest_checkpoint, save_checkpoint
+from dpeft.rounds.metrics import MetricsLog
+from dpeft.rounds.sampling import sample_clients
 from dpeft.split.cloud import CloudModel, CloudSession
 from dpeft.split.config import SplitConfig, load_split_config
 from dpeft.split.edge import EdgeModel, StepStats
@@ -85,7 +85,7 @@ class Federation:
     metrics line). Round r trains the edges ``sample_clients(seed, r, range(split.edges),
     clients_per_round)`` (the round engine's sampler); the others sit it out and receive the new
     global when it closes. With ``run_dir`` the federation writes ``metrics.jsonl`` (through
-    :class:`~dpeft.coordinator.metrics.MetricsLog`) and a checkpoint per round, and resumes from
+    :class:`~dpeft.rounds.metrics.MetricsLog`) and a checkpoint per round, and resumes from
     the newest readable checkpoint there unless ``resume`` is false.
     """
 

@@ -216,10 +216,10 @@ def _check_strategy(strategy: Any, state: AdapterState) -> None:
 
 def run_allreduce(cfg: RunConfig, resume: bool = True, quiet: bool = False) -> list[dict[str, Any]]:
     """All rounds on the current process group. Call on every rank; rank 0's metrics rows are returned."""
-    from dpeft.coordinator.checkpoint import clear_checkpoints, latest_checkpoint, save_checkpoint
-    from dpeft.coordinator.engine import sample_clients
-    from dpeft.coordinator.global_model import GlobalModel
-    from dpeft.coordinator.metrics import MetricsLog
+    from dpeft.rounds.checkpoint import clear_checkpoints, latest_checkpoint, save_checkpoint
+    from dpeft.rounds.global_model import GlobalModel
+    from dpeft.rounds.metrics import MetricsLog
+    from dpeft.rounds.sampling import sample_clients
     from dpeft.workers.runtime import WorkerRuntime
 
     if not dist.is_initialized():

@@ -307,7 +307,7 @@ def compare_exported_adapter(run_dir: Path, atol: float = 1e-5, check_trained: b
 
     from dpeft.adapters import build_model, load_state
     from dpeft.config import load_config
-    from dpeft.coordinator.checkpoint import latest_checkpoint
+    from dpeft.rounds.checkpoint import latest_checkpoint
 
     adapter_dir = run_dir / "adapter"
     assert (adapter_dir / "adapter_config.json").is_file() and (adapter_dir / "adapter_model.safetensors").is_file()

@@ -79,7 +79,7 @@ def test_refuses_strategies_that_need_every_client(tmp_path):
 @pytest.mark.integration
 def test_torchrun_allreduce_run_matches_grpc_simulate(simulate_reference, tmp_path):
     """`torchrun --nproc-per-node 2 -m dpeft.launch.torchrun_allreduce`: same global adapter as simulate."""
-    from dpeft.coordinator.checkpoint import latest_checkpoint
+    from dpeft.rounds.checkpoint import latest_checkpoint
 
     _sim_dir, (sim_round, sim_global, _, _) = simulate_reference
     run_dir = tmp_path / "ar"
@@ -102,7 +102,7 @@ def test_torchrun_allreduce_run_matches_grpc_simulate(simulate_reference, tmp_pa
 @pytest.mark.integration
 def test_simulate_sync_allreduce_matches_grpc_simulate(simulate_reference, tmp_path):
     """`dpeft simulate sync.name=allreduce` starts a local gloo group: same global adapter as gRPC simulate."""
-    from dpeft.coordinator.checkpoint import latest_checkpoint
+    from dpeft.rounds.checkpoint import latest_checkpoint
 
     _sim_dir, (sim_round, sim_global, _, _) = simulate_reference
     run_dir = tmp_path / "sim-ar"
