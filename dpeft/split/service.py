@@ -18,7 +18,8 @@ trains the seeded sample of ``clients_per_round`` edges the round engine would d
 included) are aggregated by the configured dpeft strategy (``strategy.name``: fedavg,
 fedadam, flexlora, ...) and every edge continues from ``strategy.client_state(new_global,
 client_id)``. All edges share the one frozen base of the cloud. With a run directory the
-cloud checkpoints every round and resumes (:mod:`dpeft.split.checkpoint`).
+cloud checkpoints every round and resumes (:mod:`dpeft.rounds.recorder`; the edges' own
+state: :mod:`dpeft.split.checkpoint`).
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ import torch
 import yaml
 
 from dpeft.config import RunConfig, config_to_dict
-from dpeft.errors import ConfigError, DpeftError, ProtocolError
-from dpeft.rounds.checkpoint import clear_checkpoints, latest_checkpoint, save_checkpoint
-from dpeft.rounds.metrics import MetricsLog
+from dpeft.errors import ConfigError, ProtocolError
+from dpeft.rounds.recorder import ROUND0_FIELDS, ResumePoint, RoundRecorder
 from dpeft.rounds.sampling import sample_clients
+from dpeft.rounds.tally import RoundTally, finish_step, strategy_metrics
 from dpeft.split.cloud import CloudModel, CloudSession
 from dpeft.split.config import SplitConfig, load_split_config
 from dpeft.split.edge import EdgeModel, StepStats
@@ -84,9 +85,10 @@ class Federation:
     Rounds are numbered from 1 like ``dpeft simulate``'s (round 0 is the untrained global's
     metrics line). Round r trains the edges ``sample_clients(seed, r, range(split.edges),
     clients_per_round)`` (the round engine's sampler); the others sit it out and receive the new
-    global when it closes. With ``run_dir`` the federation writes ``metrics.jsonl`` (through
-    :class:`~dpeft.rounds.metrics.MetricsLog`) and a checkpoint per round, and resumes from
-    the newest readable checkpoint there unless ``resume`` is false.
+    global when it closes. A driver over the round core (:mod:`dpeft.rounds`): with ``run_dir``
+    its :class:`~dpeft.rounds.recorder.RoundRecorder` writes ``metrics.jsonl`` and a checkpoint
+    per round (with the edges' client ids and the round's row, which waits for the evaluating
+    edge), and resumes from the newest readable checkpoint there unless ``resume`` is false.
     """
 
     def __init__(
@@ -101,52 +103,40 @@ class Federation:
         self.schema = initial.schema()
         self.round = 0  # rounds closed so far; the next one is round + 1
         self._agg = None
+        self._tally: RoundTally | None = None
         self._cond = threading.Condition()
         self._registered: dict[str, int] = {}  # edge id -> client id (kept in checkpoints)
         self._connected: set[int] = set()
-        self._pending: dict[int, dict[str, Any]] = {}  # closed rounds waiting for the evaluating edge
-        self._round_info: dict[str, Any] = {}
         self._round_t0 = time.time()
-        self.started = time.time()
         self.run_dir = run_dir
-        self.export = export
-        self.metrics = MetricsLog(run_dir, total_rounds=run.rounds) if run_dir is not None else None
-        self._rows: list[dict[str, Any]] = []
+        self.recorder = RoundRecorder(run_dir, run.rounds, run.seed, export=export, elapsed_digits=3)
+        self.metrics = self.recorder.metrics
         self.failed: str | None = None
-        self.resumed_from: int | None = None
-        if run_dir is not None:
-            if resume:
-                self._resume()
-            else:  # a fresh run: older checkpoints would outrank (and be kept over) the new ones
-                clear_checkpoints(run_dir / "checkpoints")
-        if self.resumed_from is None:
-            if self.metrics is not None:
-                self.metrics.truncate_after(-1)
-            row = {"round": 0, "clients": 0, "num_examples": 0, "train_loss": None, "bytes_up": 0, "bytes_down": 0, "rejected": 0, "wall_s": 0.0}
-            self._hold(0, row)
+        found = self.recorder.resume(self.schema) if run_dir is not None and resume else None
+        if found is not None:
+            self._resume(found)
+        else:  # a fresh run: older checkpoints would outrank (and be kept over) the new ones
+            self.recorder.start_over()
+            self._hold(0, {**ROUND0_FIELDS, "wall_s": 0.0})
 
     @property
     def rows(self) -> list[dict[str, Any]]:
-        return self.metrics.rows if self.metrics is not None else self._rows
+        return self.recorder.rows
+
+    @property
+    def resumed_from(self) -> int | None:
+        """The checkpointed round this federation resumed from (None: it started at round 0)."""
+        return self.recorder.resumed_from
 
     # -- resume -----------------------------------------------------------------
-    def _resume(self) -> None:
-        assert self.run_dir is not None and self.metrics is not None
-        found = latest_checkpoint(self.run_dir / "checkpoints")
-        if found is None:
-            return
-        round_num, glob, strat, info = found
-        if glob.schema() != self.schema:
-            raise DpeftError(f"checkpoint in {self.run_dir} is for a different adapter; use a new run_dir or --fresh")
-        self.global_state = glob
-        self.strategy.load_state_dict(strat)
-        self.round = self.resumed_from = round_num
-        self._registered = {str(k): int(v) for k, v in info.get("edges", {}).items() if 0 <= int(v) < self.edges}
-        self.metrics.truncate_after(round_num)
-        row = info.get("row")
-        if row and not any(r.get("round") == round_num for r in self.metrics.rows):
-            self._hold(round_num, row)  # its line was lost with the process: evaluate (again) and write it
-        log.info("resumed from round %d", round_num)
+    def _resume(self, found: ResumePoint) -> None:
+        self.global_state = found.global_state
+        self.strategy.load_state_dict(found.strategy_state)
+        self.round = found.round
+        self._registered = {str(k): int(v) for k, v in found.info.get("edges", {}).items() if 0 <= int(v) < self.edges}
+        row = found.info.get("row")
+        if row and not any(r.get("round") == found.round for r in self.rows):
+            self._hold(found.round, row)  # its line was lost with the process: evaluate (again) and write it
 
     # -- edges ------------------------------------------------------------------
     def reserve(self, edge_ids: list[str]) -> None:
@@ -191,11 +181,7 @@ class Federation:
         """(state to start from, next round, trains in it, evaluate the state first)."""
         with self._cond:
             state, nxt, trains = self._next_for(client_id)
-            return state, nxt, trains, self.round in self._pending
-
-    def client_global(self, client_id: int) -> AdapterState:
-        with self._cond:
-            return self.strategy.client_state(self.global_state, client_id)
+            return state, nxt, trains, self.recorder.is_held(self.round)
 
     # -- rounds -----------------------------------------------------------------
     def _wait(self, predicate, what: str) -> None:
@@ -214,20 +200,19 @@ class Federation:
             sampled = self.sampled(round_num)
             if client_id not in sampled:
                 raise ProtocolError(f"edge {client_id} sent an update for round {round_num}, which did not sample it")
-            if self._agg is None:
+            if self._agg is None or self._tally is None:
                 self._agg = self.strategy.begin_round(self.global_state)
-                self._round_info = {"t0": self._round_t0, "loss": [], "bytes_up": 0, "bytes_down": 0, "steps": 0, "edge_flops": 0.0, "examples": 0}
-            self._agg.add(ClientUpdate(client_id=client_id, delta=delta, num_examples=max(1, num_examples), metrics=metrics))
-            info = self._round_info
-            if metrics.get("train_loss") == metrics.get("train_loss"):  # not NaN
-                info["loss"].append((metrics["train_loss"], num_examples))
-            for key in ("bytes_up", "bytes_down", "steps", "edge_flops"):
-                info[key] += metrics.get(key, 0)
-            info["examples"] += num_examples
+                self._tally = RoundTally(sums=("bytes_up", "bytes_down", "steps", "edge_flops"))
+                self._tally.t0 = self._round_t0
+            if metrics.get("train_loss") != metrics.get("train_loss"):  # NaN: left out of the round's mean loss
+                metrics = {k: v for k, v in metrics.items() if k != "train_loss"}
+            update = ClientUpdate(client_id=client_id, delta=delta, num_examples=max(1, num_examples), metrics=metrics)
+            self._agg.add(update)
+            self._tally.add(update, num_examples)
             if self._agg.count == len(sampled):
                 # lines stay in order: the previous round's evaluation comes first
-                self._wait(lambda: self.round not in self._pending, f"the evaluation of round {self.round}")
-                self._close_round(round_num, sampled, info)
+                self._wait(lambda: not self.recorder.is_held(self.round), f"the evaluation of round {self.round}")
+                self._close_round(round_num, sampled)
                 self._cond.notify_all()
             else:
                 self._wait(lambda: self.round >= round_num, f"round {round_num}")
@@ -241,74 +226,43 @@ class Federation:
             self._wait(lambda: self.round >= round_num, f"round {round_num}")
             return self._next_for(client_id)
 
-    def _close_round(self, round_num: int, sampled: list[int], info: dict[str, Any]) -> None:
-        meta = {**self.global_state.meta, "round": round_num}
-        self.global_state = self.strategy.finish_round(self.global_state, self._agg)
-        self.global_state.meta = meta
-        count = self._agg.count
-        self._agg = None
-        losses = info["loss"]
-        weight = sum(n for _, n in losses)
-        row: dict[str, Any] = {
-            "round": round_num,
-            "clients": count,
-            "sampled": sampled,
-            "num_examples": info["examples"],
-            "train_loss": sum(x * n for x, n in losses) / max(weight, 1) if losses else None,
-            "bytes_up": int(info["bytes_up"]),
-            "bytes_down": int(info["bytes_down"]),
-            "rejected": 0,
-            "split_steps": int(info["steps"]),
-            "edge_flops": info["edge_flops"],
-            "wall_s": round(time.time() - info["t0"], 3),
-        }
-        row.update(self.strategy.last_metrics or {})
+    def _close_round(self, round_num: int, sampled: list[int]) -> None:
+        tally, aggregator = self._tally, self._agg
+        assert tally is not None and aggregator is not None
+        self.global_state = finish_step(self.strategy, self.global_state, aggregator, round_num)
+        self._agg = self._tally = None
+        sums = tally.sums
+        row = tally.row(round_num, aggregator.count, sampled, int(sums["bytes_up"]), int(sums["bytes_down"]), reasons=False)
+        row.update({"split_steps": int(sums["steps"]), "edge_flops": sums["edge_flops"], "wall_s": round(time.time() - tally.t0, 3)})
+        row.update(strategy_metrics(self.strategy, aggregator.count))
         self._round_t0 = time.time()
         self.round = round_num
-        if self.run_dir is not None:
-            save_checkpoint(
-                self.run_dir / "checkpoints", round_num, self.global_state, self.strategy.state_dict(),
-                {"seed": self.run.seed, "edges": dict(self._registered), "row": row},
-            )
-        if self.export is not None:
-            self.export(self.global_state)
+        self.recorder.save(round_num, self.global_state, self.strategy.state_dict(), {"edges": dict(self._registered), "row": row})
         self._hold(round_num, row)
 
     def _hold(self, round_num: int, row: dict[str, Any]) -> None:
         """Write the line now, or keep it for the evaluating edge's result."""
-        if self.split.eval_examples:
-            self._pending[round_num] = row
-        else:
-            self._write(row)
+        self.recorder.hold(round_num, row)
+        if not self.split.eval_examples:
+            self._wrote(self.recorder.release(round_num))
 
     def report_eval(self, round_num: int, loss: float | None, accuracy: float | None) -> None:
         """The evaluating edge's result for round ``round_num`` (None: it had no held-out data)."""
         with self._cond:
-            for earlier in sorted(r for r in self._pending if r < round_num):  # never evaluated: write as is
-                self._write(self._pending.pop(earlier))
-            row = self._pending.pop(round_num, None)
-            if row is not None:
-                if loss is not None:
-                    row["eval_loss"] = loss
-                    row["eval_accuracy"] = accuracy
-                self._write(row)
+            evaluation = {"eval_loss": loss, "eval_accuracy": accuracy} if loss is not None else None
+            self._wrote(self.recorder.release(round_num, evaluation))
             self._cond.notify_all()
 
     def flush(self) -> None:
         """Write any line still waiting for an evaluation (end of the run)."""
         with self._cond:
-            for r in sorted(self._pending):
-                self._write(self._pending.pop(r))
+            self._wrote(self.recorder.flush())
 
-    def _write(self, row: dict[str, Any]) -> None:
-        if row["round"] == 0:  # round 1's clock starts once the edges are up and the start is evaluated
-            self._round_t0 = time.time()
-        row["elapsed_s"] = round(time.time() - self.started, 3)
-        if self.metrics is not None:
-            self.metrics.append(row)
-        else:
-            self._rows.append(row)
-        log.info("round %s: %s", row["round"], row)
+    def _wrote(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            if row["round"] == 0:  # round 1's clock starts once the edges are up and the start is evaluated
+                self._round_t0 = time.time()
+            log.info("round %s: %s", row["round"], row)
 
 
 # ---------------------------------------------------------------- the cloud's handler
