@@ -91,7 +91,7 @@ def warn_simulate_only(cfg: RunConfig) -> list[str]:
     """
     if cfg.ray.mode != "allreduce":
         return []
-    from dpeft.transport.distributed_allreduce import warn_collective_ignores
+    from dpeft.rounds.allreduce import warn_collective_ignores
 
     return warn_collective_ignores(cfg, "dpeft ray", "ray.mode=allreduce")
 

@@ -68,12 +68,12 @@ def test_single_process_group_is_identity(tmp_path):
 
 def test_refuses_strategies_that_need_every_client(tmp_path):
     from dpeft.errors import ConfigError
-    from dpeft.transport.distributed_allreduce import _check_strategy
+    from dpeft.rounds.allreduce import check_strategy
 
     template, _ = make_updates(1)
-    _check_strategy(make_strategy(StrategyConfig(name="fedprox")), template)
+    check_strategy(make_strategy(StrategyConfig(name="fedprox")), template)
     with pytest.raises(ConfigError, match="strategy.name"):
-        _check_strategy(make_strategy(StrategyConfig(name="median")), template)
+        check_strategy(make_strategy(StrategyConfig(name="median")), template)
 
 
 @pytest.mark.integration
