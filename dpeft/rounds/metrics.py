@@ -121,7 +121,7 @@ class MetricsLog:
         ran = sum(1 for r in rows if r.get("round", 0) > first)
         resumed = f" by this process (resumed from round {first})" if self.resumed_from is not None else ""
         print(
-            f"\n{acc}{ran} rounds in {time.time() - t_start:.1f}s{resumed}; adapter: {self.run_dir / 'adapter'}; "
+            f"\n{acc}{ran} round{'' if ran == 1 else 's'} in {time.time() - t_start:.1f}s{resumed}; adapter: {self.run_dir / 'adapter'}; "
             f"metrics: {self.path}; plots: {', '.join(p.name for p in plots)}",
             file=self.stream,
         )
