@@ -17,7 +17,7 @@ def test_resume_says_so_and_continues_the_run_clock(tmp_path, capsys) -> None:
     first, tr = make_engine(tmp_path, ["rounds=2", *BASE], slow)
     first.run(tr)
     assert first.resumed_from is None
-    assert "resumed" not in capsys.readouterr().err
+    assert "resumed from" not in capsys.readouterr().err
     _, _, _, info = latest_checkpoint(first.run_dir / "checkpoints")
     assert info["seed"] == first.cfg.seed and info["elapsed_s"] >= 0.8  # the run clock is checkpointed
 
@@ -42,7 +42,7 @@ def test_a_fresh_run_summary_counts_every_round(tmp_path, capsys) -> None:
     rows = engine.run(tr)
     engine.metrics.print_summary(rows, t_start=0.0)
     summary = capsys.readouterr().err
-    assert "2 rounds in" in summary and "resumed" not in summary, summary
+    assert "2 rounds in" in summary and "resumed from" not in summary, summary
 
 
 def test_checkpoints_without_a_run_clock_still_resume(tmp_path, capsys) -> None:
