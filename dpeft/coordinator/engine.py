@@ -76,6 +76,7 @@ class RoundEngine:
         self.recorder = RoundRecorder(
             run_dir, cfg.rounds, cfg.seed, export=lambda state: global_model.export(state, run_dir / "adapter"), config_text=dump_config(cfg)
         )
+        assert self.recorder.metrics is not None  # a run directory always has its metrics log
         self.metrics = self.recorder.metrics
         found = self.recorder.resume(self.schema) if resume else None
         if found is not None:
