@@ -17,10 +17,10 @@ from torch import nn
 
 from dpeft.adapters import adapter_parameters, build_model, extract_state
 from dpeft.config import RunConfig, dump_config
-from dpeft.coordinator.checkpoint import latest_checkpoint
 from dpeft.coordinator.engine import RoundEngine
-from dpeft.coordinator.global_model import GlobalModel
 from dpeft.data import load_dataset, partition, tokenize
+from dpeft.rounds.checkpoint import latest_checkpoint
+from dpeft.rounds.global_model import GlobalModel
 from dpeft.state import AdapterState, max_abs_diff
 from dpeft.train.loop import batch_schedule, make_optimizer, task_seed
 from dpeft.transport.grpc_server import GrpcCoordinatorTransport

@@ -50,7 +50,7 @@ def rank_env(rank: int, world: int, port: int, threads: int) -> dict[str, str]:
 
 def run_local_allreduce(cfg: RunConfig, resume: bool = True, backend: str | None = None) -> int:
     """Run every round on ``cfg.simulate.processes`` local ranks; returns the exit code."""
-    from dpeft.transport.distributed_allreduce import warn_collective_ignores
+    from dpeft.rounds.allreduce import warn_collective_ignores
 
     warn_collective_ignores(cfg, "dpeft simulate", "sync=allreduce")
     world = max(1, cfg.simulate.processes)

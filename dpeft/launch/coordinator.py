@@ -17,8 +17,8 @@ from typing import Any
 
 from dpeft.config import AuthConfig, RunConfig, dump_config
 from dpeft.coordinator.engine import RoundEngine
-from dpeft.coordinator.global_model import GlobalModel
 from dpeft.errors import DpeftError
+from dpeft.rounds.global_model import GlobalModel
 from dpeft.sync.base import check_coordinated
 from dpeft.workers.runtime import set_mmap_threshold, set_threads
 

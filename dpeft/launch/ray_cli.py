@@ -92,7 +92,7 @@ def warn_simulate_only(cfg: RunConfig) -> list[str]:
     """
     if cfg.ray.mode != "allreduce":
         return []
-    from dpeft.transport.distributed_allreduce import warn_collective_ignores
+    from dpeft.rounds.allreduce import warn_collective_ignores
 
     return warn_collective_ignores(cfg, "dpeft ray", "ray.mode=allreduce")
 
@@ -139,7 +139,7 @@ def run_ray(cfg: RunConfig, resume: bool = True, quiet: bool = False) -> list[di
 
 def _run_actors(cfg: RunConfig, resume: bool, quiet: bool) -> list[dict[str, Any]]:
     from dpeft.coordinator.engine import RoundEngine
-    from dpeft.coordinator.global_model import GlobalModel
+    from dpeft.rounds.global_model import GlobalModel
     from dpeft.transport.ray_transport import RayCoordinatorTransport
     from dpeft.workers.runtime import set_threads
 
@@ -184,7 +184,7 @@ def _run_allreduce(cfg: RunConfig, resume: bool, quiet: bool) -> list[dict[str, 
     """Actors form a torch.distributed group (rank 0's address) and run the all-reduce rounds."""
     import dataclasses
 
-    from dpeft.coordinator.metrics import MetricsLog
+    from dpeft.rounds.metrics import MetricsLog
 
     t_start = time.time()
     # rank 0 writes the run directory: make the path absolute so it does not depend on the actor's cwd

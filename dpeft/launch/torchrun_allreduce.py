@@ -44,16 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         import torch.distributed as dist
 
-        from dpeft.transport.distributed_allreduce import init_group, run_allreduce
+        from dpeft.rounds.allreduce import run_allreduce
+        from dpeft.transport.distributed_allreduce import init_group
         from dpeft.validate import load_config
-        from dpeft.workers.runtime import set_threads
+        from dpeft.workers.runtime import WorkerRuntime, set_threads
 
         cfg = load_config(args.config, args.overrides, allreduce="torchrun_allreduce")  # a ray: section is accepted and ignored
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         set_threads(args.threads or max(1, (os.cpu_count() or 1) // max(1, local)))
         init_group(args.backend)
         try:
-            run_allreduce(cfg, resume=not args.fresh, quiet=dist.get_rank() != 0)
+            run_allreduce(cfg, WorkerRuntime(cfg), resume=not args.fresh, quiet=dist.get_rank() != 0)
         finally:
             dist.destroy_process_group()
         return 0

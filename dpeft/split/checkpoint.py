@@ -1,6 +1,6 @@
 """Split-mode checkpoints: the cloud's federation state and each edge's private training state.
 
-Both use :mod:`dpeft.coordinator.checkpoint` (one safetensors file per round, written to a temp
+Both use :mod:`dpeft.rounds.checkpoint` (one safetensors file per round, written to a temp
 file, fsynced and renamed; a sha256 over the tensors; an unreadable newest file falls back to
 the previous one; the newest 3 are kept).
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dpeft.coordinator.checkpoint import clear_checkpoints, latest_checkpoint, save_checkpoint
+from dpeft.rounds.checkpoint import clear_checkpoints, latest_checkpoint, save_checkpoint
 
 log = logging.getLogger("dpeft.split")
 

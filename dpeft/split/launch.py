@@ -53,9 +53,7 @@ def start_cloud(run: RunConfig, split: SplitConfig, listen: str, run_dir: Path |
             def export(state):  # the cloud's model keeps its peft structure: export works unchanged
                 export_peft_dir(cloud.model, state, run_dir / "adapter")
 
-        federation = Federation(run, split, extract_state(cloud.model), run_dir, export, resume=resume)
-        if federation.resumed_from is not None:
-            print(f"dpeft split: resumed from round {federation.resumed_from} in {run_dir}", file=sys.stderr, flush=True)
+        federation = Federation(run, split, extract_state(cloud.model), run_dir, export, resume=resume)  # says when it resumed
     service = CloudService(cloud, run, split, federation)
     server = SplitServer(service.handle, listen, chunk_bytes=split.chunk_bytes, max_sessions=max(8, split.edges + 2)).start()
     log.info("split cloud listening on %s (%d LoRA sites in %d groups)", server.address, len(cloud.sites), len(cloud.groups))

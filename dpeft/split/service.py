@@ -12,13 +12,9 @@ Session, as messages (edge -> cloud on the left):
     round_update(evaluated) ->        (the evaluating edge reports the global's accuracy)
     goodbye ->
 
-Federation: every edge is one client; each round (numbered from 1, as in ``dpeft simulate``)
-trains the seeded sample of ``clients_per_round`` edges the round engine would draw; after
-``train.local_steps`` steps their adapter deltas (LoRA factors and head, killed modules
-included) are aggregated by the configured dpeft strategy (``strategy.name``: fedavg,
-fedadam, flexlora, ...) and every edge continues from ``strategy.client_state(new_global,
-client_id)``. All edges share the one frozen base of the cloud. With a run directory the
-cloud checkpoints every round and resumes (:mod:`dpeft.split.checkpoint`).
+Federated rounds (every edge one client, a seeded sample per round, a dpeft strategy,
+checkpoints and resume) are :class:`~dpeft.split.federation.Federation`'s; all edges share the
+one frozen base of the cloud.
 """
 
 from __future__ import annotations
@@ -27,8 +23,6 @@ import dataclasses
 import logging
 import secrets
 import threading
-import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +30,13 @@ import torch
 import yaml
 
 from dpeft.config import RunConfig, config_to_dict
-from dpeft.coordinator.checkpoint import clear_checkpoints, latest_checkpoint, save_checkpoint
-from dpeft.coordinator.engine import sample_clients
-from dpeft.coordinator.metrics import MetricsLog
-from dpeft.errors import ConfigError, DpeftError, ProtocolError
+from dpeft.errors import ConfigError, ProtocolError
 from dpeft.split.cloud import CloudModel, CloudSession
 from dpeft.split.config import SplitConfig, load_split_config
 from dpeft.split.edge import EdgeModel, StepStats
+from dpeft.split.federation import Federation
 from dpeft.split.wire import Channel
 from dpeft.state import AdapterState, subtract
-from dpeft.strategies import ClientUpdate, make_strategy
 
 log = logging.getLogger("dpeft.split")
 VERSION = "dpeft-split/2"  # 2: rounds numbered from 1, sampled rounds, resume
@@ -73,242 +64,6 @@ def configs_from_yaml(text: str) -> tuple[RunConfig, SplitConfig]:
         return load_split_config(path)
     finally:
         os.unlink(path)
-
-
-# ---------------------------------------------------------------- federation (cloud side)
-
-
-class Federation:
-    """Rounds over a fixed set of edges: a seeded sample per round, a streaming aggregate, a dpeft strategy.
-
-    Rounds are numbered from 1 like ``dpeft simulate``'s (round 0 is the untrained global's
-    metrics line). Round r trains the edges ``sample_clients(seed, r, range(split.edges),
-    clients_per_round)`` (the round engine's sampler); the others sit it out and receive the new
-    global when it closes. With ``run_dir`` the federation writes ``metrics.jsonl`` (through
-    :class:`~dpeft.coordinator.metrics.MetricsLog`) and a checkpoint per round, and resumes from
-    the newest readable checkpoint there unless ``resume`` is false.
-    """
-
-    def __init__(
-        self, run: RunConfig, split: SplitConfig, initial: AdapterState, run_dir: Path | None = None, export=None, resume: bool = True
-    ) -> None:
-        self.run = run
-        self.split = split
-        self.edges = split.edges
-        self.rounds = run.rounds
-        self.strategy = make_strategy(run.strategy)
-        self.global_state = initial
-        self.schema = initial.schema()
-        self.round = 0  # rounds closed so far; the next one is round + 1
-        self._agg = None
-        self._cond = threading.Condition()
-        self._registered: dict[str, int] = {}  # edge id -> client id (kept in checkpoints)
-        self._connected: set[int] = set()
-        self._pending: dict[int, dict[str, Any]] = {}  # closed rounds waiting for the evaluating edge
-        self._round_info: dict[str, Any] = {}
-        self._round_t0 = time.time()
-        self.started = time.time()
-        self.run_dir = run_dir
-        self.export = export
-        self.metrics = MetricsLog(run_dir, total_rounds=run.rounds) if run_dir is not None else None
-        self._rows: list[dict[str, Any]] = []
-        self.failed: str | None = None
-        self.resumed_from: int | None = None
-        if run_dir is not None:
-            if resume:
-                self._resume()
-            else:  # a fresh run: older checkpoints would outrank (and be kept over) the new ones
-                clear_checkpoints(run_dir / "checkpoints")
-        if self.resumed_from is None:
-            if self.metrics is not None:
-                self.metrics.truncate_after(-1)
-            row = {"round": 0, "clients": 0, "num_examples": 0, "train_loss": None, "bytes_up": 0, "bytes_down": 0, "rejected": 0, "wall_s": 0.0}
-            self._hold(0, row)
-
-    @property
-    def rows(self) -> list[dict[str, Any]]:
-        return self.metrics.rows if self.metrics is not None else self._rows
-
-    # -- resume -----------------------------------------------------------------
-    def _resume(self) -> None:
-        assert self.run_dir is not None and self.metrics is not None
-        found = latest_checkpoint(self.run_dir / "checkpoints")
-        if found is None:
-            return
-        round_num, glob, strat, info = found
-        if glob.schema() != self.schema:
-            raise DpeftError(f"checkpoint in {self.run_dir} is for a different adapter; use a new run_dir or --fresh")
-        self.global_state = glob
-        self.strategy.load_state_dict(strat)
-        self.round = self.resumed_from = round_num
-        self._registered = {str(k): int(v) for k, v in info.get("edges", {}).items() if 0 <= int(v) < self.edges}
-        self.metrics.truncate_after(round_num)
-        row = info.get("row")
-        if row and not any(r.get("round") == round_num for r in self.metrics.rows):
-            self._hold(round_num, row)  # its line was lost with the process: evaluate (again) and write it
-        log.info("resumed from round %d", round_num)
-
-    # -- edges ------------------------------------------------------------------
-    def reserve(self, edge_ids: list[str]) -> None:
-        """Give these edge ids the lowest free client ids, in order (simulate: edge-i is client i)."""
-        with self._cond:
-            for edge_id in edge_ids:
-                if edge_id not in self._registered:
-                    free = sorted(set(range(self.edges)) - set(self._registered.values()))
-                    if free:
-                        self._registered[edge_id] = free[0]
-
-    def register(self, edge_id: str) -> int:
-        """This edge's client id: its own from before (a reconnect or a resumed run), else a free one."""
-        with self._cond:
-            cid = self._registered.get(edge_id)
-            if cid is None:
-                free = sorted(set(range(self.edges)) - set(self._registered.values()))
-                if not free:  # a slot whose edge id is not connected now (e.g. an edge restarted with a new id)
-                    free = sorted(set(range(self.edges)) - self._connected)
-                if not free:
-                    raise ProtocolError(f"all {self.edges} edge slots are taken (split.edges)")
-                cid = free[0]
-                self._registered = {k: v for k, v in self._registered.items() if v != cid}
-                self._registered[edge_id] = cid
-            self._connected.add(cid)
-            return cid
-
-    def unregister(self, client_id: int) -> None:
-        with self._cond:
-            self._connected.discard(client_id)
-
-    def sampled(self, round_num: int) -> list[int]:
-        """The edges (client ids) that train in round ``round_num``: the round engine's seeded sample."""
-        return sample_clients(self.run.seed, round_num, list(range(self.edges)), self.run.clients_per_round)
-
-    def _next_for(self, client_id: int) -> tuple[AdapterState, int, bool]:
-        nxt = self.round + 1
-        trains = nxt <= self.rounds and client_id in self.sampled(nxt)
-        return self.strategy.client_state(self.global_state, client_id), nxt, trains
-
-    def welcome(self, client_id: int) -> tuple[AdapterState, int, bool, bool]:
-        """(state to start from, next round, trains in it, evaluate the state first)."""
-        with self._cond:
-            state, nxt, trains = self._next_for(client_id)
-            return state, nxt, trains, self.round in self._pending
-
-    def client_global(self, client_id: int) -> AdapterState:
-        with self._cond:
-            return self.strategy.client_state(self.global_state, client_id)
-
-    # -- rounds -----------------------------------------------------------------
-    def _wait(self, predicate, what: str) -> None:
-        timeout = self.run.sync.round_timeout_s
-        if not self._cond.wait_for(lambda: predicate() or self.failed is not None, timeout=timeout):
-            self.failed = f"{what} not complete after {timeout:.0f} s (sync.round_timeout_s)"
-            self._cond.notify_all()
-        if self.failed:
-            raise ProtocolError(self.failed)
-
-    def submit(self, client_id: int, round_num: int, delta: AdapterState, num_examples: int, metrics: dict[str, float]) -> tuple[AdapterState, int, bool]:
-        """Fold one edge's delta; block until the round closes; return (its next state, next round, trains in it)."""
-        with self._cond:
-            if round_num != self.round + 1:
-                raise ProtocolError(f"update for round {round_num}, but the federation is at round {self.round + 1}")
-            sampled = self.sampled(round_num)
-            if client_id not in sampled:
-                raise ProtocolError(f"edge {client_id} sent an update for round {round_num}, which did not sample it")
-            if self._agg is None:
-                self._agg = self.strategy.begin_round(self.global_state)
-                self._round_info = {"t0": self._round_t0, "loss": [], "bytes_up": 0, "bytes_down": 0, "steps": 0, "edge_flops": 0.0, "examples": 0}
-            self._agg.add(ClientUpdate(client_id=client_id, delta=delta, num_examples=max(1, num_examples), metrics=metrics))
-            info = self._round_info
-            if metrics.get("train_loss") == metrics.get("train_loss"):  # not NaN
-                info["loss"].append((metrics["train_loss"], num_examples))
-            for key in ("bytes_up", "bytes_down", "steps", "edge_flops"):
-                info[key] += metrics.get(key, 0)
-            info["examples"] += num_examples
-            if self._agg.count == len(sampled):
-                # lines stay in order: the previous round's evaluation comes first
-                self._wait(lambda: self.round not in self._pending, f"the evaluation of round {self.round}")
-                self._close_round(round_num, sampled, info)
-                self._cond.notify_all()
-            else:
-                self._wait(lambda: self.round >= round_num, f"round {round_num}")
-            return self._next_for(client_id)
-
-    def skip(self, client_id: int, round_num: int) -> tuple[AdapterState, int, bool]:
-        """An edge not sampled for ``round_num``: block until that round closes; then as :meth:`submit`."""
-        with self._cond:
-            if round_num > self.round + 1 or (round_num == self.round + 1 and client_id in self.sampled(round_num)):
-                raise ProtocolError(f"edge {client_id} cannot sit out round {round_num}")
-            self._wait(lambda: self.round >= round_num, f"round {round_num}")
-            return self._next_for(client_id)
-
-    def _close_round(self, round_num: int, sampled: list[int], info: dict[str, Any]) -> None:
-        meta = {**self.global_state.meta, "round": round_num}
-        self.global_state = self.strategy.finish_round(self.global_state, self._agg)
-        self.global_state.meta = meta
-        count = self._agg.count
-        self._agg = None
-        losses = info["loss"]
-        weight = sum(n for _, n in losses)
-        row: dict[str, Any] = {
-            "round": round_num,
-            "clients": count,
-            "sampled": sampled,
-            "num_examples": info["examples"],
-            "train_loss": sum(x * n for x, n in losses) / max(weight, 1) if losses else None,
-            "bytes_up": int(info["bytes_up"]),
-            "bytes_down": int(info["bytes_down"]),
-            "rejected": 0,
-            "split_steps": int(info["steps"]),
-            "edge_flops": info["edge_flops"],
-            "wall_s": round(time.time() - info["t0"], 3),
-        }
-        row.update(self.strategy.last_metrics or {})
-        self._round_t0 = time.time()
-        self.round = round_num
-        if self.run_dir is not None:
-            save_checkpoint(
-                self.run_dir / "checkpoints", round_num, self.global_state, self.strategy.state_dict(),
-                {"seed": self.run.seed, "edges": dict(self._registered), "row": row},
-            )
-        if self.export is not None:
-            self.export(self.global_state)
-        self._hold(round_num, row)
-
-    def _hold(self, round_num: int, row: dict[str, Any]) -> None:
-        """Write the line now, or keep it for the evaluating edge's result."""
-        if self.split.eval_examples:
-            self._pending[round_num] = row
-        else:
-            self._write(row)
-
-    def report_eval(self, round_num: int, loss: float | None, accuracy: float | None) -> None:
-        """The evaluating edge's result for round ``round_num`` (None: it had no held-out data)."""
-        with self._cond:
-            for earlier in sorted(r for r in self._pending if r < round_num):  # never evaluated: write as is
-                self._write(self._pending.pop(earlier))
-            row = self._pending.pop(round_num, None)
-            if row is not None:
-                if loss is not None:
-                    row["eval_loss"] = loss
-                    row["eval_accuracy"] = accuracy
-                self._write(row)
-            self._cond.notify_all()
-
-    def flush(self) -> None:
-        """Write any line still waiting for an evaluation (end of the run)."""
-        with self._cond:
-            for r in sorted(self._pending):
-                self._write(self._pending.pop(r))
-
-    def _write(self, row: dict[str, Any]) -> None:
-        if row["round"] == 0:  # round 1's clock starts once the edges are up and the start is evaluated
-            self._round_t0 = time.time()
-        row["elapsed_s"] = round(time.time() - self.started, 3)
-        if self.metrics is not None:
-            self.metrics.append(row)
-        else:
-            self._rows.append(row)
-        log.info("round %s: %s", row["round"], row)
 
 
 # ---------------------------------------------------------------- the cloud's handler
@@ -614,7 +369,6 @@ __all__ = [
     "EdgeData",
     "EdgeReport",
     "Federation",
-    "OrderedDict",
     "cloud_model_from_config",
     "config_yaml",
     "configs_from_yaml",

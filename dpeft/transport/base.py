@@ -7,17 +7,13 @@ The coordinator core talks to a :class:`CoordinatorTransport`; a worker runtime 
 from __future__ import annotations
 
 import abc
-import math
 import mmap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-import torch
-
-from dpeft.codec.spool import SpooledBlob, release
+from dpeft.codec.spool import SpooledBlob
 from dpeft.codec.tensors import StateDecoder
-from dpeft.errors import RejectedUpdate
 from dpeft.state import AdapterState
 
 #: a published payload: in memory, or spooled to a temp file for large adapters
@@ -53,7 +49,7 @@ class TaskResult:
     num_examples: int
     metrics: dict[str, float]
     bytes_up: int
-    #: global L2 norm, set when the transport already ran :func:`check_update` (the engine skips its pass)
+    #: global L2 norm, set when the transport already ran :func:`~dpeft.rounds.validation.check_update` (the round core skips its pass)
     norm: float | None = None
 
 
@@ -76,38 +72,6 @@ class WorkerRegistration:
     config: dict[str, Any]
     client_ids: list[int]
     heartbeat_s: float
-
-
-#: elements per slice when an update's norm is computed (bounds the temporaries to a few MiB)
-_NORM_SLICE = 1 << 20
-
-
-def check_update(delta: AdapterState) -> float:
-    """Content checks of a decoded update: every floating value finite. Returns its global L2 norm.
-
-    One pass, tensor by tensor in slices (float64 accumulation, no full-size temporaries); a
-    spooled update gives its pages back every few slices, so a pass costs a few MiB of RAM. Raises
-    ``RejectedUpdate("non_finite")`` naming the first tensor with a NaN or Inf.
-    """
-    total = 0.0
-    for name, t in delta.items():
-        if t.is_floating_point() and t.numel():
-            sq = 0.0
-            for j, piece in enumerate(t.reshape(-1).split(_NORM_SLICE)):
-                sq += float(torch.linalg.vector_norm(piece, dtype=torch.float64)) ** 2
-                if j % 8 == 7:  # a spooled tensor keeps at most ~8 slices of pages resident
-                    release(delta, name)
-            if not math.isfinite(sq) and not bool(t.isfinite().all()):
-                raise RejectedUpdate("non_finite", f"tensor {name} has NaN or Inf")
-            total += sq
-        release(delta, name)
-    return math.sqrt(total)
-
-
-def check_norm(norm: float, max_norm: float | None) -> None:
-    """``RejectedUpdate("norm")`` when ``norm`` exceeds ``max_norm`` (``transport.max_update_norm``; None = no bound)."""
-    if max_norm is not None and not norm <= max_norm:
-        raise RejectedUpdate("norm", f"update L2 norm {norm:.6g} exceeds the bound {max_norm:g} (transport.max_update_norm)")
 
 
 Event = Union[TaskResult, Rejection]

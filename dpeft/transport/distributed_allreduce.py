@@ -1,18 +1,12 @@
-"""Aggregation by ``torch.distributed`` all-reduce: FedAvg without routing tensors through a coordinator.
+"""``torch.distributed`` collectives for aggregation without a coordinator in the path.
 
 Every rank of one process group (gloo on CPU, nccl on GPU, set up the standard way:
-``MASTER_ADDR``/``MASTER_PORT``, ``RANK``/``WORLD_SIZE``, ``init_process_group``) trains its
-share of the round's sampled clients with the ordinary :class:`~dpeft.workers.runtime.WorkerRuntime`,
-folds its updates into the strategy's own streaming aggregator, and the group all-reduces the
-weighted sums: ``sum_i w_i * delta_i`` and ``sum_i w_i`` (float64, so the result matches the
-coordinator's :class:`~dpeft.strategies.aggregate.StreamingWeightedMean` to rounding). Every rank
-then takes the same server step (``strategy.finish_round``), so all ranks hold the same global
-adapter; rank 0 alone evaluates and writes checkpoints, ``metrics.jsonl`` and the PEFT export.
-
-Works for every strategy whose aggregator is a weighted mean of deltas (fedavg, fedprox,
-fedavgm, fedadam/fedyogi/fedadagrad, ..., with or without ``clip_norm``, which is applied per
-update before the reduce). Strategies that need every client's factors (flora, flexlora,
-robust medians) cannot be all-reduced and are refused with a config error.
+``MASTER_ADDR``/``MASTER_PORT``, ``RANK``/``WORLD_SIZE``, ``init_process_group``) folds its
+updates into the strategy's own streaming aggregator; :func:`allreduce_aggregator` then sums
+``sum_i w_i * delta_i`` and ``sum_i w_i`` over the group (float64, so the result matches the
+coordinator's :class:`~dpeft.strategies.aggregate.StreamingWeightedMean` to rounding), and
+:func:`broadcast_state` gives every rank rank 0's state. The round loop over these lives in
+:mod:`dpeft.rounds.allreduce`.
 
 Bytes on paper (S = adapter bytes, N ranks): a star (coordinator) moves S down and S up per
 worker and N*S through the coordinator's link each way; a ring all-reduce moves
@@ -23,25 +17,19 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from dpeft.codec import decode_state, encode_state
-from dpeft.config import RunConfig, dump_config
-from dpeft.errors import ConfigError, DpeftError
+from dpeft.errors import DpeftError
 from dpeft.state import AdapterState
-from dpeft.strategies import ClientUpdate, make_strategy
+from dpeft.strategies import ClientUpdate
 from dpeft.strategies.aggregate import StreamingWeightedMean
 from dpeft.strategies.base import unwrap
-from dpeft.transport.base import TrainTask
 
 log = logging.getLogger("dpeft.allreduce")
 
@@ -180,160 +168,3 @@ def broadcast_state(state: AdapterState | None, src: int = 0) -> AdapterState:
     """Rank ``src``'s state on every rank (encoded with the dpeft codec, never pickled)."""
     data = encode_state(state) if dist.get_rank() == src else None
     return decode_state(_broadcast_bytes(data, src))
-
-
-# ---------------------------------------------------------------- rounds
-
-
-def warn_collective_ignores(cfg: RunConfig, prog: str, mode: str) -> list[str]:
-    """Warn that all-reduce rounds cannot simulate stragglers and dropouts; returns the ignored keys."""
-    ignored = [key for key, on in (("simulate.speed_factors", bool(cfg.simulate.speed_factors)), ("simulate.dropout", cfg.simulate.dropout > 0)) if on]
-    if ignored:
-        print(
-            f"{prog}: warning: {' and '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored with {mode} "
-            "(synchronous all-reduce rounds; simulate.byzantine_clients still apply)",
-            file=sys.stderr,
-            flush=True,
-        )
-    return ignored
-
-
-
-def _check_strategy(strategy: Any, state: AdapterState) -> None:
-    inner = unwrap(strategy.make_aggregator(state))
-    if not isinstance(inner, StreamingWeightedMean):
-        raise ConfigError(
-            "strategy.name",
-            f"{strategy.name!r} aggregates with {type(inner).__name__}, which all-reduce cannot compute; "
-            "use a weighted-mean strategy (fedavg, fedprox, fedavgm, fedadam, ...) or the coordinator transports",
-        )
-    if inner.dtype != torch.float64:
-        raise ConfigError(
-            "strategy.options.accumulator",
-            "all-reduce sums float64 buffers across ranks; use accumulator: float64 (the default) or the coordinator transports",
-        )
-
-
-def run_allreduce(cfg: RunConfig, resume: bool = True, quiet: bool = False) -> list[dict[str, Any]]:
-    """All rounds on the current process group. Call on every rank; rank 0's metrics rows are returned."""
-    from dpeft.coordinator.checkpoint import clear_checkpoints, latest_checkpoint, save_checkpoint
-    from dpeft.coordinator.engine import sample_clients
-    from dpeft.coordinator.global_model import GlobalModel
-    from dpeft.coordinator.metrics import MetricsLog
-    from dpeft.workers.runtime import WorkerRuntime
-
-    if not dist.is_initialized():
-        init_group()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if cfg.sync.name not in ("sync", "allreduce"):
-        log.warning("all-reduce rounds are synchronous; sync.name=%s is ignored", cfg.sync.name)
-    strategy = make_strategy(cfg.strategy)
-    run_dir = Path(cfg.run_dir)
-    runtime = WorkerRuntime(cfg)
-    gm = metrics = None
-    start_round = 0
-    glob: AdapterState | None = None
-    strat_state = AdapterState()
-    if rank == 0:
-        gm = GlobalModel(cfg)
-        glob = gm.initial_state()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-        metrics = MetricsLog(run_dir, total_rounds=cfg.rounds)
-        found = latest_checkpoint(run_dir / "checkpoints") if resume else None
-        if found is not None:
-            start_round, ck_glob, ck_strat, _info = found
-            if ck_glob.schema() != glob.schema():
-                raise DpeftError(f"checkpoint in {run_dir} is for a different adapter; use a new run_dir")
-            glob = ck_glob
-            strat_state = AdapterState(OrderedDict(ck_strat))
-            metrics.truncate_after(start_round)
-        else:
-            metrics.truncate_after(-1)
-            clear_checkpoints(run_dir / "checkpoints")  # an earlier run's rounds would outrank this one's
-        glob.meta = {**glob.meta, "round": start_round}
-    # every rank starts from rank 0's global adapter, round and server-optimizer state
-    glob = broadcast_state(glob)
-    strat_state = broadcast_state(strat_state if rank == 0 else None)
-    if len(strat_state):
-        strategy.load_state_dict(dict(strat_state.tensors))
-    start_round = int(glob.meta.get("round", 0))
-    _check_strategy(strategy, glob)
-    schema = glob.schema()
-    payload_bytes = sum(t.numel() for t in glob.tensors.values()) * 8 + 8 * 3
-    per_rank = ring_bytes_per_rank(payload_bytes, world)
-
-    if rank == 0 and start_round == 0 and not metrics.rows:
-        t0 = time.time()
-        row: dict[str, Any] = {"round": 0, "clients": 0, "num_examples": 0, "train_loss": None, "bytes_up": 0, "bytes_down": 0, "rejected": 0}
-        row.update(gm.evaluate(glob))
-        row["wall_s"] = time.time() - t0
-        metrics.append(row)
-
-    for round_num in range(start_round + 1, cfg.rounds + 1):
-        t0 = time.time()
-        sampled = sample_clients(cfg.seed, round_num, list(range(cfg.clients)), cfg.clients_per_round)
-        mine = sampled[rank::world]
-        state = AdapterState(glob.tensors, {**glob.meta, "round": round_num})
-        payload = encode_state(state)
-        hp = strategy.configure_train(round_num, glob)
-        aggregator = strategy.begin_round(glob)
-        loss_sum = loss_n = examples = rejected = 0.0
-        t_train = time.time()
-        tasks = [
-            TrainTask(task_id=f"r{round_num}-c{c}", round=round_num, client_id=c, blob_id=f"r{round_num}", blob_size=len(payload), blob_sha256=b"", hyperparams=hp)
-            for c in mine
-        ]
-        # this rank's clients of the round, trained together with train.lockstep (one after another otherwise)
-        for c, (update, n, m) in zip(mine, runtime.train_tasks([(t, payload) for t in tasks]), strict=True):
-            delta = decode_state(update, schema=schema)
-            if n <= 0 or any(t.is_floating_point() and not bool(t.isfinite().all()) for t in delta.tensors.values()):
-                rejected += 1
-                continue
-            aggregator.add(ClientUpdate(c, delta, int(n), m))
-            examples += n
-            if "train_loss" in m:
-                loss_sum += m["train_loss"] * n
-                loss_n += n
-        train_s = time.time() - t_train
-        t_reduce = time.time()
-        loss_sum, loss_n, examples, rejected = allreduce_aggregator(aggregator, [loss_sum, loss_n, examples, rejected])
-        reduce_s = time.time() - t_reduce
-        count = aggregator.count
-        if count == 0:
-            raise DpeftError(f"round {round_num}: no valid update on any rank")
-        glob = strategy.finish_round(glob, aggregator)
-        glob.meta = {**state.meta}
-        if rank == 0:
-            row = {
-                "round": round_num,
-                "clients": count,
-                "sampled": sampled,
-                "num_examples": int(examples),
-                "train_loss": loss_sum / loss_n if loss_n else None,
-                "bytes_up": per_rank * world,
-                "bytes_down": per_rank * world,
-                "rejected": int(rejected),
-                "rejected_reasons": {"non_finite": int(rejected)} if rejected else {},
-                "transport": "allreduce",
-                "world_size": world,
-                "allreduce_s": reduce_s,
-                "rank0_train_s": train_s,
-            }
-            if round_num % cfg.train.eval_every == 0 or round_num == cfg.rounds:
-                t_eval = time.time()
-                row.update(gm.evaluate(glob))
-                row["eval_s"] = time.time() - t_eval
-            extra = getattr(strategy, "last_metrics", None)
-            if extra:
-                row.update(extra)
-            save_checkpoint(run_dir / "checkpoints", round_num, glob, strategy.state_dict(), {"seed": cfg.seed})
-            gm.export(glob, run_dir / "adapter")
-            row["wall_s"] = time.time() - t0
-            metrics.append(row)
-    if rank == 0:
-        gm.export(glob, run_dir / "adapter")
-        if not quiet:
-            print("\n" + metrics.summary(), file=sys.stderr)
-        return metrics.rows
-    return []

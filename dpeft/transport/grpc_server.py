@@ -75,6 +75,7 @@ from dpeft.codec.crc import CRC32, CRC32C, CrcAlgorithm, chunk_crcs, combine_chu
 from dpeft.codec.spool import SpooledBlob
 from dpeft.codec.tensors import StateDecoder
 from dpeft.errors import ProtocolError, RejectedUpdate
+from dpeft.rounds.validation import check_norm, check_update
 from dpeft.transport import serde
 from dpeft.transport.auth import AuthInterceptor, TokenStore, metadata_identity
 from dpeft.transport.base import (
@@ -85,8 +86,6 @@ from dpeft.transport.base import (
     Rejection,
     TaskResult,
     TrainTask,
-    check_norm,
-    check_update,
 )
 
 log = logging.getLogger("dpeft.transport.grpc")
@@ -789,7 +788,7 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
         if self.registry_path is None:
             return
         data = {"workers": {wid: {"own_data": w["own_data"], "own_examples": w["own_examples"], "client_ids": w["client_ids"]} for wid, w in self._workers.items()}}
-        from dpeft.coordinator.checkpoint import atomic_write
+        from dpeft.fsutil import atomic_write
 
         try:
             self.registry_path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ its resource options, so importing this module does not need a Ray cluster.
 
 :class:`AllReduceActor` joins a ``torch.distributed`` process group (rank 0's address,
 ``MASTER_ADDR``/``MASTER_PORT``, ``RANK``/``WORLD_SIZE``, as Ray Train's torch backend does)
-and runs the all-reduce rounds of :mod:`dpeft.transport.distributed_allreduce`.
+and runs the all-reduce rounds of :mod:`dpeft.rounds.allreduce`.
 """
 
 from __future__ import annotations
@@ -97,9 +97,11 @@ class AllReduceActor:
 
     def run(self, config_tree: dict[str, Any], resume: bool = True) -> list[dict[str, Any]]:
         """All rounds of the run (rank 0 writes the run directory); returns rank 0's metrics rows."""
-        from dpeft.transport.distributed_allreduce import run_allreduce
+        from dpeft.rounds.allreduce import run_allreduce
+        from dpeft.workers.runtime import WorkerRuntime
 
-        return run_allreduce(config_from_dict(config_tree), resume=resume, quiet=True)
+        cfg = config_from_dict(config_tree)
+        return run_allreduce(cfg, WorkerRuntime(cfg), resume=resume, quiet=True)
 
     def reduce(self, arrays: list[np.ndarray], weight: float) -> tuple[list[np.ndarray], float]:
         """Test/benchmark hook: all-reduce weighted arrays, return (mean arrays, total weight)."""

@@ -27,7 +27,7 @@ from dpeft._proto.dpeft.v1 import coordinator_pb2 as pb
 from dpeft.codec import encode_state
 from dpeft.codec.crc import CRC32C
 from dpeft.coordinator.engine import RoundEngine
-from dpeft.coordinator.global_model import GlobalModel
+from dpeft.rounds.global_model import GlobalModel
 from dpeft.state import AdapterState
 from dpeft.transport.auth import TokenStore
 from dpeft.transport.grpc_server import GrpcCoordinatorTransport

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dpeft.coordinator.checkpoint import latest_checkpoint, save_checkpoint
+from dpeft.rounds.checkpoint import latest_checkpoint, save_checkpoint
 from dpeft.state import AdapterState
 
 

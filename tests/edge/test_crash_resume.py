@@ -23,9 +23,9 @@ import torch
 from edge_testlib import free_port, tiny_overrides
 
 from dpeft.config import dump_config
-from dpeft.coordinator.checkpoint import latest_checkpoint
 from dpeft.coordinator.engine import RoundEngine
-from dpeft.coordinator.global_model import GlobalModel
+from dpeft.rounds.checkpoint import latest_checkpoint
+from dpeft.rounds.global_model import GlobalModel
 from dpeft.transport.grpc_server import GrpcCoordinatorTransport
 from dpeft.transport.grpc_worker import GrpcWorkerConnection
 from dpeft.transport.tls import channel_credentials

@@ -30,8 +30,9 @@ from dpeft.codec import encode_state
 from dpeft.codec.spool import SpooledBlob, SpooledState, SpoolPolicy
 from dpeft.codec.tensors import Limits, StateDecoder, iter_encoded
 from dpeft.errors import RejectedUpdate
+from dpeft.rounds.validation import check_norm, check_update
 from dpeft.state import AdapterState
-from dpeft.transport.base import TaskResult, TrainTask, check_norm, check_update
+from dpeft.transport.base import TaskResult, TrainTask
 from dpeft.transport.grpc_server import GrpcCoordinatorTransport
 from dpeft.transport.grpc_worker import GrpcWorkerConnection
 

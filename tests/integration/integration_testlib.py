@@ -306,7 +306,7 @@ def compare_exported_adapter(run_dir: Path, atol: float = 1e-5, check_trained: b
     from transformers import AutoModelForSequenceClassification
 
     from dpeft.adapters import build_model, load_state
-    from dpeft.coordinator.checkpoint import latest_checkpoint
+    from dpeft.rounds.checkpoint import latest_checkpoint
     from dpeft.validate import load_config
 
     adapter_dir = run_dir / "adapter"

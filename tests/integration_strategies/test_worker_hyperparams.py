@@ -109,7 +109,7 @@ def test_byzantine_client_sends_scaled_update(round_updates) -> None:
 
 def test_robust_strategies_resist_a_byzantine_client(runtime, global_state, round_updates) -> None:
     """median, trimmed_mean and krum stay near the clean FedAvg result; FedAvg with the attacker does not."""
-    from dpeft.coordinator.global_model import GlobalModel
+    from dpeft.rounds.global_model import GlobalModel
 
     gm = GlobalModel(runtime.cfg)
 

@@ -9,8 +9,8 @@ import torch
 
 from dpeft.adapters import extract_state
 from dpeft.config import RunConfig, StrategyConfig, TrainConfig
-from dpeft.coordinator.checkpoint import save_checkpoint
 from dpeft.errors import DpeftError, ProtocolError
+from dpeft.rounds.checkpoint import save_checkpoint
 from dpeft.split.checkpoint import clear_edge_state, restore_edge_state, save_edge_state
 from dpeft.split.config import KillReviveConfig, SplitConfig
 from dpeft.split.edge import EdgeModel

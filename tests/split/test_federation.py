@@ -366,7 +366,7 @@ def _run_federation(fed, bundle, run, split, shards, tok, state_dirs=None):
 
 def test_clients_per_round_samples_edges_like_the_round_engine():
     """3 edges, 2 per round: each round trains the round engine's seeded sample; the others sit out."""
-    from dpeft.coordinator.engine import sample_clients
+    from dpeft.rounds.sampling import sample_clients
 
     run = RunConfig(
         rounds=3,

@@ -170,9 +170,9 @@ def test_bad_accumulator_names_the_key(name: str, value: object) -> None:
 
 
 def test_allreduce_rejects_float32_accumulator() -> None:
-    from dpeft.transport.distributed_allreduce import _check_strategy
+    from dpeft.rounds.allreduce import check_strategy
 
-    _check_strategy(make("fedavg"), _template())
+    check_strategy(make("fedavg"), _template())
     with pytest.raises(ConfigError) as e:
-        _check_strategy(make("fedavg", accumulator="float32"), _template())
+        check_strategy(make("fedavg", accumulator="float32"), _template())
     assert e.value.key == "strategy.options.accumulator"

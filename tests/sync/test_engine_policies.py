@@ -211,7 +211,7 @@ def test_partial_strategies_leave_tensors_out_of_updates(tmp_path, name, omitted
 
 def test_a_fresh_run_forgets_an_earlier_runs_checkpoints_and_a_resume_keeps_personal_state(tmp_path) -> None:
     """`--fresh` in a used run_dir: the earlier run's higher rounds must not outrank (or outlive) the new ones."""
-    from dpeft.coordinator.checkpoint import latest_checkpoint
+    from dpeft.rounds.checkpoint import latest_checkpoint
 
     engine, tr = make_engine(tmp_path, ["rounds=3", "clients=2", "clients_per_round=2"], lambda t, s: Reply())
     engine.run(tr)

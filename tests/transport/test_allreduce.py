@@ -68,18 +68,18 @@ def test_single_process_group_is_identity(tmp_path):
 
 def test_refuses_strategies_that_need_every_client(tmp_path):
     from dpeft.errors import ConfigError
-    from dpeft.transport.distributed_allreduce import _check_strategy
+    from dpeft.rounds.allreduce import check_strategy
 
     template, _ = make_updates(1)
-    _check_strategy(make_strategy(StrategyConfig(name="fedprox")), template)
+    check_strategy(make_strategy(StrategyConfig(name="fedprox")), template)
     with pytest.raises(ConfigError, match="strategy.name"):
-        _check_strategy(make_strategy(StrategyConfig(name="median")), template)
+        check_strategy(make_strategy(StrategyConfig(name="median")), template)
 
 
 @pytest.mark.integration
 def test_torchrun_allreduce_run_matches_grpc_simulate(simulate_reference, tmp_path):
     """`torchrun --nproc-per-node 2 -m dpeft.launch.torchrun_allreduce`: same global adapter as simulate."""
-    from dpeft.coordinator.checkpoint import latest_checkpoint
+    from dpeft.rounds.checkpoint import latest_checkpoint
 
     _sim_dir, (sim_round, sim_global, _, _) = simulate_reference
     run_dir = tmp_path / "ar"
@@ -102,7 +102,7 @@ def test_torchrun_allreduce_run_matches_grpc_simulate(simulate_reference, tmp_pa
 @pytest.mark.integration
 def test_simulate_sync_allreduce_matches_grpc_simulate(simulate_reference, tmp_path):
     """`dpeft simulate sync.name=allreduce` starts a local gloo group: same global adapter as gRPC simulate."""
-    from dpeft.coordinator.checkpoint import latest_checkpoint
+    from dpeft.rounds.checkpoint import latest_checkpoint
 
     _sim_dir, (sim_round, sim_global, _, _) = simulate_reference
     run_dir = tmp_path / "sim-ar"

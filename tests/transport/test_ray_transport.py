@@ -34,8 +34,8 @@ def _run_tasks(t, tasks, expect: int, timeout_s: float = 60.0) -> dict:
 
 
 def test_ray_run_matches_grpc_simulate(ray_local, simulate_reference, tmp_path):
-    from dpeft.coordinator.checkpoint import latest_checkpoint
     from dpeft.launch.ray_cli import run_ray
+    from dpeft.rounds.checkpoint import latest_checkpoint
     from dpeft.state import max_abs_diff
     from dpeft.validate import load_config
 
@@ -60,8 +60,8 @@ def test_ray_run_matches_grpc_simulate(ray_local, simulate_reference, tmp_path):
 def test_killed_actor_is_restarted_and_the_round_completes(ray_local, tmp_path):
     from dpeft.config import config_to_dict
     from dpeft.coordinator.engine import RoundEngine
-    from dpeft.coordinator.global_model import GlobalModel
     from dpeft.launch.ray_cli import actor_spec
+    from dpeft.rounds.global_model import GlobalModel
     from dpeft.transport.ray_transport import RayCoordinatorTransport
     from dpeft.validate import load_config
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -18,32 +17,10 @@ from typing import Any
 import torch
 
 from dpeft.codec.tensors import Limits, decode_state, iter_encoded
+from dpeft.fsutil import atomic_write
 from dpeft.state import AdapterState
 
 log = logging.getLogger("dpeft.checkpoint")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, pieces: Any) -> None:
-    """Write bytes pieces to ``path`` via temp file + fsync + rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        for piece in pieces:
-            fh.write(piece)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _digest(tensors: OrderedDict[str, torch.Tensor] | dict[str, torch.Tensor]) -> str:

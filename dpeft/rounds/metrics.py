@@ -59,6 +59,8 @@ class MetricsLog:
         self.run_dir = run_dir
         self.stream = stream or sys.stderr
         self.total_rounds = total_rounds
+        #: the checkpointed round this process resumed from (None: it started at round 0)
+        self.resumed_from: int | None = None
         self.rows: list[dict[str, Any]] = []
         if self.path.exists():
             for line in self.path.read_text().splitlines():
@@ -115,8 +117,11 @@ class MetricsLog:
         plots = self.plot()
         final = [r for r in rows if r.get("eval_accuracy") is not None]
         acc = f"final eval accuracy {final[-1]['eval_accuracy']:.4f}; " if final else ""
+        first = self.resumed_from or 0  # rounds up to here ran in an earlier process
+        ran = sum(1 for r in rows if r.get("round", 0) > first)
+        resumed = f" by this process (resumed from round {first})" if self.resumed_from is not None else ""
         print(
-            f"\n{acc}{len(rows) - 1} rounds in {time.time() - t_start:.1f}s; adapter: {self.run_dir / 'adapter'}; "
+            f"\n{acc}{ran} round{'' if ran == 1 else 's'} in {time.time() - t_start:.1f}s{resumed}; adapter: {self.run_dir / 'adapter'}; "
             f"metrics: {self.path}; plots: {', '.join(p.name for p in plots)}",
             file=self.stream,
         )

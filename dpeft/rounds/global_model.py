@@ -1,4 +1,4 @@
-"""The coordinator's copy of base + adapter: initial state, global evaluation, PEFT export."""
+"""The global model every round driver keeps: base + adapter for the initial state, global evaluation and PEFT export."""
 
 from __future__ import annotations
 

@@ -1,0 +1,188 @@
+"""The round recorder: what a run leaves in its run directory, and how a run picks up from it.
+
+One per driver (coordinator, split federation, all-reduce rank 0). It owns ``config.yaml``,
+``metrics.jsonl`` (through :class:`~dpeft.rounds.metrics.MetricsLog`), the atomic per-round
+checkpoints and the PEFT export, and it resumes: the newest readable checkpoint gives the
+round, the global, the strategy state and the driver's extra info; the metrics rows past it
+are dropped (they will be redone), the run's clock continues from the checkpointed
+``elapsed_s``, and a line on stderr (and in the log) says that the run resumed. A run that
+starts over forgets what an earlier run left. Without a run directory (split tests) the rows
+stay in memory and nothing is checkpointed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpeft.errors import DpeftError
+from dpeft.rounds.checkpoint import clear_checkpoints, latest_checkpoint, save_checkpoint
+from dpeft.rounds.metrics import MetricsLog
+from dpeft.state import AdapterState
+
+log = logging.getLogger("dpeft.rounds")
+
+#: the first fields of a round-0 row (the untrained global); its evaluation is added to it
+ROUND0_FIELDS: dict[str, Any] = {"round": 0, "clients": 0, "num_examples": 0, "train_loss": None, "bytes_up": 0, "bytes_down": 0, "rejected": 0}
+
+
+@dataclass
+class ResumePoint:
+    """What a checkpoint gives back: the round it closed, the global, the strategy state, the driver's info."""
+
+    round: int
+    global_state: AdapterState
+    strategy_state: dict[str, torch.Tensor]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class RoundRecorder:
+    """Run directory, metrics rows, checkpoints, resume and export of one run.
+
+    ``export(state)`` writes the PEFT directory (None: no export); ``config_text`` is written
+    to ``config.yaml`` (None: the caller writes its own); ``elapsed`` adds the run's clock
+    (``elapsed_s``) to every row, rounded to ``elapsed_digits`` when given.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path | None,
+        total_rounds: int,
+        seed: int,
+        export: Callable[[AdapterState], Any] | None = None,
+        config_text: str | None = None,
+        elapsed: bool = True,
+        elapsed_digits: int | None = None,
+    ) -> None:
+        self.run_dir = run_dir
+        self.total_rounds = total_rounds
+        self.seed = seed
+        self._export = export
+        self._elapsed = elapsed
+        self._elapsed_digits = elapsed_digits
+        self.started = time.time()
+        self.resumed_from: int | None = None
+        self._rows: list[dict[str, Any]] = []
+        self._held: dict[int, dict[str, Any]] = {}  # rows waiting for an evaluation (split)
+        self.metrics: MetricsLog | None = None
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if config_text is not None:
+                (run_dir / "config.yaml").write_text(config_text)
+            self.metrics = MetricsLog(run_dir, total_rounds=total_rounds)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.metrics.rows if self.metrics is not None else self._rows
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self.run_dir / "checkpoints" if self.run_dir is not None else None
+
+    def elapsed(self) -> float:
+        """Seconds this run has been going, an earlier process's time included when it resumed."""
+        return time.time() - self.started
+
+    # -- resume / start over ----------------------------------------------------
+    def resume(self, schema: Any) -> ResumePoint | None:
+        """Pick up from the newest readable checkpoint (None: there is none); its adapter must have ``schema``."""
+        directory = self.checkpoint_dir
+        found = latest_checkpoint(directory) if directory is not None else None
+        if found is None:
+            return None
+        round_num, glob, strat, info = found
+        if glob.schema() != schema:
+            raise DpeftError(f"checkpoint in {self.run_dir} is for a different adapter; use a new run_dir or --fresh")
+        assert self.metrics is not None
+        earlier = next((r.get("elapsed_s") for r in self.metrics.rows if r.get("round") == round_num), None)
+        self.metrics.truncate_after(round_num)
+        offset = info.get("elapsed_s", earlier)  # checkpoints before elapsed_s was kept: the round's row
+        if isinstance(offset, (int, float)):
+            self.started -= float(offset)
+        self.resumed_from = self.metrics.resumed_from = round_num
+        print(f"resumed from round {round_num} of {self.total_rounds} in {self.run_dir}", file=sys.stderr, flush=True)
+        log.info("resumed from round %d of %d in %s", round_num, self.total_rounds, self.run_dir)
+        return ResumePoint(round_num, glob, strat, info)
+
+    def start_over(self) -> None:
+        """A run from round 0: forget the metrics rows and checkpoints an earlier run left in the run directory
+        (left in place, old checkpoints would outrank the new run's on resume and survive the keep-N pruning)."""
+        if self.metrics is not None:
+            self.metrics.truncate_after(-1)
+        directory = self.checkpoint_dir
+        if directory is not None and clear_checkpoints(directory):
+            log.info("starting over: removed the checkpoints of an earlier run in %s", self.run_dir)
+
+    # -- rounds -----------------------------------------------------------------
+    def needs_round0(self) -> bool:
+        """True before the first row of a run that starts at round 0."""
+        return self.resumed_from is None and not self.rows
+
+    def round0_row(self, evaluate: Callable[[AdapterState], dict[str, float]] | None, state: AdapterState) -> dict[str, Any]:
+        """The untrained global's row (evaluated when ``evaluate`` is given), timed into ``wall_s``."""
+        t0 = time.time()
+        row = dict(ROUND0_FIELDS)
+        if evaluate is not None:
+            row.update(evaluate(state))
+        row["wall_s"] = time.time() - t0
+        return row
+
+    def save(self, round_num: int, state: AdapterState, strategy_state: dict[str, torch.Tensor], extra: dict[str, Any] | None = None) -> None:
+        """Checkpoint round ``round_num`` (with the run's clock and the driver's ``extra`` info) and export ``state``."""
+        directory = self.checkpoint_dir
+        if directory is not None:
+            info = {"seed": self.seed, **(extra or {}), "elapsed_s": self.elapsed()}
+            save_checkpoint(directory, round_num, state, strategy_state, info)
+        self.export(state)
+
+    def export(self, state: AdapterState) -> None:
+        """Write ``state`` as the run's PEFT adapter (when this recorder exports)."""
+        if self._export is not None:
+            self._export(state)
+
+    def write(self, row: dict[str, Any], t0: float | None = None) -> None:
+        """Append a round's row: ``wall_s`` since ``t0`` (when given) and the run's ``elapsed_s``."""
+        if t0 is not None:
+            row["wall_s"] = time.time() - t0
+        if self._elapsed:
+            elapsed = self.elapsed()
+            row["elapsed_s"] = round(elapsed, self._elapsed_digits) if self._elapsed_digits is not None else elapsed
+        if self.metrics is not None:
+            self.metrics.append(row)
+        else:
+            self._rows.append(row)
+
+    def progress(self, text: str) -> None:
+        if self.metrics is not None:
+            self.metrics.progress(text)
+
+    # -- rows waiting for an evaluation -----------------------------------------
+    def hold(self, round_num: int, row: dict[str, Any]) -> None:
+        """Keep round ``round_num``'s row until :meth:`release` (its evaluation comes from elsewhere)."""
+        self._held[round_num] = row
+
+    def is_held(self, round_num: int) -> bool:
+        return round_num in self._held
+
+    def release(self, round_num: int, evaluation: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Write the held rows of earlier rounds as they are, then round ``round_num``'s with ``evaluation``.
+        Returns the rows written, in order."""
+        written = [self._held.pop(r) for r in sorted(r for r in self._held if r < round_num)]
+        row = self._held.pop(round_num, None)
+        if row is not None:
+            row.update(evaluation or {})
+            written.append(row)
+        for r in written:
+            self.write(r)
+        return written
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Write every held row as it is (end of the run)."""
+        return self.release(max(self._held) + 1) if self._held else []
