@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr)
-    from dpeft.launch.cli import exit_with_parent, report_errors
+    from dpeft.launch.cli import report_errors
+    from dpeft.launch.procs import exit_with_parent
 
     if args.exit_with_parent:
         exit_with_parent()

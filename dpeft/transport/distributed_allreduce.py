@@ -221,6 +221,7 @@ def run_allreduce(cfg: RunConfig, resume: bool = True, quiet: bool = False) -> l
     from dpeft.coordinator.global_model import GlobalModel
     from dpeft.coordinator.metrics import MetricsLog
     from dpeft.workers.runtime import WorkerRuntime
+    from dpeft.workers.simulate import Heterogeneity
 
     if not dist.is_initialized():
         init_group()
@@ -229,7 +230,7 @@ def run_allreduce(cfg: RunConfig, resume: bool = True, quiet: bool = False) -> l
         log.warning("all-reduce rounds are synchronous; sync.name=%s is ignored", cfg.sync.name)
     strategy = make_strategy(cfg.strategy)
     run_dir = Path(cfg.run_dir)
-    runtime = WorkerRuntime(cfg)
+    runtime = Heterogeneity(cfg).install(WorkerRuntime(cfg))  # simulate.byzantine_clients apply
     gm = metrics = None
     start_round = 0
     glob: AdapterState | None = None

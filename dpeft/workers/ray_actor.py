@@ -38,11 +38,12 @@ class TrainActor:
 
     def __init__(self, config_tree: dict[str, Any], worker_id: str, threads: int = 1) -> None:
         from dpeft.workers.runtime import WorkerRuntime, set_threads
+        from dpeft.workers.simulate import Heterogeneity
 
         set_threads(threads)
         self.worker_id = worker_id
         self.cfg = config_from_dict(config_tree)
-        self.runtime = WorkerRuntime(self.cfg)
+        self.runtime = Heterogeneity(self.cfg).install(WorkerRuntime(self.cfg))  # simulated Byzantine clients
         self.tasks_done = 0
 
     def ready(self) -> dict[str, Any]:

@@ -42,7 +42,7 @@ def simulate_reference(tmp_path_factory):
     """(run_dir, final checkpoint) of the tiny run through gRPC `dpeft simulate` (2 worker processes)."""
     from dpeft.config import load_config
     from dpeft.coordinator.checkpoint import latest_checkpoint
-    from dpeft.launch.coordinator import run_coordinator
+    from dpeft.launch.simulate import run_coordinator
 
     run_dir = tmp_path_factory.mktemp("sim")
     cfg = load_config(None, tiny(run_dir))
