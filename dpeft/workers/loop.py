@@ -82,6 +82,7 @@ def run_worker(
 
     def stopping() -> bool:
         return stop.is_set() or (remote_stop is not None and remote_stop.is_set())
+
     want = runtime.lockstep_clients  # train.lockstep: take several tasks of a round and train them together
     # task id -> (blob sha, update, n, metrics) of the last batch trained
     last: dict[str, tuple[bytes, bytes, int, dict[str, float]]] = {}
