@@ -26,6 +26,7 @@ log = logging.getLogger("dpeft.launch")
 #: seconds workers get to leave when the run stops early (signal, failure) before they are killed
 STOP_GRACE_S = 5.0
 
+
 def return_large_frees(threshold: int = 1 << 20) -> bool:
     """The coordinator's allocator: blocks of ``threshold`` bytes and more get their own mmap.
 

@@ -19,6 +19,7 @@ codecs see what the client sent.
 from __future__ import annotations
 
 import logging
+import mmap
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -29,7 +30,7 @@ import torch
 from dpeft.config import RunConfig
 from dpeft.state import AdapterState
 from dpeft.train import task_seed
-from dpeft.transport.base import TrainTask, WorkerConnection
+from dpeft.transport.base import TrainTask, WorkerConnection, WorkerRegistration
 
 log = logging.getLogger("dpeft.worker")
 
@@ -83,10 +84,11 @@ class Heterogeneity:
         return runtime
 
 
-class SimulatedConnection:
+class SimulatedConnection(WorkerConnection):
     """A worker's connection with dropped and delayed replies: tasks drawn to drop never reach
     the worker, and a slow client's update is pushed ``delay_s`` after training (meanwhile the
-    worker trains other tasks). Everything else goes to the real connection."""
+    worker trains other tasks). Everything else goes to the real connection (attributes too,
+    e.g. ``stop_requested``)."""
 
     def __init__(self, conn: WorkerConnection, heterogeneity: Heterogeneity) -> None:
         self._conn = conn
@@ -95,6 +97,18 @@ class SimulatedConnection:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
+
+    def join(self, worker_id: str, own_examples: int | None) -> WorkerRegistration:
+        return self._conn.join(worker_id, own_examples)
+
+    def poll(self) -> TrainTask | float | str:
+        item = self.poll_many(1)
+        if isinstance(item, list):
+            return item[0] if item else 0.0
+        return item
+
+    def fetch(self, task: TrainTask) -> bytes | bytearray | mmap.mmap:
+        return self._conn.fetch(task)
 
     def poll_many(self, max_tasks: int) -> list[TrainTask] | float | str:
         item = self._conn.poll_many(max_tasks)
