@@ -81,7 +81,7 @@ def coordinator(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     if not args.glibc_default:
-        from dpeft.launch.coordinator import return_large_frees
+        from dpeft.launch.simulate import return_large_frees
 
         return_large_frees()  # as `dpeft coordinator` does
     run_dir = Path(args.run_dir)

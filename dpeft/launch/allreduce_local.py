@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dpeft.config import RunConfig, dump_config
-from dpeft.launch.coordinator import stop_processes
+from dpeft.launch.procs import stop_processes
 
 
 def free_port() -> int:

@@ -11,7 +11,6 @@ import logging
 import os
 import socket
 import sys
-import threading
 import traceback
 from collections.abc import Callable
 
@@ -65,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads")
     w.add_argument("--patience", type=float, default=120.0, help="seconds to keep retrying an unreachable coordinator")
     w.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    w.add_argument("--simulated", action="store_true", help=argparse.SUPPRESS)  # a `dpeft simulate` worker: simulate.* heterogeneity
     _client_args(w)
 
     st = sub.add_parser("status", help="workers, round and progress of a running coordinator")
@@ -126,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
                 if getattr(args, flag):
                     overrides.append(f"{key}={os.path.abspath(getattr(args, flag))}")
         cfg = load_config(args.config, overrides)
-        from dpeft.launch.coordinator import run_coordinator
+        from dpeft.launch.simulate import run_coordinator
 
         if args.command == "simulate" and cfg.sync.name == "allreduce":
             from dpeft.launch.allreduce_local import run_local_allreduce
@@ -147,10 +147,15 @@ def _run(args: argparse.Namespace) -> int:
     from dpeft.workers.loop import serve_until_terminated
 
     if args.exit_with_parent:
+        from dpeft.launch.procs import exit_with_parent
+
         exit_with_parent()
+    wrap = None
+    if args.simulated:
+        from dpeft.workers.simulate import simulated_worker as wrap
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     conn = _connect(args, worker_id, patience_s=args.patience)
-    return serve_until_terminated(conn, worker_id, threads=args.threads, data_path=args.data)
+    return serve_until_terminated(conn, worker_id, threads=args.threads, data_path=args.data, wrap=wrap)
 
 
 def _token(args: argparse.Namespace) -> str:
@@ -228,21 +233,6 @@ def _certs(args: argparse.Namespace) -> int:
         print(p)
     print("test certificates only: see the README section 'Edge workers' for real deployments", file=sys.stderr)
     return 0
-
-
-def exit_with_parent() -> None:
-    """Simulation workers end when the process that started them is gone (even after SIGKILL)."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        import time
-
-        while True:
-            if os.getppid() != parent:
-                os._exit(1)
-            time.sleep(0.5)
-
-    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _config_error(key: str, problem: str) -> Exception:

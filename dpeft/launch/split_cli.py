@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data and args.shard is not None:
         raise ConfigError("--data", "give either --data or --shard, not both")
     if args.exit_with_parent:
-        from dpeft.launch.cli import exit_with_parent
+        from dpeft.launch.procs import exit_with_parent
 
         exit_with_parent()
     from dpeft.split.launch import run_edge

@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr)
-    from dpeft.launch.cli import exit_with_parent, report_errors
+    from dpeft.launch.cli import report_errors
+    from dpeft.launch.procs import exit_with_parent
 
     if args.exit_with_parent:
         exit_with_parent()
@@ -48,13 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         from dpeft.transport.distributed_allreduce import init_group
         from dpeft.validate import load_config
         from dpeft.workers.runtime import WorkerRuntime, set_threads
+        from dpeft.workers.simulate import Heterogeneity
 
         cfg = load_config(args.config, args.overrides, allreduce="torchrun_allreduce")  # a ray: section is accepted and ignored
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         set_threads(args.threads or max(1, (os.cpu_count() or 1) // max(1, local)))
         init_group(args.backend)
         try:
-            run_allreduce(cfg, WorkerRuntime(cfg), resume=not args.fresh, quiet=dist.get_rank() != 0)
+            run_allreduce(cfg, Heterogeneity(cfg).install(WorkerRuntime(cfg)), resume=not args.fresh, quiet=dist.get_rank() != 0)
         finally:
             dist.destroy_process_group()
         return 0

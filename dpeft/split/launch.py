@@ -12,7 +12,7 @@ import torch
 
 from dpeft.config import RunConfig
 from dpeft.errors import ConfigError, DpeftError
-from dpeft.launch.coordinator import stop_processes
+from dpeft.launch.procs import stop_processes
 from dpeft.split.config import SplitConfig
 from dpeft.split.service import (
     CloudService,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +17,16 @@ from torch import nn
 
 from dpeft.config import TrainConfig
 from dpeft.data.tokenize import TokenizedData
+
+
+class TrainingStopped(Exception):
+    """Training ended before its last step because its ``should_stop`` said so (the worker is stopping)."""
+
+
+def check_stop(should_stop: Callable[[], bool] | None, step: int) -> None:
+    """Raise :class:`TrainingStopped` before step ``step`` when ``should_stop()`` is true."""
+    if should_stop is not None and should_stop():
+        raise TrainingStopped(f"stopped before local step {step}")
 
 
 def task_seed(seed: int, round_num: int, client_id: int) -> int:
@@ -89,8 +99,12 @@ def local_train(
     optimizer: torch.optim.Optimizer | None = None,
     prox_mu: float = 0.0,
     num_labels: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> LocalResult:
-    """Run ``cfg.local_steps`` optimizer steps on the client's examples; the model is updated in place."""
+    """Run ``cfg.local_steps`` optimizer steps on the client's examples; the model is updated in place.
+
+    ``should_stop`` is asked before every step; when it says so, :class:`TrainingStopped` is raised
+    (the model is left part-trained)."""
     t0 = time.perf_counter()
     model.train()
     opt = optimizer or make_optimizer(params, cfg)
@@ -104,7 +118,8 @@ def local_train(
     cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
-        for batch_idx in batch_schedule(indices, cfg.local_steps, cfg.batch_size, seed):
+        for step, batch_idx in enumerate(batch_schedule(indices, cfg.local_steps, cfg.batch_size, seed)):
+            check_stop(should_stop, step)
             batch = data.batch(batch_idx)
             loss = _loss(model, batch, task, log_prior)
             if anchor is not None:

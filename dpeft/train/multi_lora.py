@@ -30,7 +30,7 @@ import math
 import time
 import types
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +41,7 @@ from torch import nn
 from dpeft.config import TrainConfig
 from dpeft.data.tokenize import TokenizedData
 from dpeft.state import AdapterState
-from dpeft.train.loop import LocalResult, batch_schedule, label_log_prior, make_optimizer
+from dpeft.train.loop import LocalResult, batch_schedule, check_stop, label_log_prior, make_optimizer
 
 
 @dataclass
@@ -235,12 +235,14 @@ def lockstep_train(
     num_labels: int | None = None,
     trainable: Sequence[str] | None = None,
     keep_optimizer_state: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[ClientOutcome]:
     """Train ``jobs`` together for ``cfg.local_steps`` steps; the model's own adapter is untouched.
 
     ``trainable`` names the adapter tensors that train (default: all); the others stay at each
     client's start values. Raises ValueError when the model is not supported
-    (:func:`lockstep_unsupported`).
+    (:func:`lockstep_unsupported`), :class:`~dpeft.train.loop.TrainingStopped` when
+    ``should_stop()`` (asked before every step) says so.
     """
     reason = lockstep_unsupported(model, task)
     if reason:
@@ -281,6 +283,7 @@ def lockstep_train(
     model.train()
     try:
         for step in range(cfg.local_steps):
+            check_stop(should_stop, step)
             rows = [schedules[c][step] for c in range(len(jobs))]
             routing = _Routing([len(r) for r in rows])
             batch = data.batch([i for r in rows for i in r])

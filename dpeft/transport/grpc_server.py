@@ -814,6 +814,20 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
                         self._uploads.pop(tid, None)
                         log_event("upload_expired", task=tid, received=up.received)
 
+    def worker_gone(self, worker_id: str, reason: str) -> int:
+        """A worker known to be gone (its process died): its in-flight tasks go back to the queue
+        now, not after ``dead_after_s``; returns how many. A worker joining again under that id
+        starts a new session."""
+        with self._cond:
+            w = self._workers.get(worker_id)
+            task = w.pop("current_task", "") if w is not None else ""
+            if w is not None:
+                w["alive"] = False
+            n = self._requeue(worker_id)
+            self._cond.notify_all()
+        log_event("worker_dead", level=logging.WARNING, worker=worker_id, reason=reason, requeued=n, task=task)
+        return n
+
     def _requeue(self, worker_id: str) -> int:
         """Put a gone worker's in-flight tasks back at the front of the queue (lock held)."""
         mine = [(tid, t) for tid, (w, t, _) in self._inflight.items() if w == worker_id]

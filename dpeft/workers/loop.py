@@ -8,15 +8,16 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from dpeft.config import AuthConfig
+from dpeft.config import AuthConfig, RunConfig
 from dpeft.data.datasets import TextDataset, load_text_file
 from dpeft.errors import DataError
+from dpeft.train import TrainingStopped
 from dpeft.transport.base import TrainTask, WorkerConnection
 from dpeft.validate import config_from_dict
 from dpeft.workers.runtime import WorkerRuntime, set_threads
-from dpeft.workers.simulate import Heterogeneity
 
 log = logging.getLogger("dpeft.worker")
 
@@ -40,12 +41,18 @@ def run_worker(
     data_path: str | None = None,
     stop: threading.Event | None = None,
     runtime: WorkerRuntime | None = None,
+    wrap: Callable[[RunConfig, WorkerConnection, WorkerRuntime], WorkerConnection] | None = None,
+    training: threading.Event | None = None,
 ) -> int:
     """Serve tasks until the coordinator says stop (returns 0) or ``stop`` is set.
 
     ``runtime``: one built before joining (a worker forked by `dpeft simulate` inherits the
     coordinator's loaded model and data); used only when the coordinator's config is the one it
-    was built for, otherwise the worker builds its own.
+    was built for, otherwise the worker builds its own. ``wrap``: applied around the worker once
+    the run's config is known, returning the connection to serve over (`dpeft simulate`'s
+    simulated heterogeneity, :func:`dpeft.workers.simulate.simulated_worker`). ``stop`` also
+    ends a task in training, between two of its steps (the task goes back to the coordinator);
+    ``training`` is set meanwhile.
     """
     stop = stop or threading.Event()
     set_threads(threads)
@@ -68,10 +75,15 @@ def run_worker(
     except BaseException:
         conn.leave()  # e.g. bad data: give the client slot back instead of holding it while silent
         raise
-    sim = Heterogeneity(cfg)
+    if wrap is not None:
+        conn = wrap(cfg, conn, runtime)
     log.info("worker %s ready (clients %s)", worker_id, reg.client_ids or "virtual")
     done = 0
     remote_stop = getattr(conn, "stop_requested", None)  # set by a heartbeat reply (gRPC)
+
+    def stopping() -> bool:
+        return stop.is_set() or (remote_stop is not None and remote_stop.is_set())
+
     want = runtime.lockstep_clients  # train.lockstep: take several tasks of a round and train them together
     # task id -> (blob sha, update, n, metrics) of the last batch trained
     last: dict[str, tuple[bytes, bytes, int, dict[str, float]]] = {}
@@ -96,9 +108,6 @@ def run_worker(
                     log.info("task %s re-issued; re-sending the update computed before", task.task_id)
                     _push(conn, task, prev[1], prev[2], prev[3])
                     continue
-                if sim.drops(task):
-                    log.info("simulated dropout: task %s gets no reply", task.task_id)
-                    continue
                 try:
                     payload = conn.fetch(task)
                 except ConnectionError:
@@ -109,18 +118,22 @@ def run_worker(
                 todo.append((task, payload))
             if not todo:
                 continue
-            results = runtime.train_tasks(todo)
+            if training is not None:
+                training.set()
+            try:
+                results = runtime.train_tasks(todo, should_stop=stopping)
+            except TrainingStopped:
+                log.info("worker %s stopping: asked to while training (task %s goes back to the queue)", worker_id, todo[0][0].task_id)
+                break
+            finally:
+                if training is not None:
+                    training.clear()
             last = {task.task_id: (task.blob_sha256, *result) for (task, _), result in zip(todo, results, strict=True)}
             for (task, _), (update, n, metrics) in zip(todo, results, strict=True):
-                delay = sim.delay_s(task.client_id, metrics.get("compute_s", 0.0))
-                if delay > 0:
-                    metrics["simulated_delay_s"] = delay
-                    threading.Thread(target=_push_later, args=(conn, task, update, n, metrics, delay, stop), daemon=True).start()
-                else:
-                    _push(conn, task, update, n, metrics)
+                _push(conn, task, update, n, metrics)
                 done += 1
     finally:
-        stop.set()  # delayed (simulated slow) replies are abandoned
+        stop.set()
         conn.leave()
     return 0
 
@@ -131,34 +144,30 @@ def _push(conn: WorkerConnection, task: TrainTask, update: bytes, n: int, metric
         log.warning("update for task %s rejected: %s", task.task_id, reason)
 
 
-def _push_later(
-    conn: WorkerConnection, task: TrainTask, update: bytes, n: int, metrics: dict[str, float], delay: float, stop: threading.Event
-) -> None:
-    """A simulated slow client: reply after ``delay`` seconds (unless the worker stops first)."""
-    if stop.wait(delay):
-        return
-    try:
-        _push(conn, task, update, n, metrics)
-    except Exception as exc:  # noqa: BLE001 - the worker may be leaving; a lost late reply is what a slow client risks
-        log.info("delayed update for task %s not delivered: %s", task.task_id, exc)
-
-
 class _WorkerStop(BaseException):
     """SIGTERM in a worker process: unwind (run_worker's finally says Leave), exit 0."""
 
 
 def serve_until_terminated(conn: WorkerConnection, worker_id: str, **kwargs: Any) -> int:
     """``run_worker`` as a process's main loop (`dpeft worker`, a forked simulate worker): SIGTERM
-    leaves cleanly (the coordinator re-queues the task in hand) and returns 0."""
-    stop = threading.Event()
+    leaves cleanly (the coordinator re-queues the task in hand) and returns 0.
+
+    In training, SIGTERM sets the stop flag that the training loop checks between steps (a
+    step is at most a second or so); anywhere else (joining, loading, polling, transfers) it
+    unwinds at once."""
+    stop, training, terminated = threading.Event(), threading.Event(), threading.Event()
 
     def on_term(signum: int, frame: Any) -> None:
+        terminated.set()
         stop.set()
-        raise _WorkerStop
+        if not training.is_set():
+            raise _WorkerStop
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        return run_worker(conn, worker_id, stop=stop, **kwargs)
+        run_worker(conn, worker_id, stop=stop, training=training, **kwargs)
     except _WorkerStop:
+        pass
+    if terminated.is_set():
         print(f"dpeft worker {worker_id}: stopped by SIGTERM", file=sys.stderr)
-        return 0
+    return 0

@@ -38,11 +38,12 @@ class TrainActor:
 
     def __init__(self, config_tree: dict[str, Any], worker_id: str, threads: int = 1) -> None:
         from dpeft.workers.runtime import WorkerRuntime, set_threads
+        from dpeft.workers.simulate import Heterogeneity
 
         set_threads(threads)
         self.worker_id = worker_id
         self.cfg = config_from_dict(config_tree)
-        self.runtime = WorkerRuntime(self.cfg)
+        self.runtime = Heterogeneity(self.cfg).install(WorkerRuntime(self.cfg))  # simulated Byzantine clients
         self.tasks_done = 0
 
     def ready(self) -> dict[str, Any]:
@@ -99,9 +100,10 @@ class AllReduceActor:
         """All rounds of the run (rank 0 writes the run directory); returns rank 0's metrics rows."""
         from dpeft.rounds.allreduce import run_allreduce
         from dpeft.workers.runtime import WorkerRuntime
+        from dpeft.workers.simulate import Heterogeneity
 
         cfg = config_from_dict(config_tree)
-        return run_allreduce(cfg, WorkerRuntime(cfg), resume=resume, quiet=True)
+        return run_allreduce(cfg, Heterogeneity(cfg).install(WorkerRuntime(cfg)), resume=resume, quiet=True)
 
     def reduce(self, arrays: list[np.ndarray], weight: float) -> tuple[list[np.ndarray], float]:
         """Test/benchmark hook: all-reduce weighted arrays, return (mean arrays, total weight)."""

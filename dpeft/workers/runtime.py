@@ -19,7 +19,7 @@ together by :func:`dpeft.train.multi_lora.lockstep_train` -- one forward/backwar
 per step, each client's rows through its own adapter, its own optimizer, prox term, personal
 start state and batch order (seeded per (seed, round, client)), so each update equals the one
 sequential training gives, to fp32 rounding. Everything after training (personal tensors saved,
-byzantine corruption, error-feedback codecs) is per client as before. A task that cannot join a
+the update hook, error-feedback codecs) is per client as before. A task that cannot join a
 group is trained alone (a debug log says why).
 """
 
@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,9 @@ class WorkerRuntime:
         self.codecs = RunCodecs.from_config(cfg)  # codec.down payloads in, codec.up (+ error feedback) out
         self._lockstep_refused: dict[str, str | None] = {}  # adapter name -> why lockstep cannot train it
         self._allocator_set = False
+        #: applied to each client's update before it is encoded (None: sent as trained); simulated
+        #: Byzantine clients live here (:meth:`dpeft.workers.simulate.Heterogeneity.install`)
+        self.update_hook: Callable[[TrainTask, AdapterState], AdapterState] | None = None
 
     @property
     def lockstep_clients(self) -> int:
@@ -148,8 +152,13 @@ class WorkerRuntime:
         """Run one task: returns (encoded delta, num_examples, metrics)."""
         return self.train_tasks([(task, payload)])[0]
 
-    def train_tasks(self, items: list[tuple[TrainTask, bytes]]) -> list[tuple[bytes, int, dict[str, float]]]:
-        """Run several tasks (in lockstep where ``train.lockstep`` allows); results in the same order."""
+    def train_tasks(
+        self, items: list[tuple[TrainTask, bytes]], should_stop: Callable[[], bool] | None = None
+    ) -> list[tuple[bytes, int, dict[str, float]]]:
+        """Run several tasks (in lockstep where ``train.lockstep`` allows); results in the same order.
+
+        ``should_stop`` is asked before every training step; when it says so,
+        :class:`~dpeft.train.TrainingStopped` is raised and no result is returned."""
         if not self._allocator_set:  # here, not in __init__: a forked worker's runtime is built before the fork
             self._allocator_set = True
             if self.cfg.train.worker_mmap_threshold_kib:
@@ -159,11 +168,11 @@ class WorkerRuntime:
         results: list[tuple[bytes, int, dict[str, float]] | None] = [None] * len(prepared)
         for group in self._groups(prepared):
             if len(group) > 1:
-                for i, (local, result) in zip(group, self._train_lockstep([prepared[i] for i in group]), strict=True):
+                for i, (local, result) in zip(group, self._train_lockstep([prepared[i] for i in group], should_stop), strict=True):
                     results[i] = self._finish(prepared[i], local, result, {"lockstep_clients": float(len(group))})
             else:
                 (i,) = group
-                local, result = self._train_alone(prepared[i])
+                local, result = self._train_alone(prepared[i], should_stop)
                 results[i] = self._finish(prepared[i], local, result, {})
         give_back_free_memory()  # the activations' free heap, before the next round (every transport)
         return [r for r in results if r is not None]
@@ -223,7 +232,7 @@ class WorkerRuntime:
     def _trainable(self, frozen: list[str]) -> list[str]:
         return [n for n in self.params if not _component_match(n, frozen)]
 
-    def _train_alone(self, p: _Prepared) -> tuple[AdapterState, LocalResult]:
+    def _train_alone(self, p: _Prepared, should_stop: Callable[[], bool] | None = None) -> tuple[AdapterState, LocalResult]:
         task = p.task
         self._use_adapter(p.adapter)
         load_state(self.model, p.start)  # strict: names and shapes must match the active adapter
@@ -245,6 +254,7 @@ class WorkerRuntime:
             optimizer=opt,
             prox_mu=float(task.hyperparams.get("prox_mu", 0.0)),
             num_labels=self.num_labels,
+            should_stop=should_stop,
         )
         if self.cfg.train.keep_optimizer_state:
             self._opt_states[task.client_id] = opt.state_dict()
@@ -252,7 +262,7 @@ class WorkerRuntime:
             param.requires_grad_(True)
         return extract_state(self.model), result
 
-    def _train_lockstep(self, group: list[_Prepared]) -> list[tuple[AdapterState, LocalResult]]:
+    def _train_lockstep(self, group: list[_Prepared], should_stop: Callable[[], bool] | None = None) -> list[tuple[AdapterState, LocalResult]]:
         """One lockstep run for tasks on the same adapter with the same frozen tensors."""
         from dpeft.train.multi_lora import ClientJob, lockstep_train
 
@@ -278,6 +288,7 @@ class WorkerRuntime:
             num_labels=self.num_labels,
             trainable=self._trainable(group[0].frozen),
             keep_optimizer_state=keep,
+            should_stop=should_stop,
         )
         if keep:
             for o in outcomes:
@@ -294,7 +305,7 @@ class WorkerRuntime:
     def _finish(
         self, p: _Prepared, local: AdapterState, result: LocalResult, extra: dict[str, float]
     ) -> tuple[bytes, int, dict[str, float]]:
-        """Personal tensors saved, the update built (and corrupted for byzantine clients), encoded."""
+        """Personal tensors saved, the update built (and passed through ``update_hook``), encoded."""
         task, hp, start = p.task, p.task.hyperparams, p.start
         personal = list(hp.get("personal", []))
         if personal:
@@ -305,8 +316,8 @@ class WorkerRuntime:
             OrderedDict((k, local[k] if is_full_factor(k, hp) else local[k] - start[k]) for k in sent_names(local.tensors, hp)),
             {"round": task.round, "client_id": task.client_id, "kind": "delta"},
         )
-        if task.client_id in self.cfg.simulate.byzantine_clients:
-            delta = self._corrupt(task, delta)
+        if self.update_hook is not None:
+            delta = self.update_hook(task, delta)
         metrics = {"train_loss": result.train_loss, "compute_s": result.compute_s, "task_s": time.perf_counter() - p.t0, **extra}
         pairs = lora_pairs(local.tensors)
         if pairs:
@@ -331,18 +342,6 @@ class WorkerRuntime:
         for k in names:
             start.tensors[k] = saved[k].to(received[k].dtype).clone()
         return start
-
-    def _corrupt(self, task: TrainTask, delta: AdapterState) -> AdapterState:
-        """Simulated Byzantine client: the update times ``simulate.byzantine_scale`` (and random signs)."""
-        sim = self.cfg.simulate
-        gen = torch.Generator().manual_seed(task_seed(self.cfg.seed + 7, task.round, task.client_id))
-        out: OrderedDict[str, torch.Tensor] = OrderedDict()
-        for k, v in delta.items():
-            t = v * sim.byzantine_scale
-            if sim.byzantine_random_sign:
-                t = t * (torch.randint(0, 2, v.shape, generator=gen) * 2 - 1).to(v.dtype)
-            out[k] = t
-        return AdapterState(out, dict(delta.meta))
 
 
 def set_threads(n: int) -> None:

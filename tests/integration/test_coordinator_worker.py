@@ -106,3 +106,21 @@ def test_workers_with_their_own_data(tmp_path: Path, procs) -> None:
         assert r["num_examples"] == sum(sizes), r
         assert r["rejected"] == 0
         assert sorted(r.get("sampled", [0, 1])) == [0, 1]
+
+
+def test_an_edge_worker_ignores_simulated_heterogeneity(tmp_path: Path, procs) -> None:
+    """``simulate.*`` drops, delays and corruption act around `dpeft simulate`'s workers only: a
+    plain `dpeft worker` trains every task of a run configured to drop nearly all of them and to
+    corrupt every client's update x -1000."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    address = f"127.0.0.1:{free_port()}"
+    sim = ["simulate.dropout=0.99", "simulate.byzantine_clients=[0,1,2,3]", "simulate.byzantine_scale=-1000", "simulate.speed_factors=[50]"]
+    coord = procs.start(*_coordinator_args(run, address, rounds=1, train__local_steps=4), *sim)
+    worker = procs.start("worker", "--coordinator", address, "--worker-id", "edge", "--threads", "1", "--patience", "60")
+    _finish(coord, [worker], timeout=180)
+    rows = read_metrics(run)
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients"] == 2 and rows[1]["rejected"] == 0
+    final = load_file(sorted((run / "checkpoints").glob("round-*.safetensors"))[-1])
+    assert max(float(v.abs().max()) for v in final.values()) < 5.0  # an honest update, not x -1000

@@ -12,6 +12,7 @@ from dpeft.transport.base import TrainTask
 from dpeft.validate import load_config
 from dpeft.workers.personal import PersonalStore
 from dpeft.workers.runtime import WorkerRuntime
+from dpeft.workers.simulate import Heterogeneity
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +23,7 @@ BASE = ["clients=5", "data.max_train_examples=200", "model.max_length=32", "data
 def runtime(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("worker")
     cfg = load_config(None, [*BASE, f"run_dir={run_dir}", "simulate.byzantine_clients=[4]", "simulate.byzantine_scale=-1000"])
-    return WorkerRuntime(cfg)
+    return Heterogeneity(cfg).install(WorkerRuntime(cfg))  # as `dpeft simulate` runs it: client 4 is byzantine
 
 
 @pytest.fixture(scope="module")

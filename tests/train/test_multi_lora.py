@@ -105,3 +105,32 @@ def test_lockstep_refuses_dropout(minilm_model, small_data) -> None:
     assert reason is not None and "dropout" in reason
     with pytest.raises(ValueError, match="dropout"):
         lockstep_train(model, small_data, [ClientJob(0, extract_state(model), [0, 1], 1)], TrainConfig(local_steps=1), num_labels=2)
+
+
+def test_a_stop_request_ends_training_between_steps(no_dropout_model, small_data) -> None:
+    """``should_stop`` is asked before every step, alone and in lockstep: training ends there."""
+    from dpeft.train import TrainingStopped
+
+    model = no_dropout_model.model
+    cfg = TrainConfig(local_steps=6, batch_size=4, optimizer="sgd", lr=0.01)
+    asked: list[int] = []
+
+    def stop_after(n: int):
+        def should_stop() -> bool:
+            asked.append(1)
+            return len(asked) > n
+
+        return should_stop
+
+    params = list(adapter_parameters(model).values())
+    with pytest.raises(TrainingStopped):
+        local_train(model, params, small_data, list(range(40)), cfg, "seq_cls", 1, num_labels=2, should_stop=stop_after(2))
+    assert len(asked) == 3  # two steps ran, the third was refused
+    asked.clear()
+    jobs = [ClientJob(c, _start(model, c), list(range(10 * c, 10 * c + 10)), task_seed(0, 1, c)) for c in range(2)]
+    with pytest.raises(TrainingStopped):
+        lockstep_train(model, small_data, jobs, cfg, num_labels=2, should_stop=stop_after(4))
+    assert len(asked) == 5
+    asked.clear()
+    assert local_train(model, params, small_data, list(range(40)), cfg, "seq_cls", 1, num_labels=2, should_stop=stop_after(99)).steps == 6
+    assert len(asked) == 6

@@ -23,6 +23,7 @@ from dpeft.strategies.hyperparams import update_schema
 from dpeft.transport.base import TrainTask
 from dpeft.validate import load_config
 from dpeft.workers.runtime import WorkerRuntime
+from dpeft.workers.simulate import Heterogeneity
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +56,8 @@ def runtimes(tmp_path_factory):
     out = {}
     for lockstep in (True, False):
         run_dir = tmp_path_factory.mktemp(f"lockstep-{lockstep}")
-        out[lockstep] = WorkerRuntime(load_config(None, [*BASE, f"run_dir={run_dir}", f"train.lockstep={str(lockstep).lower()}"]))
+        cfg = load_config(None, [*BASE, f"run_dir={run_dir}", f"train.lockstep={str(lockstep).lower()}"])
+        out[lockstep] = Heterogeneity(cfg).install(WorkerRuntime(cfg))  # as `dpeft simulate` runs it (byzantine client)
     return out
 
 

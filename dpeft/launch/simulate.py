@@ -1,0 +1,193 @@
+"""`dpeft simulate` and `dpeft coordinator`: a gRPC coordinator in this process, with local
+worker processes for simulate (:mod:`dpeft.launch.local_workers`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dpeft.config import AuthConfig, RunConfig, dump_config
+from dpeft.coordinator.engine import RoundEngine
+from dpeft.errors import DpeftError
+from dpeft.launch.local_workers import WorkerProcesses, start_method
+from dpeft.rounds.global_model import GlobalModel
+from dpeft.sync.base import check_coordinated
+from dpeft.workers.runtime import set_mmap_threshold, set_threads
+
+log = logging.getLogger("dpeft.launch")
+
+#: seconds workers get to leave when the run stops early (signal, failure) before they are killed
+STOP_GRACE_S = 5.0
+
+
+def return_large_frees(threshold: int = 1 << 20) -> bool:
+    """The coordinator's allocator: blocks of ``threshold`` bytes and more get their own mmap.
+
+    It allocates one buffer per gRPC chunk; with glibc's default (a dynamic threshold that grows
+    to 32 MiB) freed chunk buffers stay cached in per-thread arenas, a few hundred MiB that do not
+    go back to the system. With this, coordinator memory above the global adapter and the
+    aggregate stays a small multiple of the chunk size (``benchmarks/large_adapter.py``)."""
+    return set_mmap_threshold(threshold)
+
+
+def edge_security(cfg: RunConfig, listen: str) -> tuple[Any, Any]:
+    """(server TLS credentials or None, TokenStore or None) from ``auth.*``; checks ``transport.*`` limits."""
+    from dpeft.errors import ConfigError
+    from dpeft.transport.auth import TokenStore
+    from dpeft.transport.tls import server_credentials
+
+    t = cfg.transport
+    for key, value in [
+        ("transport.heartbeat_s", t.heartbeat_s),
+        ("transport.dead_after_s", t.dead_after_s),
+        ("transport.max_tensor_bytes", t.max_tensor_bytes),
+        ("transport.max_concurrent_uploads", t.max_concurrent_uploads),
+        ("transport.resume_window_s", t.resume_window_s),
+        ("transport.server_threads", t.server_threads),
+        ("transport.poll_timeout_s", t.poll_timeout_s),
+    ]:
+        if value is None or value <= 0:
+            raise ConfigError(key, f"must be > 0; got {value}")
+    if t.dead_after_s <= t.heartbeat_s:
+        raise ConfigError("transport.dead_after_s", f"must exceed transport.heartbeat_s ({t.heartbeat_s}) or live workers are declared dead")
+    credentials = server_credentials(cfg.auth.tls_cert, cfg.auth.tls_key, cfg.auth.tls_client_ca)
+    tokens = None
+    if cfg.auth.tokens_file:
+        if not Path(cfg.auth.tokens_file).is_file():
+            raise ConfigError("auth.tokens_file", f"no such file: {cfg.auth.tokens_file}")
+        tokens = TokenStore(cfg.auth.tokens_file)
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        if tokens is None:
+            log.warning("listening on %s without auth.tokens_file: any client can join, push updates and read the run config", listen)
+        if credentials is None:
+            log.warning("listening on %s without TLS (auth.tls_cert/auth.tls_key): tokens and adapters travel in clear text", listen)
+    return credentials, tokens
+
+
+def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume: bool = True, quiet: bool = False) -> list[dict[str, Any]]:
+    """Serve rounds until done; with ``local_workers`` > 0 this is `dpeft simulate`."""
+    from dpeft.transport.grpc_server import GrpcCoordinatorTransport, log_event
+
+    check_coordinated(cfg)
+    forking = bool(local_workers) and start_method(cfg) == "fork"
+    # forked workers: the coordinator loads the model with one torch thread (OpenMP's pool does
+    # not survive a fork) and sets its own threads and allocator after forking
+    set_threads(1 if forking else cfg.simulate.coordinator_threads)
+    if not forking:
+        return_large_frees()
+    run_dir = Path(cfg.run_dir)
+    t_start = time.time()
+    credentials, tokens = edge_security(cfg, listen)
+    gm = GlobalModel(cfg)
+    workers = WorkerProcesses(run_dir, cfg.simulate.threads_per_process)
+    if forking:
+        from dpeft.workers.runtime import WorkerRuntime
+
+        workers.fork(WorkerRuntime(cfg, bundle=gm.bundle), local_workers)
+        set_threads(cfg.simulate.coordinator_threads)
+        return_large_frees()
+    try:
+        engine = RoundEngine(cfg, gm, run_dir, resume=resume)
+    except BaseException:
+        workers.stop(grace_s=5.0)
+        raise
+    if engine.resumed_from is not None:
+        log_event("resumed", round=engine.resumed_from, run_dir=run_dir)
+    registry = run_dir / "workers.json"
+    if not resume:
+        registry.unlink(missing_ok=True)
+    worker_yaml = dump_config(dataclasses.replace(cfg, auth=AuthConfig()))  # workers never see key/token paths
+    transport = GrpcCoordinatorTransport(
+        listen,
+        run_id=hashlib.sha256(worker_yaml.encode()).hexdigest()[:12],  # the same run after a restart
+        config_yaml=worker_yaml,
+        num_clients=cfg.clients,
+        decoder_factory=engine.decoder_for,
+        chunk_bytes=cfg.transport.chunk_bytes,
+        max_update_bytes=cfg.transport.max_update_bytes,
+        max_tensor_bytes=cfg.transport.max_tensor_bytes,
+        max_update_norm=cfg.transport.max_update_norm,
+        max_concurrent_uploads=cfg.transport.max_concurrent_uploads,
+        poll_timeout_s=cfg.transport.poll_timeout_s,
+        heartbeat_s=cfg.transport.heartbeat_s,
+        dead_after_s=cfg.transport.dead_after_s,
+        resume_window_s=cfg.transport.resume_window_s,
+        tokens=tokens,
+        credentials=credentials,
+        registry_path=registry,
+        total_rounds=cfg.rounds,
+        max_threads=cfg.transport.server_threads,
+    )
+    try:
+        address = transport.start()
+    except BaseException:
+        workers.stop(grace_s=5.0)
+        raise
+    failure: list[str] = []
+    interrupted = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        interrupted.set()
+        engine.stop_event.set()
+
+    # before the `listening` line: whoever reads it may signal at once
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    scheme = "TLS" if credentials is not None else "plaintext"
+    auth = f"{len(tokens)} worker tokens" if tokens is not None else "no authentication"
+    print(f"dpeft coordinator listening on {address} ({scheme}, {auth}); run directory {run_dir}", file=sys.stderr, flush=True)
+
+    run_over = threading.Event()
+
+    def tasks_done(worker_id: str) -> int:
+        return int(transport.workers().get(worker_id, {}).get("tasks_done", 0))
+
+    def supervise() -> None:
+        """Restart local workers that die; end the run when one keeps dying."""
+        while not run_over.wait(0.2):
+            msg = workers.restart_dead(tasks_done, transport.worker_gone)
+            if msg:
+                failure.append(msg)
+                engine.stop_event.set()
+                return
+
+    try:
+        if forking:
+            workers.connect(address)
+        elif local_workers:
+            workers.start(address, local_workers)
+        if local_workers:
+            threading.Thread(target=supervise, daemon=True, name="dpeft-supervise").start()
+        rows = engine.run(transport)
+    except BaseException:
+        failure.append("")  # whatever it was propagates; the workers are stopped on the way out
+        raise
+    finally:
+        run_over.set()
+        stopping = bool(failure) or interrupted.is_set()
+        if stopping:  # local workers stop between training steps: they leave, or are killed after 5 s
+            deadline = time.monotonic() + STOP_GRACE_S
+            workers.terminate()
+            transport.shutdown("coordinator stopping", grace_s=STOP_GRACE_S)
+            engine.stop_event.set()
+            workers.stop(grace_s=max(0.0, deadline - time.monotonic()), term_grace_s=0.5)
+        else:
+            transport.shutdown("run complete", grace_s=STOP_GRACE_S)
+            engine.stop_event.set()
+            workers.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+    if failure:
+        raise DpeftError(failure[0])  # the supervisor's: a worker kept dying
+    if interrupted.is_set():
+        raise KeyboardInterrupt
+    if not quiet:
+        engine.metrics.print_summary(rows, t_start)
+    return rows
