@@ -126,9 +126,6 @@ class GrpcWorkerConnection(WorkerConnection):
     def _md(self) -> tuple[tuple[str, str], ...]:
         return call_metadata(self.worker_id, self.token)
 
-    def _backoff(self, attempt: int) -> float:
-        return backoff_s(attempt)
-
     def _session_call(self) -> SessionCall:
         return SessionCall(self.worker_id, self.session)
 
@@ -158,7 +155,7 @@ class GrpcWorkerConnection(WorkerConnection):
                     ) from None
                 if self._closed.is_set():
                     raise CoordinatorGone("connection closed") from None
-                time.sleep(self._backoff(attempt))
+                time.sleep(backoff_s(attempt))
                 attempt += 1
 
     # -- join / heartbeat -----------------------------------------------------------
@@ -292,7 +289,7 @@ class GrpcWorkerConnection(WorkerConnection):
                         raise
                     raise ProtocolError(f"download of {task.blob_id}: {exc} (again after {attempts} retries)") from None
                 log.info("download of %s interrupted at %d bytes (%s); resuming", task.blob_id, filled, exc)
-                time.sleep(self._backoff(attempts))
+                time.sleep(backoff_s(attempts))
                 attempts += 1
                 continue  # resume from the offset reached
             if filled < task.blob_size:
@@ -306,8 +303,11 @@ class GrpcWorkerConnection(WorkerConnection):
 
     def query_upload(self, task_id: str) -> int:
         """Bytes of our upload of ``task_id`` the coordinator holds (where to resume)."""
-        ask = UploadQueryAsk(self.worker_id, self.session, task_id)
-        reply = self._call(lambda: self._rpc["QueryUpload"](serde.upload_query_to_proto(ask), timeout=10, metadata=self._md()))
+        def query() -> Any:  # the session is read at each try: a re-join replaces it
+            ask = UploadQueryAsk(self.worker_id, self.session, task_id)
+            return self._rpc["QueryUpload"](serde.upload_query_to_proto(ask), timeout=10, metadata=self._md())
+
+        reply = self._call(query)
         return serde.upload_progress_from_proto(reply).received
 
     def push(self, task: TrainTask, payload: bytes, num_examples: int, metrics: dict[str, float]) -> tuple[bool, str]:
@@ -369,7 +369,7 @@ class GrpcWorkerConnection(WorkerConnection):
                     if time.time() - start > self.patience_s or attempt > 50:
                         raise CoordinatorGone(f"upload of task {task.task_id} failed {attempt + 1} times ({code.name}: {exc.details()})") from None
                     log.info("upload of task %s interrupted at ~%d bytes (%s); resuming", task.task_id, sent, code.name)
-                    time.sleep(self._backoff(attempt) if code != grpc.StatusCode.DATA_LOSS else 0.0)
+                    time.sleep(backoff_s(attempt) if code != grpc.StatusCode.DATA_LOSS else 0.0)
                     attempt += 1
                 else:
                     raise
