@@ -37,7 +37,7 @@ Accept = Callable[[TrainTask, int], bool]
 class TaskQueue:
     """Queued and in-flight tasks, pinning, lockstep fair share, and the payloads they need."""
 
-    #: most tasks one hand-out takes
+    #: most tasks one hand-out takes (a gRPC PollRequest.max_tasks is capped here)
     max_batch = 64
 
     def __init__(self) -> None:

@@ -61,8 +61,6 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
 
     #: payloads kept beyond those a queued or in-flight task refers to
     keep_blobs = 2
-    #: most tasks one poll takes (PollRequest.max_tasks is capped here)
-    max_tasks_per_poll = TaskQueue.max_batch
 
     def __init__(
         self,
