@@ -52,7 +52,7 @@ def coordinator(conn, workers: int, rounds: int, tensor_kb: int, tokens_file: st
     from dpeft.codec.tensors import Limits, StateDecoder
     from dpeft.transport.auth import TokenStore
     from dpeft.transport.base import Rejection, TaskResult, TrainTask
-    from dpeft.transport.grpc_server import GrpcCoordinatorTransport
+    from dpeft.transport.grpc import GrpcCoordinatorTransport
 
     torch.set_num_threads(1)
     proc = psutil.Process()
@@ -124,7 +124,7 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
     args = ap.parse_args()
 
-    from dpeft.transport.grpc_worker import GrpcWorkerConnection
+    from dpeft.transport.grpc import GrpcWorkerConnection
 
     tmp = tempfile.mkdtemp(prefix="dpeft-edge-load-")
     tokens = {f"w{i}": hashlib.sha256(f"tok{i}".encode()).hexdigest() for i in range(args.workers)}

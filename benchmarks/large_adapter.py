@@ -76,7 +76,7 @@ def coordinator(args: argparse.Namespace) -> None:
     import torch
 
     from dpeft.coordinator.engine import RoundEngine
-    from dpeft.transport.grpc_server import GrpcCoordinatorTransport
+    from dpeft.transport.grpc import GrpcCoordinatorTransport
     from dpeft.validate import load_config
 
     torch.set_num_threads(1)
@@ -156,7 +156,7 @@ def worker(args: argparse.Namespace) -> None:
     import mmap
 
     from dpeft.transport.base import TrainTask
-    from dpeft.transport.grpc_worker import GrpcWorkerConnection
+    from dpeft.transport.grpc import GrpcWorkerConnection
 
     conn = GrpcWorkerConnection(args.address, chunk_bytes=args.chunk_mib * MiB, patience_s=600, heartbeat=True)
     reg = conn.join(f"w{args.index}", 100)  # owns one client slot: the round waits for every worker

@@ -91,8 +91,8 @@ def grpc_pair(chunk_bytes: int, max_bytes: int):
     import torch
 
     from dpeft.codec.tensors import Limits, StateDecoder
-    from dpeft.transport.grpc_server import GrpcCoordinatorTransport
-    from dpeft.transport.grpc_worker import GrpcWorkerConnection
+    from dpeft.transport.grpc.server import GrpcCoordinatorTransport
+    from dpeft.transport.grpc.worker import GrpcWorkerConnection
 
     schemas: dict[str, OrderedDict] = {}
 
@@ -139,8 +139,7 @@ def grpc_round(t, conn, schemas, torch, size: int, tag: str) -> tuple[float, flo
     assert ok and isinstance(ev, TaskResult), (ok, reason, ev)
     assert ev.delta["w"].numel() == size
     del ev
-    t._blobs.pop(task.blob_id, None)  # noqa: SLF001 - free the published copy now
-    t._blob_crcs.pop(task.blob_id, None)  # noqa: SLF001
+    t.payloads.drop([task.blob_id])  # free the published copy now
     return down, up, down_cpu, up_cpu
 
 

@@ -93,7 +93,7 @@ def _star_rounds(transport, params: int, workers: int, rounds: int) -> tuple[lis
 def _grpc_worker(address: str, worker_id: str, params: int, seed: int) -> None:
     torch.set_num_threads(1)
     from dpeft.codec import decode_state, encode_state
-    from dpeft.transport.grpc_worker import GrpcWorkerConnection
+    from dpeft.transport.grpc import GrpcWorkerConnection
 
     update = encode_state(make_state(params, seed))
     conn = GrpcWorkerConnection(address, patience_s=20, heartbeat=False)
@@ -111,7 +111,7 @@ def _grpc_worker(address: str, worker_id: str, params: int, seed: int) -> None:
 
 
 def bench_grpc(params: int, workers: int, rounds: int) -> tuple[list[float], int, int]:
-    from dpeft.transport.grpc_server import GrpcCoordinatorTransport
+    from dpeft.transport.grpc import GrpcCoordinatorTransport
 
     schema = make_state(params).schema()
     t = GrpcCoordinatorTransport("127.0.0.1:0", run_id="bench", config_yaml="{}", num_clients=workers, decoder_factory=_decoder_factory(schema), poll_timeout_s=0.5)

@@ -23,8 +23,7 @@ from dpeft.rounds.checkpoint import latest_checkpoint
 from dpeft.rounds.global_model import GlobalModel
 from dpeft.state import AdapterState, max_abs_diff
 from dpeft.train.loop import batch_schedule, make_optimizer, task_seed
-from dpeft.transport.grpc_server import GrpcCoordinatorTransport
-from dpeft.transport.grpc_worker import GrpcWorkerConnection
+from dpeft.transport.grpc import GrpcCoordinatorTransport, GrpcWorkerConnection
 from dpeft.validate import load_config
 from dpeft.workers.loop import run_worker
 

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dpeft.transport.grpc_server import SERVICE_NAME, GrpcCoordinatorTransport
+from dpeft.transport.grpc import SERVICE_NAME, GrpcCoordinatorTransport
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -282,6 +282,12 @@ class StateDecoder:
             write_into(self._data, self._filled, mv)
         self._filled += len(mv)
 
+    def tensor_sizes(self) -> list[tuple[str, int]] | None:
+        """(name, data bytes) of every tensor the header declares; None until the header is parsed."""
+        if self._data is None:
+            return None
+        return [(name, end - start) for name, _dtype, _shape, start, end in self._entries]
+
     @property
     def spooled(self) -> bool:
         """True when the data goes to a temporary file (known once the header is parsed)."""

@@ -169,7 +169,7 @@ def _token(args: argparse.Namespace) -> str:
 
 
 def _connect(args: argparse.Namespace, worker_id: str, patience_s: float):
-    from dpeft.transport.grpc_worker import GrpcWorkerConnection
+    from dpeft.transport.grpc import GrpcWorkerConnection
 
     credentials = None
     if args.tls or args.ca or args.cert or args.key:

@@ -228,7 +228,7 @@ def _forked_worker(runtime: Any, read_fd: int, worker_id: str, threads: int, log
         if not address:  # the coordinator stopped before listening
             code = 0
             return
-        from dpeft.transport.grpc_worker import GrpcWorkerConnection
+        from dpeft.transport.grpc import GrpcWorkerConnection
         from dpeft.workers.loop import serve_until_terminated
         from dpeft.workers.simulate import simulated_worker
 

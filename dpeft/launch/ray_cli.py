@@ -37,7 +37,7 @@ log = logging.getLogger("dpeft.launch.ray")
 
 def actor_spec(cfg: RunConfig) -> Any:
     """The :class:`RayActorSpec` of ``cfg.ray`` (``ray.actors`` defaults to ``simulate.processes``)."""
-    from dpeft.transport.ray_transport import RayActorSpec
+    from dpeft.transport.ray_pool import RayActorSpec
 
     r = cfg.ray
     return RayActorSpec(
@@ -201,43 +201,31 @@ def _run_allreduce(cfg: RunConfig, resume: bool, quiet: bool) -> list[dict[str, 
 
 
 class RayAllReduceGroup:
-    """N Ray actors forming one torch.distributed process group (placement group, rank 0's address)."""
+    """N Ray actors forming one torch.distributed process group (a :class:`RayActorPool` that is
+    never restarted, on a placement group; rank 0's address is the rendezvous)."""
 
     def __init__(self, spec: Any, backend: str = "gloo") -> None:
         import ray
 
+        from dpeft.transport.ray_pool import RayActorPool
+        from dpeft.workers.ray_actor import AllReduceActor
+
         self.ray = ray
         self.spec = spec
         self.backend = backend
-        self.actors: list[Any] = []
-        self._pg: Any = None
+        self.pool = RayActorPool(spec, AllReduceActor, restartable=False, always_place=True, id_prefix="rank-")
+
+    @property
+    def actors(self) -> list[Any]:
+        """The ranks' actor handles, rank order."""
+        return [m.handle for m in self.pool.members]
 
     def start(self) -> None:
         ray = self.ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from dpeft.workers.ray_actor import AllReduceActor
-
-        n = self.spec.actors
-        self._pg = placement_group([self.spec.bundle() for _ in range(n)], strategy=self.spec.placement_strategy or "PACK")
-        if not ray.wait([self._pg.ready()], timeout=self.spec.startup_timeout_s)[0]:
-            raise DpeftError(f"Ray could not reserve {n} x {self.spec.bundle()} (cluster: {ray.cluster_resources()})")
-        threads = self.spec.torch_threads()
-        remote = ray.remote(AllReduceActor)
-        env = {"env_vars": {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
-        self.actors = [
-            remote.options(
-                num_cpus=self.spec.num_cpus,
-                num_gpus=self.spec.num_gpus,
-                resources=dict(self.spec.resources) or None,
-                runtime_env=env,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=self._pg, placement_group_bundle_index=i),
-            ).remote(threads)
-            for i in range(n)
-        ]
-        addr, port = ray.get(self.actors[0].address.remote(), timeout=self.spec.startup_timeout_s)
-        ray.get([a.setup.remote(addr, port, i, n, self.backend) for i, a in enumerate(self.actors)], timeout=self.spec.startup_timeout_s)
+        self.pool.start(lambda worker_id, threads: (threads,))
+        actors, n, timeout = self.actors, self.spec.actors, self.spec.startup_timeout_s
+        addr, port = ray.get(actors[0].address.remote(), timeout=timeout)
+        ray.get([a.setup.remote(addr, port, i, n, self.backend) for i, a in enumerate(actors)], timeout=timeout)
 
     def run(self, config_tree: dict[str, Any], resume: bool = True) -> list[dict[str, Any]]:
         try:
@@ -254,17 +242,5 @@ class RayAllReduceGroup:
         return self.ray.get([a.reduce.remote(arrs, w) for a, (arrs, w) in zip(self.actors, per_rank, strict=True)])
 
     def shutdown(self) -> None:
-        for a in self.actors:
-            try:
-                self.ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001
-                pass
-        self.actors = []
-        if self._pg is not None:
-            from ray.util.placement_group import remove_placement_group
-
-            try:
-                remove_placement_group(self._pg)
-            except Exception:  # noqa: BLE001
-                pass
-            self._pg = None
+        self.pool.shutdown()
+        self.pool.members.clear()

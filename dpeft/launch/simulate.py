@@ -74,7 +74,8 @@ def edge_security(cfg: RunConfig, listen: str) -> tuple[Any, Any]:
 
 def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume: bool = True, quiet: bool = False) -> list[dict[str, Any]]:
     """Serve rounds until done; with ``local_workers`` > 0 this is `dpeft simulate`."""
-    from dpeft.transport.grpc_server import GrpcCoordinatorTransport, log_event
+    from dpeft.transport.events import log_event
+    from dpeft.transport.grpc import GrpcCoordinatorTransport
 
     check_coordinated(cfg)
     forking = bool(local_workers) and start_method(cfg) == "fork"

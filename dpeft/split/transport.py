@@ -19,7 +19,7 @@ import grpc
 
 from dpeft._proto.dpeft.v1 import split_pb2_grpc as pb_grpc
 from dpeft.split.wire import Channel
-from dpeft.transport.grpc_server import channel_options
+from dpeft.transport.grpc import channel_options
 
 log = logging.getLogger("dpeft.split.transport")
 

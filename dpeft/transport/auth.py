@@ -152,6 +152,12 @@ class TokenStore:
         ok = hmac.compare_digest(got, want if want is not None else _DUMMY)
         return ok and want is not None and bool(token)
 
+    def knows(self, worker_id: str) -> bool:
+        """Whether ``worker_id`` has a token in the current file (False once its line is removed: revoked)."""
+        with self._lock:
+            self._load()
+            return worker_id in self._digests
+
     def __len__(self) -> int:
         with self._lock:
             self._load()

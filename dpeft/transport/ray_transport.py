@@ -7,10 +7,12 @@ returning an object ref), and pulls events with ``next_event`` (``ray.wait`` ove
 flight, so updates stream into the aggregator as they finish). Uploads are decoded and
 validated through the engine's decoder factory, exactly as the gRPC servicer does.
 
-Scheduling: each actor runs one task at a time; the transport keeps the queue and hands the
-next task to whichever actor becomes idle (so ``cancel_pending`` can drop queued tasks and a
-slow actor never hoards work). Actors are placed with a placement group (one bundle per actor
-holding its CPUs, GPUs and custom resources).
+Scheduling: each actor runs one task at a time; the transport keeps the queue (the shared
+:class:`~dpeft.transport.queue.TaskQueue`, as the gRPC transport does) and hands the next task
+to whichever actor becomes idle (so ``cancel_pending`` can drop queued tasks and a slow actor
+never hoards work). The actors are a :class:`~dpeft.transport.ray_pool.RayActorPool` (one
+placement-group bundle per actor holding its CPUs, GPUs and custom resources) and are listed
+in the shared :class:`~dpeft.transport.registry.WorkerRegistry`.
 
 Faults use Ray's own mechanisms: actors are created with ``max_restarts`` (Ray re-runs the
 constructor, which reloads the base) and optionally ``max_task_retries``. When a call fails
@@ -54,71 +56,52 @@ import numpy as np
 from dpeft.codec.spool import SpooledBlob
 from dpeft.errors import DpeftError, ProtocolError, RejectedUpdate
 from dpeft.transport.base import CoordinatorTransport, DecoderFactory, Event, Rejection, TaskResult, TrainTask
+from dpeft.transport.queue import Assignment, TaskQueue
+from dpeft.transport.ray_pool import PoolMember, RayActorPool, RayActorSpec, short_error
+from dpeft.transport.registry import WorkerRecord, WorkerRegistry
 from dpeft.workers.simulate import Heterogeneity
 
 log = logging.getLogger("dpeft.transport.ray")
 
-
-@dataclass(kw_only=True)
-class RayActorSpec:
-    """How many actors and what each one reserves."""
-
-    actors: int = 2
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    resources: dict[str, float] = field(default_factory=dict)
-    threads: int | None = None
-    placement_strategy: str | None = "PACK"
-    max_restarts: int = 2
-    max_task_retries: int = 0
-    max_attempts: int = 3
-    startup_timeout_s: float = 600.0
-
-    def bundle(self) -> dict[str, float]:
-        out = {"CPU": float(self.num_cpus), "GPU": float(self.num_gpus), **{k: float(v) for k, v in self.resources.items()}}
-        return {k: v for k, v in out.items() if v > 0}
-
-    def torch_threads(self) -> int:
-        return int(self.threads) if self.threads else max(1, int(self.num_cpus))
+__all__ = ["Heterogeneity", "RayActorSpec", "RayCoordinatorTransport"]
 
 
 @dataclass
 class _Actor:
-    worker_id: str
-    handle: Any
-    alive: bool = True
+    """A pool member as the transport schedules it (its registry record holds the counters)."""
+
+    member: PoolMember
+    record: WorkerRecord
     busy: bool = False
     probing: bool = False
-    restarts: int = 0  # failures seen (each restart of the actor shows up as one)
-    deaths: int = 0
-    probe_failures: int = 0  # in a row
-    tasks_done: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
     blobs_seen: set[str] = field(default_factory=set)
-    info: dict[str, Any] = field(default_factory=dict)
-    last_seen: float = field(default_factory=time.time)
+
+    @property
+    def worker_id(self) -> str:
+        return self.member.worker_id
+
+    @property
+    def handle(self) -> Any:
+        return self.member.handle
 
 
 @dataclass
 class _Call:
+    """An actor call in flight: a task (several with lockstep), or a readiness probe (no tasks)."""
+
     actor: _Actor
-    task: TrainTask | None  # None: a readiness probe
-    attempt: int = 1
-    cancelled: bool = False
-    more: list[TrainTask] = field(default_factory=list)  # a lockstep call: further tasks, trained together
-    dropped: set[str] = field(default_factory=set)  # tasks of a lockstep call the engine gave up on
+    assignments: list[Assignment] = field(default_factory=list)
 
     @property
     def tasks(self) -> list[TrainTask]:
-        return [] if self.task is None else [self.task, *self.more]
-
-    def wanted(self, task: TrainTask) -> bool:
-        return not self.cancelled and task.task_id not in self.dropped
+        return [a.task for a in self.assignments]
 
 
 class RayCoordinatorTransport(CoordinatorTransport):
     """Runs tasks on Ray actors; results come back as object refs consumed with ``ray.wait``."""
+
+    #: payloads kept beyond those a queued or in-flight task refers to
+    keep_blobs = 2
 
     def __init__(
         self,
@@ -152,99 +135,47 @@ class RayCoordinatorTransport(CoordinatorTransport):
         train = config_tree.get("train") or {}
         # train.lockstep: hand an idle actor several tasks of a round at once (trained together)
         self.lockstep_clients = int(train.get("lockstep_clients") or 1) if train.get("lockstep") else 1
+        self.pool = RayActorPool(self.spec, actor_cls)
+        self.registry = WorkerRegistry()
+        self.queue = TaskQueue()
         self._actors: OrderedDict[str, _Actor] = OrderedDict()
         self._blobs: OrderedDict[str, Any] = OrderedDict()
         self._blob_sizes: dict[str, int] = {}
-        self._blob_round: dict[str, int] = {}  # payload -> newest round a submitted task used it for
-        self._latest_round: int | None = None
         # simulated slow clients: (release time, seq, task, actor, actor's result, delay)
         self._delayed: list[tuple[float, int, TrainTask, _Actor, Any, float]] = []
         self._seq = itertools.count()
-        self._pending: deque[tuple[TrainTask, int]] = deque()
         self._calls: dict[Any, _Call] = {}
         self._events: deque[Event] = deque()
         self._bytes_up = 0
         self._bytes_down = 0
-        self._pg: Any = None
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> str:
-        ray = self.ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        spec = self.spec
-        if spec.actors < 1:
+        if self.spec.actors < 1:
             raise DpeftError("the Ray transport needs at least one actor")
-        strategies: list[Any] = [None] * spec.actors
-        if spec.placement_strategy and spec.bundle():
-            from ray.util.placement_group import placement_group
-
-            self._pg = placement_group([spec.bundle() for _ in range(spec.actors)], strategy=spec.placement_strategy)
-            ready, _ = ray.wait([self._pg.ready()], timeout=spec.startup_timeout_s)
-            if not ready:
-                raise DpeftError(
-                    f"Ray could not reserve {spec.actors} x {spec.bundle()} within {spec.startup_timeout_s:.0f}s "
-                    f"(cluster resources: {ray.cluster_resources()}); lower ray.actors or the per-actor resources"
-                )
-            strategies = [PlacementGroupSchedulingStrategy(placement_group=self._pg, placement_group_bundle_index=i) for i in range(spec.actors)]
-        remote_cls = ray.remote(self.actor_cls)
-        threads = spec.torch_threads()
-        env = {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
-        for i in range(spec.actors):
-            worker_id = f"ray-{i}"
-            options: dict[str, Any] = dict(
-                num_cpus=spec.num_cpus,
-                num_gpus=spec.num_gpus,
-                resources=dict(spec.resources) or None,
-                max_restarts=spec.max_restarts,
-                max_task_retries=spec.max_task_retries,
-                runtime_env=env,
-                name=None,
-            )
-            if strategies[i] is not None:
-                options["scheduling_strategy"] = strategies[i]
-            handle = remote_cls.options(**options).remote(self.config_tree, worker_id, threads)
-            self._actors[worker_id] = _Actor(worker_id, handle)
-        refs = {a.handle.ready.remote(): a for a in self._actors.values()}
-        ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=spec.startup_timeout_s)
-        if not_ready:
-            raise DpeftError(f"{len(not_ready)} of {len(refs)} Ray actors did not start within {spec.startup_timeout_s:.0f}s")
-        for ref in ready:
-            try:
-                refs[ref].info = ray.get(ref)
-            except ray.exceptions.RayError as exc:
-                raise DpeftError(f"Ray actor {refs[ref].worker_id} failed to start: {_short(exc)}") from None
-        ctx = ray.get_runtime_context()
+        members = self.pool.start(lambda worker_id, threads: (self.config_tree, worker_id, threads))
+        now = time.time()
+        for m in members:
+            record = self.registry.add(WorkerRecord(m.worker_id, joined=now, last_seen=now, alive=True))
+            self._actors[m.worker_id] = _Actor(m, record)
+        self.pool.wait_ready()
+        ctx = self.ray.get_runtime_context()
         return f"ray:{ctx.gcs_address}"
 
     def shutdown(self, reason: str, grace_s: float = 5.0) -> None:
-        ray = self.ray
         log.info("stopping %d Ray actors: %s", len(self._actors), reason)
+        self.pool.shutdown()
         for a in self._actors.values():
-            try:
-                ray.kill(a.handle, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
-            a.alive = False
+            a.record.alive = False
         self._calls.clear()
-        self._pending.clear()
+        self.queue.clear_pending()
+        self.queue.clear_inflight()
+        self.queue.forget_payloads()
         self._delayed.clear()
         self._blobs.clear()
         self._blob_sizes.clear()
-        self._blob_round.clear()
-        if self._pg is not None:
-            from ray.util.placement_group import remove_placement_group
-
-            try:
-                remove_placement_group(self._pg)
-            except Exception:  # noqa: BLE001
-                pass
-            self._pg = None
 
     # -- engine-facing ---------------------------------------------------------
-    #: payloads kept beyond those a queued or in-flight task refers to
-    keep_blobs = 2
-
     def publish_blob(self, blob_id: str, payload: bytes | SpooledBlob) -> None:
         """Put a payload into the object store once (as a uint8 array: zero-copy reads on each node)."""
         if blob_id not in self._blobs:
@@ -254,39 +185,20 @@ class RayCoordinatorTransport(CoordinatorTransport):
             self._blob_sizes[blob_id] = len(payload)
 
     def _prune_blobs(self) -> None:
-        """Release payloads that no queued or running task needs and the engine cannot reuse.
-
-        Kept: payloads of queued or running tasks, of the newest round tasks were submitted for
-        (the engine hands them out again without re-publishing), and the newest ``keep_blobs``.
-        A payload is always published right before the submit of the tasks that refer to it.
-        """
-        needed = {t.blob_id for t, _ in self._pending} | {t.blob_id for c in self._calls.values() for t in c.tasks}
-        names = list(self._blobs)
-        for name in names[: max(0, len(names) - self.keep_blobs)]:
-            if name in needed or self._blob_round.get(name) == self._latest_round:
-                continue
+        """Release payloads no task needs (:meth:`TaskQueue.prunable`); Ray frees them."""
+        for name in self.queue.prunable(list(self._blobs), self.keep_blobs):
             del self._blobs[name]
             self._blob_sizes.pop(name, None)
-            self._blob_round.pop(name, None)
 
     def submit(self, tasks: list[TrainTask], pinned: dict[int, str]) -> None:
-        for t in tasks:
-            self._blob_round[t.blob_id] = max(t.round, self._blob_round.get(t.blob_id, t.round))
-            if self._latest_round is None or t.round > self._latest_round:
-                self._latest_round = t.round
-        self._pending.extend((t, 1) for t in tasks)
+        self.queue.submit(tasks)
         self._prune_blobs()
         self._dispatch()
 
     def forget_tasks(self, task_ids: list[str]) -> None:
         """The engine gave up on these tasks: drop them from the queue; a running or held-back result is discarded."""
         drop = set(task_ids)
-        self._pending = deque((t, n) for t, n in self._pending if t.task_id not in drop)
-        for call in self._calls.values():
-            if call.more:
-                call.dropped |= {t.task_id for t in call.tasks if t.task_id in drop}
-            elif call.task is not None and call.task.task_id in drop:
-                call.cancelled = True
+        self.queue.forget(drop)
         if any(d[2].task_id in drop for d in self._delayed):
             self._delayed = [d for d in self._delayed if d[2].task_id not in drop]
             heapq.heapify(self._delayed)
@@ -294,42 +206,36 @@ class RayCoordinatorTransport(CoordinatorTransport):
 
     def _dispatch(self) -> None:
         """Hand queued tasks to idle actors: one each, or with lockstep a fair share of a round's tasks."""
-        idle = [a for a in self._actors.values() if a.alive and not a.busy and not a.probing]
+        idle = [a for a in self._actors.values() if a.member.alive and not a.busy and not a.probing]
         for n, a in enumerate(idle):
-            if not self._pending:
+            if not self.queue.pending_count:
                 return
-            batch: list[tuple[TrainTask, int, Any]] = []
-            share = 1
-            if self.lockstep_clients > 1:
-                first_round = self._pending[0][0].round
-                queued = sum(1 for t, _ in self._pending if t.round == first_round)
-                share = min(self.lockstep_clients, -(-queued // (len(idle) - n)))
-            while self._pending and len(batch) < share:
-                if batch and self._pending[0][0].round != batch[0][0].round:
-                    break
-                task, attempt = self._pending.popleft()
+            payloads: list[Any] = []
+
+            def accept(task: TrainTask, attempt: int, a: _Actor = a, payloads: list[Any] = payloads) -> bool:
                 if attempt == 1 and self.sim.drops(task):  # drawn per (seed, round, client, attempt, dispatch), as in simulate
                     log.info("simulated dropout: task %s gets no reply", task.task_id)
-                    continue
+                    return False
                 blob = self._blobs.get(task.blob_id)
                 if blob is None:
                     self._events.append(Rejection(task.task_id, a.worker_id, "unknown_blob", f"payload {task.blob_id} was dropped"))
-                    continue
-                batch.append((task, attempt, blob))
+                    return False
+                payloads.append(blob)
                 if task.blob_id not in a.blobs_seen:  # counted once per actor and payload (the store ships it once per node)
                     a.blobs_seen = (a.blobs_seen & set(self._blobs)) | {task.blob_id}
-                    a.bytes_down += self._blob_sizes.get(task.blob_id, 0)
+                    a.record.bytes_down += self._blob_sizes.get(task.blob_id, 0)
                     self._bytes_down += self._blob_sizes.get(task.blob_id, 0)
-            if not batch:
+                return True
+
+            taken = self.queue.take(a.worker_id, max_tasks=self.lockstep_clients, idle_hosts=len(idle) - n, accept=accept)
+            if not taken:
                 continue
             a.busy = True
-            if len(batch) == 1:
-                task, attempt, blob = batch[0]
-                self._calls[a.handle.train.remote(task, blob)] = _Call(a, task, attempt)
+            if len(taken) == 1:
+                ref = a.handle.train.remote(taken[0].task, payloads[0])
             else:  # payload refs as top-level arguments, so Ray resolves each (zero-copy) before the call
-                tasks = [t for t, _, _ in batch]
-                ref = a.handle.train_many.remote(tasks, *[b for _, _, b in batch])
-                self._calls[ref] = _Call(a, tasks[0], max(n for _, n, _ in batch), more=tasks[1:])
+                ref = a.handle.train_many.remote([x.task for x in taken], *payloads)
+            self._calls[ref] = _Call(a, taken)
 
     def next_event(self, timeout: float) -> Event | None:
         deadline = time.time() + timeout
@@ -362,11 +268,18 @@ class RayCoordinatorTransport(CoordinatorTransport):
             _, _, task, a, value, delay = heapq.heappop(self._delayed)
             self._events.append(self._decode(task, a, value, {"simulated_delay_s": delay}))
 
+    def _wanted(self, call: _Call) -> list[Assignment]:
+        """The call's tasks still in flight on its actor (not forgotten by the engine meanwhile); they leave the queue."""
+        out = [x for x in call.assignments if self.queue.owner(x.task.task_id) == call.actor.worker_id]
+        for x in out:
+            self.queue.finish(x.task.task_id)
+        return out
+
     def _complete(self, ref: Any) -> None:
         ray = self.ray
         call = self._calls.pop(ref)
         a = call.actor
-        a.last_seen = time.time()
+        a.record.last_seen = time.time()
         try:
             value = ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
@@ -374,22 +287,20 @@ class RayCoordinatorTransport(CoordinatorTransport):
             return
         except ray.exceptions.RayError as exc:
             a.busy = a.probing = False
-            for task in call.tasks:
-                if call.wanted(task):
-                    log.warning("task %s failed on %s: %s", task.task_id, a.worker_id, _short(exc))
-                    self._events.append(Rejection(task.task_id, a.worker_id, "worker_error", _short(exc)))
+            for x in self._wanted(call):
+                log.warning("task %s failed on %s: %s", x.task.task_id, a.worker_id, short_error(exc))
+                self._events.append(Rejection(x.task.task_id, a.worker_id, "worker_error", short_error(exc)))
             return
-        if call.task is None:  # probe answered: the (restarted) actor is back
+        if not call.assignments:  # probe answered: the (restarted) actor is back
             a.probing = False
-            a.alive = True
-            a.probe_failures = 0
-            a.info = value
-            log.info("Ray actor %s is back (pid %s)", a.worker_id, value.get("pid"))
+            a.record.alive = True
+            self.pool.back(a.member, value)
             return
         a.busy = False
         tasks = call.tasks
-        a.tasks_done += len(tasks)
-        if call.more:
+        a.record.tasks_done += len(tasks)
+        wanted = {x.task.task_id for x in self._wanted(call)}
+        if len(tasks) > 1:
             if not isinstance(value, (list, tuple)) or len(value) != len(tasks):
                 for task in tasks:
                     self._events.append(Rejection(task.task_id, a.worker_id, "malformed", "train_many returned the wrong number of results"))
@@ -398,7 +309,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
         else:
             results = [(tasks[0], value)]
         for task, result in results:
-            if not call.wanted(task):
+            if task.task_id not in wanted:
                 continue
             delay = self.sim.delay_s(task.client_id, _compute_s(result))
             if delay > 0:  # a simulated slow client: the actor is free, the reply comes later
@@ -422,7 +333,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
             return Rejection(task.task_id, a.worker_id, exc.reason, str(exc))
         except (TypeError, ValueError) as exc:
             return Rejection(task.task_id, a.worker_id, "malformed", f"unexpected result from actor: {exc}")
-        a.bytes_up += len(buf)
+        a.record.bytes_up += len(buf)
         self._bytes_up += len(buf)
         return TaskResult(
             task_id=task.task_id,
@@ -435,60 +346,45 @@ class RayCoordinatorTransport(CoordinatorTransport):
         )
 
     def _actor_failed(self, call: _Call, exc: Exception) -> None:
-        """A call failed because its actor died: re-queue the task, then probe until the actor is back."""
+        """A call failed because its actor died: re-queue its tasks, then probe until the actor is back."""
         a = call.actor
         a.busy = False
         a.probing = False
-        for task in reversed(call.tasks):  # back to the front of the queue, in their order
-            log.warning("Ray actor %s failed during task %s (attempt %d): %s", a.worker_id, task.task_id, call.attempt, _short(exc))
-            if call.wanted(task):
-                if call.attempt < self.spec.max_attempts:
-                    self._pending.appendleft((task, call.attempt + 1))
-                else:
-                    self._events.append(Rejection(task.task_id, a.worker_id, "worker_died", f"{call.attempt} attempts failed: {_short(exc)}"))
-        if call.task is not None:
-            a.restarts += 1
-        else:
-            a.probe_failures += 1
-        if isinstance(exc, self.ray.exceptions.ActorDiedError):
-            a.deaths += 1
-            if 0 <= self.spec.max_restarts < a.deaths or a.probe_failures > 3:
-                log.warning("Ray actor %s is dead (out of restarts): %s", a.worker_id, _short(exc))
-                a.alive = False
-                return
+        mine = [x for x in call.assignments if self.queue.owner(x.task.task_id) == a.worker_id]
+        retry = []
+        for x in mine:  # back to the front of the queue, in their order
+            log.warning("Ray actor %s failed during task %s (attempt %d): %s", a.worker_id, x.task.task_id, x.attempt, short_error(exc))
+            if x.attempt < self.spec.max_attempts:
+                retry.append(x)
+            else:
+                self.queue.finish(x.task.task_id)
+                self._events.append(Rejection(x.task.task_id, a.worker_id, "worker_died", f"{x.attempt} attempts failed: {short_error(exc)}"))
+        self.queue.requeue(retry, next_attempt=True)
+        if not self.pool.call_failed(a.member, exc, probing=not call.assignments):
+            a.record.alive = False
+            return
         # restarting or briefly unreachable: the probe answers once Ray has it back, fails at once if it is gone
         self._probe(a)
 
     def _probe(self, a: _Actor) -> None:
         """Ask a (restarting) actor for ``ready``; it takes no task until that answers."""
         a.probing = True
-        self._calls[a.handle.ready.remote()] = _Call(a, None)
+        self._calls[a.handle.ready.remote()] = _Call(a)
 
     def cancel_pending(self) -> list[str]:
         """Drop queued tasks; tasks already running finish and are delivered (the engine decides: late, fold, ...)."""
-        ids = [t.task_id for t, _ in self._pending]
-        self._pending.clear()
-        return ids
+        return self.queue.clear_pending()
 
     def workers(self) -> dict[str, dict[str, Any]]:
-        return {
-            a.worker_id: {
-                "own_data": False,
-                "client_ids": [],
-                "alive": a.alive,
-                "left": False,
+        for a in self._actors.values():
+            a.record.extra = {
                 "busy": a.busy,
                 "restarting": a.probing,
-                "restarts": a.restarts,
-                "tasks_done": a.tasks_done,
-                "last_seen": a.last_seen,
-                "bytes_up": a.bytes_up,
-                "bytes_down": a.bytes_down,
-                "pid": a.info.get("pid"),
-                "node_ip": a.info.get("node_ip"),
+                "restarts": a.member.restarts,
+                "pid": a.member.info.get("pid"),
+                "node_ip": a.member.info.get("node_ip"),
             }
-            for a in self._actors.values()
-        }
+        return self.registry.snapshot()
 
     def bytes_moved(self) -> tuple[int, int]:
         return self._bytes_up, self._bytes_down
@@ -500,7 +396,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
 
     def in_flight(self) -> dict[str, str]:
         """task id -> worker id of the tasks currently running."""
-        return {t.task_id: c.actor.worker_id for c in self._calls.values() for t in c.tasks}
+        return self.queue.in_flight()
 
 
 def _compute_s(value: Any) -> float:
@@ -509,8 +405,3 @@ def _compute_s(value: Any) -> float:
         return float(value[2].get("compute_s", 0.0))
     except (TypeError, ValueError, IndexError, AttributeError, KeyError):
         return 0.0
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

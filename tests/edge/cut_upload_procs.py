@@ -6,7 +6,7 @@ bytes went from the client to the upstream; later connections are forwarded unto
 writes its port to ``LISTEN_PORT_FILE`` and reports the cut on stdout.
 
 ``worker ADDRESS SIZE_MIB CHUNK_BYTES``: a real dpeft worker connection
-(:class:`~dpeft.transport.grpc_worker.GrpcWorkerConnection`) that joins, polls one task,
+(:class:`~dpeft.transport.grpc.GrpcWorkerConnection`) that joins, polls one task,
 fetches its payload and uploads a deterministic update (:func:`update_state`); it logs the
 transport's own lines to stderr and prints one JSON line with its counters.
 """
@@ -90,7 +90,7 @@ def proxy(port_file: str, upstream: str, cut_after: int) -> None:
 def worker(address: str, size_mib: int, chunk_bytes: int) -> None:
     from dpeft.codec import encode_state
     from dpeft.transport.base import TrainTask
-    from dpeft.transport.grpc_worker import GrpcWorkerConnection
+    from dpeft.transport.grpc import GrpcWorkerConnection
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
     payload = encode_state(update_state(size_mib))

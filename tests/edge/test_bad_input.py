@@ -30,7 +30,7 @@ from dpeft.coordinator.engine import RoundEngine
 from dpeft.rounds.global_model import GlobalModel
 from dpeft.state import AdapterState
 from dpeft.transport.auth import TokenStore
-from dpeft.transport.grpc_server import GrpcCoordinatorTransport
+from dpeft.transport.grpc import GrpcCoordinatorTransport
 from dpeft.validate import load_config
 
 pytestmark = pytest.mark.integration

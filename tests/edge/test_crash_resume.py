@@ -26,8 +26,7 @@ from dpeft.config import dump_config
 from dpeft.coordinator.engine import RoundEngine
 from dpeft.rounds.checkpoint import latest_checkpoint
 from dpeft.rounds.global_model import GlobalModel
-from dpeft.transport.grpc_server import GrpcCoordinatorTransport
-from dpeft.transport.grpc_worker import GrpcWorkerConnection
+from dpeft.transport.grpc import GrpcCoordinatorTransport, GrpcWorkerConnection
 from dpeft.transport.tls import channel_credentials
 from dpeft.validate import load_config
 from dpeft.workers.loop import run_worker

@@ -21,7 +21,9 @@ from dpeft.codec.crc import CRC32, CRC32C, CrcAlgorithm
 from dpeft.codec.tensors import Limits, StateDecoder
 from dpeft.state import AdapterState
 from dpeft.transport import serde
-from dpeft.transport.grpc_server import GrpcCoordinatorTransport, _Servicer
+from dpeft.transport.grpc.server import GrpcCoordinatorTransport
+from dpeft.transport.grpc.servicer import CoordinatorServicer
+from dpeft.transport.registry import WorkerRecord
 
 SCHEMA = OrderedDict([("a", ((8, 16), torch.float32)), ("b", ((4,), torch.float16))])
 LIMIT = 4096
@@ -58,14 +60,13 @@ class _RecordingDecoder(StateDecoder):
             ALLOCATED.append(len(self._data))
 
 
-def _transport() -> tuple[GrpcCoordinatorTransport, _Servicer]:
+def _transport() -> tuple[GrpcCoordinatorTransport, CoordinatorServicer]:
     t = GrpcCoordinatorTransport(
         "127.0.0.1:0", run_id="fuzz", config_yaml="{}", num_clients=2, max_update_bytes=LIMIT,
         decoder_factory=lambda tid, cid: _RecordingDecoder(SCHEMA, Limits(max_total_bytes=LIMIT, max_header_bytes=2048)),
     )
-    t._workers["w"] = {"session": "s", "own_data": False, "own_examples": 0, "client_ids": [], "joined": 0.0, "last_seen": 0.0,
-                       "alive": True, "left": False, "tasks_done": 0, "bytes_up": 0, "bytes_down": 0}
-    return t, _Servicer(t)
+    t.registry.add(WorkerRecord("w", session="s", alive=True))
+    return t, CoordinatorServicer(t)
 
 
 TRANSPORT, SERVICER = _transport()
@@ -76,9 +77,7 @@ OK_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITIO
 
 
 def _run(messages: list[pb.UpdateChunk]) -> grpc.StatusCode:
-    with TRANSPORT._lock:
-        TRANSPORT._uploads.clear()
-        TRANSPORT._completed.clear()
+    TRANSPORT.uploads.reset()
     ALLOCATED.clear()
     ctx = _Ctx()
     try:

@@ -33,8 +33,7 @@ from dpeft.errors import RejectedUpdate
 from dpeft.rounds.validation import check_norm, check_update
 from dpeft.state import AdapterState
 from dpeft.transport.base import TaskResult, TrainTask
-from dpeft.transport.grpc_server import GrpcCoordinatorTransport
-from dpeft.transport.grpc_worker import GrpcWorkerConnection
+from dpeft.transport.grpc import GrpcCoordinatorTransport, GrpcWorkerConnection
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

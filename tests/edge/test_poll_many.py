@@ -12,8 +12,7 @@ import hashlib
 import pytest
 
 from dpeft.transport.base import TrainTask
-from dpeft.transport.grpc_server import GrpcCoordinatorTransport
-from dpeft.transport.grpc_worker import GrpcWorkerConnection
+from dpeft.transport.grpc import GrpcCoordinatorTransport, GrpcWorkerConnection
 
 
 def _tasks(round_num: int, clients: range) -> list[TrainTask]:
@@ -63,7 +62,7 @@ def test_fair_share_among_idle_workers(coordinator) -> None:
     # round 1 is all handed out; round 2's tasks never come in the same reply as round 1's
     assert _ids(a.poll_many(8)) == ["r2-c0", "r2-c1"]
     assert isinstance(a.poll_many(8), float)  # nothing left: wait
-    assert len(t._inflight) == 9 and not t._pending
+    assert t.queue.inflight_count == 9 and not t.queue.pending_count
 
 
 def test_cap_and_plain_poll(coordinator) -> None:

@@ -21,8 +21,7 @@ from dpeft.errors import ConfigError
 from dpeft.state import AdapterState
 from dpeft.transport.auth import TokenStore
 from dpeft.transport.base import TaskResult, TrainTask
-from dpeft.transport.grpc_server import GrpcCoordinatorTransport
-from dpeft.transport.grpc_worker import AuthRefused, CoordinatorGone, GrpcWorkerConnection
+from dpeft.transport.grpc import AuthRefused, CoordinatorGone, GrpcCoordinatorTransport, GrpcWorkerConnection
 from dpeft.transport.tls import channel_credentials, server_credentials
 
 SCHEMA = OrderedDict([("a.weight", ((64, 1024), torch.float32)), ("b.bias", ((16,), torch.float32))])
@@ -153,7 +152,7 @@ def test_upload_cut_at_60_percent_resumes_and_a_corrupt_chunk_is_resent(tmp_path
             if offset >= cut_at and not fired:
                 fired.append(offset)
                 deadline = time.time() + 10  # let the coordinator verify what was sent so far ("acknowledged")
-                while time.time() < deadline and getattr(t._uploads.get(task.task_id), "received", 0) < offset:
+                while time.time() < deadline and t.uploads.progress(task.task_id, "w0")[0] < offset:
                     time.sleep(0.01)
                 raise ConnectionResetError("network dropped")
             return data

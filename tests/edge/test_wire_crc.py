@@ -23,8 +23,7 @@ from dpeft.errors import ProtocolError
 from dpeft.state import AdapterState
 from dpeft.transport import serde
 from dpeft.transport.base import TaskResult, TrainTask
-from dpeft.transport.grpc_server import FramedBlob, GrpcCoordinatorTransport
-from dpeft.transport.grpc_worker import GrpcWorkerConnection
+from dpeft.transport.grpc import FramedBlob, GrpcCoordinatorTransport, GrpcWorkerConnection
 
 SCHEMA = OrderedDict([("a.weight", ((64, 1024), torch.float32)), ("b.bias", ((16,), torch.float32))])
 CHUNK = 16 << 10
@@ -61,9 +60,9 @@ def _joined(address: str, patience_s: float = 10) -> GrpcWorkerConnection:
 
 
 @pytest.fixture
-def headers(monkeypatch) -> list[dict]:
+def headers(monkeypatch) -> list:
     """The upload headers the coordinator parsed, in order."""
-    seen: list[dict] = []
+    seen: list = []
     real = serde.update_header_from_proto
 
     def record(msg):
@@ -89,7 +88,7 @@ def test_current_peers_speak_crc32c_both_ways(coordinator, headers) -> None:
         assert conn.push(task, payload, 5, {}) == (True, "")
         ev = t.next_event(5)
         assert isinstance(ev, TaskResult) and torch.equal(ev.delta["a.weight"], _state(4)["a.weight"])
-        assert [(h["crc32"], h["crc32c"], h["sha256"]) for h in headers] == [(None, crc32c.crc32c(payload), b"")]
+        assert [(h.crc32, h.crc32c, h.sha256) for h in headers] == [(None, crc32c.crc32c(payload), b"")]
     finally:
         conn.leave()
 
@@ -106,7 +105,7 @@ def test_a_worker_of_an_older_coordinator_uses_crc32(coordinator, headers) -> No
         assert bytes(conn.fetch(task)) == blob
         payload = encode_state(_state(6))
         assert conn.push(task, payload, 5, {}) == (True, "")
-        assert [(h["crc32"], h["crc32c"]) for h in headers] == [(zlib.crc32(payload), None)]
+        assert [(h.crc32, h.crc32c) for h in headers] == [(zlib.crc32(payload), None)]
         assert isinstance(t.next_event(5), TaskResult)
     finally:
         conn.leave()
@@ -147,7 +146,8 @@ def test_download_chunks_on_the_grid_with_cached_crc32c(coordinator) -> None:
     raw = RawClient(address, "w")
     try:
         raw.join()
-        cache, framed = t._blob_crcs["blob1"], t._blobs["blob1"]
+        framed = t.payloads.get("blob1")
+        cache = t.payloads.crcs_of("blob1", framed)
         n = -(-len(blob) // CHUNK)
         assert cache.whole_crc32c == crc32c.crc32c(blob) and len(cache.by_algo[CRC32C.name]) == n  # computed once, at publish
         # an in-memory payload is kept as its response frames: served as they are, nothing re-encoded
@@ -181,7 +181,7 @@ def test_a_corrupted_download_chunk_is_detected_under_crc32c(coordinator) -> Non
     try:
         task = conn.poll()
         assert task.blob_crc32c is not None
-        framed = t._blobs["blob1"]
+        framed = t.payloads.get("blob1")
         frame = bytearray(framed.frames[1])
         frame[framed._starts[1] + 3] ^= 0x10  # a bit flips in the coordinator's copy of chunk 1
         framed.frames[1] = bytes(frame)

@@ -17,16 +17,16 @@ Built to survive real networks:
 - the CRC is CRC-32C (hardware, the ``crc32c`` package) when the task carries
   ``blob_crc32c`` -- which is how a coordinator says it speaks CRC-32C: the download then asks
   for CRC-32C chunks and the upload declares ``crc32c`` -- and CRC-32 (zlib) with an older
-  coordinator (see :mod:`dpeft.transport.grpc_server`).
+  coordinator (see :mod:`dpeft.transport.grpc.server`).
 - UNAUTHENTICATED / PERMISSION_DENIED are final (:class:`AuthRefused`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import mmap
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,15 +34,14 @@ from typing import Any, TypeVar
 
 import grpc
 
-from dpeft._proto.dpeft.v1 import coordinator_pb2 as pb
-from dpeft._proto.dpeft.v1 import coordinator_pb2_grpc as pb_grpc
 from dpeft.codec.crc import CRC32, CRC32C, CrcAlgorithm, chunk_crcs, combine_chunks, crc32_combine
 from dpeft.codec.tensors import write_into, zeroed_buffer
 from dpeft.errors import DpeftError, ProtocolError
 from dpeft.transport import serde
 from dpeft.transport.auth import call_metadata
 from dpeft.transport.base import TrainTask, WorkerConnection, WorkerRegistration
-from dpeft.transport.grpc_server import channel_options
+from dpeft.transport.grpc.channel import backoff_s, channel_options
+from dpeft.transport.messages import FetchAsk, PollAsk, SessionCall, UpdateHeader, UploadQueryAsk, WorkerJoin
 
 log = logging.getLogger("dpeft.transport.grpc")
 T = TypeVar("T")
@@ -99,14 +98,11 @@ class GrpcWorkerConnection(WorkerConnection):
             self.channel = grpc.secure_channel(address, credentials, options=options)
         else:
             self.channel = grpc.insecure_channel(address, options=options)
-        self.stub = pb_grpc.CoordinatorStub(self.channel)
-        # the bulk streams with serde's zero-copy (de)serializers (same protobuf bytes on the wire)
-        self._fetch_blob = self.channel.unary_stream(
-            "/dpeft.v1.Coordinator/FetchBlob", request_serializer=pb.FetchRequest.SerializeToString, response_deserializer=serde.decode_blob_chunk
-        )
-        self._push_update = self.channel.stream_unary(
-            "/dpeft.v1.Coordinator/PushUpdate", request_serializer=serde.encode_update_part, response_deserializer=pb.UpdateAck.FromString
-        )
+        # every RPC with serde's (de)serializers (the bulk streams zero-copy; same protobuf bytes on the wire)
+        self._rpc: dict[str, Callable[..., Any]] = {}
+        for name, codec in serde.COORDINATOR_RPCS.items():
+            make = self.channel.stream_unary if codec.request_stream else self.channel.unary_stream if codec.response_stream else self.channel.unary_unary
+            self._rpc[name] = make(codec.path, request_serializer=codec.serialize_request, response_deserializer=codec.parse_response)
         self.worker_id = ""
         self.session = ""
         self.run_id = ""
@@ -130,9 +126,8 @@ class GrpcWorkerConnection(WorkerConnection):
     def _md(self) -> tuple[tuple[str, str], ...]:
         return call_metadata(self.worker_id, self.token)
 
-    def _backoff(self, attempt: int) -> float:
-        """Exponential backoff with full jitter: uniform(0, min(10, 0.2 * 2^attempt)) (>= 50 ms)."""
-        return max(0.05, random.uniform(0, min(10.0, 0.2 * (2**attempt))))
+    def _session_call(self) -> SessionCall:
+        return SessionCall(self.worker_id, self.session)
 
     def _final(self, exc: grpc.RpcError) -> None:
         if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
@@ -160,14 +155,14 @@ class GrpcWorkerConnection(WorkerConnection):
                     ) from None
                 if self._closed.is_set():
                     raise CoordinatorGone("connection closed") from None
-                time.sleep(self._backoff(attempt))
+                time.sleep(backoff_s(attempt))
                 attempt += 1
 
     # -- join / heartbeat -----------------------------------------------------------
     def _join_once(self) -> WorkerRegistration:
         worker_id, own_examples = self._join_args  # type: ignore[misc]
-        req = pb.JoinRequest(worker_id=worker_id, token=self.token, own_data=own_examples is not None, own_examples=own_examples or 0)
-        reply = self._call(lambda: self.stub.Join(req, timeout=10, metadata=self._md()), rejoin=False)
+        req = serde.join_to_proto(WorkerJoin(worker_id, self.token, own_examples is not None, own_examples or 0))
+        reply = serde.join_answer_from_proto(self._call(lambda: self._rpc["Join"](req, timeout=10, metadata=self._md()), rejoin=False))
         if self.run_id and reply.run_id != self.run_id:
             raise DpeftError(f"coordinator at {self.address} now serves a different run ({reply.run_id}, was {self.run_id}); restart this worker")
         self.run_id = reply.run_id
@@ -178,7 +173,7 @@ class GrpcWorkerConnection(WorkerConnection):
             run_id=reply.run_id,
             session=reply.session,
             config=serde.config_from_text(reply.config_yaml),
-            client_ids=list(reply.client_ids),
+            client_ids=reply.client_ids,
             heartbeat_s=reply.heartbeat_s,
         )
 
@@ -211,7 +206,7 @@ class GrpcWorkerConnection(WorkerConnection):
     def _heartbeat_loop(self) -> None:
         while not self._closed.wait(self.heartbeat_s):
             try:
-                reply = self._call(lambda: self.stub.Heartbeat(pb.HeartbeatRequest(worker_id=self.worker_id, session=self.session), timeout=10, metadata=self._md()))
+                reply = self._heartbeat_once()
             except AuthRefused as exc:
                 log.error("%s", exc)
                 self.stop_requested.set()
@@ -222,9 +217,12 @@ class GrpcWorkerConnection(WorkerConnection):
             if reply.stop:
                 self.stop_requested.set()
 
+    def _heartbeat_once(self) -> Any:
+        reply = self._call(lambda: self._rpc["Heartbeat"](serde.heartbeat_to_proto(self._session_call()), timeout=10, metadata=self._md()))
+        return serde.heartbeat_answer_from_proto(reply)
+
     def heartbeat(self) -> dict[str, Any]:
-        reply = self._call(lambda: self.stub.Heartbeat(pb.HeartbeatRequest(worker_id=self.worker_id, session=self.session), timeout=10, metadata=self._md()))
-        return {"stop": reply.stop, "round": reply.round}
+        return dataclasses.asdict(self._heartbeat_once())
 
     # -- tasks ------------------------------------------------------------------------
     def poll(self) -> TrainTask | float | str:
@@ -234,14 +232,14 @@ class GrpcWorkerConnection(WorkerConnection):
     def poll_many(self, max_tasks: int) -> list[TrainTask] | float | str:
         want = max(1, int(max_tasks))
         reply = self._call(
-            lambda: self.stub.PollTask(pb.PollRequest(worker_id=self.worker_id, session=self.session, max_tasks=want), timeout=30, metadata=self._md())
+            lambda: self._rpc["PollTask"](serde.poll_to_proto(PollAsk(self.worker_id, self.session, want)), timeout=30, metadata=self._md())
         )
-        kind = reply.WhichOneof("kind")
-        if kind == "task":
-            return [serde.task_from_proto(t) for t in [reply.task, *reply.more_tasks]]
-        if kind == "stop_reason":
-            return reply.stop_reason or "stopped"
-        return float(reply.wait_s)
+        answer = serde.poll_answer_from_proto(reply)
+        if answer.tasks:
+            return answer.tasks
+        if answer.stop_reason is not None:
+            return answer.stop_reason
+        return answer.wait_s
 
     def fetch(self, task: TrainTask) -> bytes | bytearray | mmap.mmap:
         """The payload of ``task``: streamed into one preallocated buffer (no second copy, even
@@ -263,8 +261,8 @@ class GrpcWorkerConnection(WorkerConnection):
         start = time.time()
         while filled < task.blob_size:
             try:
-                req = pb.FetchRequest(worker_id=self.worker_id, session=self.session, blob_id=task.blob_id, offset=filled, crc32c=use_c)
-                for chunk in self._fetch_blob(req, timeout=600, metadata=self._md()):
+                req = serde.fetch_to_proto(FetchAsk(self.worker_id, self.session, task.blob_id, filled, use_c))
+                for chunk in self._rpc["FetchBlob"](req, timeout=600, metadata=self._md()):
                     data = chunk.data  # a view into the received frame
                     if chunk.offset != filled or filled + len(data) > task.blob_size:
                         raise ProtocolError("payload chunk out of order or beyond the declared size")
@@ -291,7 +289,7 @@ class GrpcWorkerConnection(WorkerConnection):
                         raise
                     raise ProtocolError(f"download of {task.blob_id}: {exc} (again after {attempts} retries)") from None
                 log.info("download of %s interrupted at %d bytes (%s); resuming", task.blob_id, filled, exc)
-                time.sleep(self._backoff(attempts))
+                time.sleep(backoff_s(attempts))
                 attempts += 1
                 continue  # resume from the offset reached
             if filled < task.blob_size:
@@ -305,10 +303,12 @@ class GrpcWorkerConnection(WorkerConnection):
 
     def query_upload(self, task_id: str) -> int:
         """Bytes of our upload of ``task_id`` the coordinator holds (where to resume)."""
-        reply = self._call(
-            lambda: self.stub.QueryUpload(pb.UploadQuery(worker_id=self.worker_id, session=self.session, task_id=task_id), timeout=10, metadata=self._md())
-        )
-        return int(reply.received)
+        def query() -> Any:  # the session is read at each try: a re-join replaces it
+            ask = UploadQueryAsk(self.worker_id, self.session, task_id)
+            return self._rpc["QueryUpload"](serde.upload_query_to_proto(ask), timeout=10, metadata=self._md())
+
+        reply = self._call(query)
+        return serde.upload_progress_from_proto(reply).received
 
     def push(self, task: TrainTask, payload: bytes, num_examples: int, metrics: dict[str, float]) -> tuple[bool, str]:
         """Upload ``payload`` in CRC-checked chunks, resuming after drops; (accepted, reason).
@@ -324,7 +324,8 @@ class GrpcWorkerConnection(WorkerConnection):
         use_c = algo == CRC32C
         crcs = chunk_crcs(view, step, algo.fn)
         whole = combine_chunks(((c, min(step, size - i * step)) for i, c in enumerate(crcs)), poly=algo.poly)
-        sums = {"crc32c": whole} if use_c else {"crc32": whole}
+        header = UpdateHeader(self.worker_id, self.session, task.task_id, task.client_id, num_examples, dict(metrics), size)
+        header = dataclasses.replace(header, crc32c=whole) if use_c else dataclasses.replace(header, crc32=whole)
         sent = 0
         offset = 0
         start = time.time()
@@ -332,10 +333,9 @@ class GrpcWorkerConnection(WorkerConnection):
         while True:
             cut: list[BaseException] = []
 
-            def chunks(first: int, cut: list[BaseException] = cut) -> Iterator[pb.UpdateChunk | serde.DataPiece]:
+            def chunks(first: int, cut: list[BaseException] = cut) -> Iterator[Any]:
                 nonlocal sent
-                header = serde.update_header_to_proto(self.worker_id, self.session, task, num_examples, metrics, size, b"", offset=first, **sums)
-                yield pb.UpdateChunk(header=header)
+                yield serde.update_header_to_proto(dataclasses.replace(header, worker_id=self.worker_id, session=self.session, offset=first))
                 pos = first
                 while pos < size:
                     end = min(size, (pos // step + 1) * step)  # back on the grid after a resume off it
@@ -355,7 +355,7 @@ class GrpcWorkerConnection(WorkerConnection):
                     yield msg
 
             try:
-                ack = self._push_update(chunks(offset), timeout=600, metadata=self._md())
+                ack = serde.upload_verdict_from_proto(self._rpc["PushUpdate"](chunks(offset), timeout=600, metadata=self._md()))
             except grpc.RpcError as exc:
                 code = exc.code()
                 self._final(exc)
@@ -369,7 +369,7 @@ class GrpcWorkerConnection(WorkerConnection):
                     if time.time() - start > self.patience_s or attempt > 50:
                         raise CoordinatorGone(f"upload of task {task.task_id} failed {attempt + 1} times ({code.name}: {exc.details()})") from None
                     log.info("upload of task %s interrupted at ~%d bytes (%s); resuming", task.task_id, sent, code.name)
-                    time.sleep(self._backoff(attempt) if code != grpc.StatusCode.DATA_LOSS else 0.0)
+                    time.sleep(backoff_s(attempt) if code != grpc.StatusCode.DATA_LOSS else 0.0)
                     attempt += 1
                 else:
                     raise
@@ -386,13 +386,14 @@ class GrpcWorkerConnection(WorkerConnection):
 
     def status(self) -> dict[str, Any]:
         """The coordinator's status (workers, round, progress)."""
-        return serde.status_to_dict(self._call(lambda: self.stub.Status(pb.StatusRequest(), timeout=10, metadata=self._md()), rejoin=False))
+        reply = self._call(lambda: self._rpc["Status"](serde.status_request_to_proto(), timeout=10, metadata=self._md()), rejoin=False)
+        return dataclasses.asdict(serde.status_from_proto(reply))
 
     def leave(self) -> None:
         self._closed.set()
         try:
             if self.session:
-                self.stub.Leave(pb.LeaveRequest(worker_id=self.worker_id, session=self.session), timeout=5, metadata=self._md())
+                self._rpc["Leave"](serde.leave_to_proto(self._session_call()), timeout=5, metadata=self._md())
         except grpc.RpcError:
             pass
         self.channel.close()

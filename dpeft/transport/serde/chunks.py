@@ -1,4 +1,4 @@
-"""The one place where protobuf messages are converted to and from dpeft's dataclasses.
+"""The bulk messages of the coordinator protocol, on a zero-copy path.
 
 The two bulk messages (``BlobChunk`` down, ``UpdateChunk`` carrying a ``DataChunk`` up) also
 have a zero-copy path used as the gRPC (de)serializers of FetchBlob and PushUpdate: a chunk is
@@ -18,119 +18,11 @@ algorithm and refuses a chunk carrying the other one).
 
 from __future__ import annotations
 
-import json
-import math
 from typing import Any, NamedTuple
 
 from dpeft._proto.dpeft.v1 import coordinator_pb2 as pb
 from dpeft.codec.crc import CRC32, CRC32C, CrcAlgorithm
 from dpeft.errors import ProtocolError
-from dpeft.transport.base import TrainTask
-
-MAX_JSON_BYTES = 64 * 1024
-
-
-def task_to_proto(task: TrainTask) -> pb.TrainTask:
-    return pb.TrainTask(
-        task_id=task.task_id,
-        round=task.round,
-        client_id=task.client_id,
-        blob_id=task.blob_id,
-        blob_size=task.blob_size,
-        blob_sha256=task.blob_sha256,
-        hyperparams_json=json.dumps(task.hyperparams, sort_keys=True),
-        blob_crc32=task.blob_crc32,
-        blob_crc32c=task.blob_crc32c,
-    )
-
-
-def _json_object(text: str, what: str) -> dict[str, Any]:
-    if len(text) > MAX_JSON_BYTES:
-        raise ProtocolError(f"{what} is larger than {MAX_JSON_BYTES} bytes")
-    try:
-        value = json.loads(text) if text else {}
-    except json.JSONDecodeError as exc:
-        raise ProtocolError(f"{what} is not JSON: {exc.msg}") from None
-    if not isinstance(value, dict):
-        raise ProtocolError(f"{what} must be a JSON object")
-    return value
-
-
-def task_from_proto(msg: pb.TrainTask) -> TrainTask:
-    if msg.blob_size < 0:
-        raise ProtocolError("task blob_size is negative")
-    return TrainTask(
-        task_id=msg.task_id,
-        round=msg.round,
-        client_id=msg.client_id,
-        blob_id=msg.blob_id,
-        blob_size=msg.blob_size,
-        blob_sha256=bytes(msg.blob_sha256),
-        hyperparams=_json_object(msg.hyperparams_json, "task hyperparameters"),
-        blob_crc32=msg.blob_crc32 if msg.HasField("blob_crc32") else None,
-        blob_crc32c=msg.blob_crc32c if msg.HasField("blob_crc32c") else None,
-    )
-
-
-def update_header_to_proto(
-    worker_id: str,
-    session: str,
-    task: TrainTask,
-    num_examples: int,
-    metrics: dict[str, float],
-    size: int,
-    sha256: bytes,
-    offset: int = 0,
-    crc32: int | None = None,
-    crc32c: int | None = None,
-) -> pb.UpdateHeader:
-    """The first message of an upload: identify it by ``crc32c`` (whole-payload CRC-32C) or
-    ``crc32`` (CRC-32), with ``sha256`` empty, or by ``sha256``."""
-    return pb.UpdateHeader(
-        crc32=crc32,
-        crc32c=crc32c,
-        offset=offset,
-        worker_id=worker_id,
-        session=session,
-        task_id=task.task_id,
-        client_id=task.client_id,
-        num_examples=num_examples,
-        metrics={k: float(v) for k, v in metrics.items()},
-        size=size,
-        sha256=sha256,
-    )
-
-
-def update_header_from_proto(msg: pb.UpdateHeader) -> dict[str, Any]:
-    if msg.num_examples < 0:
-        raise ProtocolError("num_examples is negative")
-    if msg.size < 0:
-        raise ProtocolError("update size is negative")
-    if not 0 <= msg.offset <= msg.size:
-        raise ProtocolError(f"resume offset {msg.offset} outside 0..{msg.size}")
-    if len(msg.metrics) > 256:
-        raise ProtocolError("too many metrics")
-    if len(msg.task_id) > 256 or len(msg.worker_id) > 128:
-        raise ProtocolError("task_id or worker_id too long")
-    if msg.HasField("crc32") and msg.HasField("crc32c"):
-        raise ProtocolError("set one of crc32 and crc32c, not both")
-    if len(msg.sha256) != 32 and not (len(msg.sha256) == 0 and (msg.HasField("crc32") or msg.HasField("crc32c"))):
-        raise ProtocolError("sha256 must be 32 bytes (or empty, with the payload's crc32c or crc32)")
-    if not all(math.isfinite(v) for v in msg.metrics.values()):
-        raise ProtocolError("metrics must be finite numbers")
-    return {
-        "worker_id": msg.worker_id,
-        "session": msg.session,
-        "task_id": msg.task_id,
-        "client_id": msg.client_id,
-        "num_examples": msg.num_examples,
-        "metrics": dict(msg.metrics),
-        "size": msg.size,
-        "sha256": bytes(msg.sha256),
-        "crc32": msg.crc32 if msg.HasField("crc32") else None,
-        "crc32c": msg.crc32c if msg.HasField("crc32c") else None,
-        "offset": msg.offset,
-    }
 
 
 class BlobPiece(NamedTuple):
@@ -323,50 +215,3 @@ def checked_chunk(msg: pb.UpdateChunk | DataPiece, expected_offset: int, algo: C
         want = crc32
     crc = algo.fn(data)
     return data, crc == want, crc
-
-
-def status_to_dict(msg: pb.StatusReply) -> dict[str, Any]:
-    """A StatusReply as plain data (for `dpeft status`)."""
-    return {
-        "run_id": msg.run_id,
-        "round": msg.round,
-        "total_rounds": msg.total_rounds,
-        "tasks_submitted": msg.tasks_submitted,
-        "tasks_done": msg.tasks_done,
-        "tasks_pending": msg.tasks_pending,
-        "tasks_inflight": msg.tasks_inflight,
-        "uploads_partial": msg.uploads_partial,
-        "bytes_up": msg.bytes_up,
-        "bytes_down": msg.bytes_down,
-        "rejected": msg.rejected,
-        "stop_reason": msg.stop_reason,
-        "uptime_s": msg.uptime_s,
-        "workers": [
-            {
-                "worker_id": w.worker_id,
-                "state": w.state,
-                "last_seen": w.last_seen,
-                "tasks_done": w.tasks_done,
-                "bytes_up": w.bytes_up,
-                "bytes_down": w.bytes_down,
-                "own_data": w.own_data,
-                "client_ids": list(w.client_ids),
-                "current_task": w.current_task,
-                "address": w.address,
-            }
-            for w in msg.workers
-        ],
-    }
-
-
-def config_from_text(text: str) -> dict[str, Any]:
-    """The run config a worker receives (YAML parsed with the safe loader: data only)."""
-    import yaml
-
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ProtocolError(f"run config from the coordinator is not YAML: {exc}") from None
-    if not isinstance(value, dict):
-        raise ProtocolError("run config from the coordinator must be a mapping")
-    return value

@@ -1,0 +1,31 @@
+"""gRPC channel settings shared by both ends: message limits, keepalive, reconnect and retry backoff."""
+
+from __future__ import annotations
+
+import random
+
+from dpeft.transport.serde.rpc import SERVICE_NAME
+
+__all__ = ["SERVICE_NAME", "backoff_s", "channel_options"]
+
+
+def channel_options(chunk_bytes: int) -> list[tuple[str, int]]:
+    """gRPC options sized so one chunk plus framing always fits in a message."""
+    limit = chunk_bytes + (1 << 20)
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # a client's reconnect backoff grows 1.6x per refused attempt and would reach minutes,
+        # longer than a worker's --patience: a worker started before its coordinator (or across
+        # a coordinator restart) dials again at least every 5 s
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", 5_000),
+    ]
+
+
+def backoff_s(attempt: int) -> float:
+    """Exponential backoff with full jitter: uniform(0, min(10, 0.2 * 2^attempt)) (>= 50 ms)."""
+    return max(0.05, random.uniform(0, min(10.0, 0.2 * (2**attempt))))
