@@ -22,13 +22,13 @@ import torch
 import torch.distributed as dist
 
 from dpeft.codec import decode_state, encode_state
+from dpeft.codec.validation import check_update
 from dpeft.config import RunConfig, dump_config
 from dpeft.errors import ConfigError, DpeftError, RejectedUpdate
 from dpeft.rounds.global_model import GlobalModel
 from dpeft.rounds.recorder import RoundRecorder
 from dpeft.rounds.sampling import sample_clients
 from dpeft.rounds.tally import RoundTally, evaluate_into, finish_step, strategy_metrics
-from dpeft.rounds.validation import check_update
 from dpeft.state import AdapterState
 from dpeft.strategies import ClientUpdate, make_strategy
 from dpeft.strategies.aggregate import StreamingWeightedMean

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from dpeft.codec.validation import check_norm, check_update
 from dpeft.errors import RejectedUpdate
-from dpeft.rounds.validation import check_norm, check_update
 from dpeft.strategies import ClientUpdate
 from dpeft.transport.base import TaskResult, TrainTask
 

@@ -49,7 +49,7 @@ class TaskResult:
     num_examples: int
     metrics: dict[str, float]
     bytes_up: int
-    #: global L2 norm, set when the transport already ran :func:`~dpeft.rounds.validation.check_update` (the round core skips its pass)
+    #: global L2 norm, set when the transport already ran :func:`~dpeft.codec.validation.check_update` (the round core skips its pass)
     norm: float | None = None
 
 

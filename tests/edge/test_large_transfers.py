@@ -29,8 +29,8 @@ import torch
 from dpeft.codec import encode_state
 from dpeft.codec.spool import SpooledBlob, SpooledState, SpoolPolicy
 from dpeft.codec.tensors import Limits, StateDecoder, iter_encoded
+from dpeft.codec.validation import check_norm, check_update
 from dpeft.errors import RejectedUpdate
-from dpeft.rounds.validation import check_norm, check_update
 from dpeft.state import AdapterState
 from dpeft.transport.base import TaskResult, TrainTask
 from dpeft.transport.grpc import GrpcCoordinatorTransport, GrpcWorkerConnection

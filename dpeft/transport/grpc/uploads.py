@@ -21,10 +21,11 @@ from typing import Any
 
 from dpeft.codec.crc import CRC32, CRC32C, CrcAlgorithm, crc32_combine
 from dpeft.codec.tensors import StateDecoder
+from dpeft.codec.validation import check_norm, check_update
 from dpeft.errors import RejectedUpdate
 from dpeft.state import AdapterState
 from dpeft.transport import serde
-from dpeft.transport.base import DecoderFactory, check_norm, check_update
+from dpeft.transport.base import DecoderFactory
 from dpeft.transport.messages import UpdateHeader
 
 
