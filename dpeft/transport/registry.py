@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dpeft.errors import DpeftError
+from dpeft.fsutil import atomic_write
 
 log = logging.getLogger("dpeft.transport.registry")
 
@@ -193,8 +194,6 @@ class WorkerRegistry:
         if self.path is None:
             return
         data = {"workers": {r.worker_id: {"own_data": r.own_data, "own_examples": r.own_examples, "client_ids": r.client_ids} for r in self._records.values()}}
-        from dpeft.coordinator.checkpoint import atomic_write
-
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, [json.dumps(data, indent=1).encode()])

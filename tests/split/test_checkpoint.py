@@ -14,7 +14,7 @@ from dpeft.rounds.checkpoint import save_checkpoint
 from dpeft.split.checkpoint import clear_edge_state, restore_edge_state, save_edge_state
 from dpeft.split.config import KillReviveConfig, SplitConfig
 from dpeft.split.edge import EdgeModel
-from dpeft.split.service import Federation
+from dpeft.split.federation import Federation
 from dpeft.split.spec import slice_layers
 
 KR = KillReviveConfig(enabled=True, budget=0.5, window=1, warmup=1, revive_every=0)
