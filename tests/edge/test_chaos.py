@@ -1,21 +1,26 @@
 """Chaos: processes SIGKILLed at seeded random moments of a run and restarted as a user would;
 the final adapter equals an uninterrupted run's (1e-6).
 
-* `dpeft coordinator` + two `dpeft worker` processes: a worker killed twice and the
-  coordinator once, each at a moment drawn (seeded) from the coordinator's own event lines
-  (``event=tasks_submitted round=R``, the first ``event=upload_accepted`` after it). The worker
-  command is restarted at once with the same id; the coordinator command is restarted with the
-  same listen address and run_dir (it resumes from its checkpoint), the workers reconnect.
+* `dpeft coordinator` + two `dpeft worker --data FILE` processes (one client each, so every
+  round needs both): a worker killed twice and the coordinator once, each at a moment drawn
+  (seeded) from the run's progress: a round's ``event=tasks_submitted``, an
+  ``event=upload_accepted`` after it, or the target worker holding a task (one kept status
+  channel). A killed worker's command is restarted once the coordinator logged it dead; the
+  coordinator's command is restarted with the same listen address and run_dir (it resumes from
+  its checkpoint) and the workers reconnect by themselves.
 * `dpeft split cloud` + two `dpeft split edge` processes (each with its own --state-dir): one
-  edge killed once, when round R's metrics line is written or when that edge saved its round-R
+  edge killed once, when a round's metrics line is written or when that edge saved its round
   training state, and restarted with the same command.
 
 The uninterrupted references run the same commands without kills. Moments are waited for on
-log lines and files (never on sleeps); every process is killed in a ``finally``.
+log lines, status replies and files (never on sleeps); every process is killed in a ``finally``.
+A worker restarted *before* the coordinator declared it dead strands the task its killed
+process held (a pre-refactor bug, pinned by the strict xfail at the end).
 """
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
@@ -34,8 +39,13 @@ ROOT = Path(__file__).resolve().parents[2]
 #: the seed of the kill plans (DPEFT_CHAOS_SEED=N tries other plans)
 SEED = int(os.environ.get("DPEFT_CHAOS_SEED", "20261204"))
 ROUNDS = 6
-#: tasks of ~20 steps: a kill can land mid-task; a silent worker is dead after 2 s
-COORD_EXTRA = {"rounds": ROUNDS, "train__local_steps": 40, "transport__dead_after_s": 2.0, "transport__heartbeat_s": 0.5}
+#: each worker brings its own data (one client each): every round needs both, so a killed
+#: worker's task waits for its restart and every planned moment comes; tasks of 40 steps (a
+#: kill can land mid-task); a silent worker is declared dead after 2 s
+COORD_EXTRA = {
+    "rounds": ROUNDS, "clients": 2, "clients_per_round": 2, "train__local_steps": 40, "transport__dead_after_s": 2.0, "transport__heartbeat_s": 0.5,
+}
+EXAMPLES_PER_WORKER = 40
 SPLIT_EXTRA = {"rounds": ROUNDS, "clients": 2, "train__local_steps": 4, "split__edges": 2, "split__layers": 1, "split__eval_examples": 16}
 RUN_TIMEOUT_S = 300.0
 
@@ -80,7 +90,8 @@ class Cast:
 
     def until(self, pred, what: str, timeout: float = 180.0):
         try:
-            return refruns.wait_until(pred, timeout, what, list(self.current.values()))
+            running = [p for p in self.current.values() if p.popen.poll() is None]  # not the one just killed
+            return refruns.wait_until(pred, timeout, what, running)
         except RunFailed as exc:
             pytest.fail(str(exc))
 
@@ -185,13 +196,30 @@ def declared_dead(coordinator: Proc, worker: str):
     return lambda: coordinator.text().count(line) > seen or coordinator.popen.poll() is not None
 
 
+def write_worker_data(out: Path) -> dict[str, Path]:
+    """w0.csv, w1.csv: disjoint rotten tomatoes slices (text, label name)."""
+    from dpeft.data.datasets import rotten_tomatoes
+
+    ds = rotten_tomatoes()
+    files = {}
+    for i, w in enumerate(("w0", "w1")):
+        rows = range(i * EXAMPLES_PER_WORKER, (i + 1) * EXAMPLES_PER_WORKER)
+        files[w] = out / f"{w}.csv"
+        with open(files[w], "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["text", "label"])
+            writer.writerows((ds.texts[j], ds.label_names[ds.labels[j]]) for j in rows)
+    return files
+
+
 def run_coordinator_cast(model: Path, run: Path, work: Path, plan: list[tuple[int, str, str]]) -> list[str]:
     """The coordinator + w0 + w1 run, with ``plan``'s kills and restarts; returns what was done."""
     listen = f"127.0.0.1:{free_port()}"
     coord_args = ["coordinator", "--listen", listen, *tiny_overrides(model, run, **COORD_EXTRA)]
+    data = write_worker_data(work)
 
     def worker_args(w: str) -> list[str]:
-        return ["worker", "--coordinator", listen, "--worker-id", w, "--threads", "1", "--patience", "120"]
+        return ["worker", "--coordinator", listen, "--worker-id", w, "--data", str(data[w]), "--threads", "1", "--patience", "120"]
 
     cast, done, admins = Cast(work), [], []
 
@@ -203,8 +231,10 @@ def run_coordinator_cast(model: Path, run: Path, work: Path, plan: list[tuple[in
 
     try:
         admin = start_coordinator()
-        for w in ("w0", "w1"):
+        for w in ("w0", "w1"):  # one after the other: w0 claims client slot 0, w1 slot 1
             cast.start(w, worker_args(w))
+            log = cast.current["coordinator"]
+            cast.until(lambda: f"event=worker_joined worker={w} " in log.text(), f"{w} to join")  # noqa: B023 - called at once
         for round_num, moment, target in plan:
             cast.until(coordinator_moment(cast.current["coordinator"], admin, round_num, moment, target), f"round >= {round_num} {moment} ({target})")
             alive = cast.sigkill(target)
