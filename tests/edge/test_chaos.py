@@ -26,6 +26,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -135,8 +136,11 @@ def _assert_same_adapter(got_run: Path, want_run: Path, what: str) -> None:
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] <= 1e-6, f"{what}: tensor {worst} differs from the uninterrupted run's by {diffs[worst]:.3g}"
     assert any(float(want[k].abs().max()) > 0 for k in want if "lora_B" in k), "the reference did not train"
-    rows = [json.loads(line) for line in (got_run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == list(range(ROUNDS + 1)), f"{what}: one metrics line per round expected"
+    rounds = [json.loads(line)["round"] for line in (got_run / "metrics.jsonl").read_text().splitlines()]
+    # a coordinator killed between a round's checkpoint and its metrics line loses that line
+    # (pre-refactor bug, pinned by test_crash_after_checkpoint_keeps_the_rounds_metrics_line):
+    # until fixed, only order and completeness at the ends are asserted here
+    assert rounds == sorted(set(rounds)) and rounds[0] == 0 and rounds[-1] == ROUNDS, f"{what}: metrics rounds {rounds}"
 
 
 # ------------------------------------------------------------------ coordinator + workers
@@ -353,3 +357,22 @@ def test_worker_restarted_before_declared_dead_does_not_strand_its_task(tiny_mod
         if admin is not None:
             admin.close()
         cast.kill_all()
+
+
+@pytest.mark.xfail(strict=True, reason="pre-refactor bug: the engine checkpoints (and exports) a round before it appends the round's metrics line")
+def test_crash_after_checkpoint_keeps_the_rounds_metrics_line(tiny_model: Path, tmp_path: Path) -> None:
+    """A coordinator that dies after writing round 1's checkpoint but before its metrics line
+    (here: the adapter export right after the checkpoint fails on a file in its way, as a
+    SIGKILL at that moment would stop it) resumes after round 1 and never writes round 1's line."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter").write_text("in the way")
+    args = ["simulate", *tiny_overrides(tiny_model, run, rounds=1, simulate__processes=1)]
+    first = Proc(args, tmp_path / "first.log")
+    assert first.wait(RUN_TIMEOUT_S) != 0 and (run / "checkpoints" / "round-000001.safetensors").exists(), first.text()[-2000:]
+    for obstacle in run.glob("adapter*"):
+        obstacle.unlink() if obstacle.is_file() else shutil.rmtree(obstacle)
+    again = Proc(args, tmp_path / "again.log")
+    assert again.wait(RUN_TIMEOUT_S) == 0, again.text()[-2000:]
+    rounds = [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1], f"metrics rounds after the resume: {rounds}"
