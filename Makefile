@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check dpeft tests benchmarks scripts
+	$(VENV)/bin/ruff check dpeft coordinator workers launch tests benchmarks scripts
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py

@@ -51,7 +51,7 @@ def run_one(
 ) -> tuple[list[dict], float]:
     run_dir = out_dir / label.split(" ")[0].rstrip(",") / ("attacked" if attacked else "clean")
     cmd = [
-        sys.executable, "-m", "dpeft.launch.cli", "simulate", "--fresh",
+        sys.executable, "-m", "dpeft_launch.cli", "simulate", "--fresh",
         f"run_dir={run_dir}", f"seed={args.seed}", f"rounds={args.rounds}", f"clients={args.clients}",
         f"clients_per_round={args.clients}", f"strategy.name={strategy}", f"strategy.options={options}",
     ]  # fmt: skip

@@ -50,7 +50,7 @@ def run(overrides: list[str], run_dir: str) -> tuple[list[dict], float]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     t0 = time.time()
     proc = subprocess.run(
-        [sys.executable, "-m", "dpeft.launch.cli", "simulate", "--fresh", f"run_dir={run_dir}", *overrides],
+        [sys.executable, "-m", "dpeft_launch.cli", "simulate", "--fresh", f"run_dir={run_dir}", *overrides],
         capture_output=True, text=True, timeout=3600, env=env, stdin=subprocess.DEVNULL,
     )
     if proc.returncode != 0:

@@ -75,13 +75,13 @@ class SyntheticModel:
 def coordinator(args: argparse.Namespace) -> None:
     import torch
 
-    from dpeft.coordinator.engine import RoundEngine
     from dpeft.transport.grpc import GrpcCoordinatorTransport
     from dpeft.validate import load_config
+    from dpeft_coordinator.engine import RoundEngine
 
     torch.set_num_threads(1)
     if not args.glibc_default:
-        from dpeft.launch.simulate import return_large_frees
+        from dpeft_launch.simulate import return_large_frees
 
         return_large_frees()  # as `dpeft coordinator` does
     run_dir = Path(args.run_dir)

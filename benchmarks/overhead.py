@@ -105,7 +105,7 @@ def plain_loop(overrides: list[str], out: str) -> None:
 
 def run_dpeft(overrides: list[str], run_dir: str) -> dict:
     t0 = time.time()
-    cmd = [sys.executable, "-m", "dpeft.launch.cli", "simulate", "--fresh", f"run_dir={run_dir}", *overrides]
+    cmd = [sys.executable, "-m", "dpeft_launch.cli", "simulate", "--fresh", f"run_dir={run_dir}", *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     wall = time.time() - t0
     if proc.returncode != 0:

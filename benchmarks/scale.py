@@ -43,7 +43,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in [int(c) for c in args.clients.split(",")]:
             run_dir = os.path.join(tmp, f"n{n}")
-            cmd = [sys.executable, "-m", "dpeft.launch.cli", "simulate", "--fresh", f"run_dir={run_dir}", f"clients={n}", *base]
+            cmd = [sys.executable, "-m", "dpeft_launch.cli", "simulate", "--fresh", f"run_dir={run_dir}", f"clients={n}", *base]
             proc, wall, pss = run_measured(cmd, env=env)
             if proc.returncode != 0:
                 logs = "".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in sorted(Path(run_dir, "logs").glob("*.log")))

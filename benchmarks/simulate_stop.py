@@ -54,7 +54,7 @@ def _alive(procs: dict[int, psutil.Process]) -> list[int]:
 def trial(pattern: str, delay: float, extra: list[str]) -> tuple[float, int | None]:
     """Seconds from SIGTERM until no process of the run is alive, and the exit code."""
     with tempfile.TemporaryDirectory() as run_dir:
-        cmd = [sys.executable, "-m", "dpeft.launch.cli", "simulate", "--fresh", *ARGS, *extra, f"run_dir={run_dir}"]
+        cmd = [sys.executable, "-m", "dpeft_launch.cli", "simulate", "--fresh", *ARGS, *extra, f"run_dir={run_dir}"]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         seen: dict[int, psutil.Process] = {proc.pid: psutil.Process(proc.pid)}

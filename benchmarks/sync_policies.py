@@ -61,7 +61,7 @@ def run_policy(policy: str, args: argparse.Namespace, out_dir: Path) -> list[dic
     run_dir = out_dir / policy
     speeds = [1 + i * 7 / max(1, args.clients - 1) for i in range(args.clients)]  # 1x .. 8x
     cmd = [
-        sys.executable, "-m", "dpeft.launch.cli", "simulate", "--fresh",
+        sys.executable, "-m", "dpeft_launch.cli", "simulate", "--fresh",
         f"run_dir={run_dir}", f"seed={args.seed}", f"rounds={args.rounds}", f"clients={args.clients}",
         f"clients_per_round={args.clients_per_round}", f"train.local_steps={args.local_steps}",
         f"data.max_train_examples={args.train_examples}", f"data.test_examples={args.test_examples}",

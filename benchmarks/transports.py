@@ -166,12 +166,9 @@ def bench_ray(params: int, workers: int, rounds: int, temp_dir: str) -> tuple[li
              object_store_memory=max(512 << 20, 6 * params * 4 * (workers + 2)))
     try:
         schema = make_state(params).schema()
-        from dpeft.transport.ray_transport import Heterogeneity
-        from dpeft.validate import load_config
 
         t = RayCoordinatorTransport(config_tree={"params": params}, decoder_factory=_decoder_factory(schema),
-                                    spec=RayActorSpec(actors=workers, num_cpus=1), actor_cls=FakeTrainActor,
-                                    heterogeneity=Heterogeneity(load_config(None, [])))  # no simulated stragglers
+                                    spec=RayActorSpec(actors=workers, num_cpus=1), actor_cls=FakeTrainActor)
         t.start()
         try:
             return _star_rounds(t, params, workers, rounds)
@@ -187,9 +184,10 @@ def bench_ray(params: int, workers: int, rounds: int, temp_dir: str) -> tuple[li
 def _allreduce_rank(rank: int, world: int, port: int, params: int, rounds: int, out) -> None:
     import torch.distributed as dist
 
+    from dpeft.rounds.allreduce import allreduce_aggregator
     from dpeft.strategies import ClientUpdate
     from dpeft.strategies.aggregate import StreamingWeightedMean, apply_delta
-    from dpeft.transport.distributed_allreduce import allreduce_aggregator, init_group
+    from dpeft.transport.distributed_allreduce import init_group
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))

@@ -49,7 +49,7 @@ def command(transport: str, workers: int, args: argparse.Namespace, run_dir: Pat
         "--fresh", f"run_dir={run_dir}", f"rounds={args.rounds}", f"clients_per_round={args.clients_per_round}",
         f"train.eval_every={args.rounds}", f"simulate.processes={workers}",
     ]  # fmt: skip
-    cli = [sys.executable, "-m", "dpeft.launch.cli"]
+    cli = [sys.executable, "-m", "dpeft_launch.cli"]
     if transport == "grpc":
         return [*cli, "simulate", *common]
     if transport == "allreduce":

@@ -56,7 +56,7 @@ def main() -> None:
             if tunables:
                 env["GLIBC_TUNABLES"] = tunables
             run_dir = os.path.join(tmp, f"run{i}")
-            cmd = [sys.executable, "-m", "dpeft.launch.cli", "simulate", "--fresh", f"run_dir={run_dir}", f"rounds={args.rounds}", "clients=10",
+            cmd = [sys.executable, "-m", "dpeft_launch.cli", "simulate", "--fresh", f"run_dir={run_dir}", f"rounds={args.rounds}", "clients=10",
                    f"train.worker_mmap_threshold_kib={threshold}", *args.overrides]
             proc, wall, mem = run_measured(cmd, env=env, interval_s=0.3)
             if proc.returncode != 0:

@@ -5,9 +5,9 @@
 set -euo pipefail
 
 # one machine, two ranks
-torchrun --nproc-per-node 2 -m dpeft.launch.torchrun_allreduce \
+torchrun --nproc-per-node 2 -m dpeft_launch.torchrun_allreduce \
   rounds=3 clients=8 clients_per_round=4 run_dir=runs/allreduce "$@"
 
 # two machines (run on each; NODE_RANK=0 on the host at $MASTER_ADDR):
 # torchrun --nnodes 2 --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port 29500 \
-#   --nproc-per-node 1 -m dpeft.launch.torchrun_allreduce --config launch/ray-run.yaml
+#   --nproc-per-node 1 -m dpeft_launch.torchrun_allreduce --config launch/ray-run.yaml

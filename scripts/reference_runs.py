@@ -37,9 +37,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 _CONSOLE = Path(sys.executable).parent / "dpeft"
 #: how to invoke dpeft: the module (always the checkout on PYTHONPATH), else the console script
-DPEFT: list[str] = [sys.executable, "-m", "dpeft.launch.cli"] if (ROOT / "dpeft" / "launch" / "cli.py").exists() else [str(_CONSOLE)]
+DPEFT: list[str] = [sys.executable, "-m", "dpeft_launch.cli"]
 #: the torchrun entry of all-reduce runs (``None``: that mode is left out)
-TORCHRUN_MODULE = "dpeft.launch.torchrun_allreduce"
+TORCHRUN_MODULE = "dpeft_launch.torchrun_allreduce"
 
 #: the per-round metrics compared (tolerance abs 1e-6)
 METRIC_KEYS = ("eval_accuracy", "eval_loss", "train_loss", "clients", "num_examples")

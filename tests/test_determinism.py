@@ -17,7 +17,6 @@ from torch import nn
 
 from dpeft.adapters import adapter_parameters, build_model, extract_state
 from dpeft.config import RunConfig, dump_config
-from dpeft.coordinator.engine import RoundEngine
 from dpeft.data import load_dataset, partition, tokenize
 from dpeft.rounds.checkpoint import latest_checkpoint
 from dpeft.rounds.global_model import GlobalModel
@@ -25,7 +24,8 @@ from dpeft.state import AdapterState, max_abs_diff
 from dpeft.train.loop import batch_schedule, make_optimizer, task_seed
 from dpeft.transport.grpc import GrpcCoordinatorTransport, GrpcWorkerConnection
 from dpeft.validate import load_config
-from dpeft.workers.loop import run_worker
+from dpeft_coordinator.engine import RoundEngine
+from dpeft_workers.loop import run_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("single_thread")]
 
@@ -176,7 +176,7 @@ def test_task_result_does_not_depend_on_worker_history(tmp_path) -> None:
 
     from dpeft.codec import decode_state, encode_state
     from dpeft.transport.base import TrainTask
-    from dpeft.workers.runtime import WorkerRuntime
+    from dpeft_workers.runtime import WorkerRuntime
 
     cfg = _cfg(tmp_path, "clients=4", "clients_per_round=1", "train.local_steps=2")
     runtime = WorkerRuntime(cfg)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE.parent))
 from procmem import run_measured  # noqa: E402
 from results import machine_note, write_section  # noqa: E402
 
-from dpeft.launch.cli import LEAN_TUNABLES  # noqa: E402
+from dpeft_launch.cli import LEAN_TUNABLES  # noqa: E402
 
 VENV = ROOT / "benchmarks" / ".venv-flower"
 MiB = 1 << 20
@@ -79,7 +79,7 @@ def run_flower(overrides: list[str], tmp: str, extra_env: dict[str, str] | None 
 def run_dpeft(overrides: list[str], tmp: str) -> dict:
     run_dir = os.path.join(tmp, "dpeft")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc, wall, pss = run_measured([sys.executable, "-m", "dpeft.launch.cli", "simulate", "--fresh", f"run_dir={run_dir}", *overrides], env=env, cwd=str(ROOT))
+    proc, wall, pss = run_measured([sys.executable, "-m", "dpeft_launch.cli", "simulate", "--fresh", f"run_dir={run_dir}", *overrides], env=env, cwd=str(ROOT))
     if proc.returncode != 0:
         raise SystemExit(f"dpeft simulate failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     rows = [json.loads(x) for x in Path(run_dir, "metrics.jsonl").read_text().splitlines()]

@@ -1,7 +1,7 @@
 """All-reduce rounds: FedAvg-style rounds on a ``torch.distributed`` group, no coordinator in the path.
 
 Every rank trains its share of the round's seeded sample with the worker runtime it is given
-(anything with ``train_tasks``, e.g. :class:`~dpeft.workers.runtime.WorkerRuntime`), folds its
+(anything with ``train_tasks``, e.g. :class:`~dpeft_workers.runtime.WorkerRuntime`), folds its
 updates into the strategy's streaming aggregator, and the group all-reduces the weighted sums
 (:mod:`dpeft.transport.distributed_allreduce`). Every rank then takes the same server step, so
 all hold the same global; rank 0 alone evaluates and records (metrics, checkpoints, resume,
@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,7 +35,7 @@ from dpeft.strategies import ClientUpdate, make_strategy
 from dpeft.strategies.aggregate import StreamingWeightedMean
 from dpeft.strategies.base import unwrap
 from dpeft.transport.base import TrainTask
-from dpeft.transport.distributed_allreduce import allreduce_aggregator, broadcast_state, init_group, ring_bytes_per_rank
+from dpeft.transport.distributed_allreduce import allreduce_weighted_sum, broadcast_state, init_group, ring_bytes_per_rank
 
 log = logging.getLogger("dpeft.allreduce")
 
@@ -43,6 +44,32 @@ class TaskTrainer(Protocol):
     """What trains a rank's clients: (task, payload) pairs in, (update bytes, examples, metrics) out, in order."""
 
     def train_tasks(self, items: list[tuple[TrainTask, bytes]]) -> Any: ...
+
+
+def allreduce_aggregator(aggregator: Any, extra: Sequence[float] = (), group: Any = None) -> list[float]:
+    """Turn a rank-local streaming weighted mean into the group-wide one (in place).
+
+    ``aggregator`` is a strategy aggregator (wrappers such as clipping are looked through) whose
+    innermost part is a :class:`StreamingWeightedMean`; afterwards ``aggregator.result()`` is
+    the FedAvg of every rank's updates. Returns the all-reduced ``extra`` scalars.
+    """
+    inner = unwrap(aggregator)
+    if not isinstance(inner, StreamingWeightedMean):
+        raise TypeError(f"{type(inner).__name__} is not a weighted mean; it cannot be all-reduced")
+    # StreamingWeightedMean keeps sum_i w_i * delta_i (float64) in _sum and sum_i w_i in _weight.
+    total, count, extra_sums = allreduce_weighted_sum(list(inner._sum.values()), inner._weight, inner._count, extra, group)
+    inner._weight = total
+    inner._count = count
+    return extra_sums
+
+
+def allreduce_fedavg(updates: Sequence[ClientUpdate], template: AdapterState, group: Any = None) -> AdapterState:
+    """FedAvg (example-weighted mean delta) of all ranks' ``updates`` (a rank may have none)."""
+    agg = StreamingWeightedMean(template)
+    for u in updates:
+        agg.add(u)
+    allreduce_aggregator(agg, group=group)
+    return agg.result()
 
 
 def warn_collective_ignores(cfg: RunConfig, prog: str, mode: str) -> list[str]:

@@ -10,7 +10,7 @@ from dpeft.split.cloud import CloudModel
 from dpeft.split.config import SplitConfig
 from dpeft.split.edge import EdgeModel
 from dpeft.split.service import CloudService, handshake
-from dpeft.split.transport import EdgeConnection, SplitServer
+from dpeft.transport.split_stream import EdgeConnection, SplitServer
 
 
 @contextmanager

@@ -1,88 +1,126 @@
-"""Byzantine-robust aggregation rules as pure functions over flattened client deltas.
+"""Robust aggregation strategies: median, trimmed_mean, krum, multi_krum.
 
-Each takes a list of 1-D tensors of equal length (one per client) and ignores example
-counts: robust rules bound each client's influence, and weighting by a self-reported
-example count would hand that influence back to an attacker.
-
-* :func:`coordinate_median` — per-coordinate median (mean of the two middle values for an
-  even count).
-* :func:`trimmed_mean` — per coordinate, drop the ``floor(beta * n)`` smallest and largest
-  values and average the rest (Yin et al. 2018).
-* :func:`krum` — Krum / Multi-Krum (Blanchard et al. 2017): score each update by the sum of
-  squared distances to its ``n - f - 2`` nearest neighbours and average the ``m`` best.
+Each buffers the round's updates (:class:`~dpeft.strategies.buffered.BufferedAggregator`,
+memory O(clients x adapter size)) and replaces FedAvg's weighted mean with a rule from
+:mod:`dpeft.strategies.robust_rules`; the server step (``global + server_lr * aggregate``) is
+FedAvg's. Example counts are ignored on purpose (see :mod:`dpeft.strategies.robust_rules`).
+Combine with ``clip_norm`` to also bound each update's norm.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-
-def _stack(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-    if len(vectors) == 0:
-        raise ValueError("no updates to aggregate")
-    first = vectors[0]
-    for v in vectors:
-        if v.dim() != 1 or v.numel() != first.numel():
-            raise ValueError("updates must be 1-D tensors of equal length")
-    return torch.stack([v.to(torch.float64) for v in vectors])
+from dpeft.config import StrategyConfig
+from dpeft.config.options import option
+from dpeft.state import AdapterState
+from dpeft.strategies.base import Aggregator, register_strategy
+from dpeft.strategies.buffered import BufferedAggregator
+from dpeft.strategies.fedavg import FedAvg, FedAvgOptions
+from dpeft.strategies.robust_rules import coordinate_median, krum, trimmed_mean
 
 
-def coordinate_median(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Coordinate-wise median of ``vectors`` (float64)."""
-    x = _stack(vectors)
-    n = x.shape[0]
-    s = torch.sort(x, dim=0).values
-    if n % 2 == 1:
-        return s[n // 2].clone()
-    return (s[n // 2 - 1] + s[n // 2]) / 2
+class RobustStrategy(FedAvg):
+    """FedAvg with the mean replaced by ``reduce`` over all buffered updates."""
+
+    streaming_mean = False
+
+    def make_aggregator(self, global_state: AdapterState) -> Aggregator:
+        return BufferedAggregator(global_state, self.reduce)
+
+    def reduce(self, vectors: list[torch.Tensor], weights: list[float], client_ids: list[int]) -> torch.Tensor:
+        """One flat aggregated delta from the round's flat deltas."""
+        raise NotImplementedError
 
 
-def trimmed_mean(vectors: Sequence[torch.Tensor], beta: float) -> torch.Tensor:
-    """Coordinate-wise mean after dropping the ``floor(beta * n)`` lowest and highest values."""
-    if not 0.0 <= beta < 0.5:
-        raise ValueError(f"beta must be in [0, 0.5), got {beta}")
-    x = _stack(vectors)
-    n = x.shape[0]
-    k = math.floor(beta * n)
-    if k == 0:
-        return x.mean(dim=0)
-    s = torch.sort(x, dim=0).values
-    return s[k : n - k].mean(dim=0)
+@register_strategy("median")
+class Median(RobustStrategy):
+    """Coordinate-wise median of the client deltas."""
+
+    def reduce(self, vectors: list[torch.Tensor], weights: list[float], client_ids: list[int]) -> torch.Tensor:
+        return coordinate_median(vectors)
 
 
-def krum_scores(vectors: Sequence[torch.Tensor], f: int) -> torch.Tensor:
-    """Krum score of each update: summed squared distance to its ``n - f - 2`` nearest others.
+@dataclass(kw_only=True)
+class TrimmedMeanOptions(FedAvgOptions):
+    """Options of trimmed_mean."""
 
-    Needs ``n >= 2f + 3`` updates, the condition under which Krum tolerates ``f`` Byzantine ones.
+    beta: float = option(0.1, "fraction trimmed at each end per coordinate, in [0, 0.5)", low=0.0, high=0.5, high_open=True)
+
+
+@dataclass(kw_only=True)
+class KrumOptions(FedAvgOptions):
+    """Options of krum."""
+
+    f: int = option(1, "number of Byzantine clients tolerated; a round needs at least 2f+3 updates", low=0)
+
+
+@dataclass(kw_only=True)
+class MultiKrumOptions(KrumOptions):
+    """Options of multi_krum."""
+
+    m: int | None = option(None, "updates averaged per round, at most the number received (null = n - f)", low=1)
+
+
+@register_strategy("trimmed_mean", TrimmedMeanOptions)
+class TrimmedMean(RobustStrategy):
+    """Coordinate-wise mean after trimming a ``beta`` fraction at each end."""
+
+    opts: TrimmedMeanOptions
+
+    def __init__(self, cfg: StrategyConfig) -> None:
+        super().__init__(cfg)
+        self.beta = self.opts.beta
+
+    def reduce(self, vectors: list[torch.Tensor], weights: list[float], client_ids: list[int]) -> torch.Tensor:
+        return trimmed_mean(vectors, self.beta)
+
+
+@register_strategy("krum", KrumOptions)
+class Krum(RobustStrategy):
+    """Krum: the single update closest to its ``n - f - 2`` neighbours (needs ``n >= 2f + 3``).
+
+    ``last_metrics`` gets ``krum_selected`` (how many were averaged) and, for Krum,
+    ``krum_client`` (the chosen client id).
     """
-    if f < 0:
-        raise ValueError(f"f must be >= 0, got {f}")
-    x = _stack(vectors)
-    n = x.shape[0]
-    if n < 2 * f + 3:
-        raise ValueError(f"krum with f={f} needs at least 2f+3={2 * f + 3} updates, got {n}")
-    # row by row: extra memory O(n * d) rather than the O(n^2 * d) of one broadcast
-    d2 = torch.stack([(x - x[i]).pow(2).sum(dim=-1) for i in range(n)])
-    closest = n - f - 2
-    scores = torch.empty(n, dtype=torch.float64)
-    for i in range(n):
-        others = torch.cat([d2[i, :i], d2[i, i + 1 :]])
-        scores[i] = torch.sort(others).values[:closest].sum()
-    return scores
+
+    opts: KrumOptions
+
+    def __init__(self, cfg: StrategyConfig) -> None:
+        super().__init__(cfg)
+        self.f = self.opts.f
+        self.last_selected: list[int] = []
+
+    def selection_size(self, n: int) -> int:
+        """How many lowest-scoring updates to average when ``n`` arrived."""
+        return 1
+
+    def min_updates(self) -> int:
+        return 2 * self.f + 3
+
+    def reduce(self, vectors: list[torch.Tensor], weights: list[float], client_ids: list[int]) -> torch.Tensor:
+        chosen, mean = krum(vectors, self.f, self.selection_size(len(vectors)))
+        self.last_selected = [client_ids[i] for i in chosen]
+        self.last_metrics["krum_selected"] = float(len(chosen))
+        if len(chosen) == 1:
+            self.last_metrics["krum_client"] = float(self.last_selected[0])
+        return mean
 
 
-def krum(vectors: Sequence[torch.Tensor], f: int, m: int = 1) -> tuple[list[int], torch.Tensor]:
-    """Multi-Krum: indices of the ``m`` lowest-scoring updates (ties by index) and their mean.
+@register_strategy("multi_krum", MultiKrumOptions)
+class MultiKrum(Krum):
+    """Multi-Krum: the mean of the ``m`` best-scoring updates (default ``m = n - f``)."""
 
-    ``m = 1`` is plain Krum: the mean of one is the selected update itself.
-    """
-    n = len(vectors)
-    if not 1 <= m <= n:
-        raise ValueError(f"m must be in [1, {n}], got {m}")
-    scores = krum_scores(vectors, f)
-    order = sorted(range(n), key=lambda i: (float(scores[i]), i))
-    selected = sorted(order[:m])
-    return selected, _stack([vectors[i] for i in selected]).mean(dim=0)
+    opts: MultiKrumOptions
+
+    def __init__(self, cfg: StrategyConfig) -> None:
+        super().__init__(cfg)
+        self.m = self.opts.m
+
+    def selection_size(self, n: int) -> int:
+        m = n - self.f if self.m is None else self.m
+        if m > n:
+            raise ValueError(f"multi_krum: m={m} but only {n} updates arrived this round")
+        return max(m, 1)

@@ -7,7 +7,7 @@ task answers, another client gets one. Every ``buffer_size`` accepted updates (d
 ``metrics.jsonl`` and checkpoints, so ``rounds`` counts aggregation steps. An update that
 started ``tau`` steps ago is weighted by ``s(tau)`` (``staleness``: constant, polynomial,
 hinge) and dropped beyond ``max_staleness``. Lost tasks (``task_timeout_s``) free their slot.
-The loop itself lives in :mod:`dpeft.coordinator.async_engine`.
+The loop itself lives in :mod:`dpeft_coordinator.async_engine`.
 """
 
 from __future__ import annotations

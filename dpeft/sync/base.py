@@ -4,7 +4,7 @@ A policy answers the engine's questions: how many clients to sample (``sample_si
 when a round may close (``round_closed``), when waiting is a failure (``timed_out``), what
 to do with a task that never answers (``reassign_lost``: try again, or give up on it) and
 with an update that arrives after its round closed (``late_updates``). ``asynchronous``
-policies replace rounds with a continuous loop (see :mod:`dpeft.coordinator.async_engine`).
+policies replace rounds with a continuous loop (see :mod:`dpeft_coordinator.async_engine`).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def check_coordinated(run_cfg: RunConfig) -> None:
         raise ConfigError(
             "sync.name",
             f"{run_cfg.sync.name} aggregates among the workers' process group, without a coordinator: run it with "
-            "`dpeft simulate`, `dpeft ray` or `torchrun -m dpeft.launch.torchrun_allreduce` (README: Cluster scale)",
+            "`dpeft simulate`, `dpeft ray` or `torchrun -m dpeft_launch.torchrun_allreduce` (README: Cluster scale)",
         )
 
 

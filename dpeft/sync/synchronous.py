@@ -26,7 +26,7 @@ class AllReduce(Synchronous):
 
     There is no coordinator in the data path: ``dpeft simulate`` starts a local gloo group,
     ``dpeft ray`` forms the group out of its actors, torchrun runs
-    :mod:`dpeft.launch.torchrun_allreduce` (see :mod:`dpeft.transport.distributed_allreduce`).
+    :mod:`dpeft_launch.torchrun_allreduce` (see :mod:`dpeft.transport.distributed_allreduce`).
     Only weighted-mean strategies can be all-reduced; simulated stragglers and dropouts do not
     apply (every rank waits for the collective).
     """

@@ -87,7 +87,7 @@ def _structure(model: nn.Module) -> tuple[list[_LoraSite], list[_HeadSite], list
     from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.utils.other import ModulesToSaveWrapper
 
-    from dpeft.adapters.state import _strip
+    from dpeft.adapters.selection import _strip
 
     adapter = model.active_adapter  # type: ignore[attr-defined]
     loras: list[_LoraSite] = []

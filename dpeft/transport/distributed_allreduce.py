@@ -2,7 +2,7 @@
 
 Every rank of one process group (gloo on CPU, nccl on GPU, set up the standard way:
 ``MASTER_ADDR``/``MASTER_PORT``, ``RANK``/``WORLD_SIZE``, ``init_process_group``) folds its
-updates into the strategy's own streaming aggregator; :func:`allreduce_aggregator` then sums
+updates into the strategy's own streaming aggregator; :func:`dpeft.rounds.allreduce.allreduce_aggregator` then sums
 ``sum_i w_i * delta_i`` and ``sum_i w_i`` over the group (float64, so the result matches the
 coordinator's :class:`~dpeft.strategies.aggregate.StreamingWeightedMean` to rounding), and
 :func:`broadcast_state` gives every rank rank 0's state. The round loop over these lives in
@@ -27,9 +27,6 @@ import torch.distributed as dist
 from dpeft.codec import decode_state, encode_state
 from dpeft.errors import DpeftError
 from dpeft.state import AdapterState
-from dpeft.strategies import ClientUpdate
-from dpeft.strategies.aggregate import StreamingWeightedMean
-from dpeft.strategies.base import unwrap
 
 log = logging.getLogger("dpeft.allreduce")
 
@@ -113,32 +110,6 @@ def allreduce_weighted_sum(
     flush()
     values = scalars.cpu().tolist()
     return values[0], int(round(values[1])), values[2:]
-
-
-def allreduce_aggregator(aggregator: Any, extra: Sequence[float] = (), group: Any = None) -> list[float]:
-    """Turn a rank-local streaming weighted mean into the group-wide one (in place).
-
-    ``aggregator`` is a strategy aggregator (wrappers such as clipping are looked through) whose
-    innermost part is a :class:`StreamingWeightedMean`; afterwards ``aggregator.result()`` is
-    the FedAvg of every rank's updates. Returns the all-reduced ``extra`` scalars.
-    """
-    inner = unwrap(aggregator)
-    if not isinstance(inner, StreamingWeightedMean):
-        raise TypeError(f"{type(inner).__name__} is not a weighted mean; it cannot be all-reduced")
-    # StreamingWeightedMean keeps sum_i w_i * delta_i (float64) in _sum and sum_i w_i in _weight.
-    total, count, extra_sums = allreduce_weighted_sum(list(inner._sum.values()), inner._weight, inner._count, extra, group)
-    inner._weight = total
-    inner._count = count
-    return extra_sums
-
-
-def allreduce_fedavg(updates: Sequence[ClientUpdate], template: AdapterState, group: Any = None) -> AdapterState:
-    """FedAvg (example-weighted mean delta) of all ranks' ``updates`` (a rank may have none)."""
-    agg = StreamingWeightedMean(template)
-    for u in updates:
-        agg.add(u)
-    allreduce_aggregator(agg, group=group)
-    return agg.result()
 
 
 def ring_bytes_per_rank(payload_bytes: int, world_size: int) -> int:

@@ -59,11 +59,21 @@ from dpeft.transport.base import CoordinatorTransport, DecoderFactory, Event, Re
 from dpeft.transport.queue import Assignment, TaskQueue
 from dpeft.transport.ray_pool import PoolMember, RayActorPool, RayActorSpec, short_error
 from dpeft.transport.registry import WorkerRecord, WorkerRegistry
-from dpeft.workers.simulate import Heterogeneity
 
 log = logging.getLogger("dpeft.transport.ray")
 
-__all__ = ["Heterogeneity", "RayActorSpec", "RayCoordinatorTransport"]
+__all__ = ["RayActorSpec", "RayCoordinatorTransport"]
+
+
+class NoHeterogeneity:
+    """Real clients: no task is dropped and no reply is held back (simulate applies its own, see
+    ``dpeft_workers.simulate.Heterogeneity``, which the launcher hands in instead)."""
+
+    def drops(self, task: TrainTask) -> bool:
+        return False
+
+    def delay_s(self, client_id: int, compute_s: float) -> float:
+        return 0.0
 
 
 @dataclass
@@ -110,8 +120,8 @@ class RayCoordinatorTransport(CoordinatorTransport):
         decoder_factory: DecoderFactory,
         spec: RayActorSpec | None = None,
         max_update_bytes: int = 1 << 31,
-        actor_cls: type | None = None,
-        heterogeneity: Heterogeneity | None = None,
+        actor_cls: type,
+        heterogeneity: Any = None,
     ) -> None:
         import ray
 
@@ -122,16 +132,9 @@ class RayCoordinatorTransport(CoordinatorTransport):
         self.decoder_factory = decoder_factory
         self.spec = spec or RayActorSpec()
         self.max_update_bytes = max_update_bytes
-        if actor_cls is None:
-            from dpeft.workers.ray_actor import TrainActor
-
-            actor_cls = TrainActor
-        self.actor_cls = actor_cls
-        if heterogeneity is None:
-            from dpeft.validate import config_from_dict
-
-            heterogeneity = Heterogeneity(config_from_dict(config_tree))
-        self.sim = heterogeneity
+        self.actor_cls = actor_cls  # the worker service's actor (``dpeft_workers.ray_actor.TrainActor``)
+        # simulated drops and slow replies wrap the real actors here (``drops(task)``, ``delay_s(client, compute_s)``)
+        self.sim = heterogeneity if heterogeneity is not None else NoHeterogeneity()
         train = config_tree.get("train") or {}
         # train.lockstep: hand an idle actor several tasks of a round at once (trained together)
         self.lockstep_clients = int(train.get("lockstep_clients") or 1) if train.get("lockstep") else 1

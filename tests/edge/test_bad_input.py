@@ -26,12 +26,12 @@ from edge_testlib import RawClient, tiny_overrides
 from dpeft._proto.dpeft.v1 import coordinator_pb2 as pb
 from dpeft.codec import encode_state
 from dpeft.codec.crc import CRC32C
-from dpeft.coordinator.engine import RoundEngine
 from dpeft.rounds.global_model import GlobalModel
 from dpeft.state import AdapterState
 from dpeft.transport.auth import TokenStore
 from dpeft.transport.grpc import GrpcCoordinatorTransport
 from dpeft.validate import load_config
+from dpeft_coordinator.engine import RoundEngine
 
 pytestmark = pytest.mark.integration
 

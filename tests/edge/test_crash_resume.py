@@ -23,17 +23,17 @@ import torch
 from edge_testlib import free_port, tiny_overrides
 
 from dpeft.config import dump_config
-from dpeft.coordinator.engine import RoundEngine
 from dpeft.rounds.checkpoint import latest_checkpoint
 from dpeft.rounds.global_model import GlobalModel
 from dpeft.transport.grpc import GrpcCoordinatorTransport, GrpcWorkerConnection
 from dpeft.transport.tls import channel_credentials
 from dpeft.validate import load_config
-from dpeft.workers.loop import run_worker
+from dpeft_coordinator.engine import RoundEngine
+from dpeft_workers.loop import run_worker
 
 pytestmark = pytest.mark.integration
 
-DPEFT = [sys.executable, "-m", "dpeft.launch.cli"]
+DPEFT = [sys.executable, "-m", "dpeft_launch.cli"]
 EXTRA = {"rounds": 3, "train__local_steps": 300, "transport__dead_after_s": 2.0, "transport__heartbeat_s": 0.5}
 TOKENS = {"w0": "tok-w0-0123456789abcdef", "w1": "tok-w1-0123456789abcdef", "admin": "tok-admin-0123456789abcd"}
 

@@ -259,7 +259,7 @@ def test_worker_rejoins_a_restarted_coordinator_and_resumes(tmp_path: Path) -> N
 
 
 def test_status_command(tmp_path: Path, certs: Path) -> None:
-    from dpeft.launch.cli import main
+    from dpeft_launch.cli import main
 
     t = _transport(tmp_path, credentials=server_credentials(str(certs / "server.pem"), str(certs / "server.key")), total_rounds=5)
     address = t.start()

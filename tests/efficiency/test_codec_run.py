@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 _BIN = Path(sys.executable).parent / "dpeft"
-DPEFT = [str(_BIN)] if _BIN.exists() else [sys.executable, "-m", "dpeft.launch.cli"]
+DPEFT = [str(_BIN)] if _BIN.exists() else [sys.executable, "-m", "dpeft_launch.cli"]
 TINY = [
     "rounds=2",
     "clients=4",

@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _BIN = Path(sys.executable).parent / "dpeft"
 #: how to invoke the installed console script (falls back to the module)
-DPEFT: list[str] = [str(_BIN)] if _BIN.exists() else [sys.executable, "-m", "dpeft.launch.cli"]
+DPEFT: list[str] = [str(_BIN)] if _BIN.exists() else [sys.executable, "-m", "dpeft_launch.cli"]
 
 #: the "tiny" settings every run starts from (MiniLM default model, iid rotten tomatoes)
 TINY: dict[str, Any] = {

@@ -57,7 +57,7 @@ def test_torchrun_launcher_refuses_a_codec_at_load(tmp_path: Path) -> None:
     run = tmp_path / "run"
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
     p = subprocess.run(
-        [sys.executable, "-m", "dpeft.launch.torchrun_allreduce", "codec.up=int8", f"run_dir={run}"],
+        [sys.executable, "-m", "dpeft_launch.torchrun_allreduce", "codec.up=int8", f"run_dir={run}"],
         capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
     )  # fmt: skip
     assert p.returncode == 2, p.stderr

@@ -32,7 +32,7 @@ TINY = [
 
 def simulate(run_dir: Path, *overrides: str, timeout: float = 400) -> list[dict]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "dpeft.launch.cli", "simulate", "--fresh", *TINY, f"run_dir={run_dir}", *overrides]
+    cmd = [sys.executable, "-m", "dpeft_launch.cli", "simulate", "--fresh", *TINY, f"run_dir={run_dir}", *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -10,9 +10,9 @@ from dpeft.strategies import make_strategy
 from dpeft.strategies.flexlora import redistribute
 from dpeft.transport.base import TrainTask
 from dpeft.validate import load_config
-from dpeft.workers.personal import PersonalStore
-from dpeft.workers.runtime import WorkerRuntime
-from dpeft.workers.simulate import Heterogeneity
+from dpeft_workers.personal import PersonalStore
+from dpeft_workers.runtime import WorkerRuntime
+from dpeft_workers.simulate import Heterogeneity
 
 pytestmark = pytest.mark.integration
 

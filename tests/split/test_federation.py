@@ -19,8 +19,8 @@ from dpeft.split.config import SplitConfig
 from dpeft.split.edge import EdgeModel, head_flops, lora_flops
 from dpeft.split.service import CloudService, EdgeData, Federation, handshake, run_edge_session
 from dpeft.split.spec import lora_path, lora_sites, slice_layers
-from dpeft.split.transport import EdgeConnection, SplitServer
 from dpeft.state import AdapterState
+from dpeft.transport.split_stream import EdgeConnection, SplitServer
 
 
 def test_two_edges_fedavg_round_is_the_weighted_mean_of_their_deltas():
@@ -116,7 +116,7 @@ def test_edge_flop_formula_matches_torch_flop_counter():
 SIMULATE = [
     sys.executable,
     "-m",
-    "dpeft.launch.cli",
+    "dpeft_launch.cli",
     "split",
     "simulate",
     "rounds=3",
@@ -210,7 +210,7 @@ def test_split_simulate_sigkilled_and_resumed_ends_like_an_uninterrupted_run(tmp
     assert any(float((want[k]).abs().max()) > 0 for k in want if "lora_B" in k)  # it trained
     # a bad key exits 2 with a message naming it
     bad = subprocess.run(
-        [sys.executable, "-m", "dpeft.launch.cli", "split", "simulate", "split.kr.budget=2"],
+        [sys.executable, "-m", "dpeft_launch.cli", "split", "simulate", "split.kr.budget=2"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -264,7 +264,7 @@ def test_split_cloud_listen_and_edge_with_own_data_file(tmp_path):
         [
             sys.executable,
             "-m",
-            "dpeft.launch.cli",
+            "dpeft_launch.cli",
             "split",
             "cloud",
             "--listen",
@@ -295,7 +295,7 @@ def test_split_cloud_listen_and_edge_with_own_data_file(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "dpeft.launch.cli",
+                "dpeft_launch.cli",
                 "split",
                 "edge",
                 "--cloud",

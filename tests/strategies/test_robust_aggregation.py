@@ -10,7 +10,7 @@ from strategy_testlib import close, make, run_round, state, upd
 
 from dpeft.state import AdapterState
 from dpeft.strategies.buffered import BufferedAggregator, flatten, unflatten
-from dpeft.strategies.robust import coordinate_median, krum, krum_scores, trimmed_mean
+from dpeft.strategies.robust_rules import coordinate_median, krum, krum_scores, trimmed_mean
 
 finite = st.floats(min_value=-100, max_value=100, allow_nan=False)
 

@@ -22,12 +22,12 @@ import torch
 
 from dpeft.codec import decode_state, encode_state
 from dpeft.config import RunConfig
-from dpeft.coordinator.engine import RoundEngine
 from dpeft.errors import ProtocolError, RejectedUpdate
 from dpeft.state import AdapterState
 from dpeft.strategies.hyperparams import is_full_factor, sent_names
 from dpeft.transport.base import CoordinatorTransport, Event, Rejection, TaskResult, TrainTask
 from dpeft.validate import load_config
+from dpeft_coordinator.engine import RoundEngine
 
 OUT, IN, R = 6, 5, 4
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from enginelib import R, Reply, default_update, lora_state, make_engine
 
-from dpeft.coordinator.engine import RoundTimeout
 from dpeft.state import AdapterState
+from dpeft_coordinator.engine import RoundTimeout
 
 
 def rows(engine) -> list[dict]:

@@ -11,7 +11,7 @@ from dpeft.errors import ConfigError
 from dpeft.sync import available_policies, make_policy, staleness_weight, updates_per_step
 from dpeft.transport.base import TrainTask
 from dpeft.validate import load_config
-from dpeft.workers.simulate import Heterogeneity
+from dpeft_workers.simulate import Heterogeneity
 
 
 def test_registry_names() -> None:

@@ -57,6 +57,7 @@ def gloo_rank(rank: int, world: int, port: int, out_dir: str) -> None:
 
     from dpeft.codec import encode_state
     from dpeft.config import StrategyConfig
+    from dpeft.rounds import allreduce as rar
     from dpeft.state import AdapterState
     from dpeft.strategies import make_strategy
     from dpeft.transport import distributed_allreduce as ar
@@ -66,11 +67,11 @@ def gloo_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     assert ar.init_group("gloo") == "gloo"
     template, updates = make_updates(6)
     results = {}
-    results["even"] = ar.allreduce_fedavg(updates[rank::world], template)
+    results["even"] = rar.allreduce_fedavg(updates[rank::world], template)
     ar.BUCKET_BYTES = 256  # many buckets, and the big tensor in slices
-    results["buckets"] = ar.allreduce_fedavg(updates[rank::world], template)
+    results["buckets"] = rar.allreduce_fedavg(updates[rank::world], template)
     ar.BUCKET_BYTES = 64 << 20
-    results["uneven"] = ar.allreduce_fedavg(updates[:5] if rank == 0 else [], template)
+    results["uneven"] = rar.allreduce_fedavg(updates[:5] if rank == 0 else [], template)
     for name, options in (("fedadam", {}), ("fedavg", {"clip_norm": 20.0})):
         strategy = make_strategy(StrategyConfig(name=name, options=options, server_lr=0.5))
         glob = template.clone()
@@ -78,7 +79,7 @@ def gloo_rank(rank: int, world: int, port: int, out_dir: str) -> None:
             agg = strategy.begin_round(glob)
             for u in updates[rank::world]:
                 agg.add(u)
-            ar.allreduce_aggregator(agg)
+            rar.allreduce_aggregator(agg)
             glob = strategy.finish_round(glob, agg)
         results[f"strategy_{name}"] = glob
     if rank == 0:
@@ -90,7 +91,7 @@ def gloo_rank(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 class FakeTrainActor:
-    """Stands in for :class:`dpeft.workers.ray_actor.TrainActor` without a model: each task
+    """Stands in for :class:`dpeft_workers.ray_actor.TrainActor` without a model: each task
     sleeps ``train_s`` and returns a few bytes, reporting ``compute_s`` (pickled by value to Ray,
     see :func:`register_by_value`)."""
 

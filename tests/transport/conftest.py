@@ -40,9 +40,9 @@ def ray_local(tmp_path_factory):
 @pytest.fixture(scope="session")
 def simulate_reference(tmp_path_factory):
     """(run_dir, final checkpoint) of the tiny run through gRPC `dpeft simulate` (2 worker processes)."""
-    from dpeft.launch.simulate import run_coordinator
     from dpeft.rounds.checkpoint import latest_checkpoint
     from dpeft.validate import load_config
+    from dpeft_launch.simulate import run_coordinator
 
     run_dir = tmp_path_factory.mktemp("sim")
     cfg = load_config(None, tiny(run_dir))

@@ -51,13 +51,14 @@ def test_single_process_group_is_identity(tmp_path):
     """World size 1 (a plain `python -m ...` without torchrun) reduces to the local mean."""
     import torch.distributed as dist
 
+    from dpeft.rounds import allreduce as rar
     from dpeft.transport import distributed_allreduce as ar
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     try:
         ar.init_group("gloo")
         template, updates = make_updates(3)
-        assert max_abs_diff(ar.allreduce_fedavg(updates, template), _fedavg(updates, template)) <= 1e-12
+        assert max_abs_diff(rar.allreduce_fedavg(updates, template), _fedavg(updates, template)) <= 1e-12
         assert ar.ring_bytes_per_rank(1000, 1) == 0 and ar.ring_bytes_per_rank(1000, 4) == 1500
     finally:
         if dist.is_initialized():
@@ -78,7 +79,7 @@ def test_refuses_strategies_that_need_every_client(tmp_path):
 
 @pytest.mark.integration
 def test_torchrun_allreduce_run_matches_grpc_simulate(simulate_reference, tmp_path):
-    """`torchrun --nproc-per-node 2 -m dpeft.launch.torchrun_allreduce`: same global adapter as simulate."""
+    """`torchrun --nproc-per-node 2 -m dpeft_launch.torchrun_allreduce`: same global adapter as simulate."""
     from dpeft.rounds.checkpoint import latest_checkpoint
 
     _sim_dir, (sim_round, sim_global, _, _) = simulate_reference
@@ -86,7 +87,7 @@ def test_torchrun_allreduce_run_matches_grpc_simulate(simulate_reference, tmp_pa
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-        "-m", "dpeft.launch.torchrun_allreduce", "--backend", "gloo", "--threads", "1", *tiny(run_dir),
+        "-m", "dpeft_launch.torchrun_allreduce", "--backend", "gloo", "--threads", "1", *tiny(run_dir),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -107,7 +108,7 @@ def test_simulate_sync_allreduce_matches_grpc_simulate(simulate_reference, tmp_p
     _sim_dir, (sim_round, sim_global, _, _) = simulate_reference
     run_dir = tmp_path / "sim-ar"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "dpeft.launch.cli", "simulate", "--fresh", *tiny(run_dir), "sync.name=allreduce", "simulate.dropout=0.1"]
+    cmd = [sys.executable, "-m", "dpeft_launch.cli", "simulate", "--fresh", *tiny(run_dir), "sync.name=allreduce", "simulate.dropout=0.1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 ranks" in proc.stderr and "simulate.dropout is ignored" in proc.stderr
@@ -122,7 +123,7 @@ def test_simulate_sync_allreduce_matches_grpc_simulate(simulate_reference, tmp_p
 def test_coordinator_refuses_sync_allreduce(tmp_path):
     """There is no coordinator in the all-reduce data path: `dpeft coordinator` exits 2 naming the key."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "dpeft.launch.cli", "coordinator", "--listen", "127.0.0.1:0", f"run_dir={tmp_path}", "sync.name=allreduce"]
+    cmd = [sys.executable, "-m", "dpeft_launch.cli", "coordinator", "--listen", "127.0.0.1:0", f"run_dir={tmp_path}", "sync.name=allreduce"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "sync.name" in proc.stderr and "torchrun" in proc.stderr and "Traceback" not in proc.stderr

@@ -6,8 +6,8 @@ import pytest
 
 from dpeft.config import RayConfig, config_to_dict, dump_config
 from dpeft.errors import ConfigError
-from dpeft.launch.ray_cli import actor_spec, warn_simulate_only
 from dpeft.validate import config_from_dict, load_config
+from dpeft_launch.ray_cli import actor_spec, warn_simulate_only
 
 
 def test_ray_section_and_overrides(tmp_path):
@@ -54,7 +54,7 @@ def test_bad_values_name_the_key(override, key):
 
 
 def test_cli_exit_code_2_on_bad_ray_key(capsys):
-    from dpeft.launch.cli import main
+    from dpeft_launch.cli import main
 
     assert main(["ray", "ray.actors=0"]) == 2
     assert "ray.actors" in capsys.readouterr().err
@@ -64,7 +64,7 @@ def test_cli_exit_code_2_on_bad_ray_key(capsys):
 
 def test_one_yaml_serves_simulate_and_ray(tmp_path, capsys):
     """`dpeft simulate --config FILE` accepts a file with a ray: section (and still checks it)."""
-    from dpeft.launch.cli import main
+    from dpeft_launch.cli import main
 
     good = tmp_path / "run.yaml"
     good.write_text("rounds: 2\nclients: 4\nray:\n  actors: 2\n  num_cpus: 1\n  placement_strategy: SPREAD\n")
@@ -94,7 +94,7 @@ def test_simulate_only_keys_warn_only_in_allreduce_mode(capsys):
 
 
 def test_cli_help_lists_ray(capsys):
-    from dpeft.launch.cli import main
+    from dpeft_launch.cli import main
 
     with pytest.raises(SystemExit) as info:
         main(["ray", "--help"])
@@ -104,8 +104,8 @@ def test_cli_help_lists_ray(capsys):
 
 
 def test_sync_allreduce_selects_ray_allreduce_mode():
-    from dpeft.launch.ray_cli import resolve_mode
     from dpeft.validate import load_config
+    from dpeft_launch.ray_cli import resolve_mode
 
     assert resolve_mode(load_config(None, ["sync.name=allreduce"])) == "allreduce"
     assert resolve_mode(load_config(None, [])) == "actors"

@@ -34,10 +34,10 @@ def _run_tasks(t, tasks, expect: int, timeout_s: float = 60.0) -> dict:
 
 
 def test_ray_run_matches_grpc_simulate(ray_local, simulate_reference, tmp_path):
-    from dpeft.launch.ray_cli import run_ray
     from dpeft.rounds.checkpoint import latest_checkpoint
     from dpeft.state import max_abs_diff
     from dpeft.validate import load_config
+    from dpeft_launch.ray_cli import run_ray
 
     sim_dir, (sim_round, sim_global, _, _) = simulate_reference
     cfg = load_config(None, tiny(tmp_path / "ray", "ray.actors=2", "ray.num_cpus=1"))
@@ -59,15 +59,19 @@ def test_ray_run_matches_grpc_simulate(ray_local, simulate_reference, tmp_path):
 
 def test_killed_actor_is_restarted_and_the_round_completes(ray_local, tmp_path):
     from dpeft.config import config_to_dict
-    from dpeft.coordinator.engine import RoundEngine
-    from dpeft.launch.ray_cli import actor_spec
     from dpeft.rounds.global_model import GlobalModel
     from dpeft.transport.ray_transport import RayCoordinatorTransport
     from dpeft.validate import load_config
+    from dpeft_coordinator.engine import RoundEngine
+    from dpeft_launch.ray_cli import actor_spec
+    from dpeft_workers.ray_actor import TrainActor
+    from dpeft_workers.simulate import Heterogeneity
 
     cfg = load_config(None, tiny(tmp_path / "run", "train.local_steps=8", "ray.actors=2", "ray.max_restarts=3"))
     engine = RoundEngine(cfg, GlobalModel(cfg), tmp_path / "run", resume=False)
-    transport = RayCoordinatorTransport(config_tree=config_to_dict(cfg), decoder_factory=engine.decoder_for, spec=actor_spec(cfg))
+    transport = RayCoordinatorTransport(
+        config_tree=config_to_dict(cfg), decoder_factory=engine.decoder_for, spec=actor_spec(cfg), actor_cls=TrainActor, heterogeneity=Heterogeneity(cfg)
+    )
     transport.start()
     pids_before = {k: v["pid"] for k, v in transport.workers().items()}
     killed: list[str] = []
@@ -115,8 +119,8 @@ def test_killed_actor_is_restarted_and_the_round_completes(ray_local, tmp_path):
 
 def test_actors_form_a_gloo_group_and_all_reduce(ray_local):
     """`ray.mode: allreduce`: actors set up torch.distributed the standard way and reduce to FedAvg."""
-    from dpeft.launch.ray_cli import RayAllReduceGroup
     from dpeft.transport.ray_transport import RayActorSpec
+    from dpeft_launch.ray_cli import RayAllReduceGroup
 
     rng = np.random.default_rng(0)
     per_rank = [([rng.standard_normal((3, 4)), rng.standard_normal(5)], w) for w in (3.0, 5.0)]
@@ -135,9 +139,9 @@ def test_actors_form_a_gloo_group_and_all_reduce(ray_local):
 
 def test_flexlora_with_three_client_ranks_completes(ray_local, tmp_path, monkeypatch):
     """One payload per distinct client rank (3 > keep_blobs): every task finds its payload."""
-    from dpeft.launch.ray_cli import run_ray
     from dpeft.transport.ray_transport import RayCoordinatorTransport
     from dpeft.validate import load_config
+    from dpeft_launch.ray_cli import run_ray
 
     monkeypatch.setattr(RayCoordinatorTransport, "keep_blobs", 0)  # only what tasks need (and the round's payloads) is kept
     overrides = [
@@ -169,7 +173,7 @@ def test_payloads_are_kept_while_tasks_or_the_round_need_them(ray_local):
     from dpeft.transport.ray_transport import RayCoordinatorTransport
     from dpeft.validate import load_config
 
-    t = RayCoordinatorTransport(config_tree=config_to_dict(load_config(None, [])), decoder_factory=lambda tid, cid: FakeDecoder())
+    t = RayCoordinatorTransport(config_tree=config_to_dict(load_config(None, [])), decoder_factory=lambda tid, cid: FakeDecoder(), actor_cls=FakeTrainActor)
     try:
         for name in ("a2", "a4", "a8"):  # flexlora: one payload per client rank
             t.publish_blob(name, name.encode() * 4)
@@ -195,13 +199,13 @@ def test_simulated_dropout_and_slow_clients(ray_local):
     from dpeft.config import config_to_dict
     from dpeft.transport.ray_transport import RayActorSpec, RayCoordinatorTransport
     from dpeft.validate import load_config
-    from dpeft.workers.simulate import Heterogeneity
+    from dpeft_workers.simulate import Heterogeneity
 
     register_by_value()
     cfg = load_config(None, ["clients=4", "clients_per_round=2", "simulate.dropout=0.4", "simulate.speed_factors=[1, 4]"])
     spec = RayActorSpec(actors=2, num_cpus=0.5, placement_strategy=None)
     t = RayCoordinatorTransport(
-        config_tree=config_to_dict(cfg), decoder_factory=lambda tid, cid: FakeDecoder(), spec=spec, actor_cls=FakeTrainActor
+        config_tree=config_to_dict(cfg), decoder_factory=lambda tid, cid: FakeDecoder(), spec=spec, actor_cls=FakeTrainActor, heterogeneity=Heterogeneity(cfg)
     )
     tasks = [task(f"s{seq}-c{c}", c, "p", task_seq=seq) for seq in range(2) for c in range(4)]
     sim = Heterogeneity(cfg)
@@ -230,6 +234,7 @@ def test_lockstep_hands_each_actor_a_share_of_the_round(ray_local):
     from dpeft.config import config_to_dict
     from dpeft.transport.ray_transport import RayActorSpec, RayCoordinatorTransport
     from dpeft.validate import load_config
+    from dpeft_workers.simulate import Heterogeneity
 
     register_by_value()
     cfg = load_config(
@@ -237,7 +242,7 @@ def test_lockstep_hands_each_actor_a_share_of_the_round(ray_local):
     )
     spec = RayActorSpec(actors=2, num_cpus=0.5, placement_strategy=None)
     t = RayCoordinatorTransport(
-        config_tree=config_to_dict(cfg), decoder_factory=lambda tid, cid: FakeDecoder(), spec=spec, actor_cls=FakeTrainActor
+        config_tree=config_to_dict(cfg), decoder_factory=lambda tid, cid: FakeDecoder(), spec=spec, actor_cls=FakeTrainActor, heterogeneity=Heterogeneity(cfg)
     )
     tasks = [task(f"r1-c{c}", c, "p") for c in range(6)]
     try:

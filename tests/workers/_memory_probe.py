@@ -21,7 +21,7 @@ from dpeft.adapters import extract_state
 from dpeft.codec import encode_state
 from dpeft.transport.base import TrainTask
 from dpeft.validate import load_config
-from dpeft.workers.runtime import WorkerRuntime, set_threads
+from dpeft_workers.runtime import WorkerRuntime, set_threads
 
 
 def rss() -> int:

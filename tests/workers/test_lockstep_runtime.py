@@ -22,8 +22,8 @@ from dpeft.strategies.flexlora import redistribute
 from dpeft.strategies.hyperparams import update_schema
 from dpeft.transport.base import TrainTask
 from dpeft.validate import load_config
-from dpeft.workers.runtime import WorkerRuntime
-from dpeft.workers.simulate import Heterogeneity
+from dpeft_workers.runtime import WorkerRuntime
+from dpeft_workers.simulate import Heterogeneity
 
 pytestmark = pytest.mark.integration
 

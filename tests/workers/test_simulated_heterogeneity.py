@@ -14,7 +14,7 @@ import torch
 from dpeft.state import AdapterState
 from dpeft.transport.base import TrainTask, WorkerConnection, WorkerRegistration
 from dpeft.validate import load_config
-from dpeft.workers.simulate import Heterogeneity, SimulatedConnection, simulated_worker
+from dpeft_workers.simulate import Heterogeneity, SimulatedConnection, simulated_worker
 
 
 class _Queue(WorkerConnection):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dpeft.launch.cli import LEAN_TUNABLES
+from dpeft_launch.cli import LEAN_TUNABLES
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +59,7 @@ def _tunables_after_start(env: dict[str, str]) -> set[str]:
     """The glibc.* tunables in the environment of a `dpeft worker` process (same pid) once it is
     up and dialling. glibc parses GLIBC_TUNABLES in place (':' becomes NUL), so this collects
     every glibc.* item of the process's environment block."""
-    cmd = [sys.executable, "-m", "dpeft.launch.cli", "worker", "--coordinator", "127.0.0.1:9", "--patience", "30"]
+    cmd = [sys.executable, "-m", "dpeft_launch.cli", "worker", "--coordinator", "127.0.0.1:9", "--patience", "30"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         # the CLI re-executes itself before importing anything heavy: once gRPC's extension is

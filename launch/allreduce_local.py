@@ -1,6 +1,6 @@
 """`dpeft simulate` with ``sync: allreduce``: a local torch.distributed group instead of a coordinator.
 
-Starts ``simulate.processes`` ranks of :mod:`dpeft.launch.torchrun_allreduce` on this machine
+Starts ``simulate.processes`` ranks of :mod:`dpeft_launch.torchrun_allreduce` on this machine
 with the standard environment (``MASTER_ADDR=127.0.0.1``, a free ``MASTER_PORT``, ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``), the same thing ``torchrun
 --nproc-per-node N`` does, so the one code path serves simulation, torchrun and Ray
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dpeft.config import RunConfig, dump_config
-from dpeft.launch.procs import stop_processes
+from dpeft_launch.procs import stop_processes
 
 
 def free_port() -> int:
@@ -75,7 +75,7 @@ def run_local_allreduce(cfg: RunConfig, resume: bool = True, backend: str | None
             cmd = [
                 sys.executable,
                 "-m",
-                "dpeft.launch.torchrun_allreduce",
+                "dpeft_launch.torchrun_allreduce",
                 "--config",
                 config_path,
                 "--threads",

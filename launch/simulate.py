@@ -1,5 +1,5 @@
 """`dpeft simulate` and `dpeft coordinator`: a gRPC coordinator in this process, with local
-worker processes for simulate (:mod:`dpeft.launch.local_workers`)."""
+worker processes for simulate (:mod:`dpeft_launch.local_workers`)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from dpeft.config import AuthConfig, RunConfig, dump_config
-from dpeft.coordinator.engine import RoundEngine
 from dpeft.errors import DpeftError
-from dpeft.launch.local_workers import WorkerProcesses, start_method
 from dpeft.rounds.global_model import GlobalModel
 from dpeft.sync.base import check_coordinated
-from dpeft.workers.runtime import set_mmap_threshold, set_threads
+from dpeft_coordinator.engine import RoundEngine
+from dpeft_launch.local_workers import WorkerProcesses, start_method
+from dpeft_workers.runtime import set_mmap_threshold, set_threads
 
 log = logging.getLogger("dpeft.launch")
 
@@ -90,7 +90,7 @@ def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume:
     gm = GlobalModel(cfg)
     workers = WorkerProcesses(run_dir, cfg.simulate.threads_per_process)
     if forking:
-        from dpeft.workers.runtime import WorkerRuntime
+        from dpeft_workers.runtime import WorkerRuntime
 
         workers.fork(WorkerRuntime(cfg, bundle=gm.bundle), local_workers)
         set_threads(cfg.simulate.coordinator_threads)

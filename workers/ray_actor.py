@@ -37,8 +37,8 @@ class TrainActor:
     """A worker: ``WorkerRuntime`` over one shared frozen base, any number of virtual clients."""
 
     def __init__(self, config_tree: dict[str, Any], worker_id: str, threads: int = 1) -> None:
-        from dpeft.workers.runtime import WorkerRuntime, set_threads
-        from dpeft.workers.simulate import Heterogeneity
+        from dpeft_workers.runtime import WorkerRuntime, set_threads
+        from dpeft_workers.simulate import Heterogeneity
 
         set_threads(threads)
         self.worker_id = worker_id
@@ -79,7 +79,7 @@ class AllReduceActor:
     """One rank of an all-reduce group formed by Ray actors."""
 
     def __init__(self, threads: int = 1) -> None:
-        from dpeft.workers.runtime import set_threads
+        from dpeft_workers.runtime import set_threads
 
         set_threads(threads)
 
@@ -99,8 +99,8 @@ class AllReduceActor:
     def run(self, config_tree: dict[str, Any], resume: bool = True) -> list[dict[str, Any]]:
         """All rounds of the run (rank 0 writes the run directory); returns rank 0's metrics rows."""
         from dpeft.rounds.allreduce import run_allreduce
-        from dpeft.workers.runtime import WorkerRuntime
-        from dpeft.workers.simulate import Heterogeneity
+        from dpeft_workers.runtime import WorkerRuntime
+        from dpeft_workers.simulate import Heterogeneity
 
         cfg = config_from_dict(config_tree)
         return run_allreduce(cfg, Heterogeneity(cfg).install(WorkerRuntime(cfg)), resume=resume, quiet=True)

@@ -1,12 +1,12 @@
 """Federated rounds aggregated by torch.distributed all-reduce, one rank per process.
 
-    torchrun --nproc-per-node 2 -m dpeft.launch.torchrun_allreduce --config run.yaml rounds=5
+    torchrun --nproc-per-node 2 -m dpeft_launch.torchrun_allreduce --config run.yaml rounds=5
 
 torchrun exports ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; this
 module calls ``init_process_group`` (gloo on CPU, nccl on GPU unless ``--backend``), and
 every rank trains its share of each round's sampled clients; rank 0 writes the run directory.
 Multi-node: ``torchrun --nnodes 2 --node-rank R --master-addr HOST0 --master-port 29500
---nproc-per-node G -m dpeft.launch.torchrun_allreduce ...`` on each node.
+--nproc-per-node G -m dpeft_launch.torchrun_allreduce ...`` on each node.
 Exit codes as for ``dpeft``: 0 done, 2 bad config, 1 other failure.
 """
 
@@ -22,7 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dpeft.launch.torchrun_allreduce", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dpeft_launch.torchrun_allreduce", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML run config (every key optional; a ray: section is ignored)")
     p.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="process-group backend (default: nccl with CUDA, else gloo)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cpus / local world size)")
@@ -36,8 +36,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr)
-    from dpeft.launch.cli import report_errors
-    from dpeft.launch.procs import exit_with_parent
+    from dpeft_launch.cli import report_errors
+    from dpeft_launch.procs import exit_with_parent
 
     if args.exit_with_parent:
         exit_with_parent()
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         from dpeft.rounds.allreduce import run_allreduce
         from dpeft.transport.distributed_allreduce import init_group
         from dpeft.validate import load_config
-        from dpeft.workers.runtime import WorkerRuntime, set_threads
-        from dpeft.workers.simulate import Heterogeneity
+        from dpeft_workers.runtime import WorkerRuntime, set_threads
+        from dpeft_workers.simulate import Heterogeneity
 
         cfg = load_config(args.config, args.overrides, allreduce="torchrun_allreduce")  # a ray: section is accepted and ignored
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))

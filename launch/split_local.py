@@ -12,7 +12,6 @@ import torch
 
 from dpeft.config import RunConfig
 from dpeft.errors import ConfigError, DpeftError
-from dpeft.launch.procs import stop_processes
 from dpeft.split.config import SplitConfig
 from dpeft.split.service import (
     CloudService,
@@ -27,7 +26,8 @@ from dpeft.split.service import (
     num_labels_for,
     run_edge_session,
 )
-from dpeft.split.transport import EdgeConnection, SplitServer
+from dpeft.transport.split_stream import EdgeConnection, SplitServer
+from dpeft_launch.procs import stop_processes
 
 log = logging.getLogger("dpeft.split")
 
@@ -144,7 +144,7 @@ class EdgeProcesses:
         logs = run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            cmd = [sys.executable, "-m", "dpeft.launch.cli", "split", "edge", "--cloud", address, "--shard", str(i), "--edge-id", f"edge-{i}", "--threads", str(threads), "--patience", "30", "--exit-with-parent"]
+            cmd = [sys.executable, "-m", "dpeft_launch.cli", "split", "edge", "--cloud", address, "--shard", str(i), "--edge-id", f"edge-{i}", "--threads", str(threads), "--patience", "30", "--exit-with-parent"]
             cmd += ["--state-dir", str(run_dir / "edges" / f"edge-{i}")]
             if token:
                 cmd += ["--token", token]

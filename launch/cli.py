@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 
 #: Subcommands that live in their own modules: each has ``add_parser(subparsers)`` (setting
 #: ``set_defaults(extension=module_name)``) and ``run(args) -> int``.
-EXTENSIONS = ("dpeft.launch.split_cli", "dpeft.launch.ray_cli")
+EXTENSIONS = ("dpeft_launch.split_cli", "dpeft_launch.ray_cli")
 
 
 def _extension_modules() -> list:
@@ -126,10 +126,10 @@ def _run(args: argparse.Namespace) -> int:
                 if getattr(args, flag):
                     overrides.append(f"{key}={os.path.abspath(getattr(args, flag))}")
         cfg = load_config(args.config, overrides)
-        from dpeft.launch.simulate import run_coordinator
+        from dpeft_launch.simulate import run_coordinator
 
         if args.command == "simulate" and cfg.sync.name == "allreduce":
-            from dpeft.launch.allreduce_local import run_local_allreduce
+            from dpeft_launch.allreduce_local import run_local_allreduce
 
             return run_local_allreduce(cfg, resume=not args.fresh)
         if args.command == "simulate":
@@ -144,15 +144,15 @@ def _run(args: argparse.Namespace) -> int:
         return _status(args)
     if args.threads < 1:
         raise _config_error("--threads", "must be >= 1")
-    from dpeft.workers.loop import serve_until_terminated
+    from dpeft_workers.loop import serve_until_terminated
 
     if args.exit_with_parent:
-        from dpeft.launch.procs import exit_with_parent
+        from dpeft_launch.procs import exit_with_parent
 
         exit_with_parent()
     wrap = None
     if args.simulated:
-        from dpeft.workers.simulate import simulated_worker as wrap
+        from dpeft_workers.simulate import simulated_worker as wrap
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     conn = _connect(args, worker_id, patience_s=args.patience)
     return serve_until_terminated(conn, worker_id, threads=args.threads, data_path=args.data, wrap=wrap)

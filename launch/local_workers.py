@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dpeft.config import RunConfig
-from dpeft.launch.procs import describe_exit, exit_with_parent, name_process, stop_processes
+from dpeft_launch.procs import describe_exit, exit_with_parent, name_process, stop_processes
 
 #: a worker dying this many times with no finished task in between ends the run
 MAX_DEATHS_IN_A_ROW = 3
@@ -106,7 +106,7 @@ class WorkerProcesses:
         """A fresh `dpeft worker` interpreter as worker ``sim-i`` (its output appended to its log)."""
         threads = str(self.threads)
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        cmd = [sys.executable, "-m", "dpeft.launch.cli", "worker", "--coordinator", self.address, "--worker-id", f"sim-{i}",
+        cmd = [sys.executable, "-m", "dpeft_launch.cli", "worker", "--coordinator", self.address, "--worker-id", f"sim-{i}",
                "--threads", threads, "--patience", "20", "--exit-with-parent", "--simulated"]  # fmt: skip
         with open(self._log_path(i), "ab") as out:
             return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -229,8 +229,8 @@ def _forked_worker(runtime: Any, read_fd: int, worker_id: str, threads: int, log
             code = 0
             return
         from dpeft.transport.grpc import GrpcWorkerConnection
-        from dpeft.workers.loop import serve_until_terminated
-        from dpeft.workers.simulate import simulated_worker
+        from dpeft_workers.loop import serve_until_terminated
+        from dpeft_workers.simulate import simulated_worker
 
         exit_with_parent()
         conn = GrpcWorkerConnection(address.decode(), token="", patience_s=20.0)

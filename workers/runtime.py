@@ -7,7 +7,7 @@ per client is kept by default, so memory does not grow with the number of client
 
 Task hyperparameters (see :mod:`dpeft.strategies.hyperparams`) adapt this: ``freeze`` and
 ``personal`` tensors are left out of the update (personal ones live on disk per client,
-:class:`~dpeft.workers.personal.PersonalStore`), ``full_factors`` are sent as values, and a
+:class:`~dpeft_workers.personal.PersonalStore`), ``full_factors`` are sent as values, and a
 payload whose LoRA factors have another rank than the configured one (flexlora's per-client
 ranks) is trained on a second peft adapter of that rank on the same base, created once. Its
 ``lora_alpha`` keeps ``alpha / r`` of the configured adapter, so ``B @ A`` means the same
@@ -50,7 +50,7 @@ from dpeft.strategies.hyperparams import is_full_factor, sent_names
 from dpeft.strategies.lora import has_component, lora_pairs
 from dpeft.train import LocalResult, local_train, make_optimizer, task_seed
 from dpeft.transport.base import TrainTask
-from dpeft.workers.personal import PersonalStore
+from dpeft_workers.personal import PersonalStore
 
 log = logging.getLogger("dpeft.worker")
 
@@ -106,7 +106,7 @@ class WorkerRuntime:
         self._lockstep_refused: dict[str, str | None] = {}  # adapter name -> why lockstep cannot train it
         self._allocator_set = False
         #: applied to each client's update before it is encoded (None: sent as trained); simulated
-        #: Byzantine clients live here (:meth:`dpeft.workers.simulate.Heterogeneity.install`)
+        #: Byzantine clients live here (:meth:`dpeft_workers.simulate.Heterogeneity.install`)
         self.update_hook: Callable[[TrainTask, AdapterState], AdapterState] | None = None
 
     @property

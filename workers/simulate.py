@@ -147,7 +147,7 @@ class SimulatedConnection(WorkerConnection):
 
 
 def simulated_worker(cfg: RunConfig, conn: WorkerConnection, runtime: Any) -> WorkerConnection:
-    """The ``wrap`` of :func:`dpeft.workers.loop.run_worker` for `dpeft simulate` workers:
+    """The ``wrap`` of :func:`dpeft_workers.loop.run_worker` for `dpeft simulate` workers:
     installs Byzantine clients in ``runtime``, returns the connection with drops and delays."""
     sim = Heterogeneity(cfg)
     sim.install(runtime)

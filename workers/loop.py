@@ -17,7 +17,7 @@ from dpeft.errors import DataError
 from dpeft.train import TrainingStopped
 from dpeft.transport.base import TrainTask, WorkerConnection
 from dpeft.validate import config_from_dict
-from dpeft.workers.runtime import WorkerRuntime, set_threads
+from dpeft_workers.runtime import WorkerRuntime, set_threads
 
 log = logging.getLogger("dpeft.worker")
 
@@ -50,7 +50,7 @@ def run_worker(
     coordinator's loaded model and data); used only when the coordinator's config is the one it
     was built for, otherwise the worker builds its own. ``wrap``: applied around the worker once
     the run's config is known, returning the connection to serve over (`dpeft simulate`'s
-    simulated heterogeneity, :func:`dpeft.workers.simulate.simulated_worker`). ``stop`` also
+    simulated heterogeneity, :func:`dpeft_workers.simulate.simulated_worker`). ``stop`` also
     ends a task in training, between two of its steps (the task goes back to the coordinator);
     ``training`` is set meanwhile.
     """

@@ -63,7 +63,7 @@ def add_parser(subparsers: Any) -> None:
     r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or ray.address, else a local Ray)")
     r.add_argument("--fresh", action="store_true", help="ignore checkpoints already in run_dir")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. rounds=10 ray.actors=4 ray.num_gpus=0.5")
-    r.set_defaults(extension="dpeft.launch.ray_cli")
+    r.set_defaults(extension="dpeft_launch.ray_cli")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,10 +138,12 @@ def run_ray(cfg: RunConfig, resume: bool = True, quiet: bool = False) -> list[di
 
 
 def _run_actors(cfg: RunConfig, resume: bool, quiet: bool) -> list[dict[str, Any]]:
-    from dpeft.coordinator.engine import RoundEngine
     from dpeft.rounds.global_model import GlobalModel
     from dpeft.transport.ray_transport import RayCoordinatorTransport
-    from dpeft.workers.runtime import set_threads
+    from dpeft_coordinator.engine import RoundEngine
+    from dpeft_workers.ray_actor import TrainActor
+    from dpeft_workers.runtime import set_threads
+    from dpeft_workers.simulate import Heterogeneity
 
     set_threads(cfg.simulate.coordinator_threads)
     t_start = time.time()
@@ -153,6 +155,8 @@ def _run_actors(cfg: RunConfig, resume: bool, quiet: bool) -> list[dict[str, Any
         decoder_factory=engine.decoder_for,
         spec=actor_spec(cfg),
         max_update_bytes=cfg.transport.max_update_bytes,
+        actor_cls=TrainActor,
+        heterogeneity=Heterogeneity(cfg),
     )
     interrupted = threading.Event()
 
@@ -208,7 +212,7 @@ class RayAllReduceGroup:
         import ray
 
         from dpeft.transport.ray_pool import RayActorPool
-        from dpeft.workers.ray_actor import AllReduceActor
+        from dpeft_workers.ray_actor import AllReduceActor
 
         self.ray = ray
         self.spec = spec

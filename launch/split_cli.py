@@ -13,7 +13,7 @@ import argparse
 import os
 import socket
 
-MODULE = "dpeft.launch.split_cli"
+MODULE = "dpeft_launch.split_cli"
 
 
 def add_parser(subparsers) -> None:
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     cmd = args.split_command
     if cmd in ("simulate", "cloud"):
-        from dpeft.split.launch import run_cloud
+        from dpeft_launch.split_local import run_cloud
 
         run_cfg, split_cfg = load_split_config(args.config, args.overrides)
         if cmd == "simulate":
@@ -67,10 +67,10 @@ def run(args: argparse.Namespace) -> int:
     if args.data and args.shard is not None:
         raise ConfigError("--data", "give either --data or --shard, not both")
     if args.exit_with_parent:
-        from dpeft.launch.procs import exit_with_parent
+        from dpeft_launch.procs import exit_with_parent
 
         exit_with_parent()
-    from dpeft.split.launch import run_edge
+    from dpeft_launch.split_local import run_edge
 
     edge_id = args.edge_id or f"{socket.gethostname()}-{os.getpid()}"
     report = run_edge(args.cloud, edge_id, args.token, args.shard, args.data, args.threads, args.patience, args.run_dir, args.state_dir)

@@ -8,7 +8,7 @@ they are rejected as ``too_stale``). Every ``buffer_size`` accepted updates the 
 finishes a step: new global, evaluation (every ``train.eval_every`` steps), checkpoint, and
 one ``metrics.jsonl`` line with staleness statistics. ``rounds`` counts steps.
 
-It drives a :class:`~dpeft.coordinator.engine.RoundEngine` through its public methods only.
+It drives a :class:`~dpeft_coordinator.engine.RoundEngine` through its public methods only.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from dpeft.coordinator.errors import RoundTimeout
 from dpeft.errors import RejectedUpdate
 from dpeft.rounds.sampling import sample_free
 from dpeft.rounds.tally import RoundTally, client_ranks
 from dpeft.transport.base import CoordinatorTransport, Rejection
+from dpeft_coordinator.errors import RoundTimeout
 
 if TYPE_CHECKING:
-    from dpeft.coordinator.engine import RoundEngine
+    from dpeft_coordinator.engine import RoundEngine
 
 log = logging.getLogger("dpeft.coordinator")
 

@@ -21,7 +21,7 @@ from dpeft._proto.dpeft.v1 import split_pb2_grpc as pb_grpc
 from dpeft.split.wire import Channel
 from dpeft.transport.grpc import channel_options
 
-log = logging.getLogger("dpeft.split.transport")
+log = logging.getLogger("dpeft.transport.split_stream")
 
 Tap = Callable[[str, Any], None]
 

@@ -5,7 +5,7 @@ tasks, the tally and strategy step build each round's row, the recorder keeps th
 directory (metrics, checkpoints, resume, export). It talks only to a
 :class:`~dpeft.transport.base.CoordinatorTransport`; it never imports grpc or ray, so every
 transport (gRPC, Ray, in-process) runs the same rounds. The ``sync`` and ``deadline``
-policies run here; ``async`` runs in :mod:`dpeft.coordinator.async_engine` over the same
+policies run here; ``async`` runs in :mod:`dpeft_coordinator.async_engine` over the same
 public methods.
 """
 
@@ -24,8 +24,6 @@ from dpeft.codec.spool import SpooledBlob, SpoolPolicy
 from dpeft.codec.tensors import Limits, StateDecoder
 from dpeft.codec.updates.session import RunCodecs
 from dpeft.config import RunConfig, dump_config
-from dpeft.coordinator.async_engine import run_async
-from dpeft.coordinator.errors import RoundTimeout
 from dpeft.errors import RejectedUpdate
 from dpeft.rounds.global_model import GlobalModel
 from dpeft.rounds.ledger import TaskLedger
@@ -38,6 +36,8 @@ from dpeft.strategies.hyperparams import update_schema
 from dpeft.sync import make_policy
 from dpeft.sync.base import check_coordinated
 from dpeft.transport.base import Blob, CoordinatorTransport, Rejection, TaskResult, TrainTask
+from dpeft_coordinator.async_engine import run_async
+from dpeft_coordinator.errors import RoundTimeout
 
 log = logging.getLogger("dpeft.coordinator")
 
