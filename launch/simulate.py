@@ -38,25 +38,11 @@ def return_large_frees(threshold: int = 1 << 20) -> bool:
 
 
 def edge_security(cfg: RunConfig, listen: str) -> tuple[Any, Any]:
-    """(server TLS credentials or None, TokenStore or None) from ``auth.*``; checks ``transport.*`` limits."""
+    """(server TLS credentials or None, TokenStore or None) from ``auth.*`` (``transport.*`` limits are checked at load)."""
     from dpeft.errors import ConfigError
     from dpeft.transport.auth import TokenStore
     from dpeft.transport.tls import server_credentials
 
-    t = cfg.transport
-    for key, value in [
-        ("transport.heartbeat_s", t.heartbeat_s),
-        ("transport.dead_after_s", t.dead_after_s),
-        ("transport.max_tensor_bytes", t.max_tensor_bytes),
-        ("transport.max_concurrent_uploads", t.max_concurrent_uploads),
-        ("transport.resume_window_s", t.resume_window_s),
-        ("transport.server_threads", t.server_threads),
-        ("transport.poll_timeout_s", t.poll_timeout_s),
-    ]:
-        if value is None or value <= 0:
-            raise ConfigError(key, f"must be > 0; got {value}")
-    if t.dead_after_s <= t.heartbeat_s:
-        raise ConfigError("transport.dead_after_s", f"must exceed transport.heartbeat_s ({t.heartbeat_s}) or live workers are declared dead")
     credentials = server_credentials(cfg.auth.tls_cert, cfg.auth.tls_key, cfg.auth.tls_client_ca)
     tokens = None
     if cfg.auth.tokens_file:
