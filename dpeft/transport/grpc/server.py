@@ -241,8 +241,8 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
             replaced = prev is not None and bool(prev.session) and not prev.left
             requeued = self.queue.requeue_worker(request.worker_id) if replaced else 0
             self.cond.notify_all()
-        if replaced:
-            log_event("session_replaced", level=logging.WARNING, worker=request.worker_id, requeued=requeued)
+        if requeued or (prev is not None and prev.active and prev.session):
+            log_event("session_replaced", level=logging.WARNING if requeued else logging.INFO, worker=request.worker_id, requeued=requeued)
         log_event("worker_joined", worker=request.worker_id, own_data=request.own_data, clients=record.client_ids, peer=peer, rejoin=prev is not None)
         return JoinAnswer(self.run_id, session, self.config_yaml, list(record.client_ids), self.heartbeat_s)
 
