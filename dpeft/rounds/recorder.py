@@ -11,9 +11,10 @@ A round is closed in one order: its row is finished (``wall_s``, ``elapsed_s``),
 is written with the row in its info, the adapter is exported, and only then the metrics line is
 appended. A process that dies in between leaves a checkpoint whose round has no line; the run
 that resumes from it writes the line from the checkpoint (or, for a driver whose rows wait for
-an evaluation, hands the row back to be evaluated again). Checkpoints without a row still load. A run that
-starts over forgets what an earlier run left. Without a run directory (split tests) the rows
-stay in memory and nothing is checkpointed.
+an evaluation, hands the row back to be evaluated again). Checkpoints without a row still load.
+
+A run that starts over forgets what an earlier run left. Without a run directory (split tests)
+the rows stay in memory and nothing is checkpointed.
 """
 
 from __future__ import annotations
