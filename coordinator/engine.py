@@ -204,12 +204,11 @@ class RoundEngine:
         self.round = round_num
 
     def record(self, row: dict[str, Any], count: int, t0: float) -> None:
-        """Finish ``row`` (evaluation when due, strategy metrics), checkpoint and export, append the row."""
+        """Finish ``row`` (evaluation when due, strategy metrics); the recorder checkpoints it, exports, appends it."""
         round_num = row["round"]
         evaluate_into(row, self.gm.evaluate, self.global_state, round_num, self.cfg.train.eval_every, self.cfg.rounds)
         row.update(strategy_metrics(self.strategy, count))
-        self.recorder.save(round_num, self.global_state, self.strategy.state_dict())
-        self.recorder.write(row, t0)
+        self.recorder.close(row, self.global_state, self.strategy.state_dict(), t0)
 
     # -- rounds -----------------------------------------------------------------
     def run_round(self, transport: CoordinatorTransport) -> dict[str, Any] | None:

@@ -198,8 +198,7 @@ def run_allreduce(cfg: RunConfig, runtime: TaskTrainer, resume: bool = True, qui
             }
             evaluate_into(row, gm.evaluate, glob, round_num, cfg.train.eval_every, cfg.rounds)
             row.update(strategy_metrics(strategy, count))
-            recorder.save(round_num, glob, strategy.state_dict())
-            recorder.write(row, t0)
+            recorder.close(row, glob, strategy.state_dict(), t0)
     if recorder is None or recorder.metrics is None:
         return []
     recorder.export(glob)

@@ -5,9 +5,16 @@ One per driver (coordinator, split federation, all-reduce rank 0). It owns ``con
 checkpoints and the PEFT export, and it resumes: the newest readable checkpoint gives the
 round, the global, the strategy state and the driver's extra info; the metrics rows past it
 are dropped (they will be redone), the run's clock continues from the checkpointed
-``elapsed_s``, and a line on stderr (and in the log) says that the run resumed. A run that
-starts over forgets what an earlier run left. Without a run directory (split tests) the rows
-stay in memory and nothing is checkpointed.
+``elapsed_s``, and a line on stderr (and in the log) says that the run resumed.
+
+A round is closed in one order: its row is finished (``wall_s``, ``elapsed_s``), the checkpoint
+is written with the row in its info, the adapter is exported, and only then the metrics line is
+appended. A process that dies in between leaves a checkpoint whose round has no line; the run
+that resumes from it writes the line from the checkpoint (or, for a driver whose rows wait for
+an evaluation, hands the row back to be evaluated again). Checkpoints without a row still load.
+
+A run that starts over forgets what an earlier run left. Without a run directory (split tests)
+the rows stay in memory and nothing is checkpointed.
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ class ResumePoint:
     global_state: AdapterState
     strategy_state: dict[str, torch.Tensor]
     info: dict[str, Any] = field(default_factory=dict)
+    #: the checkpointed round's row when ``metrics.jsonl`` lacked its line (the process that
+    #: wrote the checkpoint died before the line); None otherwise
+    lost_row: dict[str, Any] | None = None
 
 
 class RoundRecorder:
@@ -91,8 +101,12 @@ class RoundRecorder:
         return time.time() - self.started
 
     # -- resume / start over ----------------------------------------------------
-    def resume(self, schema: Any) -> ResumePoint | None:
-        """Pick up from the newest readable checkpoint (None: there is none); its adapter must have ``schema``."""
+    def resume(self, schema: Any, write_lost_row: bool = True) -> ResumePoint | None:
+        """Pick up from the newest readable checkpoint (None: there is none); its adapter must have ``schema``.
+
+        When ``metrics.jsonl`` lacks the checkpointed round's line, the row kept in the checkpoint
+        is appended as it was recorded (with ``write_lost_row``) or only handed back in
+        :attr:`ResumePoint.lost_row` (a driver that evaluates the row again before writing it)."""
         directory = self.checkpoint_dir
         found = latest_checkpoint(directory) if directory is not None else None
         if found is None:
@@ -103,13 +117,24 @@ class RoundRecorder:
         assert self.metrics is not None
         earlier = next((r.get("elapsed_s") for r in self.metrics.rows if r.get("round") == round_num), None)
         self.metrics.truncate_after(round_num)
+        lost = self._lost_row(round_num, info)
         offset = info.get("elapsed_s", earlier)  # checkpoints before elapsed_s was kept: the round's row
         if isinstance(offset, (int, float)):
             self.started -= float(offset)
         self.resumed_from = self.metrics.resumed_from = round_num
         print(f"resumed from round {round_num} of {self.total_rounds} in {self.run_dir}", file=sys.stderr, flush=True)
         log.info("resumed from round %d of %d in %s", round_num, self.total_rounds, self.run_dir)
-        return ResumePoint(round_num, glob, strat, info)
+        if lost is not None and write_lost_row:
+            log.info("round %d's metrics line was missing; written from its checkpoint", round_num)
+            self._append(dict(lost))
+        return ResumePoint(round_num, glob, strat, info, lost)
+
+    def _lost_row(self, round_num: int, info: dict[str, Any]) -> dict[str, Any] | None:
+        """The row checkpointed with round ``round_num`` when the metrics have no line for it."""
+        row = info.get("row")
+        if not isinstance(row, dict) or row.get("round") != round_num:
+            return None
+        return None if any(r.get("round") == round_num for r in self.rows) else dict(row)
 
     def start_over(self) -> None:
         """A run from round 0: forget the metrics rows and checkpoints an earlier run left in the run directory
@@ -134,13 +159,30 @@ class RoundRecorder:
         row["wall_s"] = time.time() - t0
         return row
 
-    def save(self, round_num: int, state: AdapterState, strategy_state: dict[str, torch.Tensor], extra: dict[str, Any] | None = None) -> None:
-        """Checkpoint round ``round_num`` (with the run's clock and the driver's ``extra`` info) and export ``state``."""
+    def save(
+        self,
+        round_num: int,
+        state: AdapterState,
+        strategy_state: dict[str, torch.Tensor],
+        extra: dict[str, Any] | None = None,
+        row: dict[str, Any] | None = None,
+    ) -> None:
+        """Checkpoint round ``round_num`` (with the run's clock, the driver's ``extra`` info and the
+        round's ``row``, which a resume writes when its line is missing) and export ``state``."""
         directory = self.checkpoint_dir
         if directory is not None:
             info = {"seed": self.seed, **(extra or {}), "elapsed_s": self.elapsed()}
+            if row is not None:
+                info["row"] = row
             save_checkpoint(directory, round_num, state, strategy_state, info)
         self.export(state)
+
+    def close(self, row: dict[str, Any], state: AdapterState, strategy_state: dict[str, torch.Tensor], t0: float | None = None) -> None:
+        """Record a finished round: stamp its row's clock (as :meth:`write`), checkpoint it with the
+        row, export ``state``, then append the row's line."""
+        self._stamp(row, t0)
+        self.save(int(row["round"]), state, strategy_state, row=row)
+        self._append(row)
 
     def export(self, state: AdapterState) -> None:
         """Write ``state`` as the run's PEFT adapter (when this recorder exports)."""
@@ -149,11 +191,17 @@ class RoundRecorder:
 
     def write(self, row: dict[str, Any], t0: float | None = None) -> None:
         """Append a round's row: ``wall_s`` since ``t0`` (when given) and the run's ``elapsed_s``."""
+        self._stamp(row, t0)
+        self._append(row)
+
+    def _stamp(self, row: dict[str, Any], t0: float | None) -> None:
         if t0 is not None:
             row["wall_s"] = time.time() - t0
         if self._elapsed:
             elapsed = self.elapsed()
             row["elapsed_s"] = round(elapsed, self._elapsed_digits) if self._elapsed_digits is not None else elapsed
+
+    def _append(self, row: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.append(row)
         else:

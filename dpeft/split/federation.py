@@ -60,7 +60,7 @@ class Federation:
         self.recorder = RoundRecorder(run_dir, run.rounds, run.seed, export=export, elapsed_digits=3)
         self.metrics = self.recorder.metrics
         self.failed: str | None = None
-        found = self.recorder.resume(self.schema) if run_dir is not None and resume else None
+        found = self.recorder.resume(self.schema, write_lost_row=False) if run_dir is not None and resume else None
         if found is not None:
             self._resume(found)
         else:  # a fresh run: older checkpoints would outrank (and be kept over) the new ones
@@ -82,9 +82,8 @@ class Federation:
         self.strategy.load_state_dict(found.strategy_state)
         self.round = found.round
         self._registered = {str(k): int(v) for k, v in found.info.get("edges", {}).items() if 0 <= int(v) < self.edges}
-        row = found.info.get("row")
-        if row and not any(r.get("round") == found.round for r in self.rows):
-            self._hold(found.round, row)  # its line was lost with the process: evaluate (again) and write it
+        if found.lost_row is not None:  # its line was lost with the process: evaluate (again) and write it
+            self._hold(found.round, found.lost_row)
 
     # -- edges ------------------------------------------------------------------
     def reserve(self, edge_ids: list[str]) -> None:
@@ -185,7 +184,7 @@ class Federation:
         row.update(strategy_metrics(self.strategy, aggregator.count))
         self._round_t0 = time.time()
         self.round = round_num
-        self.recorder.save(round_num, self.global_state, self.strategy.state_dict(), {"edges": dict(self._registered), "row": row})
+        self.recorder.save(round_num, self.global_state, self.strategy.state_dict(), {"edges": dict(self._registered)}, row=row)
         self._hold(round_num, row)
 
     def _hold(self, round_num: int, row: dict[str, Any]) -> None:

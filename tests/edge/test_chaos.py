@@ -14,8 +14,10 @@ the final adapter equals an uninterrupted run's (1e-6).
 
 The uninterrupted references run the same commands without kills. Moments are waited for on
 log lines, status replies and files (never on sleeps); every process is killed in a ``finally``.
-A worker restarted *before* the coordinator declared it dead strands the task its killed
-process held (a pre-refactor bug, pinned by the strict xfail at the end).
+Two faults these kills once exposed have their own tests at the end: a worker restarted *before*
+the coordinator declared it dead (its new session releases the task the killed process held),
+and a coordinator dying between a round's checkpoint and its metrics line (the resumed run
+writes the line from the checkpoint).
 """
 
 from __future__ import annotations
@@ -137,10 +139,7 @@ def _assert_same_adapter(got_run: Path, want_run: Path, what: str) -> None:
     assert diffs[worst] <= 1e-6, f"{what}: tensor {worst} differs from the uninterrupted run's by {diffs[worst]:.3g}"
     assert any(float(want[k].abs().max()) > 0 for k in want if "lora_B" in k), "the reference did not train"
     rounds = [json.loads(line)["round"] for line in (got_run / "metrics.jsonl").read_text().splitlines()]
-    # a coordinator killed between a round's checkpoint and its metrics line loses that line
-    # (pre-refactor bug, pinned by test_crash_after_checkpoint_keeps_the_rounds_metrics_line):
-    # until fixed, only order and completeness at the ends are asserted here
-    assert rounds == sorted(set(rounds)) and rounds[0] == 0 and rounds[-1] == ROUNDS, f"{what}: metrics rounds {rounds}"
+    assert rounds == list(range(ROUNDS + 1)), f"{what}: metrics rounds {rounds}"
 
 
 # ------------------------------------------------------------------ coordinator + workers
@@ -247,8 +246,8 @@ def run_coordinator_cast(model: Path, run: Path, work: Path, plan: list[tuple[in
                 admin.close()
                 admin = start_coordinator()
             else:
-                # restarted once the coordinator declared it dead (or finished): a restart before
-                # that strands the task it held, see test_worker_restarted_before_declared_dead_*
+                # restarted once the coordinator declared it dead (or finished); a restart before
+                # that is test_worker_restarted_before_declared_dead_*
                 cast.until(declared_dead(cast.current["coordinator"], target), f"{target} declared dead")
                 cast.start(target, worker_args(target))
         codes = cast.finish("coordinator")
@@ -329,12 +328,12 @@ def test_split_edge_sigkilled_ends_like_an_uninterrupted_run(tiny_model: Path, t
     _assert_same_adapter(tmp_path / "chaos" / "run", tmp_path / "ref" / "run", f"after {'; '.join(done)}")
 
 
-@pytest.mark.xfail(strict=True, reason="pre-refactor bug: a worker re-joining under the same id does not release the task its killed process held")
 def test_worker_restarted_before_declared_dead_does_not_strand_its_task(tiny_model: Path, tmp_path: Path) -> None:
     """SIGKILL a worker holding a task and restart the same command at once (well within
-    transport.dead_after_s): the new process re-joins under the same id, its polls keep the id
-    alive, so the reaper never re-queues the task the killed process held; with
-    sync.task_timeout_s unset the round waits for it until sync.round_timeout_s (here 30 s)."""
+    transport.dead_after_s): the new process re-joins under the same id and its polls keep the
+    id alive, so the reaper would never re-queue the task the killed process held; the join of
+    the new session does (with sync.task_timeout_s unset the round would otherwise wait until
+    sync.round_timeout_s, here 30 s, and fail)."""
     listen = f"127.0.0.1:{free_port()}"
     extra = dict(COORD_EXTRA, rounds=1, transport__dead_after_s=120.0, transport__heartbeat_s=1.0, sync__round_timeout_s=30.0)
     worker = ["worker", "--coordinator", listen, "--worker-id", "w0", "--threads", "1", "--patience", "60"]
@@ -353,17 +352,18 @@ def test_worker_restarted_before_declared_dead_does_not_strand_its_task(tiny_mod
         except RunFailed as exc:
             pytest.fail(str(exc))
         assert rc == 0, f"the round did not complete after the restart:\n{coord.text()[-2500:]}"
+        assert "event=session_replaced worker=w0 requeued=1" in coord.text(), coord.text()[-2500:]
     finally:
         if admin is not None:
             admin.close()
         cast.kill_all()
 
 
-@pytest.mark.xfail(strict=True, reason="pre-refactor bug: the engine checkpoints (and exports) a round before it appends the round's metrics line")
 def test_crash_after_checkpoint_keeps_the_rounds_metrics_line(tiny_model: Path, tmp_path: Path) -> None:
     """A coordinator that dies after writing round 1's checkpoint but before its metrics line
     (here: the adapter export right after the checkpoint fails on a file in its way, as a
-    SIGKILL at that moment would stop it) resumes after round 1 and never writes round 1's line."""
+    SIGKILL at that moment would stop it) resumes after round 1 and writes round 1's line from
+    the checkpoint, as the first process would have written it."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "adapter").write_text("in the way")
@@ -376,3 +376,5 @@ def test_crash_after_checkpoint_keeps_the_rounds_metrics_line(tiny_model: Path, 
     assert again.wait(RUN_TIMEOUT_S) == 0, again.text()[-2000:]
     rounds = [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [0, 1], f"metrics rounds after the resume: {rounds}"
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[1])
+    assert row["clients"] > 0 and row["wall_s"] > 0 and row["elapsed_s"] > 0, row

@@ -57,3 +57,37 @@ def test_checkpoints_without_a_run_clock_still_resume(tmp_path, capsys) -> None:
     resumed, tr = make_engine(tmp_path, ["rounds=3", *BASE], lambda t, s: Reply(), resume=True)
     assert resumed.resumed_from == 2
     assert resumed.recorder.elapsed() >= rows[2]["elapsed_s"]
+
+
+def test_a_rounds_lost_metrics_line_is_written_from_its_checkpoint(tmp_path, capsys) -> None:
+    """A process that died after round 2's checkpoint but before its metrics line: the resumed run
+    writes the line as it was recorded (clock included), then goes on."""
+    first, tr = make_engine(tmp_path, ["rounds=2", *BASE], lambda t, s: Reply(delay_s=0.2))
+    rows = first.run(tr)
+    _, _, _, info = latest_checkpoint(first.run_dir / "checkpoints")
+    assert info["row"] == json.loads(json.dumps(rows[2]))  # complete: wall_s and elapsed_s set before the checkpoint
+    metrics = first.run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(lines[:2]))  # round 2's line never made it
+    resumed, tr = make_engine(tmp_path, ["rounds=3", *BASE], lambda t, s: Reply(), resume=True)
+    assert resumed.resumed_from == 2
+    assert metrics.read_text().splitlines(keepends=True) == lines
+    rows = resumed.run(tr)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert [json.loads(line)["round"] for line in metrics.read_text().splitlines()] == [0, 1, 2, 3]
+
+
+def test_a_lost_line_without_a_checkpointed_row_stays_lost(tmp_path, capsys) -> None:
+    """Checkpoints written before rows were kept in them still resume; the line cannot come back."""
+    from dpeft.rounds.checkpoint import save_checkpoint
+
+    first, tr = make_engine(tmp_path, ["rounds=2", *BASE], lambda t, s: Reply())
+    first.run(tr)
+    ckpts = first.run_dir / "checkpoints"
+    round_num, glob, strat, info = latest_checkpoint(ckpts)
+    save_checkpoint(ckpts, round_num, glob, strat, {k: v for k, v in info.items() if k != "row"})
+    metrics = first.run_dir / "metrics.jsonl"
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:2]))
+    resumed, tr = make_engine(tmp_path, ["rounds=3", *BASE], lambda t, s: Reply(), resume=True)
+    assert resumed.resumed_from == 2
+    assert [r["round"] for r in resumed.run(tr)] == [0, 1, 3]

@@ -24,6 +24,10 @@ It holds no aggregation logic: the shared :class:`~dpeft.transport.queue.TaskQue
 - restarts: the registry of workers (their client ids) is kept in ``registry_path`` so a
   restarted coordinator hands every worker the same clients; sessions are per process, so a
   worker calling with an old session gets ABORTED ("join again") and re-joins by itself.
+- a worker id joining again with a new session (its process was restarted, maybe before it was
+  declared dead): the old session is over, so the tasks it held go back to the front of the
+  queue at once; an upload still arriving under the old session is refused (ABORTED) like any
+  stale session's.
 """
 
 from __future__ import annotations
@@ -227,11 +231,18 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
             return record
 
     def join(self, request: WorkerJoin, peer: str) -> JoinAnswer:
-        """Register a worker (NoFreeClientSlot when it brings data and every slot is held)."""
+        """Register a worker (NoFreeClientSlot when it brings data and every slot is held).
+
+        A join under a known worker id ends its previous session of this coordinator process:
+        the tasks that session held are re-queued now (another process, or this one, runs them)."""
         session = secrets.token_hex(8)
         with self.cond:
             record, prev = self.registry.join(request.worker_id, session, request.own_data, request.own_examples, peer, time.time())
+            replaced = prev is not None and bool(prev.session) and not prev.left
+            requeued = self.queue.requeue_worker(request.worker_id) if replaced else 0
             self.cond.notify_all()
+        if requeued or (prev is not None and prev.active and prev.session):
+            log_event("session_replaced", level=logging.WARNING if requeued else logging.INFO, worker=request.worker_id, requeued=requeued)
         log_event("worker_joined", worker=request.worker_id, own_data=request.own_data, clients=record.client_ids, peer=peer, rejoin=prev is not None)
         return JoinAnswer(self.run_id, session, self.config_yaml, list(record.client_ids), self.heartbeat_s)
 
