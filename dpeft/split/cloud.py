@@ -54,13 +54,13 @@ class _RemoteLora(torch.autograd.Function):
     """The LoRA outputs of one group call; backward asks the edge for the input gradient."""
 
     @staticmethod
-    def forward(ctx, x, token, info, ys):  # type: ignore[override]
+    def forward(ctx, x, token, info, ys):
         ctx.info = info
         ctx.x_shape = tuple(x.shape)
         return tuple(ys)
 
     @staticmethod
-    def backward(ctx, *grads):  # type: ignore[override]
+    def backward(ctx, *grads):
         session, call, modules = ctx.info
         gx = session.remote_backward(call, modules, grads, ctx.needs_input_grad[0], ctx.x_shape)
         return gx, None, None, None
