@@ -26,6 +26,8 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dpeft coordinator workers launch tests benchmarks scripts
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py

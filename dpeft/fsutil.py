@@ -19,7 +19,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, pieces: Iterable[bytes]) -> None:
+def atomic_write(path: Path, pieces: Iterable[bytes | memoryview]) -> None:
     """Write bytes pieces to ``path`` via temp file + fsync + rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:

@@ -13,13 +13,14 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable
+from typing import Any, NoReturn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # exit 2 with a one-line message
+    def error(self, message: str) -> NoReturn:  # exit 2 with a one-line message
         self.print_usage(sys.stderr)
         print(f"dpeft: error: {message}", file=sys.stderr)
         raise SystemExit(2)
@@ -150,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
         from dpeft_launch.procs import exit_with_parent
 
         exit_with_parent()
-    wrap = None
+    wrap: Callable[..., Any] | None = None
     if args.simulated:
         from dpeft_workers.simulate import simulated_worker as wrap
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -215,6 +216,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from dpeft.transport.tls import make_test_certs
 
     paths = make_test_certs(args.out, hosts=args.host, client_names=args.client, days=args.days)
@@ -228,7 +231,7 @@ def _certs(args: argparse.Namespace) -> int:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             yaml.safe_dump({w: new_token() for w in ids}, fh, sort_keys=False)
-        paths.append(type(paths[0])(path) if paths else path)
+        paths.append(Path(path))
     for p in paths:
         print(p)
     print("test certificates only: see the README section 'Edge workers' for real deployments", file=sys.stderr)

@@ -52,7 +52,7 @@ class TrainActor:
 
     def train(self, task: TrainTask, payload: np.ndarray) -> tuple[np.ndarray, int, dict[str, float]]:
         """One task: (encoded delta as uint8 array, num_examples, metrics)."""
-        update, num_examples, metrics = self.runtime.train_task(task, memoryview(payload))
+        update, num_examples, metrics = self.runtime.train_task(task, payload.data)
         self.tasks_done += 1
         return np.frombuffer(update, dtype=np.uint8), int(num_examples), dict(metrics)
 
@@ -60,7 +60,7 @@ class TrainActor:
         """Several tasks of a round, trained together (``train.lockstep``); one result per task, in order."""
         if len(payloads) != len(tasks):
             raise ValueError(f"{len(tasks)} tasks but {len(payloads)} payloads")
-        results = self.runtime.train_tasks([(t, memoryview(p)) for t, p in zip(tasks, payloads, strict=True)])
+        results = self.runtime.train_tasks([(t, p.data) for t, p in zip(tasks, payloads, strict=True)])
         self.tasks_done += len(tasks)
         return [(np.frombuffer(update, dtype=np.uint8), int(n), dict(metrics)) for update, n, metrics in results]
 

@@ -136,7 +136,8 @@ class WorkerRuntime:
         adapter = self.cfg.adapter
         # keep the scale alpha / r of the configured adapter, so B @ A means the same at every rank
         scaled = dataclasses.replace(adapter, r=rank, alpha=adapter.alpha * rank / adapter.r)
-        model_type = self.model.get_base_model().config.model_type
+        base: Any = self.model.get_base_model()  # the transformers model under peft
+        model_type = base.config.model_type
         name = f"rank{rank}"
         self.model.add_adapter(name, build_peft_config(scaled, self.cfg.model, model_type))
         self._rank_adapters[rank] = name

@@ -40,7 +40,7 @@ def build_peft_config(adapter: AdapterConfig, model: ModelConfig, model_type: st
     peft_type = _ALIASES.get(method, method.upper())
     if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING or peft_type in _UNSUPPORTED:
         raise ConfigError("adapter.method", f"unknown or unsupported peft method {adapter.method!r}")
-    cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(peft_type)]
     fields = {f.name for f in dataclasses.fields(cls)}
     task_type = "SEQ_CLS" if model.task == "seq_cls" else "CAUSAL_LM"
     targets = adapter.target_modules or default_targets(model_type)

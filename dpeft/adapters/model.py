@@ -11,6 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -89,7 +90,7 @@ def build_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, num_labels: 
 
     _quiet_transformers()
     path, gguf, model_id = resolve_model_source(model_cfg)
-    kwargs: dict[str, object] = {"gguf_file": gguf} if gguf else {}
+    kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
     tokenizer = load_tokenizer(model_cfg)
     torch.manual_seed(seed)
     if model_cfg.task == "seq_cls":
@@ -122,7 +123,7 @@ def set_base_dropout(model: torch.nn.Module, p: float) -> None:
         if isinstance(module, torch.nn.Dropout):
             module.p = p
         if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = p
+            module.attention_dropout = p  # type: ignore[assignment]  # torch types module attributes as Tensor | Module
     cfg = getattr(model, "config", None)
     for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "classifier_dropout"):
         if cfg is not None and isinstance(getattr(cfg, key, None), float):

@@ -75,7 +75,7 @@ def _header(state: AdapterState) -> tuple[bytes, list[torch.Tensor]]:
 def _raw_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 def iter_encoded(state: AdapterState) -> Iterator[memoryview]:

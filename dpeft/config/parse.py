@@ -87,7 +87,7 @@ def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if key not in names:
             raise ConfigError(f"{prefix}{key}", f"unknown key (known: {', '.join(sorted(names))})")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[key] = build_section(tp, value if value is not None else {}, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(f"{prefix}{key}", value, tp)
@@ -171,10 +171,16 @@ def reference_rows(cls: type, prefix: str) -> list[str]:
     rows: list[str] = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            rows.extend(reference_rows(hints[f.name], f"{prefix}{f.name}."))
+        tp = hints[f.name]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            rows.extend(reference_rows(tp, f"{prefix}{f.name}."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            raise TypeError(f"schema field {prefix}{f.name} has no default")
         rows.append(f"| `{prefix}{f.name}` | `{yaml_inline(default)}` | {f.metadata.get('help', '')} |")
     return rows
 

@@ -15,7 +15,7 @@ from typing import Any
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors dataclasses naming
     """A dataclass field with a default (copied when mutable) and a help string."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+        return field(default_factory=default.copy, metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 

@@ -30,7 +30,7 @@ def _digest(tensors: OrderedDict[str, torch.Tensor] | dict[str, torch.Tensor]) -
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy (multi-GiB adapters)
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # no copy (multi-GiB adapters)
     return h.hexdigest()
 
 

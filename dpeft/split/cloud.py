@@ -25,7 +25,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ from torch import nn
 from dpeft.errors import ProtocolError
 from dpeft.split.spec import Arch, LoraSite, arch_for, lora_sites
 from dpeft.split.wire import Channel, activation_schema
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger("dpeft.split.cloud")
 
@@ -54,13 +57,13 @@ class _RemoteLora(torch.autograd.Function):
     """The LoRA outputs of one group call; backward asks the edge for the input gradient."""
 
     @staticmethod
-    def forward(ctx, x, token, info, ys):  # type: ignore[override]
+    def forward(ctx, x, token, info, ys):
         ctx.info = info
         ctx.x_shape = tuple(x.shape)
         return tuple(ys)
 
     @staticmethod
-    def backward(ctx, *grads):  # type: ignore[override]
+    def backward(ctx, *grads):
         session, call, modules = ctx.info
         gx = session.remote_backward(call, modules, grads, ctx.needs_input_grad[0], ctx.x_shape)
         return gx, None, None, None
@@ -69,7 +72,7 @@ class _RemoteLora(torch.autograd.Function):
 class CloudModel:
     """A peft model whose LoRA layers compute ``base(x)`` locally and the LoRA term remotely."""
 
-    def __init__(self, model: nn.Module, model_id: str = "") -> None:
+    def __init__(self, model: PeftModel, model_id: str = "") -> None:
         self.model = model
         self.model_id = model_id
         self.arch: Arch = arch_for(model)

@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -37,6 +38,9 @@ from dpeft.split.spec import LoraSite, arch_for, lora_path, lora_sites
 from dpeft.split.wire import Channel, activation_schema
 from dpeft.state import AdapterState
 from dpeft.train.loop import make_optimizer
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger("dpeft.split.edge")
 
@@ -85,7 +89,7 @@ class StepStats:
 class EdgeModel:
     """The edge's trainable state and compute, driven by messages from the cloud."""
 
-    def __init__(self, model: nn.Module, train_cfg: TrainConfig, kr_cfg: KillReviveConfig | None = None) -> None:
+    def __init__(self, model: PeftModel, train_cfg: TrainConfig, kr_cfg: KillReviveConfig | None = None) -> None:
         self.model = model
         self.arch = arch_for(model)
         self.sites: list[LoraSite] = lora_sites(model)
@@ -97,7 +101,7 @@ class EdgeModel:
         self.kr = KillRevive(kr_cfg or KillReviveConfig(), len(self.sites), self._factors)
         self._tape: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[int]]] = {}
         self.step_count = 0
-        head = self.arch.head_module(model)
+        head: Any = self.arch.head_module(model)  # the Linear head, or peft's ModulesToSaveWrapper around it
         lin = head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
         self.head_in, self.head_out = int(lin.in_features), int(lin.out_features)
         self.causal = self.arch.causal
@@ -209,6 +213,7 @@ class EdgeModel:
                         assert loss is not None
                         loss.backward()
                         compute += time.thread_time() - c0
+                        assert h.grad is not None  # the loss depends on the features
                         channel.send("feature_grad", {"g": h.grad}, activations=True, step=self.step_count)
                     else:
                         compute += time.thread_time() - c0

@@ -23,6 +23,7 @@ from dpeft.rounds.tally import RoundTally, finish_step, strategy_metrics
 from dpeft.split.config import SplitConfig
 from dpeft.state import AdapterState
 from dpeft.strategies import ClientUpdate, make_strategy
+from dpeft.strategies.aggregator import Aggregator
 
 log = logging.getLogger("dpeft.split")
 
@@ -50,7 +51,7 @@ class Federation:
         self.global_state = initial
         self.schema = initial.schema()
         self.round = 0  # rounds closed so far; the next one is round + 1
-        self._agg = None
+        self._agg: Aggregator | None = None
         self._tally: RoundTally | None = None
         self._cond = threading.Condition()
         self._registered: dict[str, int] = {}  # edge id -> client id (kept in checkpoints)

@@ -297,7 +297,7 @@ def run_edge_session(
                 report.steps += 1
             report.losses.extend(losses)
             report.trained.append(round_num)
-            if not federated:
+            if start_state is None:  # not federated
                 break
             if state_dir is not None:
                 save_edge_state(state_dir, round_num, edge)

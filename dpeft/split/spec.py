@@ -16,6 +16,7 @@ classification or causal LM). Another one needs an :class:`Arch` with these four
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -26,11 +27,14 @@ from dpeft.errors import ConfigError
 
 @dataclass
 class LoraSite:
-    """One adapted Linear: its index (the wire id), structural key and shape."""
+    """One adapted Linear: its index (the wire id), structural key and shape.
+
+    ``module`` is the peft ``LoraLayer`` (an ``nn.Module`` whose per-adapter factors, dropouts and
+    scalings are looked up by adapter name; dynamically composed by peft, hence ``Any``)."""
 
     index: int
     key: str
-    module: nn.Module
+    module: Any
     in_features: int
     out_features: int
     r: int
@@ -47,7 +51,7 @@ def _strip(name: str) -> str:
 def lora_sites(model: nn.Module) -> list[LoraSite]:
     """The LoRA layers of the active adapter, in module order (indices are the wire ids)."""
     sites: list[LoraSite] = []
-    adapter = model.active_adapter  # type: ignore[attr-defined]
+    adapter = cast(str, model.active_adapter)
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
@@ -57,8 +61,8 @@ def lora_sites(model: nn.Module) -> list[LoraSite]:
             raise ConfigError("adapter.target_modules", f"split mode adapts Linear layers only; {name} is {type(module.base_layer).__name__}")
         if module.use_dora.get(adapter):
             raise ConfigError("adapter.method", "split mode supports plain lora (no DoRA)")
-        a = module.lora_A[adapter]
-        b = module.lora_B[adapter]
+        a = cast(nn.Linear, module.lora_A[adapter])
+        b = cast(nn.Linear, module.lora_B[adapter])
         sites.append(
             LoraSite(
                 index=len(sites),
@@ -78,11 +82,12 @@ def lora_sites(model: nn.Module) -> list[LoraSite]:
 def lora_path(site: LoraSite, x: torch.Tensor, adapter: str = "default") -> torch.Tensor:
     """scaling * B(A(dropout(x))): exactly the term peft adds to the base output."""
     m = site.module
-    return m.lora_B[adapter](m.lora_A[adapter](m.lora_dropout[adapter](x))) * m.scaling[adapter]  # type: ignore[index,operator]
+    return m.lora_B[adapter](m.lora_A[adapter](m.lora_dropout[adapter](x))) * m.scaling[adapter]
 
 
-def _inner(model: nn.Module) -> nn.Module:
-    return model.base_model.model  # type: ignore[attr-defined,return-value]
+def _inner(model: nn.Module) -> Any:
+    """The transformers model under the peft wrapper (its submodules depend on the architecture)."""
+    return cast(Any, model).base_model.model
 
 
 class Arch:
@@ -93,6 +98,11 @@ class Arch:
     causal = False
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The transformer layers (the frozen body the cloud runs)."""
+        raise NotImplementedError
+
+    def set_layers(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        """Replace the transformer layers."""
         raise NotImplementedError
 
     def embed(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -128,7 +138,7 @@ class BertArch(Arch):
     name = "bert"
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
-        return _inner(model).bert.encoder.layer  # type: ignore[return-value]
+        return _inner(model).bert.encoder.layer
 
     def set_layers(self, model: nn.Module, layers: nn.ModuleList) -> None:
         _inner(model).bert.encoder.layer = layers
@@ -224,7 +234,7 @@ def slice_layers(model: nn.Module, n: int) -> None:
     layers = arch.layers(model)
     if n >= len(layers):
         return
-    arch.set_layers(model, nn.ModuleList(list(layers)[:n]))  # type: ignore[attr-defined]
+    arch.set_layers(model, nn.ModuleList(list(layers)[:n]))
     cfg = _inner(model).config
     cfg.num_hidden_layers = n
     if isinstance(getattr(cfg, "layer_types", None), list):

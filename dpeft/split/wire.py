@@ -143,7 +143,9 @@ class Channel:
         """Send one logical message; float tensors are cast to the wire dtype when ``activations``."""
         if kind not in self._send_kinds:
             raise ValueError(f"{self.side} cannot send {kind!r}")
-        sub_cls = getattr(pb, self._out_cls.DESCRIPTOR.fields_by_name[kind].message_type.name)
+        message_type = self._out_cls.DESCRIPTOR.fields_by_name[kind].message_type
+        assert message_type is not None, f"{kind!r} is a message field of the envelope"
+        sub_cls = getattr(pb, message_type.name)
         if "groups" in fields:
             fields["groups"] = [pb.ModuleGroup(modules=list(g)) for g in fields["groups"]]
         payload = b""

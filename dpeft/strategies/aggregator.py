@@ -35,5 +35,5 @@ class Aggregator:
 def unwrap(aggregator: Aggregator) -> Aggregator:
     """The innermost aggregator beneath wrappers (such as clipping) that expose ``inner``."""
     while hasattr(aggregator, "inner"):
-        aggregator = aggregator.inner  # type: ignore[attr-defined]
+        aggregator = aggregator.inner
     return aggregator

@@ -55,7 +55,7 @@ class TaskHyperparams:
     @classmethod
     def from_dict(cls, hp: Mapping[str, Any]) -> TaskHyperparams:
         """Read the wire form (keys this version does not know are ignored)."""
-        lists = {k: tuple(str(v) for v in hp[k]) for k in ("freeze", "personal", "full_factors") if hp.get(k) is not None}
+        lists: dict[str, Any] = {k: tuple(str(v) for v in hp[k]) for k in ("freeze", "personal", "full_factors") if hp.get(k) is not None}
         numbers: dict[str, Any] = {}
         if hp.get("prox_mu") is not None:
             numbers["prox_mu"] = float(hp["prox_mu"])

@@ -53,7 +53,7 @@ def batch_schedule(indices: list[int], steps: int, batch_size: int, seed: int) -
     return batches
 
 
-def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
     """The configured client optimizer."""
     params = list(params)
     if cfg.optimizer == "sgd":

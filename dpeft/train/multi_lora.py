@@ -33,7 +33,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -42,6 +42,10 @@ from dpeft.config import TrainConfig
 from dpeft.data.tokenize import TokenizedData
 from dpeft.state import AdapterState
 from dpeft.train.loop import LocalResult, batch_schedule, check_stop, label_log_prior, make_optimizer
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from peft.tuners.lora.layer import Linear as LoraLinear
 
 
 @dataclass
@@ -69,7 +73,7 @@ class ClientOutcome:
 
 @dataclass
 class _LoraSite:
-    module: nn.Module
+    module: LoraLinear
     a_name: str  # structural names (extract_state keys) of the factors
     b_name: str
     scale: float
@@ -89,7 +93,8 @@ def _structure(model: nn.Module) -> tuple[list[_LoraSite], list[_HeadSite], list
 
     from dpeft.adapters.selection import _strip
 
-    adapter = model.active_adapter  # type: ignore[attr-defined]
+    peft_model = cast("PeftModel", model)  # anything else raises AttributeError below
+    adapter = peft_model.active_adapter
     loras: list[_LoraSite] = []
     heads: list[_HeadSite] = []
     covered: set[str] = set()
@@ -108,7 +113,7 @@ def _structure(model: nn.Module) -> tuple[list[_LoraSite], list[_HeadSite], list
                 covered.update(n for n in (w, b) if n)
     from dpeft.adapters import adapter_parameters
 
-    unrouted = [n for n in adapter_parameters(model, trainable_only=False) if n not in covered]
+    unrouted = [n for n in adapter_parameters(peft_model, trainable_only=False) if n not in covered]
     return loras, heads, unrouted
 
 
@@ -124,7 +129,7 @@ def lockstep_unsupported(model: nn.Module, task: str = "seq_cls") -> str | None:
         return f"adapter parameters without a routed implementation: {unrouted[:3]}"
     if not loras:
         return "no LoRA layers"
-    adapter = model.active_adapter  # type: ignore[attr-defined]
+    adapter = cast("PeftModel", model).active_adapter
     for site in loras:
         m = site.module
         if getattr(m, "merged", False) or getattr(m, "disable_adapters", False):
@@ -174,7 +179,7 @@ class _Routing:
 
 
 def _routed_lora(site: _LoraSite, leaves: list[dict[str, torch.Tensor]], routing: _Routing) -> Any:
-    def forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype
         k = len(leaves)
@@ -215,8 +220,9 @@ def _patched(loras: list[_LoraSite], heads: list[_HeadSite], leaves: list[dict[s
     patched: list[nn.Module] = []
     try:
         for site in loras:
-            site.module.forward = types.MethodType(_routed_lora(site, leaves, routing), site.module)
-            patched.append(site.module)
+            module: nn.Module = site.module  # forward is an assignable attribute of any nn.Module
+            module.forward = types.MethodType(_routed_lora(site, leaves, routing), module)
+            patched.append(module)
         for hsite in heads:
             hsite.module.forward = types.MethodType(_routed_head(hsite, leaves, routing), hsite.module)
             patched.append(hsite.module)
@@ -253,7 +259,7 @@ def lockstep_train(
     loras, heads, _ = _structure(model)
     from dpeft.adapters import adapter_parameters
 
-    model_params = adapter_parameters(model)  # the tensors local_train trains and extract_state returns
+    model_params = adapter_parameters(cast("PeftModel", model))  # the tensors local_train trains and extract_state returns
     names = list(model_params)
     train_names = [n for n in names if trainable is None or n in set(trainable)]
     leaves: list[dict[str, torch.Tensor]] = []
@@ -296,9 +302,10 @@ def lockstep_train(
                 if priors[c] is not None:
                     lg = lg + priors[c]
                 loss = nn.functional.cross_entropy(lg, batch["labels"][s:e])
-                if anchors[c] is not None:
+                anchor = anchors[c]
+                if anchor is not None:
                     params = [leaves[c][n] for n in train_names]
-                    loss = loss + 0.5 * jobs[c].prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors[c], strict=True))
+                    loss = loss + 0.5 * jobs[c].prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                 per_client.append(loss)
                 total = total + loss
             for opt in opts:

@@ -137,5 +137,9 @@ def _broadcast_bytes(data: bytes | None, src: int = 0) -> bytes:
 
 def broadcast_state(state: AdapterState | None, src: int = 0) -> AdapterState:
     """Rank ``src``'s state on every rank (encoded with the dpeft codec, never pickled)."""
-    data = encode_state(state) if dist.get_rank() == src else None
+    data = None
+    if dist.get_rank() == src:
+        if state is None:
+            raise ValueError(f"rank {src} broadcasts the state and must pass one")
+        data = encode_state(state)
     return decode_state(_broadcast_bytes(data, src))

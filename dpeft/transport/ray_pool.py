@@ -106,7 +106,7 @@ class RayActorPool:
         if spec.actors < 1:
             raise DpeftError("a Ray actor pool needs at least one actor")
         strategies = self._placement()
-        remote_cls = self.ray.remote(self.actor_cls)
+        remote_cls: Any = self.ray.remote(self.actor_cls)
         threads = spec.torch_threads()
         env = {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
         for i in range(spec.actors):

@@ -323,7 +323,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
     def _decode(self, task: TrainTask, a: _Actor, value: Any, extra: dict[str, float] | None = None) -> Event:
         try:
             update, num_examples, metrics = value
-            buf = memoryview(np.ascontiguousarray(update, dtype=np.uint8)).cast("B")
+            buf = np.ascontiguousarray(update, dtype=np.uint8).data.cast("B")
             if len(buf) > self.max_update_bytes:
                 raise RejectedUpdate("too_large", f"{len(buf)} bytes exceeds the limit of {self.max_update_bytes}")
             decoder = self.decoder_factory(task.task_id, task.client_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +80,7 @@ class WorkerRecord:
 class WorkerRegistry:
     """worker id -> :class:`WorkerRecord`, with client slot assignment and liveness."""
 
-    def __init__(self, num_clients: int = 0, path: str | Path | None = None) -> None:
+    def __init__(self, num_clients: int = 0, path: str | os.PathLike[str] | None = None) -> None:
         self.num_clients = num_clients
         self.path = Path(path) if path else None
         self._records: dict[str, WorkerRecord] = {}

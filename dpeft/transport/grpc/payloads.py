@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from dpeft.codec.crc import CRC32, CRC32C, CrcAlgorithm, chunk_crcs, combine_chunks
 from dpeft.codec.spool import SpooledBlob
@@ -88,16 +88,17 @@ class ChunkCrcs:
             whole = self._whole(blob.crc32c)
         elif whole is None:
             if isinstance(blob, SpooledBlob | FramedBlob):  # chunk by chunk (memory stays one chunk)
-                crcs = [CRC32C.fn(blob.read(i * step, step)) for i in range(n)]
+                scanned = [CRC32C.fn(blob.read(i * step, step)) for i in range(n)]
             else:
-                crcs = list(chunk_crcs(blob, step, CRC32C.fn))
-            whole = self._whole(crcs)
+                scanned = list(chunk_crcs(blob, step, CRC32C.fn))
+            crcs = list(scanned)
+            whole = self._whole(scanned)
         else:
             crcs = [None] * n
         self.whole_crc32c: int = whole
         self.by_algo: dict[str, list[int | None]] = {CRC32C.name: crcs}
 
-    def _whole(self, crcs: list[int] | list[int | None]) -> int:
+    def _whole(self, crcs: Sequence[int]) -> int:
         """The payload's CRC-32C from its chunk CRC-32Cs on the grid."""
         return combine_chunks(((c, min(self.step, self.size - i * self.step)) for i, c in enumerate(crcs)), poly=CRC32C.poly)
 

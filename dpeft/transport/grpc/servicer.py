@@ -112,6 +112,7 @@ class CoordinatorServicer:
         blob = self.o.payloads.get(ask.blob_id)
         if blob is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no payload {ask.blob_id!r} (round already closed?)")
+            return  # abort raised
         if not 0 <= ask.offset <= len(blob):
             context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {ask.offset} outside 0..{len(blob)}")
         for nbytes, frame in self.o.payloads.chunks(ask.blob_id, blob, ask.offset, ask.crc32c):
