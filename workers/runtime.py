@@ -39,7 +39,6 @@ from typing import Any
 import torch
 
 from dpeft.adapters import ModelBundle, adapter_parameters, build_model, extract_state, load_state
-from dpeft.codec import decode_state, encode_state  # noqa: F401 - kept for importers
 from dpeft.codec.updates.session import RunCodecs
 from dpeft.config import RunConfig
 from dpeft.data import load_dataset, partition, tokenize

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +64,9 @@ class CodecStateDecoder:
     def received(self) -> int:
         return self._inner.received
 
-    @property
-    def _entries(self) -> list:
-        """The inner decoder's parsed header entries (the gRPC servicer checks per-tensor sizes on them)."""
-        return self._inner._entries
+    def tensor_sizes(self) -> list[tuple[str, int]] | None:
+        """(name, data bytes) of every tensor the wire header declares; None until it is parsed."""
+        return self._inner.tensor_sizes()
 
     def feed(self, chunk: bytes | memoryview) -> None:
         self._inner.feed(chunk)
@@ -190,5 +189,3 @@ class RunCodecs:
             raise ProtocolError(f"global adapter was sent without the {self.down.name} codec record")
         return self.down.decode(wire, _schema_from_record(wire))
 
-    def describe(self) -> Mapping[str, Any]:
-        return {"up": self.up.name, "down": self.down.name, "error_feedback": self.error_feedback}

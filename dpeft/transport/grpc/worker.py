@@ -70,10 +70,6 @@ def wire_crc(task: TrainTask) -> CrcAlgorithm:
     return CRC32C if task.blob_crc32c is not None else CRC32
 
 
-class _StreamCut(Exception):
-    """Raised inside an upload's request iterator (a test hook or a local failure)."""
-
-
 class GrpcWorkerConnection(WorkerConnection):
     """One worker's channel to the coordinator."""
 
