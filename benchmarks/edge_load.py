@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from dpeft.codec import encode_state  # noqa: E402
+from dpeft.config import TransportConfig
 from dpeft.state import AdapterState  # noqa: E402
 
 
@@ -66,10 +67,14 @@ def coordinator(conn, workers: int, rounds: int, tensor_kb: int, tokens_file: st
     threading.Thread(target=sample, daemon=True).start()
     schema = _schema(tensor_kb)
     transport = GrpcCoordinatorTransport(
-        "127.0.0.1:0", run_id="edge-load", config_yaml="{}", num_clients=workers,
+        "127.0.0.1:0",
+        TransportConfig(
+            chunk_bytes=chunk_bytes, max_concurrent_uploads=workers, poll_timeout_s=2.0, heartbeat_s=5.0, dead_after_s=60.0,
+            server_threads=workers + 32,
+        ),
+        run_id="edge-load", config_yaml="{}", num_clients=workers,
         decoder_factory=lambda tid, cid: StateDecoder(schema, Limits(max_total_bytes=1 << 30)),
-        chunk_bytes=chunk_bytes, max_concurrent_uploads=workers, poll_timeout_s=2.0, heartbeat_s=5.0, dead_after_s=60.0,
-        tokens=TokenStore(tokens_file), max_threads=workers + 32,
+        tokens=TokenStore(tokens_file),
     )
     address = transport.start()
     rss_idle = proc.memory_info().rss

@@ -24,6 +24,7 @@ payload: uploads buffered in memory, the global served from a serialized copy) f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import struct
@@ -107,15 +108,11 @@ def coordinator(args: argparse.Namespace) -> None:
     engine.strategy.finish_round = timed_finish  # type: ignore[method-assign]
     transport = GrpcCoordinatorTransport(
         "127.0.0.1:0",
+        dataclasses.replace(cfg.transport, poll_timeout_s=0.5, dead_after_s=600.0),
         run_id="large",
         config_yaml="{}",
         num_clients=cfg.clients,
         decoder_factory=engine.decoder_for,
-        chunk_bytes=cfg.transport.chunk_bytes,
-        max_update_bytes=cfg.transport.max_update_bytes,
-        max_tensor_bytes=cfg.transport.max_tensor_bytes,
-        poll_timeout_s=0.5,
-        dead_after_s=600,
     )
     address = transport.start()
     print(json.dumps({"phase": "ready", "t": time.time(), "address": address}), flush=True)

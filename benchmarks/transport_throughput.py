@@ -91,6 +91,7 @@ def grpc_pair(chunk_bytes: int, max_bytes: int):
     import torch
 
     from dpeft.codec.tensors import Limits, StateDecoder
+    from dpeft.config import TransportConfig
     from dpeft.transport.grpc.server import GrpcCoordinatorTransport
     from dpeft.transport.grpc.worker import GrpcWorkerConnection
 
@@ -100,8 +101,9 @@ def grpc_pair(chunk_bytes: int, max_bytes: int):
         return StateDecoder(schemas[task_id], Limits(max_total_bytes=max_bytes))
 
     t = GrpcCoordinatorTransport(
-        "127.0.0.1:0", run_id="bench", config_yaml="{}", num_clients=1, decoder_factory=decoder,
-        chunk_bytes=chunk_bytes, max_update_bytes=max_bytes, max_tensor_bytes=max_bytes, poll_timeout_s=0.2,
+        "127.0.0.1:0",
+        TransportConfig(chunk_bytes=chunk_bytes, max_update_bytes=max_bytes, max_tensor_bytes=max_bytes, poll_timeout_s=0.2),
+        run_id="bench", config_yaml="{}", num_clients=1, decoder_factory=decoder,
     )
     address = t.start()
     conn = GrpcWorkerConnection(address, chunk_bytes=chunk_bytes, patience_s=30, heartbeat=False)

@@ -111,10 +111,14 @@ def _grpc_worker(address: str, worker_id: str, params: int, seed: int) -> None:
 
 
 def bench_grpc(params: int, workers: int, rounds: int) -> tuple[list[float], int, int]:
+    from dpeft.config import TransportConfig
     from dpeft.transport.grpc import GrpcCoordinatorTransport
 
     schema = make_state(params).schema()
-    t = GrpcCoordinatorTransport("127.0.0.1:0", run_id="bench", config_yaml="{}", num_clients=workers, decoder_factory=_decoder_factory(schema), poll_timeout_s=0.5)
+    t = GrpcCoordinatorTransport(
+        "127.0.0.1:0", TransportConfig(poll_timeout_s=0.5), run_id="bench", config_yaml="{}", num_clients=workers,
+        decoder_factory=_decoder_factory(schema),
+    )
     address = t.start()
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_grpc_worker, args=(address, f"w{i}", params, i)) for i in range(workers)]

@@ -154,7 +154,7 @@ def _run_actors(cfg: RunConfig, resume: bool, quiet: bool) -> list[dict[str, Any
         config_tree=config_to_dict(cfg),
         decoder_factory=engine.decoder_for,
         spec=actor_spec(cfg),
-        max_update_bytes=cfg.transport.max_update_bytes,
+        settings=cfg.transport,
         actor_cls=TrainActor,
         heterogeneity=Heterogeneity(cfg),
     )

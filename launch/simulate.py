@@ -94,24 +94,15 @@ def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume:
     worker_yaml = dump_config(dataclasses.replace(cfg, auth=AuthConfig()))  # workers never see key/token paths
     transport = GrpcCoordinatorTransport(
         listen,
+        cfg.transport,
         run_id=hashlib.sha256(worker_yaml.encode()).hexdigest()[:12],  # the same run after a restart
         config_yaml=worker_yaml,
         num_clients=cfg.clients,
         decoder_factory=engine.decoder_for,
-        chunk_bytes=cfg.transport.chunk_bytes,
-        max_update_bytes=cfg.transport.max_update_bytes,
-        max_tensor_bytes=cfg.transport.max_tensor_bytes,
-        max_update_norm=cfg.transport.max_update_norm,
-        max_concurrent_uploads=cfg.transport.max_concurrent_uploads,
-        poll_timeout_s=cfg.transport.poll_timeout_s,
-        heartbeat_s=cfg.transport.heartbeat_s,
-        dead_after_s=cfg.transport.dead_after_s,
-        resume_window_s=cfg.transport.resume_window_s,
         tokens=tokens,
         credentials=credentials,
         registry_path=registry,
         total_rounds=cfg.rounds,
-        max_threads=cfg.transport.server_threads,
     )
     try:
         address = transport.start()

@@ -57,13 +57,11 @@ def _federate(cfg: RunConfig) -> list[dict]:
     engine = RoundEngine(cfg, gm, run_dir, resume=False)
     transport = GrpcCoordinatorTransport(
         "127.0.0.1:0",
+        cfg.transport,
         run_id="determinism",
         config_yaml=dump_config(cfg),
         num_clients=cfg.clients,
         decoder_factory=engine.decoder_for,
-        chunk_bytes=cfg.transport.chunk_bytes,
-        max_update_bytes=cfg.transport.max_update_bytes,
-        poll_timeout_s=cfg.transport.poll_timeout_s,
     )
     address = transport.start()
     outcome: dict[str, object] = {}

@@ -10,6 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dpeft.config import TransportConfig
 from dpeft.transport.grpc import SERVICE_NAME, GrpcCoordinatorTransport
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ def _no_decoder(task_id: str, client_id: int):  # pragma: no cover - never calle
 
 def test_health_service_serving_then_stops() -> None:
     transport = GrpcCoordinatorTransport(
-        "127.0.0.1:0", run_id="t", config_yaml="{}", num_clients=1, decoder_factory=_no_decoder, poll_timeout_s=0.1
+        "127.0.0.1:0", TransportConfig(poll_timeout_s=0.1), run_id="t", config_yaml="{}", num_clients=1, decoder_factory=_no_decoder
     )
     address = transport.start()
     assert address.startswith("127.0.0.1:") and transport.port and address.endswith(str(transport.port))

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from dpeft.codec.spool import SpooledBlob
+from dpeft.config.schema import TransportConfig
 from dpeft.errors import DpeftError, ProtocolError, RejectedUpdate
 from dpeft.transport.base import CoordinatorTransport, DecoderFactory, Event, Rejection, TaskResult, TrainTask
 from dpeft.transport.queue import Assignment, TaskQueue
@@ -119,7 +120,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
         config_tree: dict[str, Any],
         decoder_factory: DecoderFactory,
         spec: RayActorSpec | None = None,
-        max_update_bytes: int = 1 << 31,
+        settings: TransportConfig | None = None,
         actor_cls: type,
         heterogeneity: Any = None,
     ) -> None:
@@ -131,7 +132,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
         self.config_tree = config_tree
         self.decoder_factory = decoder_factory
         self.spec = spec or RayActorSpec()
-        self.max_update_bytes = max_update_bytes
+        self.settings = settings or TransportConfig()  # of its tunables only max_update_bytes applies to Ray
         self.actor_cls = actor_cls  # the worker service's actor (``dpeft_workers.ray_actor.TrainActor``)
         # simulated drops and slow replies wrap the real actors here (``drops(task)``, ``delay_s(client, compute_s)``)
         self.sim = heterogeneity if heterogeneity is not None else NoHeterogeneity()
@@ -324,8 +325,8 @@ class RayCoordinatorTransport(CoordinatorTransport):
         try:
             update, num_examples, metrics = value
             buf = np.ascontiguousarray(update, dtype=np.uint8).data.cast("B")
-            if len(buf) > self.max_update_bytes:
-                raise RejectedUpdate("too_large", f"{len(buf)} bytes exceeds the limit of {self.max_update_bytes}")
+            if len(buf) > self.settings.max_update_bytes:
+                raise RejectedUpdate("too_large", f"{len(buf)} bytes exceeds the limit of {self.settings.max_update_bytes}")
             decoder = self.decoder_factory(task.task_id, task.client_id)
             decoder.feed(buf)
             state = decoder.finish()

@@ -9,6 +9,7 @@ bit-identical to the one before (only zero deltas were folded in).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import threading
@@ -64,13 +65,11 @@ def scenario(tiny_model: Path, tmp_path_factory) -> dict:
     schema = engine.schema
     transport = GrpcCoordinatorTransport(
         "127.0.0.1:0",
+        dataclasses.replace(cfg.transport, poll_timeout_s=0.2),
         run_id="bad-input",
         config_yaml="{}",
         num_clients=cfg.clients,
         decoder_factory=engine.decoder_for,
-        max_update_bytes=cfg.transport.max_update_bytes,
-        max_update_norm=cfg.transport.max_update_norm,
-        poll_timeout_s=0.2,
         tokens=TokenStore(tokens_file, check_every_s=0.0),
     )
     address = transport.start()

@@ -22,7 +22,7 @@ import pytest
 import torch
 from edge_testlib import free_port, tiny_overrides
 
-from dpeft.config import dump_config
+from dpeft.config import TransportConfig, dump_config
 from dpeft.rounds.checkpoint import latest_checkpoint
 from dpeft.rounds.global_model import GlobalModel
 from dpeft.transport.grpc import GrpcCoordinatorTransport, GrpcWorkerConnection
@@ -42,7 +42,8 @@ def _reference(tiny_model: Path, run_dir: Path) -> dict[str, torch.Tensor]:
     cfg = load_config(None, tiny_overrides(tiny_model, run_dir, **EXTRA))
     engine = RoundEngine(cfg, GlobalModel(cfg), run_dir, resume=False)
     transport = GrpcCoordinatorTransport(
-        "127.0.0.1:0", run_id="ref", config_yaml=dump_config(cfg), num_clients=cfg.clients, decoder_factory=engine.decoder_for, poll_timeout_s=0.5
+        "127.0.0.1:0", TransportConfig(poll_timeout_s=0.5), run_id="ref", config_yaml=dump_config(cfg), num_clients=cfg.clients,
+        decoder_factory=engine.decoder_for,
     )
     address = transport.start()
     threads = torch.get_num_threads()

@@ -19,6 +19,7 @@ from dpeft._proto.dpeft.v1 import coordinator_pb2 as pb
 from dpeft.codec import encode_state
 from dpeft.codec.crc import CRC32, CRC32C, CrcAlgorithm
 from dpeft.codec.tensors import Limits, StateDecoder
+from dpeft.config import TransportConfig
 from dpeft.state import AdapterState
 from dpeft.transport import serde
 from dpeft.transport.grpc.server import GrpcCoordinatorTransport
@@ -62,7 +63,7 @@ class _RecordingDecoder(StateDecoder):
 
 def _transport() -> tuple[GrpcCoordinatorTransport, CoordinatorServicer]:
     t = GrpcCoordinatorTransport(
-        "127.0.0.1:0", run_id="fuzz", config_yaml="{}", num_clients=2, max_update_bytes=LIMIT,
+        "127.0.0.1:0", TransportConfig(max_update_bytes=LIMIT), run_id="fuzz", config_yaml="{}", num_clients=2,
         decoder_factory=lambda tid, cid: _RecordingDecoder(SCHEMA, Limits(max_total_bytes=LIMIT, max_header_bytes=2048)),
     )
     t.registry.add(WorkerRecord("w", session="s", alive=True))

@@ -30,6 +30,7 @@ from dpeft.codec import encode_state
 from dpeft.codec.spool import SpooledBlob, SpooledState, SpoolPolicy
 from dpeft.codec.tensors import Limits, StateDecoder, iter_encoded
 from dpeft.codec.validation import check_norm, check_update
+from dpeft.config import TransportConfig
 from dpeft.errors import RejectedUpdate
 from dpeft.state import AdapterState
 from dpeft.transport.base import TaskResult, TrainTask
@@ -47,11 +48,10 @@ def _transport(schema, spool_dir: Path, chunk_bytes: int, **kw) -> GrpcCoordinat
     policy = SpoolPolicy(threshold=1 << 20, directory=spool_dir)
     return GrpcCoordinatorTransport(
         "127.0.0.1:0",
+        TransportConfig(chunk_bytes=chunk_bytes, poll_timeout_s=0.2),
         run_id="large",
         config_yaml="{}",
         num_clients=2,
-        chunk_bytes=chunk_bytes,
-        poll_timeout_s=0.2,
         decoder_factory=lambda tid, cid: StateDecoder(schema, Limits(max_total_bytes=1 << 30), spool=policy),
         **kw,
     )

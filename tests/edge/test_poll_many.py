@@ -11,6 +11,7 @@ import hashlib
 
 import pytest
 
+from dpeft.config import TransportConfig
 from dpeft.transport.base import TrainTask
 from dpeft.transport.grpc import GrpcCoordinatorTransport, GrpcWorkerConnection
 
@@ -23,11 +24,11 @@ def _tasks(round_num: int, clients: range) -> list[TrainTask]:
 def coordinator():
     t = GrpcCoordinatorTransport(
         "127.0.0.1:0",
+        TransportConfig(poll_timeout_s=0.2),
         run_id="poll-many",
         config_yaml="{}",
         num_clients=16,
         decoder_factory=lambda tid, cid: None,
-        poll_timeout_s=0.2,
     )
     address = t.start()
     conns: list[GrpcWorkerConnection] = []

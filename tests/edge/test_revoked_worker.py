@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dpeft.codec.tensors import Limits, StateDecoder, encode_state
+from dpeft.config import TransportConfig
 from dpeft.state import AdapterState
 from dpeft.transport.auth import TokenStore
 from dpeft.transport.base import TaskResult, TrainTask
@@ -22,13 +23,14 @@ from dpeft.transport.grpc.worker import AuthRefused, GrpcWorkerConnection
 SCHEMA = OrderedDict([("a.weight", ((8, 16), torch.float32))])
 TOKENS = {"w0": "token-w0-0123456789abcdef", "w1": "token-w1-0123456789abcdef"}
 DEAD_AFTER_S = 30.0
+SETTINGS = TransportConfig(poll_timeout_s=0.2, dead_after_s=DEAD_AFTER_S)
 
 
 def test_a_revoked_workers_task_is_requeued_at_once_and_done_by_another(tmp_path: Path) -> None:
     tokens_file = tmp_path / "tokens.json"
     tokens_file.write_text(json.dumps(TOKENS))
     t = GrpcCoordinatorTransport(
-        "127.0.0.1:0", run_id="revoke", config_yaml="{}", num_clients=2, poll_timeout_s=0.2, dead_after_s=DEAD_AFTER_S,
+        "127.0.0.1:0", SETTINGS, run_id="revoke", config_yaml="{}", num_clients=2,
         decoder_factory=lambda tid, cid: StateDecoder(SCHEMA, Limits(max_total_bytes=1 << 20)),
         tokens=TokenStore(tokens_file, check_every_s=0.0),
     )
@@ -72,7 +74,7 @@ def test_a_wrong_token_for_a_listed_worker_takes_nothing_away(tmp_path: Path) ->
     tokens_file = tmp_path / "tokens.json"
     tokens_file.write_text(json.dumps(TOKENS))
     t = GrpcCoordinatorTransport(
-        "127.0.0.1:0", run_id="revoke", config_yaml="{}", num_clients=2, poll_timeout_s=0.2, dead_after_s=DEAD_AFTER_S,
+        "127.0.0.1:0", SETTINGS, run_id="revoke", config_yaml="{}", num_clients=2,
         decoder_factory=lambda tid, cid: StateDecoder(SCHEMA), tokens=TokenStore(tokens_file, check_every_s=0.0),
     )
     address = t.start()

@@ -9,6 +9,7 @@ import hashlib
 import pytest
 
 from dpeft.codec.tensors import StateDecoder
+from dpeft.config import TransportConfig
 from dpeft.transport.base import TrainTask
 from dpeft.transport.grpc.server import GrpcCoordinatorTransport
 from dpeft.transport.grpc.servicer import StaleSession
@@ -17,7 +18,7 @@ from dpeft.transport.grpc.worker import GrpcWorkerConnection
 
 def test_calls_after_a_lost_session_rejoin_once() -> None:
     t = GrpcCoordinatorTransport(
-        "127.0.0.1:0", run_id="rejoin", config_yaml="{}", num_clients=1, poll_timeout_s=0.1, decoder_factory=lambda tid, cid: StateDecoder()
+        "127.0.0.1:0", TransportConfig(poll_timeout_s=0.1), run_id="rejoin", config_yaml="{}", num_clients=1, decoder_factory=lambda tid, cid: StateDecoder()
     )
     conn = GrpcWorkerConnection(t.start(), patience_s=5, heartbeat=False)
     try:
@@ -38,7 +39,7 @@ def test_a_new_session_requeues_the_tasks_of_the_old_one(caplog) -> None:
     ``dead_after_s``): the new process's join puts the task back in the queue, it gets the task
     itself, and the old session can no longer call (its upload would be refused as stale)."""
     t = GrpcCoordinatorTransport(
-        "127.0.0.1:0", run_id="restart", config_yaml="{}", num_clients=1, poll_timeout_s=0.1, dead_after_s=600.0,
+        "127.0.0.1:0", TransportConfig(poll_timeout_s=0.1, dead_after_s=600.0), run_id="restart", config_yaml="{}", num_clients=1,
         decoder_factory=lambda tid, cid: StateDecoder(),
     )
     address = t.start()

@@ -4,6 +4,7 @@ TLS (wrong CA, plaintext, mutual TLS), tokens, resumable and corrupted uploads, 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
@@ -17,6 +18,7 @@ from edge_testlib import free_port
 
 from dpeft.codec import encode_state
 from dpeft.codec.tensors import Limits, StateDecoder
+from dpeft.config import TransportConfig
 from dpeft.errors import ConfigError
 from dpeft.state import AdapterState
 from dpeft.transport.auth import TokenStore
@@ -25,6 +27,7 @@ from dpeft.transport.grpc import AuthRefused, CoordinatorGone, GrpcCoordinatorTr
 from dpeft.transport.tls import channel_credentials, server_credentials
 
 SCHEMA = OrderedDict([("a.weight", ((64, 1024), torch.float32)), ("b.bias", ((16,), torch.float32))])
+FAST = TransportConfig(poll_timeout_s=0.2)  # the tests wait on task polls
 TOKENS = {"w0": "token-w0-0123456789abcdef", "w1": "token-w1-0123456789abcdef", "admin": "token-admin-0123456789"}
 
 
@@ -33,16 +36,15 @@ def _state(seed: int = 0) -> AdapterState:
     return AdapterState(OrderedDict((k, torch.randn(s, generator=g, dtype=d)) for k, (s, d) in SCHEMA.items()), {})
 
 
-def _transport(tmp_path: Path | None = None, listen: str = "127.0.0.1:0", **kw) -> GrpcCoordinatorTransport:
+def _transport(tmp_path: Path | None = None, listen: str = "127.0.0.1:0", settings: TransportConfig = FAST, **kw) -> GrpcCoordinatorTransport:
     tokens = None
     if tmp_path is not None:
         f = tmp_path / "tokens.json"
         if not f.exists():
             f.write_text(json.dumps(TOKENS))
         tokens = TokenStore(f, check_every_s=0.0)
-    kw.setdefault("poll_timeout_s", 0.2)
     return GrpcCoordinatorTransport(
-        listen, run_id="edge", config_yaml="{}", num_clients=4,
+        listen, settings, run_id="edge", config_yaml="{}", num_clients=4,
         decoder_factory=lambda tid, cid: StateDecoder(SCHEMA, Limits(max_total_bytes=1 << 24)), tokens=tokens, **kw,
     )
 
@@ -128,7 +130,7 @@ def test_token_store_reload_revocation_and_hashed_entries(tmp_path: Path) -> Non
 
 # -- resumable uploads ----------------------------------------------------------------------------
 def test_upload_cut_at_60_percent_resumes_and_a_corrupt_chunk_is_resent(tmp_path: Path) -> None:
-    t = _transport(tmp_path, chunk_bytes=16 << 10)
+    t = _transport(tmp_path, settings=dataclasses.replace(FAST, chunk_bytes=16 << 10))
     address = t.start()
     try:
         conn = GrpcWorkerConnection(address, token=TOKENS["w0"], chunk_bytes=16 << 10, patience_s=10)
@@ -196,7 +198,7 @@ def test_upload_cut_at_60_percent_resumes_and_a_corrupt_chunk_is_resent(tmp_path
 
 # -- liveness and reconnection ------------------------------------------------------------------------
 def test_dead_worker_task_is_requeued_and_the_worker_can_come_back(tmp_path: Path) -> None:
-    t = _transport(tmp_path, dead_after_s=0.6)
+    t = _transport(tmp_path, settings=dataclasses.replace(FAST, dead_after_s=0.6))
     address = t.start()
     try:
         silent = GrpcWorkerConnection(address, token=TOKENS["w0"], patience_s=5, heartbeat=False)

@@ -19,6 +19,7 @@ from dpeft._proto.dpeft.v1 import coordinator_pb2 as pb
 from dpeft.codec import encode_state
 from dpeft.codec.crc import CRC32, CRC32C
 from dpeft.codec.tensors import Limits, StateDecoder
+from dpeft.config import TransportConfig
 from dpeft.errors import ProtocolError
 from dpeft.state import AdapterState
 from dpeft.transport import serde
@@ -37,7 +38,7 @@ def _state(seed: int = 0) -> AdapterState:
 @pytest.fixture
 def coordinator():
     t = GrpcCoordinatorTransport(
-        "127.0.0.1:0", run_id="crc", config_yaml="{}", num_clients=4, chunk_bytes=CHUNK, poll_timeout_s=0.2,
+        "127.0.0.1:0", TransportConfig(chunk_bytes=CHUNK, poll_timeout_s=0.2), run_id="crc", config_yaml="{}", num_clients=4,
         decoder_factory=lambda tid, cid: StateDecoder(SCHEMA, Limits(max_total_bytes=1 << 24)),
     )
     address = t.start()

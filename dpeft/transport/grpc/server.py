@@ -46,6 +46,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from dpeft.config.schema import TransportConfig
 from dpeft.transport.auth import AuthInterceptor, TokenStore
 from dpeft.transport.base import Blob, CoordinatorTransport, DecoderFactory, Event, Rejection, TaskResult, TrainTask
 from dpeft.transport.events import log_event
@@ -69,38 +70,25 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
     def __init__(
         self,
         listen: str,
+        settings: TransportConfig,
         *,
         run_id: str,
         config_yaml: str,
         num_clients: int,
         decoder_factory: DecoderFactory,
-        chunk_bytes: int = 4 << 20,
-        max_update_bytes: int = 1 << 31,
-        max_tensor_bytes: int = 1 << 31,
-        max_update_norm: float | None = None,
-        max_concurrent_uploads: int = 32,
-        poll_timeout_s: float = 2.0,
-        heartbeat_s: float = 5.0,
-        dead_after_s: float = 30.0,
-        resume_window_s: float = 600.0,
-        authenticate: Callable[[str, str], bool] | None = None,
         tokens: TokenStore | None = None,
         credentials: grpc.ServerCredentials | None = None,
         registry_path: str | os.PathLike[str] | None = None,
         total_rounds: int = 0,
-        max_threads: int = 64,
+        authenticate: Callable[[str, str], bool] | None = None,
     ) -> None:
+        """``settings`` holds the tunables (the ``transport:`` section of the run config; its
+        ``spool_*`` fields are the engine's); the rest is this run's identity and security."""
         self.listen = listen
+        self.settings = settings
         self.run_id = run_id
         self.config_yaml = config_yaml
         self.decoder_factory = decoder_factory
-        self.chunk_bytes = chunk_bytes
-        self.max_update_bytes = max_update_bytes
-        self.max_tensor_bytes = max_tensor_bytes
-        self.max_update_norm = max_update_norm
-        self.poll_timeout_s = poll_timeout_s
-        self.heartbeat_s = heartbeat_s
-        self.dead_after_s = dead_after_s
         self.authenticate = authenticate or (lambda worker_id, token: True)
         self.tokens = tokens
         self.credentials = credentials
@@ -110,8 +98,8 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
         self.cond = threading.Condition(self.lock)
         self.registry = WorkerRegistry(num_clients, registry_path)
         self.queue = TaskQueue()
-        self.payloads = PayloadStore(chunk_bytes)
-        self.uploads = UploadTable(max_concurrent_uploads, resume_window_s)
+        self.payloads = PayloadStore(settings.chunk_bytes)
+        self.uploads = UploadTable(settings.max_concurrent_uploads, settings.resume_window_s)
         self.stop_reason: str | None = None
         self._round_stats: dict[int, list[int]] = {}
         self._events: queue.Queue[Event] = queue.Queue()
@@ -123,8 +111,8 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
             log_event("registry_loaded", workers=len(self.registry))
         interceptors = [AuthInterceptor(tokens.check, self._on_refused)] if tokens is not None else []
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="dpeft-grpc"),
-            options=channel_options(chunk_bytes),
+            futures.ThreadPoolExecutor(max_workers=settings.server_threads, thread_name_prefix="dpeft-grpc"),
+            options=channel_options(settings.chunk_bytes),
             interceptors=interceptors,
         )
         add_servicer(CoordinatorServicer(self), self._server)
@@ -205,11 +193,11 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
 
     # -- liveness -----------------------------------------------------------------
     def _reaper(self) -> None:
-        tick = max(0.05, min(1.0, self.dead_after_s / 4))
+        tick = max(0.05, min(1.0, self.settings.dead_after_s / 4))
         while not self._reaper_stop.wait(tick):
             now = time.time()
             with self.cond:
-                for record in self.registry.silent(now, self.dead_after_s):
+                for record in self.registry.silent(now, self.settings.dead_after_s):
                     n = self.queue.requeue_worker(record.worker_id)
                     log_event("worker_dead", level=logging.WARNING, worker=record.worker_id, silent_s=now - record.last_seen, requeued=n)
                     self.cond.notify_all()
@@ -244,11 +232,11 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
         if requeued or (prev is not None and prev.active and prev.session):
             log_event("session_replaced", level=logging.WARNING if requeued else logging.INFO, worker=request.worker_id, requeued=requeued)
         log_event("worker_joined", worker=request.worker_id, own_data=request.own_data, clients=record.client_ids, peer=peer, rejoin=prev is not None)
-        return JoinAnswer(self.run_id, session, self.config_yaml, list(record.client_ids), self.heartbeat_s)
+        return JoinAnswer(self.run_id, session, self.config_yaml, list(record.client_ids), self.settings.heartbeat_s)
 
     def poll(self, record: WorkerRecord, max_tasks: int, still_waiting: Callable[[], bool]) -> PollAnswer:
         """Tasks for ``record`` (waiting up to ``poll_timeout_s`` for some), or wait / stop."""
-        deadline = time.time() + self.poll_timeout_s
+        deadline = time.time() + self.settings.poll_timeout_s
         with self.cond:
             while True:
                 if self.stop_reason is not None:

@@ -135,8 +135,8 @@ class CoordinatorServicer:
                 raise RejectedUpdate("malformed", str(exc)) from None
             worker_id, task_id = header.worker_id, header.task_id
             record = self._worker(worker_id, header.session, context)
-            if header.size > o.max_update_bytes:
-                raise RejectedUpdate("too_large", f"{header.size} bytes exceeds the limit of {o.max_update_bytes} (transport.max_update_bytes)")
+            if header.size > o.settings.max_update_bytes:
+                raise RejectedUpdate("too_large", f"{header.size} bytes exceeds the limit of {o.settings.max_update_bytes} (transport.max_update_bytes)")
             if header.num_examples <= 0:
                 raise RejectedUpdate("num_examples", "an update must report at least one example")
             if o.uploads.is_done(task_id):
@@ -156,7 +156,7 @@ class CoordinatorServicer:
             if verdict is not None:
                 return serde.upload_verdict_to_proto(verdict)
             try:
-                state, norm = up.complete(o.max_update_norm)
+                state, norm = up.complete(o.settings.max_update_norm)
             except ProtocolError as exc:
                 o.uploads.drop(task_id, up)
                 return self._reject(context, worker_id, task_id, RejectedUpdate("malformed", str(exc)))
@@ -196,7 +196,7 @@ class CoordinatorServicer:
             o.count_event("uploads_resumed")
             log_event("upload_resumed", worker=h.worker_id, task=h.task_id, offset=offset, size=up.size)
         try:
-            up.receive(request_iterator, o.max_tensor_bytes, lambda n: o.count(up=n, record=record))
+            up.receive(request_iterator, o.settings.max_tensor_bytes, lambda n: o.count(up=n, record=record))
         except CorruptChunk as exc:
             o.count_event("corrupt_chunks")
             log_event("chunk_corrupt", level=logging.WARNING, worker=h.worker_id, task=h.task_id, offset=exc.offset)
