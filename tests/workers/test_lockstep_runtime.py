@@ -2,7 +2,7 @@
 
 Two runtimes on the real MiniLM + LoRA model, identical but for ``train.lockstep``, get the same
 tasks; every encoded update must match. SGD keeps the comparison at fp32 rounding (~1e-8; see
-tests/integration/test_lockstep.py for why AdamW is not compared at 1e-5). Each strategy's task
+tests/launch/test_lockstep.py for why AdamW is not compared at 1e-5). Each strategy's task
 hyperparameters change what is trained: fedprox's proximal term, ffa_lora's frozen A,
 fedsa_lora's personal B (restored from disk in round 2), flexlora's per-client ranks (two ranks
 in one batch: two lockstep groups), a byzantine client, and a lossy codec with error feedback.
