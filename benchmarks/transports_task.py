@@ -6,7 +6,7 @@ Rotten Tomatoes, 20 local steps, the default strategy) through the three user-fa
 
 - ``dpeft simulate`` (coordinator + N worker processes over loopback gRPC),
 - ``dpeft ray`` (the engine in the Ray driver, N actors, a local Ray),
-- ``dpeft simulate sync.name=allreduce`` (N gloo ranks, no coordinator),
+- ``dpeft simulate aggregation=allreduce`` (N gloo ranks, no coordinator),
 
 with ``clients_per_round`` fixed (8 by default) so the training work per round is the same
 for every N, and only the last round evaluated. Per round, from ``metrics.jsonl``:
@@ -53,7 +53,7 @@ def command(transport: str, workers: int, args: argparse.Namespace, run_dir: Pat
     if transport == "grpc":
         return [*cli, "simulate", *common]
     if transport == "allreduce":
-        return [*cli, "simulate", *common, "sync.name=allreduce"]
+        return [*cli, "simulate", *common, "aggregation=allreduce"]
     return [
         *cli,
         "ray",
@@ -115,7 +115,7 @@ def section(cells: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"The default task (MiniLM + LoRA r=8 on query/value, Rotten Tomatoes, 20 local steps), {args.clients_per_round} clients "
         f"per round whatever the number of workers, {args.rounds} rounds, the last one evaluated; the real launchers "
-        "(`dpeft simulate`, `dpeft ray`, `dpeft simulate sync.name=allreduce`). Overhead per round is the round's wall time "
+        "(`dpeft simulate`, `dpeft ray`, `dpeft simulate aggregation=allreduce`). Overhead per round is the round's wall time "
         "minus evaluation minus training (star: the clients' summed training time / N; all-reduce: rank 0's training time), "
         "median over rounds. Bytes are those `metrics.jsonl` reports per round (up + down; all-reduce: the ring formula, float64).",
         "",

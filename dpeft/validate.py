@@ -9,7 +9,7 @@ above it and the families' registries and runs, when a config is loaded:
   (:func:`~dpeft.sync.base.validate_run_sync`), the codecs (``codec.*``) and ``adapter.method``;
 - the combinations across families, refused here before anything starts: a strategy that needs
   more updates per aggregation than the sync policy delivers, and all-reduce rounds
-  (``sync.name=allreduce`` or ``ray.mode=allreduce``) with a codec or an aggregation that a
+  (``aggregation=allreduce``) with a codec or an aggregation that a
   sum of float64 buffers across ranks cannot carry.
 
 :func:`load_config` and :func:`config_from_dict` return a RunConfig that passed all of it;
@@ -32,7 +32,7 @@ from dpeft.config.parse import yaml_inline
 from dpeft.errors import ConfigError
 from dpeft.strategies import make_strategy, registered_strategies
 from dpeft.strategies.base import Strategy, option_key
-from dpeft.sync import is_collective, updates_per_step, validate_run_sync
+from dpeft.sync import updates_per_step, validate_run_sync
 
 
 def validate_strategy(cfg: RunConfig) -> Strategy:
@@ -68,18 +68,18 @@ def check_enough_updates(cfg: RunConfig, strategy: Strategy) -> None:
 
 def allreduce_mode(cfg: RunConfig) -> str | None:
     """The setting that makes this run's workers all-reduce their updates, or None."""
-    if is_collective(cfg.sync.name):
-        return f"sync.name={cfg.sync.name}"
-    if cfg.ray.mode == "allreduce":
-        return "ray.mode=allreduce"
-    return None
+    return "aggregation=allreduce" if cfg.aggregation == "allreduce" else None
 
 
 def check_allreduce(cfg: RunConfig, strategy: Strategy, mode: str) -> None:
     """All-reduce sums plain float64 buffers of weighted deltas across ranks: no codec, a weighted mean.
 
-    ``mode`` names what selected all-reduce (``sync.name=allreduce``, or the torchrun launcher).
+    ``mode`` names what selected all-reduce (``aggregation=allreduce``, or the torchrun launcher).
     """
+    if cfg.sync.name != "sync":
+        raise ConfigError(
+            "sync.name", f"{mode} runs synchronous rounds (every rank waits for the collective); sync.name={cfg.sync.name} needs aggregation=coordinator"
+        )
     for key, spec in (("codec.up", cfg.codec.up), ("codec.down", cfg.codec.down)):
         if spec.strip().lower() != PLAIN:
             raise ConfigError(
@@ -101,7 +101,7 @@ def check_allreduce(cfg: RunConfig, strategy: Strategy, mode: str) -> None:
 def validate_run(cfg: RunConfig, allreduce: str | None = None) -> None:
     """Every family's checks and the combinations across them (``cfg`` has passed the core checks).
 
-    ``allreduce`` names a launcher that all-reduces whatever ``sync.name`` says (torchrun).
+    ``allreduce`` names a launcher that all-reduces whatever ``aggregation`` says (torchrun).
     """
     strategy = validate_strategy(cfg)
     validate_run_sync(cfg)  # sync.* and simulate.* heterogeneity keys

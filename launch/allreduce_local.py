@@ -52,7 +52,7 @@ def run_local_allreduce(cfg: RunConfig, resume: bool = True, backend: str | None
     """Run every round on ``cfg.simulate.processes`` local ranks; returns the exit code."""
     from dpeft.rounds.allreduce import warn_collective_ignores
 
-    warn_collective_ignores(cfg, "dpeft simulate", "sync=allreduce")
+    warn_collective_ignores(cfg, "dpeft simulate", "aggregation=allreduce")
     world = max(1, cfg.simulate.processes)
     threads = cfg.simulate.threads_per_process
     run_dir = Path(cfg.run_dir)

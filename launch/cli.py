@@ -129,7 +129,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
         from dpeft_launch.simulate import run_coordinator
 
-        if args.command == "simulate" and cfg.sync.name == "allreduce":
+        if args.command == "simulate" and cfg.aggregation == "allreduce":
             from dpeft_launch.allreduce_local import run_local_allreduce
 
             return run_local_allreduce(cfg, resume=not args.fresh)

@@ -12,7 +12,7 @@ coordinator, strategies, sync policies and worker code run as under ``dpeft simu
 simulated heterogeneity included (``simulate.speed_factors``, ``simulate.dropout`` and
 ``simulate.byzantine_clients``, see :mod:`dpeft.transport.ray_transport`).
 
-``ray.mode: allreduce`` instead forms a torch.distributed group out of the actors (rank 0's
+``aggregation: allreduce`` instead forms a torch.distributed group out of the actors (rank 0's
 address, as Ray Train's torch backend does) and aggregates by all-reduce, without the engine.
 """
 
@@ -70,31 +70,23 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # the ray: section is part of RunConfig (errors name ray.<key>)
     if args.address:
         cfg.ray.address = args.address
-    resolve_mode(cfg)
     warn_simulate_only(cfg)
     run_ray(cfg, resume=not args.fresh)
     return 0
 
 
-def resolve_mode(cfg: RunConfig) -> str:
-    """``sync: allreduce`` selects ``ray.mode: allreduce`` (one config runs under simulate, torchrun and Ray)."""
-    if cfg.sync.name == "allreduce":
-        cfg.ray.mode = "allreduce"
-    return cfg.ray.mode
-
-
 def warn_simulate_only(cfg: RunConfig) -> list[str]:
     """Print a warning for simulated-heterogeneity keys this run cannot honour; returns them.
 
-    ``ray.mode: actors`` honours all of them (the transport drops and delays tasks, the worker
+    ``aggregation: coordinator`` honours all of them (the transport drops and delays tasks, the worker
     runtime corrupts byzantine updates). ``allreduce`` rounds are synchronous with no
     coordinator to miss a reply, so slow and dropped clients cannot be simulated there.
     """
-    if cfg.ray.mode != "allreduce":
+    if cfg.aggregation != "allreduce":
         return []
     from dpeft.rounds.allreduce import warn_collective_ignores
 
-    return warn_collective_ignores(cfg, "dpeft ray", "ray.mode=allreduce")
+    return warn_collective_ignores(cfg, "dpeft ray", "aggregation=allreduce")
 
 
 # ---------------------------------------------------------------- driver
@@ -124,10 +116,10 @@ def init_ray(rcfg: RayConfig) -> bool:
 
 
 def run_ray(cfg: RunConfig, resume: bool = True, quiet: bool = False) -> list[dict[str, Any]]:
-    """One run on Ray (``cfg.ray.mode``: actors or allreduce); returns the metrics rows."""
+    """One run on Ray (``cfg.aggregation``: coordinator or allreduce); returns the metrics rows."""
     started = init_ray(cfg.ray)
     try:
-        if cfg.ray.mode == "allreduce":
+        if cfg.aggregation == "allreduce":
             return _run_allreduce(cfg, resume, quiet)
         return _run_actors(cfg, resume, quiet)
     finally:

@@ -218,7 +218,7 @@ MODES: dict[str, Callable[[Path, Path, Path], None]] = {
     "simulate_async": lambda m, r, w: _simulate(m, r, w, "sync.name=async", "sync.concurrency=1", "sync.buffer_size=2"),
     "coordinator_workers": lambda m, r, w: coordinator_with_workers(tiny_settings(m, r), w),
     "ray": _ray,
-    "simulate_allreduce": lambda m, r, w: _simulate(m, r, w, "sync.name=allreduce"),
+    "simulate_allreduce": lambda m, r, w: _simulate(m, r, w, "aggregation=allreduce"),
     "torchrun_allreduce": _torchrun,
     "split": _split,
 }

@@ -68,6 +68,7 @@ def check_core(cfg: RunConfig) -> None:
         raise ConfigError("transport.max_update_norm", f"must be > 0 or null, got {cfg.transport.max_update_norm}")
     one_of("model.task", cfg.model.task, ["seq_cls", "causal_lm"])
     one_of("simulate.start", cfg.simulate.start, ["auto", "fork", "spawn"])
+    one_of("aggregation", cfg.aggregation, ["coordinator", "allreduce"])
     if cfg.simulate.start == "fork" and not hasattr(os, "fork"):
         raise ConfigError("simulate.start", "fork is not available on this platform; use spawn or auto")
     if cfg.model.path is None:
@@ -120,7 +121,6 @@ def validate_lockstep(cfg: RunConfig) -> None:
 
 def validate_ray(r: RayConfig) -> None:
     """Checks of the ``ray:`` section (errors name ``ray.<key>``)."""
-    one_of("ray.mode", r.mode, ["actors", "allreduce"])
     if r.actors is not None:
         positive("ray.actors", r.actors)
     positive("ray.num_cpus", r.num_cpus, allow_zero=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -149,9 +150,39 @@ def read_config_tree(path: str | Path | None = None, overrides: list[str] | tupl
     return tree
 
 
+#: earlier spellings of ``aggregation``, still read: (section, key, value) -> aggregation
+_LEGACY_AGGREGATION = {("sync", "name", "allreduce"): "allreduce", ("ray", "mode", "allreduce"): "allreduce", ("ray", "mode", "actors"): "coordinator"}
+_warned: set[str] = set()
+
+
+def upgrade_legacy_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """``sync.name: allreduce`` and ``ray.mode`` (earlier spellings) become ``aggregation``; a note on stderr says so once.
+
+    An explicit ``aggregation`` that contradicts them is a config error.
+    """
+    tree = dict(tree)
+    for (section, key, value), aggregation in _LEGACY_AGGREGATION.items():
+        part = tree.get(section)
+        if not isinstance(part, dict) or key not in part or str(part[key]).strip().lower() != value:
+            continue
+        part = dict(part)
+        part.pop(key)
+        if section == "sync":
+            part["name"] = "sync"  # all-reduce rounds are synchronous
+        tree[section] = part
+        given = tree.get("aggregation")
+        if given is not None and str(given).strip().lower() != aggregation:
+            raise ConfigError(f"{section}.{key}", f"{section}.{key}={value} means aggregation={aggregation}, but aggregation={given} is set; keep one")
+        tree["aggregation"] = aggregation
+        if f"{section}.{key}" not in _warned:
+            _warned.add(f"{section}.{key}")
+            print(f"dpeft: note: {section}.{key}={value} is spelled aggregation={aggregation} now (the old spelling still works)", file=sys.stderr)
+    return tree
+
+
 def build_config(tree: dict[str, Any]) -> RunConfig:
     """A RunConfig from its dict form, with types and the core sections checked (not the families')."""
-    cfg = build_section(RunConfig, tree, "")
+    cfg = build_section(RunConfig, upgrade_legacy_keys(tree), "")
     check_core(cfg)
     return cfg
 

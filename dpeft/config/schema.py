@@ -107,7 +107,7 @@ class StrategyConfig:
 class SyncConfig:
     """When a round closes."""
 
-    name: str = _f("sync", "sync (wait for every sampled client), deadline (over-select, close at deadline or quorum), async (FedBuff: buffered asynchronous aggregation) or allreduce (workers sum updates by torch.distributed all-reduce, no coordinator; simulate/ray/torchrun)")
+    name: str = _f("sync", "sync (wait for every sampled client), deadline (over-select, close at deadline or quorum) or async (FedBuff: buffered asynchronous aggregation); with aggregation=allreduce rounds are synchronous")
     round_timeout_s: float = _f(900.0, "fail the run loudly if a round (async: an aggregation step) is not complete after this many seconds")
     task_timeout_s: float | None = _f(None, "a task without a reply after this many seconds is lost: sync re-assigns it (a fresh attempt), deadline/async free its slot; null = never")
     over_selection: float = _f(1.3, "deadline: sample ceil(clients_per_round * this) clients")
@@ -181,7 +181,6 @@ class RayConfig:
     """`dpeft ray`: where the Ray cluster is and what each worker actor reserves (other commands ignore it)."""
 
     address: str | None = _f(None, "Ray cluster address; null = RAY_ADDRESS (set by `ray job submit`), or a local Ray when that is unset too")
-    mode: str = _f("actors", "actors (the round engine in the driver, workers as actors) or allreduce (the actors form a torch.distributed group)")
     actors: int | None = _f(None, "worker actors; null = simulate.processes")
     num_cpus: float = _f(1.0, "CPUs reserved per actor (also its torch threads unless threads is set)")
     num_gpus: float = _f(0.0, "GPUs reserved per actor; fractions share one GPU (0.5 = two actors per GPU)")
@@ -234,6 +233,11 @@ class RunConfig:
     clients: int = _f(10, "number of (virtual) clients the data is split into")
     clients_per_round: int = _f(4, "clients sampled each round")
     run_dir: str = _f("runs/default", "output directory (metrics.jsonl, adapter/, checkpoints/, config.yaml)")
+    aggregation: str = _f(
+        "coordinator",
+        "where client updates meet: coordinator (a coordinator aggregates each round under the sync policy; workers over gRPC or as Ray actors) "
+        "or allreduce (the workers sum their updates by torch.distributed all-reduce: synchronous rounds, no coordinator; dpeft simulate, dpeft ray or torchrun)",
+    )
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "base model"})
     adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata={"help": "PEFT adapter"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data and partitioning"})

@@ -126,8 +126,6 @@ def run_allreduce(cfg: RunConfig, runtime: TaskTrainer, resume: bool = True, qui
     if not dist.is_initialized():
         init_group()
     rank, world = dist.get_rank(), dist.get_world_size()
-    if cfg.sync.name not in ("sync", "allreduce"):
-        log.warning("all-reduce rounds are synchronous; sync.name=%s is ignored", cfg.sync.name)
     strategy = make_strategy(cfg.strategy)
     run_dir = Path(cfg.run_dir)
     gm: GlobalModel | None = None

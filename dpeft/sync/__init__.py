@@ -6,7 +6,6 @@ from dpeft.sync import synchronous as _synchronous  # noqa: F401  (registers)
 from dpeft.sync.base import (
     SyncPolicy,
     available_policies,
-    is_collective,
     make_policy,
     register_policy,
     updates_per_step,
@@ -17,7 +16,6 @@ from dpeft.sync.staleness import staleness_weight
 __all__ = [
     "SyncPolicy",
     "available_policies",
-    "is_collective",
     "make_policy",
     "register_policy",
     "staleness_weight",

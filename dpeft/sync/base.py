@@ -84,17 +84,12 @@ def make_policy(cfg: SyncConfig, clients_per_round: int | None = None) -> SyncPo
     return _REGISTRY[cfg.name](cfg, clients_per_round)
 
 
-def is_collective(name: str) -> bool:
-    """Whether policy ``name`` aggregates among the workers' process group (all-reduce), without a coordinator."""
-    return bool(getattr(_REGISTRY.get(name), "collective", False))
-
-
 def check_coordinated(run_cfg: RunConfig) -> None:
-    """Config error for a policy without a coordinator in the data path (``allreduce``)."""
-    if is_collective(run_cfg.sync.name):
+    """Config error for a run whose updates meet without a coordinator (``aggregation=allreduce``)."""
+    if run_cfg.aggregation == "allreduce":
         raise ConfigError(
-            "sync.name",
-            f"{run_cfg.sync.name} aggregates among the workers' process group, without a coordinator: run it with "
+            "aggregation",
+            "allreduce sums the updates among the workers' process group, without a coordinator: run it with "
             "`dpeft simulate`, `dpeft ray` or `torchrun -m dpeft_launch.torchrun_allreduce` (README: Cluster scale)",
         )
 

@@ -19,16 +19,3 @@ class Synchronous(SyncPolicy):
     def round_closed(self, arrived: int, expected: int, elapsed_s: float, lost: int = 0, min_updates: int = 1) -> bool:
         return arrived >= expected
 
-
-@register_policy("allreduce")
-class AllReduce(Synchronous):
-    """Synchronous rounds whose updates are summed by torch.distributed all-reduce among the workers.
-
-    There is no coordinator in the data path: ``dpeft simulate`` starts a local gloo group,
-    ``dpeft ray`` forms the group out of its actors, torchrun runs
-    :mod:`dpeft_launch.torchrun_allreduce` (see :mod:`dpeft.transport.distributed_allreduce`).
-    Only weighted-mean strategies can be all-reduced; simulated stragglers and dropouts do not
-    apply (every rank waits for the collective).
-    """
-
-    collective = True

@@ -15,17 +15,17 @@ pytestmark = pytest.mark.integration
 
 CASES = [
     # (id, arguments after `dpeft`, texts stderr must contain)
-    ("allreduce-int8-up", ["simulate", "sync.name=allreduce", "codec.up=int8"], ["codec.up", "sync.name=allreduce"]),
-    ("allreduce-topk-chain", ["simulate", "sync.name=allreduce", "codec.up=topk+int8"], ["codec.up", "sync.name=allreduce"]),
-    ("allreduce-fp16-down", ["simulate", "sync.name=allreduce", "codec.down=fp16"], ["codec.down", "sync.name=allreduce"]),
-    ("allreduce-median", ["simulate", "sync.name=allreduce", "strategy.name=median"], ["strategy.name", "sync.name=allreduce", "median"]),
-    ("allreduce-flora", ["simulate", "sync.name=allreduce", "strategy.name=flora"], ["strategy.name", "sync.name=allreduce", "flora"]),
+    ("allreduce-int8-up", ["simulate", "aggregation=allreduce", "codec.up=int8"], ["codec.up", "aggregation=allreduce"]),
+    ("allreduce-topk-chain", ["simulate", "aggregation=allreduce", "codec.up=topk+int8"], ["codec.up", "aggregation=allreduce"]),
+    ("allreduce-fp16-down", ["simulate", "aggregation=allreduce", "codec.down=fp16"], ["codec.down", "aggregation=allreduce"]),
+    ("allreduce-median", ["simulate", "aggregation=allreduce", "strategy.name=median"], ["strategy.name", "aggregation=allreduce", "median"]),
+    ("allreduce-flora", ["simulate", "aggregation=allreduce", "strategy.name=flora"], ["strategy.name", "aggregation=allreduce", "flora"]),
     (
         "allreduce-float32",
-        ["simulate", "sync.name=allreduce", "strategy.options.accumulator=float32"],
-        ["strategy.options.accumulator", "sync.name=allreduce"],
+        ["simulate", "aggregation=allreduce", "strategy.options.accumulator=float32"],
+        ["strategy.options.accumulator", "aggregation=allreduce"],
     ),
-    ("ray-allreduce-int8", ["coordinator", "--listen", "127.0.0.1:0", "ray.mode=allreduce", "codec.up=int8"], ["codec.up", "ray.mode=allreduce"]),
+    ("coordinator-allreduce-int8", ["coordinator", "--listen", "127.0.0.1:0", "aggregation=allreduce", "codec.up=int8"], ["codec.up", "aggregation=allreduce"]),
     ("krum-too-few", ["simulate", "strategy.name=krum", "clients_per_round=4"], ["clients_per_round", "krum"]),
     ("flora-rank", ["simulate", "strategy.name=flora", "strategy.options.rank=16", "adapter.r=8"], ["strategy.options.rank", "adapter.r"]),
     ("bad-strategy-option", ["simulate", "strategy.name=fedavg", "strategy.options.server_lr=2"], ["strategy.options.server_lr"]),

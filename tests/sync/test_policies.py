@@ -15,7 +15,7 @@ from dpeft_workers.simulate import Heterogeneity
 
 
 def test_registry_names() -> None:
-    assert available_policies() == ["allreduce", "async", "deadline", "sync"]
+    assert available_policies() == ["async", "deadline", "sync"]
 
 
 @pytest.mark.parametrize(

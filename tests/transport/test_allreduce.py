@@ -102,13 +102,13 @@ def test_torchrun_allreduce_run_matches_grpc_simulate(simulate_reference, tmp_pa
 
 @pytest.mark.integration
 def test_simulate_sync_allreduce_matches_grpc_simulate(simulate_reference, tmp_path):
-    """`dpeft simulate sync.name=allreduce` starts a local gloo group: same global adapter as gRPC simulate."""
+    """`dpeft simulate aggregation=allreduce` starts a local gloo group: same global adapter as gRPC simulate."""
     from dpeft.rounds.checkpoint import latest_checkpoint
 
     _sim_dir, (sim_round, sim_global, _, _) = simulate_reference
     run_dir = tmp_path / "sim-ar"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "dpeft_launch.cli", "simulate", "--fresh", *tiny(run_dir), "sync.name=allreduce", "simulate.dropout=0.1"]
+    cmd = [sys.executable, "-m", "dpeft_launch.cli", "simulate", "--fresh", *tiny(run_dir), "aggregation=allreduce", "simulate.dropout=0.1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 ranks" in proc.stderr and "simulate.dropout is ignored" in proc.stderr
@@ -120,10 +120,10 @@ def test_simulate_sync_allreduce_matches_grpc_simulate(simulate_reference, tmp_p
     assert (run_dir / "logs" / "rank-1.log").exists()
 
 
-def test_coordinator_refuses_sync_allreduce(tmp_path):
+def test_coordinator_refuses_allreduce_aggregation(tmp_path):
     """There is no coordinator in the all-reduce data path: `dpeft coordinator` exits 2 naming the key."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "dpeft_launch.cli", "coordinator", "--listen", "127.0.0.1:0", f"run_dir={tmp_path}", "sync.name=allreduce"]
+    cmd = [sys.executable, "-m", "dpeft_launch.cli", "coordinator", "--listen", "127.0.0.1:0", f"run_dir={tmp_path}", "aggregation=allreduce"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert "sync.name" in proc.stderr and "torchrun" in proc.stderr and "Traceback" not in proc.stderr
+    assert "aggregation" in proc.stderr and "torchrun" in proc.stderr and "Traceback" not in proc.stderr

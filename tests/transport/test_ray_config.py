@@ -86,11 +86,11 @@ def test_simulate_only_keys_warn_only_in_allreduce_mode(capsys):
     keys = ["simulate.speed_factors=[1, 3]", "simulate.dropout=0.2", "simulate.byzantine_clients=[1]", "sync.task_timeout_s=30"]
     assert warn_simulate_only(load_config(None, keys)) == []  # actors mode honours them all
     assert capsys.readouterr().err == ""
-    ignored = warn_simulate_only(load_config(None, [*keys, "ray.mode=allreduce"]))
+    ignored = warn_simulate_only(load_config(None, [*keys, "aggregation=allreduce"]))
     assert ignored == ["simulate.speed_factors", "simulate.dropout"]
     err = capsys.readouterr().err
     assert "warning" in err and "simulate.speed_factors" in err and "simulate.dropout" in err and "ignored" in err
-    assert warn_simulate_only(load_config(None, ["ray.mode=allreduce"])) == []
+    assert warn_simulate_only(load_config(None, ["aggregation=allreduce"])) == []
 
 
 def test_cli_help_lists_ray(capsys):
@@ -103,10 +103,18 @@ def test_cli_help_lists_ray(capsys):
     assert "--address" in out and "key=value" in out
 
 
-def test_sync_allreduce_selects_ray_allreduce_mode():
+def test_earlier_spellings_of_aggregation_still_read(capsys):
+    """`sync.name: allreduce` and `ray.mode` (earlier spellings) select `aggregation`, with a note on stderr."""
     from dpeft.validate import load_config
-    from dpeft_launch.ray_cli import resolve_mode
 
-    assert resolve_mode(load_config(None, ["sync.name=allreduce"])) == "allreduce"
-    assert resolve_mode(load_config(None, [])) == "actors"
-    assert resolve_mode(load_config(None, ["ray.mode=allreduce"])) == "allreduce"
+    assert load_config(None, []).aggregation == "coordinator"
+    for old in ("sync.name=allreduce", "ray.mode=allreduce"):
+        cfg = load_config(None, [old])
+        assert cfg.aggregation == "allreduce" and cfg.sync.name == "sync"
+    assert load_config(None, ["ray.mode=actors"]).aggregation == "coordinator"
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["ray.mode=allreduce", "aggregation=coordinator"])
+    assert info.value.key == "ray.mode"
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["aggregation=allreduce", "sync.name=async"])
+    assert info.value.key == "sync.name"

@@ -118,7 +118,7 @@ def test_killed_actor_is_restarted_and_the_round_completes(ray_local, tmp_path):
 
 
 def test_actors_form_a_gloo_group_and_all_reduce(ray_local):
-    """`ray.mode: allreduce`: actors set up torch.distributed the standard way and reduce to FedAvg."""
+    """`aggregation: allreduce` under `dpeft ray`: actors set up torch.distributed the standard way and reduce to FedAvg."""
     from dpeft.transport.ray_transport import RayActorSpec
     from dpeft_launch.ray_cli import RayAllReduceGroup
 
