@@ -13,20 +13,17 @@ It drives a :class:`~dpeft_coordinator.engine.RoundEngine` through its public me
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from dpeft.errors import RejectedUpdate
 from dpeft.rounds.sampling import sample_free
 from dpeft.rounds.tally import RoundTally, client_ranks
-from dpeft.transport.base import CoordinatorTransport, Rejection
+from dpeft.transport.base import CoordinatorTransport
 from dpeft_coordinator.errors import RoundTimeout
 
 if TYPE_CHECKING:
     from dpeft_coordinator.engine import RoundEngine
 
-log = logging.getLogger("dpeft.coordinator")
 
 
 class _Step(RoundTally):
@@ -83,22 +80,10 @@ def run_async(engine: RoundEngine, transport: CoordinatorTransport) -> None:
         event = transport.next_event(timeout=0.2)
         if event is None:
             continue
-        if isinstance(event, Rejection):
-            step.reject(event.reason)
-            inflight.pop(event.task_id, None)
-            engine.ledger.drop(event.task_id)
-            continue
-        try:
-            update = engine.admit(event)
-            aggregator.add(update)
-        except RejectedUpdate as exc:
-            log.warning("rejected update from %s: %s", event.worker_id, exc)
-            step.reject(exc.reason)
+        inflight.pop(event.task_id, None)
+        if engine.fold(event, aggregator, step) is None:
             engine.ledger.drop(event.task_id)  # its slot is free again
             continue
-        finally:
-            inflight.pop(event.task_id, None)
-        step.add(update, event.num_examples)
         engine.recorder.progress(f"async step {engine.round + 1}/{cfg.rounds}: {aggregator.count}/{buffer_size} updates, {len(inflight)} in flight")
         if aggregator.count >= min_updates:
             _finish_step(engine, transport, aggregator, step, len(inflight))

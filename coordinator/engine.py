@@ -105,6 +105,22 @@ class RoundEngine:
         """The update of ``result`` ready to aggregate, or :class:`~dpeft.errors.RejectedUpdate`."""
         return self.ledger.admit(result, self.round, self.cfg.transport.max_update_norm)
 
+    def fold(self, event: TaskResult | Rejection, aggregator: Any, tally: RoundTally) -> ClientUpdate | None:
+        """Admit one transport event into ``aggregator`` and ``tally``; a rejection (the transport's or the
+        ledger's) is counted in ``tally`` and gives None."""
+        if isinstance(event, Rejection):
+            tally.reject(event.reason)
+            return None
+        try:
+            update = self.admit(event)
+            aggregator.add(update)
+        except RejectedUpdate as exc:
+            log.warning("rejected update from %s: %s", event.worker_id, exc)
+            tally.reject(exc.reason)
+            return None
+        tally.add(update, event.num_examples)
+        return update
+
     # -- workers and tasks ------------------------------------------------------
     def eligible(self, transport: CoordinatorTransport) -> tuple[list[int], dict[int, str]]:
         """(clients that can train now, client id -> the worker that owns its data)."""
@@ -245,17 +261,8 @@ class RoundEngine:
             event = transport.next_event(timeout=self.policy.wait_s(time.time() - t0))
             if event is None:
                 continue
-            if isinstance(event, Rejection):
-                tally.reject(event.reason)
+            if self.fold(event, aggregator, tally) is None:
                 continue
-            try:
-                update = self.admit(event)
-                aggregator.add(update)
-            except RejectedUpdate as exc:
-                log.warning("rejected update from %s: %s", event.worker_id, exc)
-                tally.reject(exc.reason)
-                continue
-            tally.add(update, event.num_examples)
             self.recorder.progress(f"round {round_num}/{self.cfg.rounds}: {aggregator.count}/{len(tasks)} clients done")
         cancelled = set(transport.cancel_pending())
         self.ledger.close_round(round_num, self.policy.late_updates == "fold", cancelled)
