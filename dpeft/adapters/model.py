@@ -91,6 +91,9 @@ def build_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, num_labels: 
     _quiet_transformers()
     path, gguf, model_id = resolve_model_source(model_cfg)
     kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
+    if model_cfg.layers is not None:
+        # transformers builds only the first N layers and skips the checkpoint's others
+        kwargs["num_hidden_layers"] = model_cfg.layers
     tokenizer = load_tokenizer(model_cfg)
     torch.manual_seed(seed)
     if model_cfg.task == "seq_cls":

@@ -81,9 +81,29 @@ def check_core(cfg: RunConfig) -> None:
     one_of("train.loss", cfg.train.loss, ["cross_entropy", "prior_calibrated"])
     if cfg.train.worker_mmap_threshold_kib is not None:
         positive("train.worker_mmap_threshold_kib", cfg.train.worker_mmap_threshold_kib)
+    if cfg.model.layers is not None:
+        positive("model.layers", cfg.model.layers)
+    check_eval(cfg)
     check_transport(cfg.transport)
     validate_ray(cfg.ray)
     validate_split(cfg.split)
+
+
+def check_eval(cfg: RunConfig) -> None:
+    """Checks of the ``eval:`` section."""
+    e = cfg.eval
+    if e.generate not in (True, False, "auto"):
+        raise ConfigError("eval.generate", f"expected auto, true or false, got {e.generate!r}")
+    one_of("eval.match", e.match, ["exact", "contains"])
+    if e.clients is not None:
+        positive("eval.clients", e.clients)
+        if e.clients > cfg.clients:
+            raise ConfigError("eval.clients", f"{e.clients} clients but only {cfg.clients} exist")
+    if not 0.0 < e.client_test_fraction < 1.0:
+        raise ConfigError("eval.client_test_fraction", f"must be between 0 and 1 (exclusive), got {e.client_test_fraction}")
+    positive("eval.generate_examples", e.generate_examples, allow_zero=True)
+    positive("eval.max_new_tokens", e.max_new_tokens)
+    positive("eval.samples", e.samples, allow_zero=True)
 
 
 def check_transport(t: TransportConfig) -> None:

@@ -28,6 +28,7 @@ class ModelConfig:
     gguf_file: str | None = _f(None, "GGUF file name inside path (needs the gguf package)")
     task: str = _f("seq_cls", "seq_cls (classification head on top) or causal_lm (next-token loss)")
     max_length: int = _f(64, "tokens per example after truncation")
+    layers: int | None = _f(None, "keep only the first N transformer layers of the base (quick runs and tests); null = all")
     dropout: float | None = _f(
         None,
         "set every dropout probability of the base model (hidden, attention, classifier) to this; null = the checkpoint's own (MiniLM: 0.1). train.lockstep needs 0",
@@ -92,6 +93,21 @@ class TrainConfig:
         None,
         "glibc: a worker process serves allocations of this many KiB and more from their own mmap, returned to the system on free, instead of glibc's growing threshold that keeps freed activations in the heap (default task, tcache off: 1024 gives about 12% less simulate memory for about 7% more time, from page faults; 2048 about 2% less); null = leave glibc's threshold alone",
     )
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """How the global adapter is evaluated: on the coordinator's held-out data, and on the clients' own."""
+
+    device: str = _f("auto", "device of the coordinator's evaluation: auto (a GPU when one is visible), cpu, cuda, cuda:N or mps")
+    federated: bool = _f(False, "sampled clients also evaluate the global adapter on their own held-out split; the coordinator records the weighted mean (fed_eval_*) and per-client metrics")
+    clients: int | None = _f(None, "eval.federated: clients sampled per evaluated round; null = clients_per_round")
+    client_test_fraction: float = _f(0.1, "eval.federated: fraction of each client's examples held out for its own evaluation (never trained on)")
+    generate: bool | str = _f("auto", "score generations of held-out prompts (causal LMs with instruction or chat data): auto (on when the data has responses), true or false")
+    generate_examples: int = _f(64, "held-out prompts generated and scored per evaluation")
+    max_new_tokens: int = _f(16, "generation: new tokens per prompt (greedy unless the model's generation config says otherwise)")
+    match: str = _f("exact", "generation score: exact (normalised answer equals the reference) or contains (the reference appears in the answer)")
+    samples: int = _f(4, "sample generations per evaluated round written to <run_dir>/generations.jsonl (0 = none)")
 
 
 @dataclass(kw_only=True)
@@ -242,6 +258,7 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata={"help": "PEFT adapter"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data and partitioning"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "local training"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
     strategy: StrategyConfig = field(default_factory=StrategyConfig, metadata={"help": "aggregation"})
     sync: SyncConfig = field(default_factory=SyncConfig, metadata={"help": "round closing"})
     simulate: SimulateConfig = field(default_factory=SimulateConfig, metadata={"help": "simulation"})
