@@ -99,14 +99,14 @@ class TrainConfig:
 class EvalConfig:
     """How the global adapter is evaluated: on the coordinator's held-out data, and on the clients' own."""
 
-    device: str = _f("auto", "device of the coordinator's evaluation: auto (a GPU when one is visible), cpu, cuda, cuda:N or mps")
+    device: str = _f("auto", "device of the coordinator's evaluation and generation: auto (a GPU when one is visible), cpu, cuda, cuda:N or mps; the model moves there at the first evaluation")
     federated: bool = _f(False, "sampled clients also evaluate the global adapter on their own held-out split; the coordinator records the weighted mean (fed_eval_*) and per-client metrics")
     clients: int | None = _f(None, "eval.federated: clients sampled per evaluated round; null = clients_per_round")
     client_test_fraction: float = _f(0.1, "eval.federated: fraction of each client's examples held out for its own evaluation (never trained on)")
-    generate: bool | str = _f("auto", "score generations of held-out prompts (causal LMs with instruction or chat data): auto (on when the data has responses), true or false")
-    generate_examples: int = _f(64, "held-out prompts generated and scored per evaluation")
-    max_new_tokens: int = _f(16, "generation: new tokens per prompt (greedy unless the model's generation config says otherwise)")
-    match: str = _f("exact", "generation score: exact (normalised answer equals the reference) or contains (the reference appears in the answer)")
+    generate: bool | str = _f("auto", "score generations of held-out prompts (causal LMs whose held-out data has reference answers: instruction or chat data): auto (on when it has them), true (an error when it has not) or false")
+    generate_examples: int = _f(64, "the first N held-out prompts are generated for and scored at every evaluated round; 0 = none")
+    max_new_tokens: int = _f(16, "generation: at most this many new tokens per prompt, greedy (end-of-sequence and padding tokens from the model's generation config)")
+    match: str = _f("exact", "generation score: exact (the answer's first line equals the reference, both lowercased with whitespace and trailing punctuation stripped) or contains (the normalised reference appears anywhere in the answer)")
     samples: int = _f(4, "sample generations per evaluated round written to <run_dir>/generations.jsonl (0 = none)")
 
 

@@ -1,23 +1,71 @@
-"""The global model every round driver keeps: base + adapter for the initial state, global evaluation and PEFT export."""
+"""The global model every round driver keeps: base + adapter for the initial state, global evaluation and PEFT export.
+
+Evaluation runs on ``eval.device``. The model is built on the CPU and moved there only at the
+first evaluation, never in the constructor: ``dpeft simulate`` forks its workers from the
+coordinator after building this model, and a process that has initialised CUDA before a fork
+leaves its children unable to use CUDA. (Resolving ``auto`` asks CUDA whether a GPU is there,
+which initialises it too, so the choice is made at the first evaluation as well; an explicit
+``cuda`` on a machine without one is refused at once through a query that does not.)
+Adapter states and exports are device-independent: extracted states are CPU tensors.
+
+For causal LMs the row also gets ``eval_perplexity`` (exp of the per-token eval loss) and, when
+the held-out data has reference answers (instruction or chat data) and ``eval.generate`` allows
+it, the generation score of the first ``eval.generate_examples`` prompts (``gen_accuracy``,
+``gen_examples``) with ``eval.samples`` examples for ``generations.jsonl``.
+"""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from dpeft.adapters import build_model, export_peft_dir, extract_state, load_state
 from dpeft.config import RunConfig
-from dpeft.data import load_dataset, partition, tokenize
+from dpeft.data import TextDataset, load_dataset, partition, tokenize
+from dpeft.data.tokenize import TokenizedData
+from dpeft.errors import ConfigError
+from dpeft.rounds.generations import GENERATIONS_KEY
 from dpeft.state import AdapterState
 from dpeft.train import evaluate
+from dpeft.train.device import check_device_spec, resolve_device
+from dpeft.train.generate import generate_answers, perplexity, score_answers
+
+
+def check_eval_device(spec: str) -> None:
+    """ConfigError(eval.device) for a bad spelling or a CUDA device on a machine without one, without
+    initialising CUDA (the device count comes from NVML where it can)."""
+    check_device_spec("eval.device", spec)
+    if spec.startswith("cuda") and torch.cuda.device_count() == 0:
+        raise ConfigError(
+            "eval.device", f"{spec} was asked for but no CUDA GPU is visible (CUDA_VISIBLE_DEVICES, driver); use cpu or auto"
+        )
+
+
+def _tokenize_held_out(tokenizer: object, test: TextDataset, labels: list[int] | None, max_length: int) -> TokenizedData:
+    """The held-out set as evaluation batches: with reference answers, prompt and answer together
+    (the data layer's tokenizer scores the answer tokens when it knows about responses)."""
+    responses = getattr(test, "responses", None)
+    if responses is None:
+        return tokenize(tokenizer, test.texts, labels, max_length)
+    if "responses" in inspect.signature(tokenize).parameters:
+        return tokenize(tokenizer, test.texts, labels, max_length, responses=responses)  # type: ignore[call-arg]
+    return tokenize(tokenizer, [p + r for p, r in zip(test.texts, responses, strict=True)], labels, max_length)
 
 
 class GlobalModel:
-    """Owns one model instance used for evaluation and export (never for training)."""
+    """Owns one model instance used for evaluation and export (never for training).
 
-    def __init__(self, cfg: RunConfig) -> None:
+    ``datasets`` gives (train, test) directly instead of loading ``cfg.data`` (a test set may
+    carry ``responses``, the reference answers of its prompts)."""
+
+    def __init__(self, cfg: RunConfig, datasets: tuple[TextDataset, TextDataset] | None = None) -> None:
         self.cfg = cfg
+        check_eval_device(cfg.eval.device)
         need_labels = cfg.model.task == "seq_cls"
-        train, test = load_dataset(cfg.data, cfg.seed, need_labels=need_labels)
+        train, test = datasets if datasets is not None else load_dataset(cfg.data, cfg.seed, need_labels=need_labels)
         self.label_names = train.label_names
         self.num_train_examples = len(train)
         # fail fast (exit 2, naming the key) when the data cannot be split as configured,
@@ -25,17 +73,87 @@ class GlobalModel:
         partition(
             train.labels, cfg.clients, cfg.data.partition, cfg.seed, cfg.data.dirichlet_alpha, cfg.data.min_examples_per_client
         )
+        self.prompts, self.references = self._generation_set(test)
         self.bundle = build_model(cfg.model, cfg.adapter, len(self.label_names) if need_labels else None, cfg.seed)
-        self.test = tokenize(self.bundle.tokenizer, test.texts, test.labels if need_labels else None, cfg.model.max_length)
+        self.test = _tokenize_held_out(self.bundle.tokenizer, test, test.labels if need_labels else None, cfg.model.max_length)
+        self._device: torch.device | None = None  # resolved at the first evaluation (see the module docstring)
+        self._test_on_device: TokenizedData | None = None
+
+    def _generation_set(self, test: TextDataset) -> tuple[list[str], list[str]]:
+        """The prompts and references to generate for (empty: no generation scoring)."""
+        want = self.cfg.eval.generate
+        responses: list[str] | None = getattr(test, "responses", None)
+        if want is False or want == "false":
+            return [], []
+        forced = want is True or want == "true"
+        if self.cfg.model.task != "causal_lm":
+            if forced:
+                raise ConfigError("eval.generate", "generation scoring needs a causal LM (model.task=causal_lm)")
+            return [], []
+        if not responses:
+            if forced:
+                raise ConfigError(
+                    "eval.generate",
+                    "true needs held-out data with reference answers (instruction or chat data); this data has none",
+                )
+            return [], []
+        n = min(self.cfg.eval.generate_examples, len(test))
+        return list(test.texts[:n]), [str(r) for r in responses[:n]]
+
+    @property
+    def generates(self) -> bool:
+        """Whether evaluations score generations."""
+        return bool(self.prompts)
+
+    @property
+    def device(self) -> torch.device:
+        """The evaluation device; the first call resolves ``eval.device`` and moves the model there."""
+        if self._device is None:
+            device = resolve_device(self.cfg.eval.device, key="eval.device")
+            if device.type != "cpu":
+                self.bundle.model.to(device)
+                t = self.test
+                self._test_on_device = TokenizedData(
+                    t.input_ids.to(device), t.attention_mask.to(device), t.labels.to(device) if t.labels is not None else None
+                )
+            self._device = device
+        return self._device
 
     def initial_state(self) -> AdapterState:
         """The seeded initial adapter (identical on every host for the same config)."""
-        return extract_state(self.bundle.model, {"round": 0, "method": self.cfg.adapter.method, "base_model": self.bundle.model_id})
+        return extract_state(
+            self.bundle.model, {"round": 0, "method": self.cfg.adapter.method, "base_model": self.bundle.model_id}
+        )
 
-    def evaluate(self, state: AdapterState) -> dict[str, float]:
-        """Global held-out loss and accuracy of ``state``."""
+    def evaluate(self, state: AdapterState) -> dict[str, Any]:
+        """Global held-out loss and accuracy of ``state``; for causal LMs also perplexity and, when on,
+        the generation score (its sample generations under the recorder's ``generations`` key)."""
+        device = self.device
         load_state(self.bundle.model, state)
-        return evaluate(self.bundle.model, self.test, self.cfg.model.task, self.cfg.train.eval_batch_size)
+        test = self._test_on_device if device.type != "cpu" and self._test_on_device is not None else self.test
+        out: dict[str, Any] = evaluate(self.bundle.model, test, self.cfg.model.task, self.cfg.train.eval_batch_size)
+        if self.cfg.model.task == "causal_lm":
+            out["eval_perplexity"] = perplexity(out["eval_loss"])
+        if self.generates:
+            out.update(self.score_generations())
+        return out
+
+    def score_generations(self) -> dict[str, Any]:
+        """``gen_accuracy`` and ``gen_examples`` of the loaded adapter, with ``eval.samples`` examples."""
+        e = self.cfg.eval
+        answers = generate_answers(
+            self.bundle.model,
+            self.bundle.tokenizer,
+            self.prompts,
+            e.max_new_tokens,
+            self.cfg.train.eval_batch_size,
+            self.cfg.model.max_length,
+        )
+        score = score_answers(self.prompts, self.references, answers, e.match, e.samples)
+        out: dict[str, Any] = dict(score.metrics)
+        if score.samples:
+            out[GENERATIONS_KEY] = score.samples
+        return out
 
     def export(self, state: AdapterState, directory: str | Path) -> Path:
         """Write ``state`` as a standard Hugging Face PEFT directory."""

@@ -18,6 +18,11 @@ COLUMNS = [
     ("rejected", "rejected", "{}"),
     ("wall_s", "wall s", "{:.1f}"),
 ]
+#: columns shown only when some row has them (language models), after ``eval acc``
+OPTIONAL_COLUMNS = [
+    ("eval_perplexity", "eval ppl", "{:.2f}"),
+    ("gen_accuracy", "gen acc", "{:.4f}"),
+]
 
 
 def human_bytes(n: float) -> str:
@@ -43,8 +48,11 @@ def _cell(row: dict[str, Any], key: str, fmt: str | None) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of the per-round metrics."""
-    header = [title for _, title, _ in COLUMNS]
-    body = [[_cell(r, k, f) for k, _, f in COLUMNS] for r in rows]
+    at = next(i for i, c in enumerate(COLUMNS) if c[0] == "eval_accuracy") + 1
+    extra = [c for c in OPTIONAL_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    columns = COLUMNS[:at] + extra + COLUMNS[at:]
+    header = [title for _, title, _ in columns]
+    body = [[_cell(r, k, f) for k, _, f in columns] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     line = "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=False))
     sep = "  ".join("-" * w for w in widths)
@@ -89,6 +97,7 @@ class MetricsLog:
             f"clients {row.get('clients', 0)}",
             f"loss {row['train_loss']:.4f}" if row.get("train_loss") is not None else "loss -",
             f"acc {acc:.4f}" if acc is not None else "acc -",
+            *([f"gen acc {row['gen_accuracy']:.4f}"] if row.get("gen_accuracy") is not None else []),
             f"up {human_bytes(row.get('bytes_up', 0))}",
             f"down {human_bytes(row.get('bytes_down', 0))}",
             f"{row.get('wall_s', 0):.1f}s",
@@ -117,6 +126,10 @@ class MetricsLog:
         plots = self.plot()
         final = [r for r in rows if r.get("eval_accuracy") is not None]
         acc = f"final eval accuracy {final[-1]['eval_accuracy']:.4f}; " if final else ""
+        gen = [r for r in rows if r.get("gen_accuracy") is not None]
+        if gen:
+            g0, g1 = gen[0], gen[-1]
+            acc += f"generation accuracy {g0['gen_accuracy']:.4f} (round {g0['round']}) -> {g1['gen_accuracy']:.4f}; "
         first = self.resumed_from or 0  # rounds up to here ran in an earlier process
         ran = sum(1 for r in rows if r.get("round", 0) > first)
         resumed = f" by this process (resumed from round {first})" if self.resumed_from is not None else ""
@@ -127,7 +140,8 @@ class MetricsLog:
         )
 
     def plot(self) -> list[Path]:
-        """accuracy.png (eval accuracy/loss against rounds) and bytes.png (bytes per round)."""
+        """accuracy.png (eval accuracy, generation accuracy when scored, and eval loss against rounds) and
+        bytes.png (bytes per round)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -138,6 +152,10 @@ class MetricsLog:
         if rows:
             fig, ax = plt.subplots(figsize=(6, 4))
             ax.plot([r["round"] for r in rows], [r["eval_accuracy"] for r in rows], marker="o", label="eval accuracy")
+            gen = [r for r in rows if r.get("gen_accuracy") is not None]
+            if gen:
+                gen_acc = [r["gen_accuracy"] for r in gen]
+                ax.plot([r["round"] for r in gen], gen_acc, marker="s", color="tab:green", label="generation accuracy")
             ax.set_xlabel("round")
             ax.set_ylabel("global eval accuracy")
             ax.grid(alpha=0.3)

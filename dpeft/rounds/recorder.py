@@ -13,6 +13,10 @@ appended. A process that dies in between leaves a checkpoint whose round has no 
 that resumes from it writes the line from the checkpoint (or, for a driver whose rows wait for
 an evaluation, hands the row back to be evaluated again). Checkpoints without a row still load.
 
+Sample generations of a causal LM (``generations.jsonl``) arrive inside an evaluated row and are
+written just before its metrics line; a resume drops the samples of the rounds it redoes (and
+of a lost row's round, which its checkpoint brings back) exactly as it drops their rows.
+
 A run that starts over forgets what an earlier run left. Without a run directory (split tests)
 the rows stay in memory and nothing is checkpointed.
 """
@@ -31,6 +35,7 @@ import torch
 
 from dpeft.errors import DpeftError
 from dpeft.rounds.checkpoint import clear_checkpoints, latest_checkpoint, save_checkpoint
+from dpeft.rounds.generations import GENERATIONS_KEY, GenerationsLog
 from dpeft.rounds.metrics import MetricsLog
 from dpeft.state import AdapterState
 
@@ -82,11 +87,13 @@ class RoundRecorder:
         self._rows: list[dict[str, Any]] = []
         self._held: dict[int, dict[str, Any]] = {}  # rows waiting for an evaluation (split)
         self.metrics: MetricsLog | None = None
+        self.generations: GenerationsLog | None = None
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
             if config_text is not None:
                 (run_dir / "config.yaml").write_text(config_text)
             self.metrics = MetricsLog(run_dir, total_rounds=total_rounds)
+            self.generations = GenerationsLog(run_dir)
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -118,6 +125,8 @@ class RoundRecorder:
         earlier = next((r.get("elapsed_s") for r in self.metrics.rows if r.get("round") == round_num), None)
         self.metrics.truncate_after(round_num)
         lost = self._lost_row(round_num, info)
+        if self.generations is not None:  # a lost row's round is written (or evaluated) again, samples included
+            self.generations.truncate_after(round_num - 1 if lost is not None else round_num)
         offset = info.get("elapsed_s", earlier)  # checkpoints before elapsed_s was kept: the round's row
         if isinstance(offset, (int, float)):
             self.started -= float(offset)
@@ -141,6 +150,8 @@ class RoundRecorder:
         (left in place, old checkpoints would outrank the new run's on resume and survive the keep-N pruning)."""
         if self.metrics is not None:
             self.metrics.truncate_after(-1)
+        if self.generations is not None:
+            self.generations.truncate_after(-1)
         directory = self.checkpoint_dir
         if directory is not None and clear_checkpoints(directory):
             log.info("starting over: removed the checkpoints of an earlier run in %s", self.run_dir)
@@ -202,6 +213,9 @@ class RoundRecorder:
             row["elapsed_s"] = round(elapsed, self._elapsed_digits) if self._elapsed_digits is not None else elapsed
 
     def _append(self, row: dict[str, Any]) -> None:
+        samples = row.pop(GENERATIONS_KEY, None)
+        if samples and self.generations is not None:  # before the metrics line: see resume
+            self.generations.append(int(row["round"]), samples)
         if self.metrics is not None:
             self.metrics.append(row)
         else:
