@@ -35,9 +35,11 @@ from dpeft.train.generate import generate_answers, perplexity, score_answers
 
 
 def check_eval_device(spec: str) -> None:
-    """ConfigError(eval.device) for a bad spelling or a CUDA device on a machine without one, without
-    initialising CUDA (the device count comes from NVML where it can)."""
+    """ConfigError(eval.device) for a bad spelling, or a CUDA or MPS device on a machine without one,
+    without initialising CUDA (the device count comes from NVML where it can)."""
     check_device_spec("eval.device", spec)
+    if spec == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("eval.device", "mps was asked for but is not available on this machine")
     if spec.startswith("cuda") and torch.cuda.device_count() == 0:
         raise ConfigError(
             "eval.device", f"{spec} was asked for but no CUDA GPU is visible (CUDA_VISIBLE_DEVICES, driver); use cpu or auto"
@@ -83,9 +85,9 @@ class GlobalModel:
         """The prompts and references to generate for (empty: no generation scoring)."""
         want = self.cfg.eval.generate
         responses: list[str] | None = getattr(test, "responses", None)
-        if want is False or want == "false":
+        if want is False:
             return [], []
-        forced = want is True or want == "true"
+        forced = want is True  # else auto
         if self.cfg.model.task != "causal_lm":
             if forced:
                 raise ConfigError("eval.generate", "generation scoring needs a causal LM (model.task=causal_lm)")

@@ -20,7 +20,7 @@ COLUMNS = [
 ]
 #: columns shown only when some row has them (language models), after ``eval acc``
 OPTIONAL_COLUMNS = [
-    ("eval_perplexity", "eval ppl", "{:.2f}"),
+    ("eval_perplexity", "eval ppl", "{:.5g}"),
     ("gen_accuracy", "gen acc", "{:.4f}"),
 ]
 

@@ -100,12 +100,12 @@ def test_generations_jsonl_is_written_and_not_duplicated_on_resume(lm, capsys) -
     run_dir = Path(cfg.run_dir)
     small = lambda t, s: Reply(make=lambda task, received: default_update(task, received, 0.001))  # noqa: E731
 
-    def run(rounds: int, resume: bool) -> list[dict]:
+    def run(rounds: int, resume: bool) -> tuple[RoundEngine, list[dict]]:
         c = load_config(None, [f"run_dir={run_dir}", *LM, f"rounds={rounds}", "train.eval_every=2"])
         engine = RoundEngine(c, gm, run_dir, resume=resume)
-        return engine.run(FakeTransport(small, engine, c.clients))
+        return engine, engine.run(FakeTransport(small, engine, c.clients))
 
-    rows = run(3, resume=False)
+    _, rows = run(3, resume=False)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert [r.get("gen_examples") for r in rows] == [3, None, 3, 3]  # evaluated rounds only (eval_every=2, the last)
     assert all(GENERATIONS_KEY not in r for r in rows)
@@ -118,10 +118,17 @@ def test_generations_jsonl_is_written_and_not_duplicated_on_resume(lm, capsys) -
 
     # the process died after round 3's checkpoint, before its lines: the resume writes round 3 once
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in on_disk[:3]))
-    rows = run(4, resume=True)
+    engine, rows = run(4, resume=True)
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     rounds = [json.loads(line)["round"] for line in path.read_text().splitlines()]
     assert rounds == [0, 0, 2, 2, 3, 3, 4, 4]
+
+    # the summary and the plot show the generation accuracy
+    capsys.readouterr()
+    engine.metrics.print_summary(rows, t_start=0.0)
+    err = capsys.readouterr().err
+    assert "gen acc" in err and "eval ppl" in err and f"generation accuracy {rows[0]['gen_accuracy']:.4f} (round 0)" in err
+    assert (run_dir / "accuracy.png").stat().st_size > 0
 
 
 def test_eval_device_without_a_gpu_is_a_config_error(tmp_path) -> None:
