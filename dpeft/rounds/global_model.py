@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dpeft.adapters import build_model, export_peft_dir, extract_state, load_state
 from dpeft.config import RunConfig
-from dpeft.data import load_dataset, partition, tokenize
+from dpeft.data import load_run_data, tokenize_dataset
 from dpeft.state import AdapterState
 from dpeft.train import evaluate
 
@@ -16,17 +16,14 @@ class GlobalModel:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        need_labels = cfg.model.task == "seq_cls"
-        train, test = load_dataset(cfg.data, cfg.seed, need_labels=need_labels)
-        self.label_names = train.label_names
-        self.num_train_examples = len(train)
-        # fail fast (exit 2, naming the key) when the data cannot be split as configured,
-        # instead of letting every worker discover it after loading the model
-        partition(
-            train.labels, cfg.clients, cfg.data.partition, cfg.seed, cfg.data.dirichlet_alpha, cfg.data.min_examples_per_client
-        )
-        self.bundle = build_model(cfg.model, cfg.adapter, len(self.label_names) if need_labels else None, cfg.seed)
-        self.test = tokenize(self.bundle.tokenizer, test.texts, test.labels if need_labels else None, cfg.model.max_length)
+        # loads and partitions: fails fast (exit 2, naming the key or row) when the data cannot be
+        # read or split as configured, instead of letting every worker discover it after loading the model
+        data = load_run_data(cfg)
+        self.label_names = data.label_names
+        self.num_train_examples = len(data.train)
+        self.test_data = data.test  # held-out examples as text (prompts and reference responses for generation)
+        self.bundle = build_model(cfg.model, cfg.adapter, data.num_labels, cfg.seed)
+        self.test = tokenize_dataset(self.bundle.tokenizer, data.test, cfg)
 
     def initial_state(self) -> AdapterState:
         """The seeded initial adapter (identical on every host for the same config)."""
