@@ -24,7 +24,8 @@ from dpeft.errors import ConfigError, DataError
 #: the prompt of the embedded corpora in instruction form; {text} is the example's text
 DEFAULT_INSTRUCTIONS = {
     "rotten_tomatoes": "Is this movie review fresh or rotten? Answer with one word.\n\nReview: {text}",
-    "reuters_r8": "Which topic is this news article about? Answer with one of: {labels}.\n\nArticle: {text}",
+    # long articles: the question goes last, where truncation (from the left) keeps it
+    "reuters_r8": "Article: {text}\n\nWhich topic is this news article about? Answer with one of: {labels}.",
 }
 ROLES = ("system", "user", "assistant")
 RESPONSE_CUE = "\n\nResponse:\n"

@@ -9,7 +9,6 @@ import json
 import logging
 
 import pytest
-import torch
 
 from dpeft.adapters.model import load_tokenizer
 from dpeft.config import ModelConfig
@@ -99,7 +98,13 @@ def test_builtin_corpus_as_instructions() -> None:
         assert train.label_names[lab] == resp  # the class is kept for partitioning
     assert len(data.partitions) == 2  # auto: Dirichlet over the sentiment classes
     reuters = load_run_data(
-        _cfg("data.dataset=reuters_r8", "data.format=instruction", "data.max_train_examples=50", "data.test_examples=10", "data.partition=iid")
+        _cfg(
+            "data.dataset=reuters_r8",
+            "data.format=instruction",
+            "data.max_train_examples=50",
+            "data.test_examples=10",
+            "data.partition=iid",
+        )
     )
     assert "acq, crude, earn, grain, interest, money-fx, ship, trade" in reuters.train.texts[0]
     assert "{labels}" in DEFAULT_INSTRUCTIONS["reuters_r8"]
@@ -113,7 +118,7 @@ def test_custom_instruction_and_system_prompt() -> None:
             "data.system_prompt=You judge films.",
             "data.max_train_examples=40",
             "data.test_examples=10",
-                        "data.partition=iid",
+            "data.partition=iid",
         )
     )
     assert data.train.texts[0].startswith("You judge films.\n\nReview: ")

@@ -51,7 +51,17 @@ def test_column_partition_needs_a_value_per_client() -> None:
 def test_partition_column_from_a_file(tmp_path) -> None:
     path = _jsonl(tmp_path / "d.jsonl", _instruction_rows(70))
     cfg = load_config(
-        None, [*LM, "data.dataset=file", f"data.path={path}", "data.format=instruction", "data.partition_column=user", "clients=3", "clients_per_round=3", "data.test_examples=7"]
+        None,
+        [
+            *LM,
+            "data.dataset=file",
+            f"data.path={path}",
+            "data.format=instruction",
+            "data.partition_column=user",
+            "clients=3",
+            "clients_per_round=3",
+            "data.test_examples=7",
+        ],
     )
     assert resolve_partition(cfg) == "column"  # auto with a partition column
     data = load_run_data(cfg)
@@ -64,7 +74,17 @@ def test_partition_column_from_a_file(tmp_path) -> None:
         w = csv.DictWriter(fh, fieldnames=["text", "label", "site"])
         w.writeheader()
         w.writerows({"text": f"t{i}", "label": i % 2, "site": f"s{i % 4}"} for i in range(40))
-    cfg = load_config(None, ["data.dataset=file", f"data.path={csv_path}", "data.partition=column", "data.partition_column=site", "clients=4", "data.test_examples=4"])
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=file",
+            f"data.path={csv_path}",
+            "data.partition=column",
+            "data.partition_column=site",
+            "clients=4",
+            "data.test_examples=4",
+        ],
+    )
     data = load_run_data(cfg)
     assert data.train.groups is not None
     sites = [{data.train.groups[i] for i in shard} for shard in data.partitions]
@@ -97,13 +117,26 @@ def test_readme_causal_lm_example_loads_and_partitions() -> None:
     data = load_run_data(cfg)
     assert data.format == "text" and data.train.responses is None
     assert len(data.partitions) == 10 and sorted(len(p) for p in data.partitions) == [6] * 6 + [7] * 4
-    inst = load_run_data(load_config(None, [*LM, "data.format=instruction", "data.max_train_examples=800", "data.test_examples=50"]))
+    inst = load_run_data(
+        load_config(None, [*LM, "data.format=instruction", "data.max_train_examples=800", "data.test_examples=50"])
+    )
     assert len(inst.partitions) == 10 and min(len(p) for p in inst.partitions) >= 16
 
 
 def test_instruction_file_dirichlet_over_a_label_column(tmp_path) -> None:
     path = _jsonl(tmp_path / "d.jsonl", _instruction_rows(200))
-    cfg = load_config(None, [*LM, "data.dataset=file", f"data.path={path}", "data.format=instruction", "data.label_column=kind", "clients=4", "data.min_examples_per_client=5"])
+    cfg = load_config(
+        None,
+        [
+            *LM,
+            "data.dataset=file",
+            f"data.path={path}",
+            "data.format=instruction",
+            "data.label_column=kind",
+            "clients=4",
+            "data.min_examples_per_client=5",
+        ],
+    )
     data = load_run_data(cfg)
     assert data.train.label_names == ["even", "odd"] and data.num_labels is None
     assert len(data.partitions) == 4 and min(len(p) for p in data.partitions) >= 5
@@ -120,10 +153,29 @@ def test_instruction_file_dirichlet_over_a_label_column(tmp_path) -> None:
         ([*LM, "data.min_examples_per_client=4"], "data.min_examples_per_client"),
         (["data.partition=iid", "data.dataset=file", "data.path=x.csv", "data.partition_column=user"], "data.partition_column"),
         (["data.partition=column"], "data.partition_column"),
-        ([*LM, "data.format=instruction", "data.dataset=file", "data.path=x.jsonl", "data.partition=dirichlet"], "data.partition"),
-        ([*LM, "data.format=instruction", "data.dataset=file", "data.path=x.jsonl", "data.partition=iid", "data.label_column=kind"], "data.label_column"),
-        ([*LM, "data.format=instruction", "data.dataset=file", "data.path=x.jsonl", "data.text_column=question"], "data.text_column"),
-        ([*LM, "data.format=instruction", "data.dataset=file", "data.path=x.jsonl", "data.messages_column=conv"], "data.messages_column"),
+        (
+            [*LM, "data.format=instruction", "data.dataset=file", "data.path=x.jsonl", "data.partition=dirichlet"],
+            "data.partition",
+        ),
+        (
+            [
+                *LM,
+                "data.format=instruction",
+                "data.dataset=file",
+                "data.path=x.jsonl",
+                "data.partition=iid",
+                "data.label_column=kind",
+            ],
+            "data.label_column",
+        ),
+        (
+            [*LM, "data.format=instruction", "data.dataset=file", "data.path=x.jsonl", "data.text_column=question"],
+            "data.text_column",
+        ),
+        (
+            [*LM, "data.format=instruction", "data.dataset=file", "data.path=x.jsonl", "data.messages_column=conv"],
+            "data.messages_column",
+        ),
         (["data.dataset=file", "data.path=x.csv", "data.prompt_column=q"], "data.prompt_column"),
         ([*LM, "data.system_prompt=hi"], "data.system_prompt"),
         ([*LM, "data.format=instruction", "data.instruction=no placeholder"], "data.instruction"),
