@@ -91,19 +91,22 @@ def tokenize_pairs(
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
     n = len(prompts)
-    input_ids = torch.full((n, max_length), pad, dtype=torch.long)
-    labels = torch.full((n, max_length), IGNORE, dtype=torch.long)
-    mask = torch.zeros((n, max_length), dtype=torch.long)
+    rows: list[list[int]] = []
+    targets: list[list[int]] = []
+    lengths: list[int] = []
     cut_prompts = cut_responses = 0
-    for i, (p, r) in enumerate(zip(p_ids, r_ids, strict=True)):
+    for p, r in zip(p_ids, r_ids, strict=True):
         p_fit, r_fit, cut = fit_pair(prefix, list(p), [*r, eos], max_length)
         cut_prompts += len(p_fit) < len(p)
         cut_responses += cut
         row = prefix + p_fit + r_fit
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-        start = len(prefix) + len(p_fit)
-        labels[i, start : len(row)] = torch.tensor(r_fit, dtype=torch.long)
+        pad_n = max_length - len(row)
+        rows.append(row + [pad] * pad_n)
+        targets.append([IGNORE] * (len(prefix) + len(p_fit)) + r_fit + [IGNORE] * pad_n)
+        lengths.append(len(row))
+    input_ids = torch.tensor(rows, dtype=torch.long).reshape(n, max_length)
+    labels = torch.tensor(targets, dtype=torch.long).reshape(n, max_length)
+    mask = (torch.arange(max_length) < torch.tensor(lengths, dtype=torch.long).reshape(n, 1)).long()
     if cut_prompts or cut_responses:
         log.debug(
             "truncation to %d tokens: %d of %d prompts cut from the left, %d responses cut (longer than the window allows)",

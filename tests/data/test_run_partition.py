@@ -196,3 +196,22 @@ def test_explicit_iid_keeps_a_file_alpha() -> None:
     """An explicit partition choice on the command line over a config that tunes Dirichlet is fine."""
     cfg = load_config(None, ["data.partition=iid", "data.dirichlet_alpha=0.5"])
     assert resolve_partition(cfg) == "iid"
+
+
+def test_split_mode_refuses_instruction_data() -> None:
+    from dpeft.split.config import validate_run_for_split
+
+    with pytest.raises(ConfigError) as info:
+        validate_run_for_split(load_config(None, [*LM, "data.format=instruction"]))
+    assert info.value.key == "data.format"
+    validate_run_for_split(load_config(None, LM))  # plain text still runs split
+
+
+def test_a_workers_own_instruction_file(tmp_path) -> None:
+    from dpeft.data import load_client_file
+
+    path = _jsonl(tmp_path / "mine.jsonl", _instruction_rows(5))
+    cfg = load_config(None, [*LM, "data.format=instruction", "data.partition=iid"])
+    own = load_client_file(cfg, path, None)
+    assert own.responses == [f"a{i}" for i in range(5)]
+    assert own.texts[2] == "q2\n\nResponse:\n"
