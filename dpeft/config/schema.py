@@ -58,7 +58,7 @@ class DataConfig:
     test_path: str | None = _f(None, "optional held-out CSV/JSONL; otherwise test examples are split off path")
     format: str = _f(
         "auto",
-        "classification (text + label), text (next-token loss on the whole text), instruction (prompt + response, loss on the response only) or chat (messages through the tokenizer's chat template, loss on the final assistant turn); auto = classification for model.task=seq_cls, text for causal_lm",
+        "classification (text + label), text (next-token loss on the whole text), instruction (prompt + response, loss on the response only) or chat (messages through the tokenizer's chat template, loss on the assistant turns); auto = classification for model.task=seq_cls, text for causal_lm",
     )
     text_column: str = _f("text", "column holding the text (dataset=file, format classification or text)")
     label_column: str | None = _f(

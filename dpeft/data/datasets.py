@@ -32,6 +32,8 @@ class TextDataset:
     ``responses``: for instruction and chat data, the reference answer of each example (``texts``
     then hold the rendered prompts); None for classification and plain text. ``groups``: the
     value of ``data.partition_column`` of each example (files only), else None.
+    ``prompt_targets``: per example, character ranges of ``texts[i]`` trained like the response
+    (the earlier assistant turns of a multi-turn chat), or None when no example has any.
     """
 
     texts: list[str]
@@ -39,6 +41,7 @@ class TextDataset:
     label_names: list[str]
     responses: list[str] | None = None
     groups: list[str] | None = None
+    prompt_targets: list[list[tuple[int, int]]] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -53,6 +56,7 @@ class TextDataset:
             self.label_names,
             pick(self.responses),
             pick(self.groups),
+            pick(self.prompt_targets),
         )
 
 

@@ -7,8 +7,9 @@ the rendered prompts and ``responses`` the answers:
 
 - ``instruction``: ``[system prompt + blank line] + prompt + "\\n\\nResponse:\\n"``;
 - ``chat``: the tokenizer's own chat template over the messages before the final assistant turn,
-  with ``add_generation_prompt=True``; the final assistant turn is the response (earlier
-  assistant turns stay in the prompt as context).
+  with ``add_generation_prompt=True``; the final assistant turn is the response. Earlier
+  assistant turns stay in the prompt, and ``prompt_targets`` marks where, so every assistant
+  turn of a multi-turn conversation is trained.
 """
 
 from __future__ import annotations
@@ -50,13 +51,30 @@ def check_chat_template(tokenizer: Any) -> None:
         )
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str = "") -> tuple[str, str]:
-    """(prompt, response) of a conversation whose last message is the assistant's answer."""
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str = "") -> tuple[str, str, list[tuple[int, int]]]:
+    """(prompt, response, spans) of a conversation whose last message is the assistant's answer.
+
+    ``spans``: character ranges of the prompt holding the earlier assistant turns (their content
+    and the end-of-turn token right after it), trained like the response. A turn the template
+    does not render verbatim at the place incremental rendering predicts is left as context.
+    """
     try:
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        prompt = str(tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True))
+        spans = []
+        for k, msg in enumerate(messages[:-1]):
+            if msg["role"] != "assistant" or not msg["content"]:
+                continue
+            head = str(tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True))
+            end = len(head) + len(msg["content"])
+            if not prompt.startswith(head) or prompt[len(head) : end] != msg["content"]:
+                continue
+            eot = getattr(tokenizer, "eos_token", None)
+            if eot and prompt.startswith(eot, end):
+                end += len(eot)
+            spans.append((len(head), end))
     except Exception as exc:  # jinja templates raise their own errors (e.g. roles must alternate)
         raise DataError(f"{where}: the chat template refused these messages ({exc})") from None
-    return str(prompt), messages[-1]["content"]
+    return prompt, messages[-1]["content"], spans
 
 
 def parse_messages(value: Any, where: str, name: str) -> list[dict[str, str]]:
@@ -85,9 +103,12 @@ def _with_system(messages: list[dict[str, str]], system: str | None) -> list[dic
     return messages
 
 
-def _render(cfg: DataConfig, fmt: str, tokenizer: Any, prompt: str, response: str, where: str) -> tuple[str, str]:
+Spans = list[tuple[int, int]]
+
+
+def _render(cfg: DataConfig, fmt: str, tokenizer: Any, prompt: str, response: str, where: str) -> tuple[str, str, Spans]:
     if fmt == "instruction":
-        return render_instruction(prompt, cfg.system_prompt), response
+        return render_instruction(prompt, cfg.system_prompt), response, []
     messages = _with_system([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], cfg.system_prompt)
     return render_chat(tokenizer, messages, where)
 
@@ -99,14 +120,19 @@ def builtin_as_instructions(ds: TextDataset, cfg: DataConfig, fmt: str, tokenize
     template = cfg.instruction or DEFAULT_INSTRUCTIONS[cfg.dataset]
     prompts, responses = [], []
     for text, label in zip(ds.texts, ds.labels, strict=True):
-        prompt, response = _render(cfg, fmt, tokenizer, _fill(template, text, ds.label_names), ds.label_names[label], cfg.dataset)
+        prompt, response, _ = _render(
+            cfg, fmt, tokenizer, _fill(template, text, ds.label_names), ds.label_names[label], cfg.dataset
+        )
         prompts.append(prompt)
         responses.append(response)
     return TextDataset(prompts, list(ds.labels), ds.label_names, responses)
 
 
-def _file_rows(cfg: DataConfig, path: str, fmt: str, tokenizer: Any) -> list[tuple[str, str, str, str | None]]:
-    """(prompt, response, label, group) of every row of one instruction/chat file."""
+Row = tuple[str, str, str, str | None, Spans]
+
+
+def _file_rows(cfg: DataConfig, path: str, fmt: str, tokenizer: Any) -> list[Row]:
+    """(prompt, response, label, group, earlier assistant spans) of every row of one instruction/chat file."""
     out = []
     template = cfg.instruction or "{text}"
     for where, row in read_rows(path):
@@ -115,7 +141,7 @@ def _file_rows(cfg: DataConfig, path: str, fmt: str, tokenizer: Any) -> list[tup
             messages = parse_messages(column(path, where, row, cfg.messages_column), at, cfg.messages_column)
             if cfg.instruction:
                 messages = [dict(m, content=_fill(template, m["content"], [])) if m["role"] == "user" else m for m in messages]
-            prompt, response = render_chat(tokenizer, _with_system(messages, cfg.system_prompt), at)
+            prompt, response, spans = render_chat(tokenizer, _with_system(messages, cfg.system_prompt), at)
         else:
             if fmt == "chat" and cfg.prompt_column not in row:
                 raise DataError(
@@ -123,10 +149,10 @@ def _file_rows(cfg: DataConfig, path: str, fmt: str, tokenizer: Any) -> list[tup
                 )
             text = text_value(path, where, row, cfg.prompt_column, allow_empty=False)
             answer = text_value(path, where, row, cfg.response_column, allow_empty=False)
-            prompt, response = _render(cfg, fmt, tokenizer, _fill(template, text, []), answer, at)
+            prompt, response, spans = _render(cfg, fmt, tokenizer, _fill(template, text, []), answer, at)
         label = label_value(path, where, row, cfg.label_column) if cfg.label_column else ""
         group = label_value(path, where, row, cfg.partition_column) if cfg.partition_column else None
-        out.append((prompt, response, label, group))
+        out.append((prompt, response, label, group, spans))
     return out
 
 
@@ -142,13 +168,14 @@ def load_instruction_files(cfg: DataConfig, fmt: str, tokenizer: Any) -> tuple[T
         raise DataError(f"{cfg.path}: column {cfg.label_column!r} has fewer than 2 distinct labels")
     index = {n: i for i, n in enumerate(names)}
 
-    def build(rows: list[tuple[str, str, str, str | None]], groups: bool) -> TextDataset:
+    def build(rows: list[Row], groups: bool) -> TextDataset:
         return TextDataset(
             [r[0] for r in rows],
             [index[r[2]] for r in rows],
             names,
             [r[1] for r in rows],
             [str(r[3]) for r in rows] if groups and cfg.partition_column else None,
+            _spans(rows),
         )
 
     return build(train, True), (build(test, False) if test else None)
@@ -165,4 +192,8 @@ def instruction_file_as_client(
     bad = sorted({r[2] for r in rows if r[2] not in index})
     if bad:
         raise DataError(f"{path}: labels {bad[:5]} are not among the run's labels {label_names}")
-    return TextDataset([r[0] for r in rows], [index[r[2]] for r in rows], label_names, [r[1] for r in rows])
+    return TextDataset([r[0] for r in rows], [index[r[2]] for r in rows], label_names, [r[1] for r in rows], None, _spans(rows))
+
+
+def _spans(rows: list[Row]) -> list[Spans] | None:
+    return [r[4] for r in rows] if any(r[4] for r in rows) else None

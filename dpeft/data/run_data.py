@@ -105,11 +105,13 @@ def tokenize_dataset(tokenizer: Any, data: TextDataset, cfg: RunConfig) -> Token
     """Tensors of ``data`` for the run's model.
 
     seq_cls: class labels. causal_lm: token targets, -100 on padding and (instruction/chat) on the
-    prompt; plain text is trained on every token.
+    prompt, except a chat's earlier assistant turns; plain text is trained on every token.
     """
     if cfg.model.task == "seq_cls":
         return tokenize(tokenizer, data.texts, data.labels, cfg.model.max_length)
     if data.responses is None:
         return tokenize_text_lm(tokenizer, data.texts, cfg.model.max_length)
     chat = resolve_format(cfg) == "chat"
-    return tokenize_pairs(tokenizer, data.texts, data.responses, cfg.model.max_length, special_prefix=not chat)
+    return tokenize_pairs(
+        tokenizer, data.texts, data.responses, cfg.model.max_length, special_prefix=not chat, prompt_targets=data.prompt_targets
+    )

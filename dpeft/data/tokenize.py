@@ -3,8 +3,8 @@
 Classification: ``labels`` are the class indices (N,). Causal LMs: ``labels`` are token-level
 targets (N, max_length), unshifted (the Hugging Face convention: the model shifts them), -100
 where no loss is taken: padding always, and the prompt of instruction/chat examples, so a
-model's own loss is the response's. A response is followed by the EOS token, so the model
-learns to stop.
+model's own loss is the response's (and, in a multi-turn chat, the earlier assistant turns').
+A response is followed by the EOS token, so the model learns to stop.
 """
 
 from __future__ import annotations
@@ -75,34 +75,64 @@ def fit_pair(prefix: list[int], prompt: list[int], response: list[int], max_leng
     return prompt, response[: room - keep_prompt], cut
 
 
+def _prompt_labels(
+    tokenizer: Any, prompts: list[str], spans: list[list[tuple[int, int]]]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt token ids, and their labels: the token itself where it lies inside one of ``spans``
+    (character ranges) or its first visible character does (a leading space belongs to the
+    token), else -100."""
+    enc = tokenizer(prompts, add_special_tokens=False, return_offsets_mapping=True)
+    labels = []
+    for text, ids, offsets, ranges in zip(prompts, enc["input_ids"], enc["offset_mapping"], spans, strict=True):
+        row = []
+        for t, (s, e) in zip(ids, offsets, strict=True):
+            piece = text[s:e]
+            first = s + len(piece) - len(piece.lstrip())
+            inside = any((a <= s and e <= b) or (piece.strip() and a <= first < b) for a, b in ranges)
+            row.append(t if e > s and inside else IGNORE)
+        labels.append(row)
+    return enc["input_ids"], labels
+
+
 def tokenize_pairs(
-    tokenizer: Any, prompts: list[str], responses: list[str], max_length: int, special_prefix: bool = True
+    tokenizer: Any,
+    prompts: list[str],
+    responses: list[str],
+    max_length: int,
+    special_prefix: bool = True,
+    prompt_targets: list[list[tuple[int, int]]] | None = None,
 ) -> TokenizedData:
     """Prompt + response + EOS per example, right-padded; labels are the response and EOS tokens only.
 
     ``special_prefix``: start with the tokens the tokenizer adds to any text (e.g. a BOS token);
-    False for chat-template prompts, which carry their own.
+    False for chat-template prompts, which carry their own. ``prompt_targets``: per example,
+    character ranges of the prompt trained too (earlier assistant turns of a chat).
     """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token to end responses with")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     prefix: list[int] = list(tokenizer("", add_special_tokens=True)["input_ids"]) if special_prefix else []
-    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    if prompt_targets is not None:
+        p_ids, p_labels = _prompt_labels(tokenizer, prompts, prompt_targets)
+    else:
+        p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        p_labels = [[IGNORE] * len(p) for p in p_ids]
     r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
     n = len(prompts)
     rows: list[list[int]] = []
     targets: list[list[int]] = []
     lengths: list[int] = []
     cut_prompts = cut_responses = 0
-    for p, r in zip(p_ids, r_ids, strict=True):
+    for p, p_lab, r in zip(p_ids, p_labels, r_ids, strict=True):
         p_fit, r_fit, cut = fit_pair(prefix, list(p), [*r, eos], max_length)
         cut_prompts += len(p_fit) < len(p)
         cut_responses += cut
         row = prefix + p_fit + r_fit
         pad_n = max_length - len(row)
         rows.append(row + [pad] * pad_n)
-        targets.append([IGNORE] * (len(prefix) + len(p_fit)) + r_fit + [IGNORE] * pad_n)
+        kept = p_lab[len(p) - len(p_fit) :]  # the prompt's labels, cut like the prompt
+        targets.append([IGNORE] * len(prefix) + kept + r_fit + [IGNORE] * pad_n)
         lengths.append(len(row))
     input_ids = torch.tensor(rows, dtype=torch.long).reshape(n, max_length)
     labels = torch.tensor(targets, dtype=torch.long).reshape(n, max_length)

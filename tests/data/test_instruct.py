@@ -9,6 +9,7 @@ import json
 import logging
 
 import pytest
+import torch
 
 from dpeft.adapters.model import load_tokenizer
 from dpeft.config import ModelConfig
@@ -77,6 +78,14 @@ def test_truncation_keeps_the_response(tok, caplog) -> None:
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     assert row[: 16 - len(r_ids)] == p_ids[-(16 - len(r_ids)) :]  # the prompt's tail is kept
     assert data.labels[0].tolist() == [IGNORE] * (16 - len(r_ids)) + r_ids
+    # an earlier assistant turn marked in the prompt stays a target, aligned, after the left cut
+    turn = "Earlier answer."
+    at = prompt.index("word58")
+    marked = prompt[:at] + turn + " " + prompt[at:]
+    data = tokenize_pairs(tok, [marked], ["rotten"], max_length=32, prompt_targets=[[(at, at + len(turn))]])
+    targets = data.labels[0] != IGNORE
+    assert torch.equal(data.labels[0][targets], data.input_ids[0][targets])
+    assert tok.decode(data.labels[0][targets]) == " " + turn + "rotten<|im_end|>"  # (the space before it is in its token)
     # a response longer than the window is cut, and a debug line says so
     with caplog.at_level(logging.DEBUG, logger="dpeft.data"):
         data = tokenize_pairs(tok, ["Write a story.\n\nResponse:\n"], [" ".join(["once upon a time"] * 20)], max_length=16)
@@ -147,11 +156,16 @@ def test_chat_file_renders_with_the_tokenizers_template(tmp_path, tok) -> None:
     assert by_response["Rome."] == tok.apply_chat_template(conv[:-1], tokenize=False, add_generation_prompt=True)
     # prompt/response rows become one user turn (the template adds its default system turn)
     assert by_response["3"].endswith("<|im_start|>user\nSay 3<|im_end|>\n<|im_start|>assistant\n")
-    # tokenized: the template's own special tokens, no extra prefix; labels = "Rome." + EOS
+    # tokenized: the template's own special tokens, no extra prefix; every assistant turn is a
+    # target (its content and end-of-turn token), nothing else
     tokens = tokenize_dataset(tok, data.train, cfg)
     i = data.train.responses.index("Rome.")
-    assert tok.decode(tokens.labels[i][tokens.labels[i] != IGNORE]) == "Rome.<|im_end|>"
+    targets = tokens.labels[i] != IGNORE
+    assert tok.decode(tokens.labels[i][targets]) == "Paris.<|im_end|>Rome.<|im_end|>"
+    assert torch.equal(tokens.labels[i][targets], tokens.input_ids[i][targets])
     assert tokens.input_ids[i, 0].item() == tok.convert_tokens_to_ids("<|im_start|>")
+    single = data.train.responses.index(next(r for r in data.train.responses if r != "Rome."))
+    assert tok.decode(tokens.labels[single][tokens.labels[single] != IGNORE]) == data.train.responses[single] + "<|im_end|>"
 
 
 def test_chat_needs_a_template() -> None:
