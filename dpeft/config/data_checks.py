@@ -41,6 +41,8 @@ def resolve_partition(cfg: RunConfig) -> str:
 
 
 def _changed(d: DataConfig, key: str) -> bool:
+    if key == "label_column" and d.label_column == "label":
+        return False  # the earlier default, written into every resolved config (config.yaml) before it became null
     return bool(getattr(d, key) != getattr(DataConfig(), key))
 
 
@@ -85,7 +87,7 @@ def check_data(cfg: RunConfig) -> None:
             ("prompt_column", "response_column", "messages_column", "system_prompt", "instruction"),
             f"is read only with data.format=instruction or chat (the format is {fmt})",
         )
-    if fmt == "text" and d.label_column is not None:
+    if fmt == "text" and _changed(d, "label_column"):
         raise ConfigError(
             "data.label_column",
             "data.format=text trains on the whole text and reads no label; for prompt/response pairs use "

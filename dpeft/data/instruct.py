@@ -139,8 +139,10 @@ def _file_rows(cfg: DataConfig, path: str, fmt: str, tokenizer: Any) -> list[Row
         at = f"{path}: {where}"
         if fmt == "chat" and cfg.messages_column in row:
             messages = parse_messages(column(path, where, row, cfg.messages_column), at, cfg.messages_column)
-            if cfg.instruction:
-                messages = [dict(m, content=_fill(template, m["content"], [])) if m["role"] == "user" else m for m in messages]
+            if cfg.instruction:  # wraps the user turn the final answer replies to
+                last = max((k for k, m in enumerate(messages) if m["role"] == "user"), default=None)
+                if last is not None:
+                    messages[last] = dict(messages[last], content=_fill(template, messages[last]["content"], []))
             prompt, response, spans = render_chat(tokenizer, _with_system(messages, cfg.system_prompt), at)
         else:
             if fmt == "chat" and cfg.prompt_column not in row:

@@ -215,3 +215,15 @@ def test_a_workers_own_instruction_file(tmp_path) -> None:
     own = load_client_file(cfg, path, None)
     assert own.responses == [f"a{i}" for i in range(5)]
     assert own.texts[2] == "q2\n\nResponse:\n"
+
+
+def test_a_resolved_config_of_an_earlier_version_still_loads() -> None:
+    """Resolved configs written before data.label_column defaulted to null carry `label_column: label`."""
+    from dpeft.config import config_to_dict
+    from dpeft.validate import config_from_dict
+
+    for overrides in ([], LM):
+        tree = config_to_dict(load_config(None, overrides))
+        tree["data"].update(label_column="label", partition="dirichlet")
+        cfg = config_from_dict(tree)
+        assert resolve_partition(cfg) == "dirichlet"
