@@ -94,6 +94,16 @@ def _prompt_labels(
     return enc["input_ids"], labels
 
 
+def special_prefix_ids(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before any text (e.g. Llama's BOS; none for SmolLM2)."""
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
 def tokenize_pairs(
     tokenizer: Any,
     prompts: list[str],
@@ -112,7 +122,7 @@ def tokenize_pairs(
     if eos is None:
         raise ValueError("the tokenizer has no EOS token to end responses with")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    prefix: list[int] = list(tokenizer("", add_special_tokens=True)["input_ids"]) if special_prefix else []
+    prefix = special_prefix_ids(tokenizer) if special_prefix else []
     if prompt_targets is not None:
         p_ids, p_labels = _prompt_labels(tokenizer, prompts, prompt_targets)
     else:

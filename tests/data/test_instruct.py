@@ -168,10 +168,17 @@ def test_chat_file_renders_with_the_tokenizers_template(tmp_path, tok) -> None:
     assert tok.decode(tokens.labels[single][tokens.labels[single] != IGNORE]) == data.train.responses[single] + "<|im_end|>"
 
 
-def test_chat_needs_a_template() -> None:
+def test_chat_needs_a_template_and_a_bos_prefix_stays_first() -> None:
+    bert = load_tokenizer(ModelConfig(name="minilm"))  # no chat template; [CLS] before every text
     with pytest.raises(ConfigError) as info:
-        check_chat_template(load_tokenizer(ModelConfig(name="minilm")))
+        check_chat_template(bert)
     assert info.value.key == "data.format"
+    bert.eos_token = "[SEP]"
+    data = tokenize_pairs(bert, [" ".join(["long prompt"] * 20)], ["yes"], max_length=8)
+    row = data.input_ids[0].tolist()
+    assert row[0] == bert.cls_token_id  # kept through the left cut
+    assert row[-2:] == [bert.convert_tokens_to_ids("yes"), bert.sep_token_id]
+    assert data.labels[0].tolist() == [IGNORE] * 6 + row[-2:]
 
 
 # ---------------------------------------------------------------------- bad rows
