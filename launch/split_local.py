@@ -61,20 +61,14 @@ def start_cloud(run: RunConfig, split: SplitConfig, listen: str, run_dir: Path |
 
 
 def _edge_data(run: RunConfig, split: SplitConfig, tokenizer, shard: int | None, data_path: str | None, client_id: int) -> EdgeData:
-    from dpeft.data import load_dataset, load_text_file, partition, tokenize
+    from dpeft.data import load_client_file, load_run_data, tokenize
 
     if data_path:
-        pairs = load_text_file(data_path, run.data.text_column, run.data.label_column)
-        from dpeft.data.datasets import _label_names
-
-        names = _label_names({label for _, label in pairs})
-        index = {n: i for i, n in enumerate(names)}
-        texts = [t for t, _ in pairs]
-        labels = [index[label] for _, label in pairs]
-        tok = tokenize(tokenizer, texts, labels, run.model.max_length)
-        return EdgeData(tok, list(range(len(texts))), None, len(names))
-    train, test = load_dataset(run.data, run.seed)
-    parts = partition(train.labels, split.edges, run.data.partition, run.seed, run.data.dirichlet_alpha, run.data.min_examples_per_client)
+        own = load_client_file(run, data_path, None)
+        tok = tokenize(tokenizer, own.texts, own.labels, run.model.max_length)
+        return EdgeData(tok, list(range(len(own))), None, len(own.label_names))
+    data = load_run_data(run, n_clients=split.edges, tokenizer=tokenizer)
+    train, test, parts = data.train, data.test, data.partitions
     which = client_id if shard is None else shard
     if not 0 <= which < len(parts):
         raise ConfigError("--shard", f"must be in [0, {len(parts)})")

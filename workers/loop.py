@@ -12,26 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 from dpeft.config import AuthConfig, RunConfig
-from dpeft.data.datasets import TextDataset, load_text_file
-from dpeft.errors import DataError
 from dpeft.train import TrainingStopped
 from dpeft.transport.base import TrainTask, WorkerConnection
 from dpeft.validate import config_from_dict
 from dpeft_workers.runtime import WorkerRuntime, set_threads
 
 log = logging.getLogger("dpeft.worker")
-
-
-def _own_dataset(path: str, cfg_tree: dict[str, Any], label_names: list[str] | None) -> TextDataset:
-    data = cfg_tree.get("data", {})
-    pairs = load_text_file(path, data.get("text_column", "text"), data.get("label_column", "label"))
-    if label_names is None:
-        return TextDataset([t for t, _ in pairs], [0] * len(pairs), [""])
-    index = {n: i for i, n in enumerate(label_names)}
-    bad = sorted({lab for _, lab in pairs if lab not in index})
-    if bad:
-        raise DataError(f"{path}: labels {bad[:5]} are not among the run's labels {label_names}")
-    return TextDataset([t for t, _ in pairs], [index[lab] for _, lab in pairs], label_names)
 
 
 def run_worker(
@@ -66,11 +52,10 @@ def run_worker(
                 log.warning("worker %s: the coordinator's config differs from the prepared one; loading the model again", worker_id)
             own = None
             if data_path:
-                from dpeft.data import load_dataset
+                from dpeft.data import load_client_file, load_run_data
 
-                need_labels = cfg.model.task == "seq_cls"
-                label_names = load_dataset(cfg.data, cfg.seed, need_labels)[0].label_names if need_labels else None
-                own = _own_dataset(data_path, reg.config, label_names)
+                label_names = load_run_data(cfg).label_names if cfg.model.task == "seq_cls" or cfg.data.label_column else None
+                own = load_client_file(cfg, data_path, label_names)
             runtime = WorkerRuntime(cfg, own_data=own)
     except BaseException:
         conn.leave()  # e.g. bad data: give the client slot back instead of holding it while silent

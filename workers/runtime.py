@@ -41,7 +41,7 @@ import torch
 from dpeft.adapters import ModelBundle, adapter_parameters, build_model, extract_state, load_state
 from dpeft.codec.updates.session import RunCodecs
 from dpeft.config import RunConfig
-from dpeft.data import load_dataset, partition, tokenize
+from dpeft.data import load_run_data, tokenize_dataset
 from dpeft.data.datasets import TextDataset
 from dpeft.errors import ProtocolError
 from dpeft.state import AdapterState
@@ -74,28 +74,20 @@ class WorkerRuntime:
 
     def __init__(self, cfg: RunConfig, own_data: TextDataset | None = None, bundle: ModelBundle | None = None) -> None:
         self.cfg = cfg
-        need_labels = cfg.model.task == "seq_cls"
-        train, _test = load_dataset(cfg.data, cfg.seed, need_labels=need_labels)
-        self.label_names = train.label_names
+        loaded = load_run_data(cfg, tokenizer=bundle.tokenizer if bundle is not None else None)
+        self.label_names = loaded.label_names
+        train = loaded.train
+        self.partitions: list[list[int]] | None = loaded.partitions
         if own_data is not None:
             train = own_data
             self.partitions = None
-        else:
-            self.partitions = partition(
-                train.labels,
-                cfg.clients,
-                cfg.data.partition,
-                cfg.seed,
-                cfg.data.dirichlet_alpha,
-                cfg.data.min_examples_per_client,
-            )
-        num_labels = len(self.label_names) if need_labels else None
+        num_labels = loaded.num_labels
         self.num_labels = num_labels
         # ``bundle``: a model built by the caller from the same config (the coordinator's, shared
         # copy-on-write with workers it forks); otherwise this worker's own
         self.bundle = bundle if bundle is not None else build_model(cfg.model, cfg.adapter, num_labels, cfg.seed)
         self.model = self.bundle.model
-        self.data = tokenize(self.bundle.tokenizer, train.texts, train.labels if need_labels else None, cfg.model.max_length)
+        self.data = tokenize_dataset(self.bundle.tokenizer, train, cfg)
         self.params = adapter_parameters(self.model)
         self.schema = extract_state(self.model).schema()
         self._opt_states: dict[int, dict[str, Any]] = {}

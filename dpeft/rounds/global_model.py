@@ -16,7 +16,6 @@ it, the generation score of the first ``eval.generate_examples`` prompts (``gen_
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 
 from dpeft.adapters import build_model, export_peft_dir, extract_state, load_state
 from dpeft.config import RunConfig
-from dpeft.data import TextDataset, load_dataset, partition, tokenize
+from dpeft.data import TextDataset, load_run_data, tokenize_dataset
 from dpeft.data.tokenize import TokenizedData
 from dpeft.errors import ConfigError
 from dpeft.rounds.generations import GENERATIONS_KEY
@@ -46,17 +45,6 @@ def check_eval_device(spec: str) -> None:
         )
 
 
-def _tokenize_held_out(tokenizer: object, test: TextDataset, labels: list[int] | None, max_length: int) -> TokenizedData:
-    """The held-out set as evaluation batches: with reference answers, prompt and answer together
-    (the data layer's tokenizer scores the answer tokens when it knows about responses)."""
-    responses = getattr(test, "responses", None)
-    if responses is None:
-        return tokenize(tokenizer, test.texts, labels, max_length)
-    if "responses" in inspect.signature(tokenize).parameters:
-        return tokenize(tokenizer, test.texts, labels, max_length, responses=responses)  # type: ignore[call-arg]
-    return tokenize(tokenizer, [p + r for p, r in zip(test.texts, responses, strict=True)], labels, max_length)
-
-
 class GlobalModel:
     """Owns one model instance used for evaluation and export (never for training).
 
@@ -66,18 +54,20 @@ class GlobalModel:
     def __init__(self, cfg: RunConfig, datasets: tuple[TextDataset, TextDataset] | None = None) -> None:
         self.cfg = cfg
         check_eval_device(cfg.eval.device)
-        need_labels = cfg.model.task == "seq_cls"
-        train, test = datasets if datasets is not None else load_dataset(cfg.data, cfg.seed, need_labels=need_labels)
+        if datasets is not None:
+            train, test = datasets
+            num_labels = len(train.label_names) if cfg.model.task == "seq_cls" else None
+        else:
+            # loads and partitions: fails fast (exit 2, naming the key or row) when the data cannot be
+            # read or split as configured, instead of letting every worker discover it after loading the model
+            data = load_run_data(cfg)
+            train, test, num_labels = data.train, data.test, data.num_labels
         self.label_names = train.label_names
         self.num_train_examples = len(train)
-        # fail fast (exit 2, naming the key) when the data cannot be split as configured,
-        # instead of letting every worker discover it after loading the model
-        partition(
-            train.labels, cfg.clients, cfg.data.partition, cfg.seed, cfg.data.dirichlet_alpha, cfg.data.min_examples_per_client
-        )
+        self.test_data = test  # held-out examples as text (prompts and reference responses for generation)
         self.prompts, self.references = self._generation_set(test)
-        self.bundle = build_model(cfg.model, cfg.adapter, len(self.label_names) if need_labels else None, cfg.seed)
-        self.test = _tokenize_held_out(self.bundle.tokenizer, test, test.labels if need_labels else None, cfg.model.max_length)
+        self.bundle = build_model(cfg.model, cfg.adapter, num_labels, cfg.seed)
+        self.test = tokenize_dataset(self.bundle.tokenizer, test, cfg)
         self._device: torch.device | None = None  # resolved at the first evaluation (see the module docstring)
         self._test_on_device: TokenizedData | None = None
 

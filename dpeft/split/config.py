@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dpeft.config import KillReviveConfig, RunConfig, SplitConfig
 from dpeft.config.checks import WIRE_DTYPES
+from dpeft.config.data_checks import resolve_format
 from dpeft.errors import ConfigError
 from dpeft.validate import load_config
 
@@ -22,6 +23,9 @@ def validate_run_for_split(run: RunConfig) -> None:
     """What split mode supports of the run config."""
     if run.model.task not in ("seq_cls", "causal_lm"):
         raise ConfigError("model.task", f"split mode supports seq_cls and causal_lm (Llama models), got {run.model.task!r}")
+    fmt = resolve_format(run)
+    if fmt in ("instruction", "chat"):
+        raise ConfigError("data.format", f"split mode trains classification or plain text (next-token loss on every token), not {fmt} data")
     if run.adapter.method != "lora":
         raise ConfigError("adapter.method", f"split mode supports plain lora, got {run.adapter.method!r}")
     if run.adapter.options.get("use_dora"):

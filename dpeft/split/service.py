@@ -356,12 +356,11 @@ def edge_model_from_config(run: RunConfig, split: SplitConfig, num_labels: int, 
 
 def num_labels_for(run: RunConfig) -> int:
     """Label count of the configured dataset (the cloud needs it only for the head's shape)."""
-    from dpeft.data import load_dataset
+    from dpeft.data import load_run_data
 
     if run.data.dataset == "file" and not (run.data.path and Path(run.data.path).is_file()):
         raise ConfigError("data.path", "the cloud needs the label set: give data.path (a file with the labels) or use a built-in dataset")
-    train, _ = load_dataset(run.data, run.seed)
-    return len(train.label_names)
+    return len(load_run_data(run, n_clients=run.split.edges).label_names)
 
 
 __all__ = [

@@ -78,10 +78,18 @@ def label_log_prior(labels: torch.Tensor, indices: list[int], num_labels: int) -
     return torch.log((counts + 1.0) / (counts.sum() + num_labels)).float()
 
 
+def lm_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A causal-LM batch's token targets: its ``labels`` (-100 on prompt and padding), or every real token."""
+    labels = batch.get("labels")
+    if labels is not None and labels.dim() == 2:
+        return labels
+    return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str, log_prior: torch.Tensor | None) -> torch.Tensor:
     if task == "causal_lm":
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+        # the model's own (shifted) loss, averaged over the target tokens: the response's for instruction data
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=lm_targets(batch)).loss
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if log_prior is not None:
         logits = logits + log_prior
@@ -139,7 +147,10 @@ def local_train(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TokenizedData, task: str, batch_size: int) -> dict[str, float]:
-    """Mean loss and accuracy (token accuracy for causal LMs) over ``data``."""
+    """Mean loss and accuracy over ``data``.
+
+    Causal LMs: per-token loss and next-token accuracy over the target tokens (the responses of
+    instruction/chat data, every real token of plain text)."""
     model.eval()
     total_loss, total_correct, total = 0.0, 0, 0
     for start in range(0, len(data), batch_size):
@@ -147,8 +158,8 @@ def evaluate(model: nn.Module, data: TokenizedData, task: str, batch_size: int) 
         if task == "causal_lm":
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             logits = out.logits[:, :-1]
-            target = batch["input_ids"][:, 1:]
-            mask = batch["attention_mask"][:, 1:].bool()
+            target = lm_targets(batch)[:, 1:]
+            mask = target != -100
             loss = nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum")
             total_loss += float(loss)
             total_correct += int((logits.argmax(-1)[mask] == target[mask]).sum())
