@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from dpeft.config.quantization import check_quantization
 from dpeft.config.schema import RayConfig, RunConfig, SplitConfig, TransportConfig
 from dpeft.errors import ConfigError
 
@@ -83,6 +84,7 @@ def check_core(cfg: RunConfig) -> None:
         positive("train.worker_mmap_threshold_kib", cfg.train.worker_mmap_threshold_kib)
     if cfg.model.layers is not None:
         positive("model.layers", cfg.model.layers)
+    check_quantization(cfg.model)
     check_eval(cfg)
     check_transport(cfg.transport)
     validate_ray(cfg.ray)
