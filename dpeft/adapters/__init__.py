@@ -9,8 +9,8 @@ _os.environ.setdefault("HF_HUB_OFFLINE", "1")
 for _name in ("bitsandbytes.backends.cpu.ops", "kernels"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
 
-from dpeft.adapters.model import ModelBundle, build_model, resolve_model_source
-from dpeft.adapters.selection import adapter_parameters, export_peft_dir, extract_state, load_state
+from dpeft.adapters.model import ModelBundle, build_model, resolve_model_source  # noqa: E402
+from dpeft.adapters.selection import adapter_parameters, export_peft_dir, extract_state, load_state  # noqa: E402
 
 __all__ = [
     "ModelBundle",

@@ -103,8 +103,8 @@ def _write(directory: str, gguf_file: str, out: Path) -> None:
     # the weights are de-quantized fp32 now: drop the GGUF quantizer so the directory is ordinary
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    setattr(model, "hf_quantizer", None)  # noqa: B010 - torch types module attributes as Tensor | Module
+    setattr(model, "is_quantized", False)  # noqa: B010
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file).save_pretrained(out)
     (out / _DONE).write_text(f"{Path(directory).resolve() / gguf_file}\n")

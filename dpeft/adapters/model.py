@@ -91,7 +91,8 @@ def load_source(cfg: ModelConfig) -> tuple[str, str | None]:
     except OSError as exc:
         if cfg.quantization != "none":
             raise ConfigError(
-                "model.quantization", f"a quantized GGUF base is loaded from its copy under {cache_root()} (set DPEFT_CACHE), which could not be written: {exc}"
+                "model.quantization",
+                f"a quantized GGUF base is loaded from its copy under {cache_root()} (set DPEFT_CACHE), which could not be written: {exc}",
             ) from None
         log.warning("cannot write the materialised copy of %s under %s (%s); reading the GGUF file", gguf, cache_root(), exc)
         return path, gguf
@@ -111,7 +112,11 @@ def load_tokenizer(cfg: ModelConfig) -> object:
 
 
 def build_model(
-    model_cfg: ModelConfig, adapter_cfg: AdapterConfig, num_labels: int | None, seed: int, device: torch.device | str | None = None
+    model_cfg: ModelConfig,
+    adapter_cfg: AdapterConfig,
+    num_labels: int | None,
+    seed: int,
+    device: torch.device | str | None = None,
 ) -> ModelBundle:
     """Load the base model once, freeze it, and attach the configured adapter (seeded init).
 
@@ -157,7 +162,9 @@ def build_model(
     except ValueError as exc:
         if quant is None:
             raise
-        raise ConfigError("adapter.method", f"peft cannot put {adapter_cfg.method!r} on a {model_cfg.quantization} base: {exc}") from None
+        raise ConfigError(
+            "adapter.method", f"peft cannot put {adapter_cfg.method!r} on a {model_cfg.quantization} base: {exc}"
+        ) from None
     model.eval()
     return ModelBundle(model=model, tokenizer=tokenizer, model_id=model_id, num_labels=num_labels)
 

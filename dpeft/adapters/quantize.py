@@ -51,7 +51,9 @@ def quantized_layers(model: nn.Module) -> list[str]:
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether ``model`` (a transformers or peft model) holds a bitsandbytes-quantized base."""
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)) or bool(quantized_layers(model))
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)) or bool(
+        quantized_layers(model)
+    )
 
 
 def keep_cpu_layout(model: nn.Module) -> None:

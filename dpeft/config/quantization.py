@@ -31,7 +31,10 @@ def _opt(default: Any, help: str) -> Any:  # noqa: A002 - mirrors dataclasses na
 class QuantizationOptions:
     """Options of a quantized base (``model.quantization_options``)."""
 
-    compute_dtype: str = _opt("bf16", "dtype the 4-bit layers compute in: bf16, fp16 or fp32 (the stored weights stay 4-bit; the adapter is fp32 either way)")
+    compute_dtype: str = _opt(
+        "bf16",
+        "dtype the 4-bit layers compute in: bf16, fp16 or fp32 (the stored weights stay 4-bit; the adapter is fp32 either way)",
+    )
     double_quant: bool = _opt(True, "4-bit: also quantize the per-block scales (saves about 0.4 bit per weight)")
     skip_modules: list[str] | None = _opt(
         None,
@@ -48,14 +51,18 @@ def check_quantization(model: ModelConfig) -> QuantizationOptions | None:
         raise ConfigError("model.quantization", f"must be one of {', '.join(QUANTIZATIONS)}; got {model.quantization!r}")
     opts: QuantizationOptions = build_section(QuantizationOptions, model.quantization_options, "model.quantization_options.")
     if opts.compute_dtype not in COMPUTE_DTYPES:
-        raise ConfigError("model.quantization_options.compute_dtype", f"must be one of {', '.join(COMPUTE_DTYPES)}; got {opts.compute_dtype!r}")
+        raise ConfigError(
+            "model.quantization_options.compute_dtype", f"must be one of {', '.join(COMPUTE_DTYPES)}; got {opts.compute_dtype!r}"
+        )
     if opts.int8_threshold < 0:
         raise ConfigError("model.quantization_options.int8_threshold", f"must be >= 0, got {opts.int8_threshold}")
     if opts.skip_modules is not None and any(not s.strip() for s in opts.skip_modules):
         raise ConfigError("model.quantization_options.skip_modules", "module names must not be empty")
     if model.quantization == "none":
         if model.quantization_options:
-            raise ConfigError("model.quantization_options", "set model.quantization (nf4, fp4 or int8) to use these options, or leave them out")
+            raise ConfigError(
+                "model.quantization_options", "set model.quantization (nf4, fp4 or int8) to use these options, or leave them out"
+            )
         return None
     return opts
 

@@ -22,7 +22,14 @@ from dpeft.validate import load_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-STEPS = ["train.local_steps=3", "train.batch_size=8", "train.lr=0.01", "model.max_length=24", "data.max_train_examples=16", "data.test_examples=8"]
+STEPS = [
+    "train.local_steps=3",
+    "train.batch_size=8",
+    "train.lr=0.01",
+    "model.max_length=24",
+    "data.max_train_examples=16",
+    "data.test_examples=8",
+]
 
 
 def _minilm(quantization: str, *more: str):
@@ -86,7 +93,9 @@ def test_nf4_parameter_bytes_well_below_fp32(nf4_minilm) -> None:
     cfgq = load_config(None, ["model.layers=2", "model.quantization=nf4"])
     nf4 = build_model(cfgq.model, cfgq.adapter, 2, 0)
     # MiniLM's embedding table (12M of its 22M weights) stays fp32; the Linear layers shrink ~7x
-    linear_fp32 = sum(m.weight.numel() * 4 for _, m in fp32.model.named_modules() if type(m) is nn.Linear and "classifier" not in _)
+    linear_fp32 = sum(
+        m.weight.numel() * 4 for _, m in fp32.model.named_modules() if type(m) is nn.Linear and "classifier" not in _
+    )
     linear_nf4 = sum(m.weight.numel() * m.weight.element_size() for m in nf4.model.modules() if isinstance(m, bnb.nn.Linear4bit))
     assert linear_nf4 * 6 < linear_fp32, (linear_nf4, linear_fp32)
     assert parameter_bytes(nf4.model) < 0.8 * parameter_bytes(fp32.model)
@@ -126,10 +135,26 @@ def test_nf4_smollm2_causal_lm_step() -> None:
     ("overrides", "key", "says"),
     [
         (["model.quantization=nf5"], "model.quantization", "nf4, fp4, int8"),
-        (["model.quantization=nf4", "model.quantization_options.compute_dtyp=bf16"], "model.quantization_options.compute_dtyp", "unknown key"),
-        (["model.quantization=nf4", "model.quantization_options.compute_dtype=fp8"], "model.quantization_options.compute_dtype", "bf16, fp16, fp32"),
-        (["model.quantization=nf4", "model.quantization_options.double_quant=maybe"], "model.quantization_options.double_quant", "true or false"),
-        (["model.quantization=int8", "model.quantization_options.int8_threshold=-1"], "model.quantization_options.int8_threshold", ">= 0"),
+        (
+            ["model.quantization=nf4", "model.quantization_options.compute_dtyp=bf16"],
+            "model.quantization_options.compute_dtyp",
+            "unknown key",
+        ),
+        (
+            ["model.quantization=nf4", "model.quantization_options.compute_dtype=fp8"],
+            "model.quantization_options.compute_dtype",
+            "bf16, fp16, fp32",
+        ),
+        (
+            ["model.quantization=nf4", "model.quantization_options.double_quant=maybe"],
+            "model.quantization_options.double_quant",
+            "true or false",
+        ),
+        (
+            ["model.quantization=int8", "model.quantization_options.int8_threshold=-1"],
+            "model.quantization_options.int8_threshold",
+            ">= 0",
+        ),
         (["model.quantization_options.double_quant=false"], "model.quantization_options", "set model.quantization"),
         (["model.quantization=nf4", "adapter.method=loha"], "adapter.method", "dense matrices"),
         (["model.quantization=nf4", "train.lockstep=true", "model.dropout=0"], "train.lockstep", "bitsandbytes"),
