@@ -53,7 +53,7 @@ def _train_same_batch(cfg, bundle, data) -> list[float]:
         out.loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
     model.eval()
     return losses
 
