@@ -38,7 +38,7 @@ class QuantizationOptions:
     double_quant: bool = _opt(True, "4-bit: also quantize the per-block scales (saves about 0.4 bit per weight)")
     skip_modules: list[str] | None = _opt(
         None,
-        "module names kept in full precision (adapter.modules_to_save are always added); null = the output head: classifier and score for seq_cls, lm_head for causal_lm",
+        "module names kept in full precision (the modules the adapter trains in full are always added: adapter.modules_to_save, or the seq_cls head); null = the output head: classifier and score for seq_cls, lm_head for causal_lm",
     )
     int8_threshold: float = _opt(6.0, "int8: outlier threshold of LLM.int8 (input features above it are computed in 16 bits)")
 
@@ -59,18 +59,17 @@ def check_quantization(model: ModelConfig) -> QuantizationOptions | None:
     if opts.skip_modules is not None and any(not s.strip() for s in opts.skip_modules):
         raise ConfigError("model.quantization_options.skip_modules", "module names must not be empty")
     if model.quantization == "none":
-        if model.quantization_options:
-            raise ConfigError(
-                "model.quantization_options", "set model.quantization (nf4, fp4 or int8) to use these options, or leave them out"
-            )
-        return None
+        return None  # options are still checked above, so a typo is caught whichever way quantization is set
     return opts
 
 
 def skip_modules(model: ModelConfig, opts: QuantizationOptions, modules_to_save: list[str] | None) -> list[str]:
-    """Module names bitsandbytes must leave in full precision (the head and the modules the adapter trains in full)."""
+    """Module names bitsandbytes must leave in full precision: ``skip_modules`` (default: the output
+    head) plus every module the adapter trains in full (``adapter.modules_to_save``; for seq_cls
+    without it, peft trains the classifier head in full)."""
     names = list(opts.skip_modules) if opts.skip_modules is not None else list(DEFAULT_SKIP.get(model.task, []))
-    for name in modules_to_save or []:
+    trained = modules_to_save if modules_to_save is not None else (DEFAULT_SKIP["seq_cls"] if model.task == "seq_cls" else [])
+    for name in trained:
         if name not in names:
             names.append(name)
     return names

@@ -54,3 +54,15 @@ def test_two_materialise_at_once_one_copy(gguf_copy, tmp_path, monkeypatch) -> N
     st = (directory / gguf).stat()
     os.utime(directory / gguf, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     assert cache_dir_for(str(directory), gguf) != target and cached_dir(str(directory), gguf) is None
+
+
+def test_quantized_gguf_base_needs_a_writable_cache(tmp_path, monkeypatch) -> None:
+    from dpeft.errors import ConfigError
+
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("DPEFT_CACHE", str(blocker))
+    cfg = load_config(None, ["model.name=smollm2", "model.task=causal_lm", "model.quantization=nf4"])
+    with pytest.raises(ConfigError) as err:
+        load_source(cfg.model)
+    assert err.value.key == "model.quantization" and "DPEFT_CACHE" in str(err.value)
