@@ -138,7 +138,7 @@ def test_nf4_smollm2_causal_lm_step() -> None:
         (
             ["model.quantization=nf4", "model.quantization_options.compute_dtyp=bf16"],
             "model.quantization_options.compute_dtyp",
-            "unknown key",
+            "unknown option",
         ),
         (
             ["model.quantization=nf4", "model.quantization_options.compute_dtype=fp8"],
@@ -155,7 +155,7 @@ def test_nf4_smollm2_causal_lm_step() -> None:
             "model.quantization_options.int8_threshold",
             ">= 0",
         ),
-        (["model.quantization_options.double_qant=false"], "model.quantization_options.double_qant", "unknown key"),
+        (["model.quantization_options.double_qant=false"], "model.quantization_options.double_qant", "unknown option"),
         (["model.quantization=nf4", "adapter.method=loha"], "adapter.method", "dense matrices"),
         (["model.quantization=nf4", "train.lockstep=true", "model.dropout=0"], "train.lockstep", "bitsandbytes"),
     ],
