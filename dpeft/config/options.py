@@ -78,7 +78,11 @@ def _checked(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
     elif tp is int:
         out = _as_int(key, value)
     elif typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
-        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or not all(isinstance(v, str) and v.strip() for v in value):
+        if (
+            isinstance(value, (str, bytes))
+            or not hasattr(value, "__iter__")
+            or not all(isinstance(v, str) and v.strip() for v in value)
+        ):
             raise ConfigError(key, f"must be a list of names, got {value!r}")
         return [v.strip() for v in value]
     elif typing.get_origin(tp) is list:
