@@ -7,6 +7,8 @@ above it and the families' registries and runs, when a config is loaded:
 - each family's own validation: the strategy (``strategy.name`` registered, ``strategy.options``
   parsed by its options dataclass, ``Strategy.validate_run``), the sync policy
   (:func:`~dpeft.sync.base.validate_run_sync`), the codecs (``codec.*``) and ``adapter.method``;
+- what a quantized base (``model.quantization``) cannot do: adapter methods that read the base
+  weights as dense matrices, and lockstep multi-LoRA;
 - the combinations across families, refused here before anything starts: a strategy that needs
   more updates per aggregation than the sync policy delivers, and all-reduce rounds
   (``aggregation=allreduce``) with a codec or an aggregation that a
@@ -29,6 +31,7 @@ from dpeft.codec.updates.session import PLAIN
 from dpeft.config import RunConfig, build_config, read_config_tree, reference_rows
 from dpeft.config.checks import one_of
 from dpeft.config.parse import yaml_inline
+from dpeft.config.quantization import QuantizationOptions
 from dpeft.errors import ConfigError
 from dpeft.strategies import make_strategy, registered_strategies
 from dpeft.strategies.base import Strategy, option_key
@@ -98,6 +101,31 @@ def check_allreduce(cfg: RunConfig, strategy: Strategy, mode: str) -> None:
         )
 
 
+#: adapter methods whose layers work on a bitsandbytes base: they add to a quantized layer's
+#: output (or touch no base layer) instead of reading its weight as a dense matrix
+QUANTIZED_METHODS = ("lora", "dora", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "p_tuning")
+
+
+def validate_quantized_base(cfg: RunConfig) -> None:
+    """What a 4/8-bit base (``model.quantization``) cannot do, refused before anything loads."""
+    q = cfg.model.quantization
+    if q == "none":
+        return
+    method = cfg.adapter.method.strip().lower()
+    if method not in QUANTIZED_METHODS:
+        raise ConfigError(
+            "adapter.method",
+            f"{method!r} reads the base layers' weights as dense matrices, which a {q} base stores packed; "
+            f"on a quantized base use one of {', '.join(QUANTIZED_METHODS)}, or set model.quantization=none",
+        )
+    if cfg.train.lockstep:
+        raise ConfigError(
+            "train.lockstep",
+            f"lockstep multi-LoRA routes LoRA layers on plain fp32 Linear layers only, and a {q} base has bitsandbytes ones "
+            "(its clients would train one after another anyway); set train.lockstep=false or model.quantization=none",
+        )
+
+
 def validate_run(cfg: RunConfig, allreduce: str | None = None) -> None:
     """Every family's checks and the combinations across them (``cfg`` has passed the core checks).
 
@@ -110,6 +138,7 @@ def validate_run(cfg: RunConfig, allreduce: str | None = None) -> None:
     mode = allreduce or allreduce_mode(cfg)
     if mode is not None:
         check_allreduce(cfg, strategy, mode)
+    validate_quantized_base(cfg)
     validate_adapter_method(cfg)
 
 
@@ -156,6 +185,7 @@ def reference_markdown() -> str:
             "strategy.options", {n: r.options for n, r in sorted(registered_strategies().items())}, "strategies"
         ),
         "codec.options": lambda: _family_rows("codec.options", {n: r.options for n, r in sorted(registered_codecs().items())}, "codecs"),
+        "model.quantization_options": lambda: reference_rows(QuantizationOptions, "model.quantization_options."),
     }
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     for row in reference_rows(RunConfig, ""):

@@ -1,7 +1,16 @@
 """PEFT adapters through Hugging Face peft: build base+adapter, extract/load state, export."""
 
-from dpeft.adapters.model import ModelBundle, build_model, resolve_model_source
-from dpeft.adapters.selection import adapter_parameters, export_peft_dir, extract_state, load_state
+import logging as _logging
+import os as _os
+
+# before anything imports peft (which imports bitsandbytes): no hub look-ups, and no warning
+# that bitsandbytes' optional CPU kernel from the hub is missing (its built-in one is used)
+_os.environ.setdefault("HF_HUB_OFFLINE", "1")
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels"):
+    _logging.getLogger(_name).setLevel(_logging.ERROR)
+
+from dpeft.adapters.model import ModelBundle, build_model, resolve_model_source  # noqa: E402
+from dpeft.adapters.selection import adapter_parameters, export_peft_dir, extract_state, load_state  # noqa: E402
 
 __all__ = [
     "ModelBundle",

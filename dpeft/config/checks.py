@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterable
 
 from dpeft.config.data_checks import check_data
+from dpeft.config.quantization import check_quantization
 from dpeft.config.schema import RayConfig, RunConfig, SplitConfig, TransportConfig
 from dpeft.errors import ConfigError
 
@@ -79,6 +80,7 @@ def check_core(cfg: RunConfig) -> None:
         positive("train.worker_mmap_threshold_kib", cfg.train.worker_mmap_threshold_kib)
     if cfg.model.layers is not None:
         positive("model.layers", cfg.model.layers)
+    check_quantization(cfg.model)
     check_eval(cfg)
     check_transport(cfg.transport)
     validate_ray(cfg.ray)

@@ -69,10 +69,22 @@ def _checked(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
     """``value`` parsed as ``tp`` (``X | None`` reads as ``X``) and checked against the field's range."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"must be true or false, got {value!r}")
     if tp is float:
         out: Any = _as_float(key, value)
     elif tp is int:
         out = _as_int(key, value)
+    elif typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
+        if (
+            isinstance(value, (str, bytes))
+            or not hasattr(value, "__iter__")
+            or not all(isinstance(v, str) and v.strip() for v in value)
+        ):
+            raise ConfigError(key, f"must be a list of names, got {value!r}")
+        return [v.strip() for v in value]
     elif typing.get_origin(tp) is list:
         if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
             raise ConfigError(key, f"must be a list of integers, got {value!r}")

@@ -25,7 +25,7 @@ class ModelConfig:
 
     name: str = _f("minilm", "built-in model: minilm (all-MiniLM-L6-v2) or smollm2 (SmolLM2-135M GGUF); ignored when path is set")
     path: str | None = _f(None, "a local Hugging Face model directory instead of a built-in model")
-    gguf_file: str | None = _f(None, "GGUF file name inside path (needs the gguf package)")
+    gguf_file: str | None = _f(None, "GGUF file name inside path (needs the gguf package); read once and kept as an ordinary model directory under $DPEFT_CACHE (default ~/.cache/dpeft)")
     task: str = _f("seq_cls", "seq_cls (classification head on top) or causal_lm (next-token loss)")
     max_length: int = _f(64, "tokens per example after truncation")
     layers: int | None = _f(None, "keep only the first N transformer layers of the base (quick runs and tests); null = all")
@@ -33,6 +33,11 @@ class ModelConfig:
         None,
         "set every dropout probability of the base model (hidden, attention, classifier) to this; null = the checkpoint's own (MiniLM: 0.1). train.lockstep needs 0",
     )
+    quantization: str = _f(
+        "none",
+        "store the frozen base in fewer bits through bitsandbytes (QLoRA): none, nf4 or fp4 (4-bit), int8 (LLM.int8); the adapter stays fp32",
+    )
+    quantization_options: dict[str, Any] = _f({}, "options of a quantized base (see model.quantization_options.* below)")
 
 
 @dataclass(kw_only=True)

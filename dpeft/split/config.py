@@ -30,6 +30,12 @@ def validate_run_for_split(run: RunConfig) -> None:
         raise ConfigError("adapter.method", f"split mode supports plain lora, got {run.adapter.method!r}")
     if run.adapter.options.get("use_dora"):
         raise ConfigError("adapter.options.use_dora", "split mode supports plain lora")
+    if run.model.quantization != "none":
+        raise ConfigError(
+            "model.quantization",
+            "split mode serves an fp32 base: the cloud runs the base layers for the edges and each edge keeps a slice of the base (embeddings, head); "
+            f"a {run.model.quantization} base is not supported there, set model.quantization=none",
+        )
     if run.adapter.modules_to_save is not None:
         raise ConfigError("adapter.modules_to_save", "split mode trains the LoRA factors and the classifier head only (leave it null)")
 
