@@ -102,7 +102,9 @@ def test_evaluated_rounds_record_weighted_client_metrics_and_training_is_unchang
 def test_a_lost_evaluation_reply_does_not_block_the_round(tmp_path) -> None:
     lost = lambda task: None if task.client_id == 0 else 0.01  # noqa: E731 - client 0 never answers
     engine, tr = make(
-        tmp_path, ["rounds=2", "clients=4", "clients_per_round=2", "eval.federated=true", "eval.clients=4", "sync.task_timeout_s=0.3"], eval_reply=lost
+        tmp_path,
+        ["rounds=2", "clients=4", "clients_per_round=2", "eval.federated=true", "eval.clients=4", "sync.task_timeout_s=0.3"],
+        eval_reply=lost,
     )
     t0 = time.time()
     engine.run(tr)
@@ -127,7 +129,15 @@ def test_async_steps_are_evaluated(tmp_path) -> None:
     beh = lambda t, s: Reply(delay_s=0.02 * (1 + t.client_id % 3))  # noqa: E731
     engine, tr = make(
         tmp_path,
-        ["rounds=3", "clients=5", "clients_per_round=2", "sync.name=async", "sync.buffer_size=2", "sync.concurrency=3", "eval.federated=true"],
+        [
+            "rounds=3",
+            "clients=5",
+            "clients_per_round=2",
+            "sync.name=async",
+            "sync.buffer_size=2",
+            "sync.concurrency=3",
+            "eval.federated=true",
+        ],
         beh,
     )
     engine.run(tr)
@@ -144,8 +154,13 @@ def test_late_training_updates_arriving_during_evaluation_are_still_folded(tmp_p
     engine, tr = make(
         tmp_path,
         [
-            "rounds=2", "clients=8", "clients_per_round=2", "sync.name=deadline", "sync.over_selection=2",
-            "sync.late_updates=fold", "eval.federated=true",
+            "rounds=2",
+            "clients=8",
+            "clients_per_round=2",
+            "sync.name=deadline",
+            "sync.over_selection=2",
+            "sync.late_updates=fold",
+            "eval.federated=true",
         ],
         slow,
         eval_reply=eval_slow,

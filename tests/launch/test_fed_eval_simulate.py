@@ -46,7 +46,9 @@ def test_simulate_records_federated_evaluation(tmp_path: Path, procs) -> None:
     assert [r["round"] for r in rows] == [0, 1, 2]
     cfg = _cfg(run, *FED)
     train, _ = load_dataset(cfg.data, cfg.seed, need_labels=True)
-    parts = partition(train.labels, cfg.clients, cfg.data.partition, cfg.seed, cfg.data.dirichlet_alpha, cfg.data.min_examples_per_client)
+    parts = partition(
+        train.labels, cfg.clients, cfg.data.partition, cfg.seed, cfg.data.dirichlet_alpha, cfg.data.min_examples_per_client
+    )
     splits = [client_split(parts[c], 0.2, cfg.seed, c) for c in range(cfg.clients)]
     for r in rows[1:]:
         # training: the same clients as without federated evaluation, on their training split only
@@ -72,13 +74,21 @@ def test_simulate_records_federated_evaluation(tmp_path: Path, procs) -> None:
     payload = encode_state(found[1])
     last = rows[-1]["fed_eval_clients"]
     for c, m in last.items():
-        ((_, n, got),) = rt.evaluate_tasks([(TrainTask(f"check-{c}", 2, int(c), "b", len(payload), b"", {}, kind=EVALUATE), payload)])
-        assert n == m["examples"] and got["eval_loss"] == pytest.approx(m["loss"], abs=1e-5) and got["eval_accuracy"] == m["accuracy"]
+        ((_, n, got),) = rt.evaluate_tasks(
+            [(TrainTask(f"check-{c}", 2, int(c), "b", len(payload), b"", {}, kind=EVALUATE), payload)]
+        )
+        assert (
+            n == m["examples"]
+            and got["eval_loss"] == pytest.approx(m["loss"], abs=1e-5)
+            and got["eval_accuracy"] == m["accuracy"]
+        )
 
 
 def test_allreduce_ranks_evaluate_their_share(tmp_path: Path, procs) -> None:
     run = tmp_path / "ar"
-    rc, p = procs.run("simulate", *overrides(run, **{**RUN, "simulate__processes": 2, "rounds": 1}), *FED, "aggregation=allreduce", timeout=240)
+    rc, p = procs.run(
+        "simulate", *overrides(run, **{**RUN, "simulate__processes": 2, "rounds": 1}), *FED, "aggregation=allreduce", timeout=240
+    )
     assert rc == 0, p.stderr
     row = read_metrics(run)[-1]
     assert row["transport"] == "allreduce" and row["world_size"] == 2

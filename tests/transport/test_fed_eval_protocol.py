@@ -26,7 +26,9 @@ def test_evaluation_task_round_trip() -> None:
     back = serde.task_from_proto(pb.TrainTask.FromString(wire.SerializeToString()))
     assert back == task
     # a poll reply carrying evaluation tasks keeps their kind
-    answer = serde.poll_answer_from_proto(pb.PollReply.FromString(serde.poll_answer_to_proto(PollAnswer(tasks=[task, _task("x", 4, EVALUATE)])).SerializeToString()))
+    answer = serde.poll_answer_from_proto(
+        pb.PollReply.FromString(serde.poll_answer_to_proto(PollAnswer(tasks=[task, _task("x", 4, EVALUATE)])).SerializeToString())
+    )
     assert [t.kind for t in answer.tasks] == [EVALUATE, EVALUATE]
     # a training task: no kind on the wire ("train" from a peer means the same)
     train = _task("r1-c3")

@@ -34,5 +34,7 @@ def test_ray_actors_run_evaluation_tasks(ray_local, tmp_path):
     rt = WorkerRuntime(cfg)
     payload = encode_state(found[1])
     for c, m in per.items():
-        ((_, k, got),) = rt.evaluate_tasks([(TrainTask(f"check-{c}", 1, int(c), "b", len(payload), b"", {}, kind=EVALUATE), payload)])
+        ((_, k, got),) = rt.evaluate_tasks(
+            [(TrainTask(f"check-{c}", 1, int(c), "b", len(payload), b"", {}, kind=EVALUATE), payload)]
+        )
         assert k == m["examples"] and got["eval_loss"] == pytest.approx(m["loss"], abs=1e-5)

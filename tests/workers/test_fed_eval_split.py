@@ -15,7 +15,15 @@ from dpeft.validate import load_config
 from dpeft_workers.evaluate import EMPTY_REPLY, subset
 from dpeft_workers.runtime import WorkerRuntime
 
-BASE = ["clients=3", "clients_per_round=2", "data.max_train_examples=90", "data.test_examples=16", "model.max_length=24", "train.local_steps=4", "train.batch_size=8"]
+BASE = [
+    "clients=3",
+    "clients_per_round=2",
+    "data.max_train_examples=90",
+    "data.test_examples=16",
+    "model.max_length=24",
+    "train.local_steps=4",
+    "train.batch_size=8",
+]
 
 
 def test_client_split_is_seeded_disjoint_and_sized() -> None:
@@ -34,7 +42,12 @@ def test_held_out_examples_never_train_and_evaluation_scores_them(tmp_path) -> N
     cfg = load_config(None, [*BASE, f"run_dir={tmp_path}", "eval.federated=true", "eval.client_test_fraction=0.2"])
     rt = WorkerRuntime(cfg)
     parts = partition(
-        [int(x) for x in rt.data.labels], cfg.clients, cfg.data.partition, cfg.seed, cfg.data.dirichlet_alpha, cfg.data.min_examples_per_client
+        [int(x) for x in rt.data.labels],
+        cfg.clients,
+        cfg.data.partition,
+        cfg.seed,
+        cfg.data.dirichlet_alpha,
+        cfg.data.min_examples_per_client,
     )
     payload = encode_state(extract_state(rt.model))
     for c in range(cfg.clients):
