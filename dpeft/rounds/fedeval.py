@@ -23,7 +23,8 @@ The design:
   declared ``"evaluate"``, so an older worker, which would ignore the kind and train, never gets
   one. A worker that receives a kind it does not know refuses it (no reply) instead of training.
 - **When.** After the aggregation of every evaluated round (``train.eval_every``; the last
-  round always; the asynchronous policy: its evaluated aggregation steps), on ``eval.clients``
+  round always; the asynchronous policy: its evaluated aggregation steps; never the untrained
+  round 0, which only the coordinator evaluates), on ``eval.clients``
   clients (null: ``clients_per_round``) drawn with a seeded generator of their own
   (:func:`sample_eval_clients`), so turning federated evaluation on does not change which
   clients train.

@@ -41,10 +41,17 @@ def _cell(row: dict[str, Any], key: str, fmt: str | None) -> str:
         return str(value)
 
 
+#: shown after ``eval acc`` when a run has federated evaluation (``eval.federated``)
+FED_COLUMN = ("fed_eval_accuracy", "fed acc", "{:.4f}")
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table of the per-round metrics."""
-    header = [title for _, title, _ in COLUMNS]
-    body = [[_cell(r, k, f) for k, _, f in COLUMNS] for r in rows]
+    """A plain-text table of the per-round metrics (with the clients' accuracy when federated evaluation ran)."""
+    columns = list(COLUMNS)
+    if any(r.get(FED_COLUMN[0]) is not None for r in rows):
+        columns.insert([k for k, _, _ in columns].index("eval_accuracy") + 1, FED_COLUMN)
+    header = [title for _, title, _ in columns]
+    body = [[_cell(r, k, f) for k, _, f in columns] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     line = "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=False))
     sep = "  ".join("-" * w for w in widths)
@@ -89,6 +96,7 @@ class MetricsLog:
             f"clients {row.get('clients', 0)}",
             f"loss {row['train_loss']:.4f}" if row.get("train_loss") is not None else "loss -",
             f"acc {acc:.4f}" if acc is not None else "acc -",
+            *([f"fed acc {row['fed_eval_accuracy']:.4f}"] if row.get("fed_eval_accuracy") is not None else []),
             f"up {human_bytes(row.get('bytes_up', 0))}",
             f"down {human_bytes(row.get('bytes_down', 0))}",
             f"{row.get('wall_s', 0):.1f}s",
@@ -138,6 +146,9 @@ class MetricsLog:
         if rows:
             fig, ax = plt.subplots(figsize=(6, 4))
             ax.plot([r["round"] for r in rows], [r["eval_accuracy"] for r in rows], marker="o", label="eval accuracy")
+            fed = [r for r in self.rows if r.get("fed_eval_accuracy") is not None]
+            if fed:  # eval.federated: the clients' accuracy on their held-out examples
+                ax.plot([r["round"] for r in fed], [r["fed_eval_accuracy"] for r in fed], marker="s", label="clients' accuracy (federated)")
             ax.set_xlabel("round")
             ax.set_ylabel("global eval accuracy")
             ax.grid(alpha=0.3)

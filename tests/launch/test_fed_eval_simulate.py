@@ -42,6 +42,7 @@ def test_simulate_records_federated_evaluation(tmp_path: Path, procs) -> None:
     rc, p = procs.run("simulate", *overrides(run, **RUN), *FED, timeout=240)
     assert rc == 0, p.stderr
     assert_no_traceback(p.stderr)
+    assert "fed acc" in p.stderr  # progress lines and the summary table show the clients' accuracy
     rows = read_metrics(run)
     assert [r["round"] for r in rows] == [0, 1, 2]
     cfg = _cfg(run, *FED)
@@ -97,3 +98,42 @@ def test_allreduce_ranks_evaluate_their_share(tmp_path: Path, procs) -> None:
     n = sum(m["examples"] for m in per.values())
     assert row["fed_eval_examples"] == n
     assert row["fed_eval_loss"] == pytest.approx(sum(m["loss"] * m["examples"] for m in per.values()) / n, rel=1e-9)
+
+
+def test_edge_workers_evaluate_on_their_own_data(tmp_path: Path, procs) -> None:
+    """`dpeft coordinator` (deadline policy) + two `dpeft worker --data`: each evaluates on a held-out part of its own file."""
+    import csv
+
+    from dpeft.data.datasets import rotten_tomatoes
+    from dpeft.rounds.fedeval import held_out_count
+
+    ds = rotten_tomatoes()
+    sizes = (20, 30)
+    files = []
+    for i, n in enumerate(sizes):
+        files.append(tmp_path / f"client{i}.csv")
+        with open(files[-1], "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["text", "label"])
+            start = sum(sizes[:i])
+            w.writerows(
+                (t, ds.label_names[y]) for t, y in zip(ds.texts[start : start + n], ds.labels[start : start + n], strict=True)
+            )
+    run = tmp_path / "run"
+    changes = {**RUN, "clients": 2, "rounds": 1, "sync__name": "deadline", "sync__over_selection": 1.0}
+    args = [a for a in overrides(run, **changes) if not a.startswith("simulate.")]
+    coord = procs.start("coordinator", "--listen", "127.0.0.1:0", *args, *FED)
+    address = coord.wait_for_line(r"listening on (127\.0\.0\.1:\d+)", timeout=120).group(1)
+    workers = [
+        procs.start(
+            "worker", "--coordinator", address, "--data", str(f), "--worker-id", f"edge{i}", "--threads", "1", "--patience", "60"
+        )
+        for i, f in enumerate(files)
+    ]
+    assert coord.wait(240) == 0, coord.stderr
+    for w in workers:
+        assert w.wait(30) == 0, w.stderr
+    row = read_metrics(run)[-1]
+    assert row["sync"] == "deadline" and row["num_examples"] == sum(n - held_out_count(n, 0.2) for n in sizes)
+    assert row["fed_eval_failed"] == 0 and row["fed_eval_examples"] == sum(held_out_count(n, 0.2) for n in sizes)
+    assert sorted(m["examples"] for m in row["fed_eval_clients"].values()) == [held_out_count(n, 0.2) for n in sizes]
