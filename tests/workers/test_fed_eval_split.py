@@ -7,12 +7,14 @@ import pytest
 
 from dpeft.adapters import extract_state
 from dpeft.codec import encode_state
+from dpeft.config.parse import config_to_dict
 from dpeft.data import partition
 from dpeft.rounds.fedeval import EVALUATE, client_split, held_out_count
 from dpeft.train import batch_schedule, evaluate, task_seed
-from dpeft.transport.base import TrainTask
+from dpeft.transport.base import TrainTask, WorkerConnection, WorkerRegistration
 from dpeft.validate import load_config
 from dpeft_workers.evaluate import EMPTY_REPLY, subset
+from dpeft_workers.loop import run_worker
 from dpeft_workers.runtime import WorkerRuntime
 
 BASE = [
@@ -67,3 +69,62 @@ def test_held_out_examples_never_train_and_evaluation_scores_them(tmp_path) -> N
     rt.cfg = off
     assert [rt.client_indices(c) for c in range(3)] == [list(p) for p in parts]
     assert rt.held_out_indices(0) == []
+
+
+class _Conn(WorkerConnection):
+    """In-memory connection handing out ``tasks`` once; records what the worker declared and pushed."""
+
+    def __init__(self, cfg_tree: dict, tasks: list[TrainTask]) -> None:
+        self.cfg_tree, self.tasks, self.pushed, self.declared = cfg_tree, tasks, [], None
+
+    def join(self, worker_id: str, own_examples: int | None) -> WorkerRegistration:
+        self.declared = self.task_kinds
+        return WorkerRegistration("run", "s", self.cfg_tree, [], 5.0)
+
+    def poll(self) -> TrainTask | float | str:
+        raise AssertionError("poll_many is used")
+
+    def poll_many(self, max_tasks: int) -> list[TrainTask] | float | str:
+        out, self.tasks = self.tasks, []
+        return out or "done"
+
+    def fetch(self, task: TrainTask) -> bytes:
+        return b"payload"
+
+    def push(self, task: TrainTask, payload: bytes, num_examples: int, metrics: dict[str, float]) -> tuple[bool, str]:
+        self.pushed.append((task.task_id, num_examples))
+        return True, ""
+
+    def leave(self) -> None:
+        pass
+
+
+class _Runtime:
+    """Records which tasks were trained and which evaluated."""
+
+    lockstep_clients = 1
+
+    def __init__(self, cfg) -> None:
+        self.cfg, self.trained, self.evaluated = cfg, [], []
+
+    def train_tasks(self, items, should_stop=None):
+        self.trained += [t.task_id for t, _ in items]
+        return [(b"u", 5, {}) for _ in items]
+
+    def evaluate_tasks(self, items):
+        self.evaluated += [t.task_id for t, _ in items]
+        return [(EMPTY_REPLY, 2, {"eval_loss": 0.5, "eval_accuracy": 1.0}) for _ in items]
+
+
+def test_the_worker_declares_evaluation_and_never_trains_an_unknown_kind(tmp_path) -> None:
+    cfg = load_config(None, [*BASE, f"run_dir={tmp_path}"])
+    tasks = [
+        TrainTask("t", 1, 0, "b", 0, b""),
+        TrainTask("e", 1, 1, "b", 0, b"", kind=EVALUATE),
+        TrainTask("g", 1, 2, "b", 0, b"", kind="generate"),
+    ]
+    conn, rt = _Conn(config_to_dict(cfg), tasks), _Runtime(cfg)
+    assert run_worker(conn, "w0", runtime=rt) == 0  # type: ignore[arg-type]
+    assert conn.declared == (EVALUATE,)
+    assert rt.trained == ["t"] and rt.evaluated == ["e"]  # the unknown kind is refused, not trained
+    assert conn.pushed == [("t", 5), ("e", 2)]
