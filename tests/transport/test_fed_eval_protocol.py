@@ -60,3 +60,39 @@ def test_queue_hands_evaluation_tasks_only_to_workers_that_declared_them() -> No
     q.submit([_task("e5", 5, EVALUATE), _task("t6", 6), _task("e7", 7, EVALUATE)], {})
     assert [a.task.task_id for a in q.take("new", max_tasks=4, kinds=[EVALUATE])] == ["e5", "e7"]
     assert [a.task.task_id for a in q.take("new", max_tasks=4, kinds=[EVALUATE])] == ["t6"]
+
+
+def test_grpc_coordinator_never_hands_an_evaluation_task_to_an_older_worker() -> None:
+    """Over real gRPC: a worker that joined without task_kinds (as older workers do) gets the
+    training task only; a worker that declared "evaluate" gets the evaluation task, kind intact."""
+    from dpeft.config import TransportConfig
+    from dpeft.transport.grpc import GrpcCoordinatorTransport, GrpcWorkerConnection
+
+    t = GrpcCoordinatorTransport(
+        "127.0.0.1:0",
+        TransportConfig(poll_timeout_s=0.2),
+        run_id="kinds",
+        config_yaml="{}",
+        num_clients=4,
+        decoder_factory=lambda tid, cid: None,
+    )
+    address = t.start()
+    old, new = (
+        GrpcWorkerConnection(address, heartbeat=False, patience_s=5),
+        GrpcWorkerConnection(address, heartbeat=False, patience_s=5),
+    )
+    try:
+        old.join("old", None)
+        new.task_kinds = (EVALUATE,)
+        new.join("new", None)
+        assert t.workers()["old"]["task_kinds"] == [] and t.workers()["new"]["task_kinds"] == [EVALUATE]
+        t.submit([_task("e0", 0, EVALUATE), _task("t1", 1)], {})
+        got = old.poll_many(4)
+        assert isinstance(got, list) and [x.task_id for x in got] == ["t1"]
+        assert isinstance(old.poll_many(4), float)  # nothing it may run: wait
+        got = new.poll_many(4)
+        assert isinstance(got, list) and [(x.task_id, x.kind) for x in got] == [("e0", EVALUATE)]
+    finally:
+        old.leave()
+        new.leave()
+        t.shutdown("test over", grace_s=0.5)
