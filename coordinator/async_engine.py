@@ -77,7 +77,7 @@ def run_async(engine: RoundEngine, transport: CoordinatorTransport) -> None:
                 f"async step {engine.round + 1}: {aggregator.count}/{buffer_size} updates after {cfg.sync.round_timeout_s:.0f}s "
                 "(raise sync.round_timeout_s, set sync.task_timeout_s, or check the workers)"
             )
-        event = transport.next_event(timeout=0.2)
+        event = engine.next_event(transport, timeout=0.2)
         if event is None:
             continue
         inflight.pop(event.task_id, None)
@@ -112,4 +112,4 @@ def _finish_step(engine: RoundEngine, transport: CoordinatorTransport, aggregato
         }
     )
     row.update(client_ranks(engine.strategy, step.ranks, step.clients))
-    engine.record(row, aggregator.count, step.t0)
+    engine.record(row, aggregator.count, step.t0, transport)

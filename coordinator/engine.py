@@ -25,6 +25,7 @@ from dpeft.codec.tensors import Limits, StateDecoder
 from dpeft.codec.updates.session import RunCodecs
 from dpeft.config import RunConfig, dump_config
 from dpeft.errors import RejectedUpdate
+from dpeft.rounds.fedeval import evaluation_due
 from dpeft.rounds.global_model import GlobalModel
 from dpeft.rounds.ledger import TaskLedger
 from dpeft.rounds.recorder import RoundRecorder
@@ -35,9 +36,10 @@ from dpeft.strategies import ClientUpdate, make_strategy
 from dpeft.strategies.hyperparams import update_schema
 from dpeft.sync import make_policy
 from dpeft.sync.base import check_coordinated
-from dpeft.transport.base import Blob, CoordinatorTransport, Rejection, TaskResult, TrainTask
+from dpeft.transport.base import Blob, CoordinatorTransport, Event, Rejection, TaskResult, TrainTask
 from dpeft_coordinator.async_engine import run_async
 from dpeft_coordinator.errors import RoundTimeout
+from dpeft_coordinator.evaluation import FederatedEvaluator
 
 log = logging.getLogger("dpeft.coordinator")
 
@@ -73,6 +75,8 @@ class RoundEngine:
         self._payloads: dict[Any, tuple[str, int, bytes, Any, int]] = {}
         self._payloads_version: tuple[int, int] = (-1, -1)
         self.stop_event = threading.Event()
+        #: eval.federated: sampled clients evaluate each evaluated round's global (:mod:`dpeft_coordinator.evaluation`)
+        self.fed_eval = FederatedEvaluator(self) if cfg.eval.federated else None
         self.recorder = RoundRecorder(
             run_dir, cfg.rounds, cfg.seed, export=lambda state: global_model.export(state, run_dir / "adapter"), config_text=dump_config(cfg)
         )
@@ -97,6 +101,10 @@ class RoundEngine:
     # -- transport hooks ------------------------------------------------------
     def decoder_for(self, task_id: str, client_id: int) -> StateDecoder:
         """Validating decoder for an upload; rejects unknown, stale and duplicate tasks up front."""
+        if self.fed_eval is not None:
+            evaluation = self.fed_eval.decoder_for(task_id, client_id)  # an evaluation reply: no tensors
+            if evaluation is not None:
+                return evaluation
         schema = self.ledger.schema_for(task_id, client_id, self.round)
         limits = Limits(max_total_bytes=self.cfg.transport.max_update_bytes)
         return self.codecs.update_decoder(schema if schema is not None else self.schema, limits, spool=self.spool)  # type: ignore[return-value]
@@ -104,6 +112,20 @@ class RoundEngine:
     def admit(self, result: TaskResult) -> ClientUpdate:
         """The update of ``result`` ready to aggregate, or :class:`~dpeft.errors.RejectedUpdate`."""
         return self.ledger.admit(result, self.round, self.cfg.transport.max_update_norm)
+
+    def next_event(self, transport: CoordinatorTransport, timeout: float) -> Event | None:
+        """The next training event: those that arrived during a federated evaluation first; a late
+        reply to an evaluation task is dropped (it is no training rejection)."""
+        fed = self.fed_eval
+        if fed is None:
+            return transport.next_event(timeout=timeout)
+        if fed.held:
+            return fed.held.popleft()
+        event = transport.next_event(timeout=timeout)
+        if event is not None and fed.owns(event.task_id):
+            log.info("late reply to evaluation task %s dropped", event.task_id)
+            return None
+        return event
 
     def fold(self, event: TaskResult | Rejection, aggregator: Any, tally: RoundTally) -> ClientUpdate | None:
         """Admit one transport event into ``aggregator`` and ``tally``; a rejection (the transport's or the
@@ -219,10 +241,13 @@ class RoundEngine:
         self.global_state = finish_step(self.strategy, self.global_state, aggregator, round_num)
         self.round = round_num
 
-    def record(self, row: dict[str, Any], count: int, t0: float) -> None:
-        """Finish ``row`` (evaluation when due, strategy metrics); the recorder checkpoints it, exports, appends it."""
+    def record(self, row: dict[str, Any], count: int, t0: float, transport: CoordinatorTransport | None = None) -> None:
+        """Finish ``row`` (evaluation when due: the coordinator's and, with ``eval.federated`` and a
+        ``transport``, the clients'; strategy metrics); the recorder checkpoints it, exports, appends it."""
         round_num = row["round"]
         evaluate_into(row, self.gm.evaluate, self.global_state, round_num, self.cfg.train.eval_every, self.cfg.rounds)
+        if self.fed_eval is not None and transport is not None and evaluation_due(round_num, self.cfg.train.eval_every, self.cfg.rounds):
+            row.update(self.fed_eval.run(transport, round_num, self.global_state))
         row.update(strategy_metrics(self.strategy, count))
         self.recorder.close(row, self.global_state, self.strategy.state_dict(), t0)
 
@@ -258,7 +283,7 @@ class RoundEngine:
                 )
             again, gone = self.expire(transport, task_ids, pinned)
             reassigned, lost = reassigned + again, lost + gone
-            event = transport.next_event(timeout=self.policy.wait_s(time.time() - t0))
+            event = self.next_event(transport, timeout=self.policy.wait_s(time.time() - t0))
             if event is None:
                 continue
             if self.fold(event, aggregator, tally) is None:
@@ -279,7 +304,7 @@ class RoundEngine:
             if stale:
                 row.update({"staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale)})
         row.update(client_ranks(self.strategy, tally.ranks, chosen))
-        self.record(row, aggregator.count, t0)
+        self.record(row, aggregator.count, t0, transport)
         return row
 
     def run(self, transport: CoordinatorTransport) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dpeft.config import AuthConfig, RunConfig
+from dpeft.rounds.fedeval import EVALUATE, WORKER_TASK_KINDS
 from dpeft.train import TrainingStopped
 from dpeft.transport.base import TrainTask, WorkerConnection
 from dpeft.validate import config_from_dict
@@ -42,6 +43,7 @@ def run_worker(
     """
     stop = stop or threading.Event()
     set_threads(threads)
+    conn.task_kinds = WORKER_TASK_KINDS  # evaluation tasks are handed only to workers that declare them
     reg = conn.join(worker_id, own_examples=0 if data_path else None)
     try:
         cfg = config_from_dict(reg.config)
@@ -87,6 +89,9 @@ def run_worker(
                 continue
             todo: list[tuple[TrainTask, bytes]] = []
             for task in item:
+                if task.kind and task.kind not in WORKER_TASK_KINDS:  # a kind this worker does not know: never train instead
+                    log.warning("task %s has kind %r, which this worker does not run; refused (no reply)", task.task_id, task.kind)
+                    continue
                 prev = last.get(task.task_id)
                 if prev is not None and prev[0] == task.blob_sha256:
                     # the same task again (a restarted coordinator re-issued it): send the result we have
@@ -106,7 +111,7 @@ def run_worker(
             if training is not None:
                 training.set()
             try:
-                results = runtime.train_tasks(todo, should_stop=stopping)
+                results = _run(runtime, todo, stopping)
             except TrainingStopped:
                 log.info("worker %s stopping: asked to while training (task %s goes back to the queue)", worker_id, todo[0][0].task_id)
                 break
@@ -121,6 +126,21 @@ def run_worker(
         stop.set()
         conn.leave()
     return 0
+
+
+def _run(runtime: WorkerRuntime, todo: list[tuple[TrainTask, bytes]], stopping: Callable[[], bool]) -> list[tuple[bytes, int, dict[str, float]]]:
+    """Results of ``todo`` in order: evaluation tasks evaluated, the others trained (together where lockstep allows)."""
+    evals = [i for i, (t, _) in enumerate(todo) if t.kind == EVALUATE]
+    if not evals:
+        return runtime.train_tasks(todo, should_stop=stopping)
+    results: dict[int, tuple[bytes, int, dict[str, float]]] = {}
+    for i, result in zip(evals, runtime.evaluate_tasks([todo[i] for i in evals]), strict=True):
+        results[i] = result
+    rest = [i for i in range(len(todo)) if i not in results]
+    if rest:
+        for i, result in zip(rest, runtime.train_tasks([todo[i] for i in rest], should_stop=stopping), strict=True):
+            results[i] = result
+    return [results[i] for i in range(len(todo))]
 
 
 def _push(conn: WorkerConnection, task: TrainTask, update: bytes, n: int, metrics: dict[str, float]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from dpeft.rounds.fedeval import EVALUATE, WORKER_TASK_KINDS
 from dpeft.transport.base import TrainTask
 from dpeft.validate import config_from_dict
 
@@ -50,17 +51,25 @@ class TrainActor:
         """Identity of this (possibly restarted) incarnation."""
         return {"worker_id": self.worker_id, "pid": os.getpid(), "node_ip": _node_ip(), "tasks_done": self.tasks_done}
 
+    #: task kinds besides training these actors run (the transport hands them evaluation tasks)
+    task_kinds = WORKER_TASK_KINDS
+
     def train(self, task: TrainTask, payload: np.ndarray) -> tuple[np.ndarray, int, dict[str, float]]:
-        """One task: (encoded delta as uint8 array, num_examples, metrics)."""
-        update, num_examples, metrics = self.runtime.train_task(task, payload.data)
+        """One task: (encoded delta as uint8 array, num_examples, metrics); an evaluation task
+        (``kind`` "evaluate") is evaluated instead and answers an empty payload."""
+        if task.kind == EVALUATE:
+            ((update, num_examples, metrics),) = self.runtime.evaluate_tasks([(task, payload.data)])
+        else:
+            update, num_examples, metrics = self.runtime.train_task(task, payload.data)
         self.tasks_done += 1
         return np.frombuffer(update, dtype=np.uint8), int(num_examples), dict(metrics)
 
     def train_many(self, tasks: list[TrainTask], *payloads: np.ndarray) -> list[tuple[np.ndarray, int, dict[str, float]]]:
-        """Several tasks of a round, trained together (``train.lockstep``); one result per task, in order."""
+        """Several tasks of a round and kind, trained together (``train.lockstep``) or evaluated; one result per task, in order."""
         if len(payloads) != len(tasks):
             raise ValueError(f"{len(tasks)} tasks but {len(payloads)} payloads")
-        results = self.runtime.train_tasks([(t, p.data) for t, p in zip(tasks, payloads, strict=True)])
+        items = [(t, p.data) for t, p in zip(tasks, payloads, strict=True)]
+        results = self.runtime.evaluate_tasks(items) if tasks[0].kind == EVALUATE else self.runtime.train_tasks(items)
         self.tasks_done += len(tasks)
         return [(np.frombuffer(update, dtype=np.uint8), int(n), dict(metrics)) for update, n, metrics in results]
 

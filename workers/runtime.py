@@ -49,6 +49,7 @@ from dpeft.strategies.hyperparams import is_full_factor, sent_names
 from dpeft.strategies.lora import has_component, lora_pairs
 from dpeft.train import LocalResult, local_train, make_optimizer, task_seed
 from dpeft.transport.base import TrainTask
+from dpeft_workers.evaluate import evaluate_tasks, split_indices
 from dpeft_workers.personal import PersonalStore
 
 log = logging.getLogger("dpeft.worker")
@@ -135,10 +136,19 @@ class WorkerRuntime:
         return name
 
     def client_indices(self, client_id: int) -> list[int]:
-        """Example indices of a client (all own examples for an edge worker)."""
-        if self.partitions is None:
-            return list(range(len(self.data)))
-        return self.partitions[client_id]
+        """Example indices a client trains on (all own examples for an edge worker), less its held-out split under eval.federated."""
+        return split_indices(self.cfg, self._partition(client_id), client_id)[0]
+
+    def held_out_indices(self, client_id: int) -> list[int]:
+        """A client's held-out examples, never trained on (none unless ``eval.federated``)."""
+        return split_indices(self.cfg, self._partition(client_id), client_id)[1]
+
+    def _partition(self, client_id: int) -> list[int]:
+        return list(range(len(self.data))) if self.partitions is None else self.partitions[client_id]
+
+    def evaluate_tasks(self, items: list[tuple[TrainTask, bytes]]) -> list[tuple[bytes, int, dict[str, float]]]:
+        """Evaluation tasks (kind "evaluate", :mod:`dpeft_workers.evaluate`): (empty payload, examples, metrics) each."""
+        return evaluate_tasks(self, items)
 
     def train_task(self, task: TrainTask, payload: bytes) -> tuple[bytes, int, dict[str, float]]:
         """Run one task: returns (encoded delta, num_examples, metrics)."""

@@ -62,6 +62,8 @@ class Heterogeneity:
             return False
         hp = task.hyperparams
         key = [self.seed, task.round, task.client_id, int(hp.get("attempt", 0)), int(hp.get("task_seq", 0)), 0xD0]
+        if task.kind:  # an evaluation task is drawn apart from the client's training task of that round
+            key.append(0xE7A1)
         return bool(np.random.default_rng(key).random() < self.dropout)
 
     def corrupt(self, task: TrainTask, delta: AdapterState) -> AdapterState:

@@ -5,7 +5,9 @@ Every rank trains its share of the round's seeded sample with the worker runtime
 updates into the strategy's streaming aggregator, and the group all-reduces the weighted sums
 (:mod:`dpeft.transport.distributed_allreduce`). Every rank then takes the same server step, so
 all hold the same global; rank 0 alone evaluates and records (metrics, checkpoints, resume,
-PEFT export) through the round core. Strategies whose aggregate is not a weighted mean of
+PEFT export) through the round core. With ``eval.federated`` every rank also evaluates its share
+of each evaluated round's seeded evaluation sample on those clients' held-out examples, and an
+all-reduce sums each client's loss, correct predictions and examples (:mod:`dpeft.rounds.fedeval`). Strategies whose aggregate is not a weighted mean of
 deltas (flora, flexlora, robust medians) are refused with a config error.
 """
 
@@ -26,6 +28,7 @@ from dpeft.codec import decode_state, encode_state
 from dpeft.codec.validation import check_update
 from dpeft.config import RunConfig, dump_config
 from dpeft.errors import ConfigError, DpeftError, RejectedUpdate
+from dpeft.rounds.fedeval import EVALUATE, FedEvalTally, eval_sample_size, evaluation_due, sample_eval_clients
 from dpeft.rounds.global_model import GlobalModel
 from dpeft.rounds.recorder import RoundRecorder
 from dpeft.rounds.sampling import sample_clients
@@ -41,9 +44,12 @@ log = logging.getLogger("dpeft.allreduce")
 
 
 class TaskTrainer(Protocol):
-    """What trains a rank's clients: (task, payload) pairs in, (update bytes, examples, metrics) out, in order."""
+    """What trains a rank's clients: (task, payload) pairs in, (update bytes, examples, metrics) out, in order
+    (``evaluate_tasks``: the same for evaluation tasks, with ``eval.federated``)."""
 
     def train_tasks(self, items: list[tuple[TrainTask, bytes]]) -> Any: ...
+
+    def evaluate_tasks(self, items: list[tuple[TrainTask, bytes]]) -> Any: ...
 
 
 def allreduce_aggregator(aggregator: Any, extra: Sequence[float] = (), group: Any = None) -> list[float]:
@@ -121,6 +127,35 @@ def _train_share(runtime: TaskTrainer, round_num: int, mine: list[int], payload:
         tally.add(client_update, n)
 
 
+def _fed_eval_share(runtime: TaskTrainer, cfg: RunConfig, strategy: Any, glob: AdapterState, round_num: int, rank: int, world: int) -> dict[str, Any]:
+    """Federated evaluation on the group: every rank evaluates its share of the round's seeded
+    evaluation sample, and one all-reduce sums each client's (loss x examples, accuracy x examples,
+    examples); returns the ``fed_eval_*`` fields (every rank gets them)."""
+    sampled = sample_eval_clients(cfg.seed, round_num, list(range(cfg.clients)), eval_sample_size(cfg))
+    tally = FedEvalTally(sampled)
+    hp = strategy.configure_train(round_num, glob)
+    hp = {"personal": hp["personal"]} if hp.get("personal") else {}
+    payload = encode_state(AdapterState(glob.tensors, {**glob.meta, "round": round_num}))
+    mine = sampled[rank::world]
+    tasks = [
+        TrainTask(f"r{round_num}e-c{c}", round_num, c, f"e{round_num}", len(payload), b"", hp, kind=EVALUATE)
+        for c in mine
+    ]
+    table = torch.zeros(len(sampled), 3, dtype=torch.float64)
+    for c, (_, n, m) in zip(mine, runtime.evaluate_tasks([(t, payload) for t in tasks]) if tasks else [], strict=True):
+        if n > 0:
+            table[sampled.index(c)] = torch.tensor([m["eval_loss"] * n, m["eval_accuracy"] * n, float(n)], dtype=torch.float64)
+    if len(sampled):
+        allreduce_weighted_sum([table], 0.0, 0)
+    for i, c in enumerate(sampled):
+        n = float(table[i, 2])
+        if n > 0:
+            tally.add(c, {"eval_loss": float(table[i, 0]) / n, "eval_accuracy": float(table[i, 1]) / n}, int(round(n)))
+        else:
+            tally.fail(c, "num_examples")
+    return tally.row()
+
+
 def run_allreduce(cfg: RunConfig, runtime: TaskTrainer, resume: bool = True, quiet: bool = False) -> list[dict[str, Any]]:
     """All rounds on the current process group. Call on every rank; rank 0's metrics rows are returned."""
     if not dist.is_initialized():
@@ -178,6 +213,9 @@ def run_allreduce(cfg: RunConfig, runtime: TaskTrainer, resume: bool = True, qui
         if count == 0:
             raise DpeftError(f"round {round_num}: no valid update on any rank")
         glob = finish_step(strategy, glob, aggregator, round_num)
+        fed: dict[str, Any] = {}
+        if cfg.eval.federated and evaluation_due(round_num, cfg.train.eval_every, cfg.rounds):
+            fed = _fed_eval_share(runtime, cfg, strategy, glob, round_num, rank, world)
         if recorder is not None and gm is not None:
             row: dict[str, Any] = {
                 "round": round_num,
@@ -195,6 +233,7 @@ def run_allreduce(cfg: RunConfig, runtime: TaskTrainer, resume: bool = True, qui
                 "rank0_train_s": train_s,
             }
             evaluate_into(row, gm.evaluate, glob, round_num, cfg.train.eval_every, cfg.rounds)
+            row.update(fed)
             row.update(strategy_metrics(strategy, count))
             recorder.close(row, glob, strategy.state_dict(), t0)
     if recorder is None or recorder.metrics is None:

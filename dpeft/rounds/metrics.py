@@ -46,10 +46,15 @@ def _cell(row: dict[str, Any], key: str, fmt: str | None) -> str:
         return str(value)
 
 
+#: shown after ``eval acc`` when a run has federated evaluation (``eval.federated``)
+FED_COLUMN = ("fed_eval_accuracy", "fed acc", "{:.4f}")
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table of the per-round metrics."""
+    """A plain-text table of the per-round metrics; optional columns (perplexity, generation accuracy,
+    the clients' accuracy under federated evaluation) appear when some row has them."""
     at = next(i for i, c in enumerate(COLUMNS) if c[0] == "eval_accuracy") + 1
-    extra = [c for c in OPTIONAL_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    extra = [c for c in [*OPTIONAL_COLUMNS, FED_COLUMN] if any(r.get(c[0]) is not None for r in rows)]
     columns = COLUMNS[:at] + extra + COLUMNS[at:]
     header = [title for _, title, _ in columns]
     body = [[_cell(r, k, f) for k, _, f in columns] for r in rows]
@@ -98,6 +103,7 @@ class MetricsLog:
             f"loss {row['train_loss']:.4f}" if row.get("train_loss") is not None else "loss -",
             f"acc {acc:.4f}" if acc is not None else "acc -",
             *([f"gen acc {row['gen_accuracy']:.4f}"] if row.get("gen_accuracy") is not None else []),
+            *([f"fed acc {row['fed_eval_accuracy']:.4f}"] if row.get("fed_eval_accuracy") is not None else []),
             f"up {human_bytes(row.get('bytes_up', 0))}",
             f"down {human_bytes(row.get('bytes_down', 0))}",
             f"{row.get('wall_s', 0):.1f}s",
@@ -156,6 +162,9 @@ class MetricsLog:
             if gen:
                 gen_acc = [r["gen_accuracy"] for r in gen]
                 ax.plot([r["round"] for r in gen], gen_acc, marker="s", color="tab:green", label="generation accuracy")
+            fed = [r for r in self.rows if r.get("fed_eval_accuracy") is not None]
+            if fed:  # eval.federated: the clients' accuracy on their held-out examples
+                ax.plot([r["round"] for r in fed], [r["fed_eval_accuracy"] for r in fed], marker="^", label="clients' accuracy (federated)")
             ax.set_xlabel("round")
             ax.set_ylabel("global eval accuracy")
             ax.grid(alpha=0.3)

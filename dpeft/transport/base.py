@@ -22,7 +22,7 @@ Blob = Union[bytes, SpooledBlob]
 
 @dataclass
 class TrainTask:
-    """One client's local training job for one round."""
+    """One client's job for one round: local training, or evaluation (``kind``)."""
 
     task_id: str
     round: int
@@ -36,6 +36,9 @@ class TrainTask:
     #: CRC-32C of the payload, filled in by the gRPC coordinator transport (which computes it when
     #: the payload is published); its presence tells a worker the coordinator speaks CRC-32C
     blob_crc32c: int | None = None
+    #: "" (training) or "evaluate" (evaluate the payload on the client's held-out examples, reply
+    #: with metrics only; see :mod:`dpeft.rounds.fedeval`); a worker refuses kinds it does not know
+    kind: str = ""
 
 
 @dataclass
@@ -122,6 +125,10 @@ class CoordinatorTransport(abc.ABC):
 
 class WorkerConnection(abc.ABC):
     """Worker side of a transport."""
+
+    #: task kinds besides training the worker behind this connection runs (e.g. "evaluate"),
+    #: declared when it joins; the worker loop sets them before :meth:`join`
+    task_kinds: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def join(self, worker_id: str, own_examples: int | None) -> WorkerRegistration:

@@ -16,6 +16,8 @@ class WorkerJoin:
     token: str = ""
     own_data: bool = False
     own_examples: int = 0
+    #: task kinds run besides training (e.g. "evaluate"); none from older workers
+    task_kinds: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Queued tasks wait in order (re-queued ones go back to the front); a task handed to a worker is
 in flight until it is finished, forgotten or re-queued. Tasks of a client pinned to a worker
 (the worker holds that client's data) go only to that worker; the others go to any worker
-without data of its own. With lockstep (several tasks per hand-out) a worker gets its fair
+without data of its own; a task of another kind than training (evaluation) only to a worker
+that declared that kind. With lockstep (several tasks per hand-out) a worker gets its fair
 share of one round's tasks: ceil(those tasks / idle hosts, itself included).
 
 The queue also knows which published payloads tasks still need (:meth:`TaskQueue.prunable`).
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from dpeft.transport.base import TrainTask
@@ -99,22 +100,37 @@ class TaskQueue:
         self._inflight.clear()
 
     # -- worker side ------------------------------------------------------------------
-    def may_run(self, task: TrainTask, worker_id: str, own_data: bool) -> bool:
+    def may_run(self, task: TrainTask, worker_id: str, own_data: bool, kinds: Collection[str] = ()) -> bool:
+        """Whether ``worker_id`` may run ``task``: its client is pinned to it (or to no one, for a
+        worker without data of its own), and a task of another kind than training is one the
+        worker declared (``kinds``)."""
+        if task.kind and task.kind not in kinds:
+            return False
         owner = self._pinned.get(task.client_id)
         return owner == worker_id or (owner is None and not own_data)
 
-    def take(self, worker_id: str, *, own_data: bool = False, max_tasks: int = 1, idle_hosts: int = 1, accept: Accept | None = None) -> list[Assignment]:
+    def take(
+        self,
+        worker_id: str,
+        *,
+        own_data: bool = False,
+        max_tasks: int = 1,
+        idle_hosts: int = 1,
+        accept: Accept | None = None,
+        kinds: Collection[str] = (),
+    ) -> list[Assignment]:
         """Hand tasks to ``worker_id``: the first it may run and, with ``max_tasks`` > 1, more of
-        that round up to its fair share (ceil(that round's tasks it may run / ``idle_hosts``)).
+        that round and kind up to its fair share (ceil(that round's tasks it may run / ``idle_hosts``)).
+        ``kinds``: the task kinds besides training the worker runs.
 
         ``accept`` sees every task popped; one it refuses is dropped (not handed out, not counted)."""
-        mine = [i for i, (t, _) in enumerate(self._pending) if self.may_run(t, worker_id, own_data)]
+        mine = [i for i, (t, _) in enumerate(self._pending) if self.may_run(t, worker_id, own_data, kinds)]
         if not mine:
             return []
         limit = min(max(1, max_tasks), self.max_batch)
         if limit > 1:
-            round_num = self._pending[mine[0]][0].round
-            mine = [i for i in mine if self._pending[i][0].round == round_num]
+            first = self._pending[mine[0]][0]
+            mine = [i for i in mine if self._pending[i][0].round == first.round and self._pending[i][0].kind == first.kind]
             limit = min(limit, -(-len(mine) // max(1, idle_hosts)))
         taken: list[Assignment] = []
         popped: set[int] = set()

@@ -34,6 +34,10 @@ tasks of one round in one call (``train_many``; its fair share: ceil(that round'
 idle actors)) and trains them together over its shared base, as a gRPC worker does with
 ``PollRequest.max_tasks``. Results, failures and re-queues stay per task.
 
+Evaluation tasks (``TrainTask.kind`` "evaluate", federated evaluation) go through the same
+queue to actors whose class declares that kind (``actor_cls.task_kinds``); the actor evaluates
+instead of training and its empty payload is decoded like any update.
+
 Simulated heterogeneity (``simulate.*``, as in ``dpeft simulate`` workers): a task drawn for
 ``simulate.dropout`` is never run and gets no reply (the engine's ``sync.task_timeout_s``
 notices); a client with ``simulate.speed_factors`` factor ``f`` has its result held back
@@ -134,6 +138,8 @@ class RayCoordinatorTransport(CoordinatorTransport):
         self.spec = spec or RayActorSpec()
         self.settings = settings or TransportConfig()  # of its tunables only max_update_bytes applies to Ray
         self.actor_cls = actor_cls  # the worker service's actor (``dpeft_workers.ray_actor.TrainActor``)
+        # task kinds besides training the actors run (evaluation tasks go to actors that declare them)
+        self.task_kinds = list(getattr(actor_cls, "task_kinds", ()))
         # simulated drops and slow replies wrap the real actors here (``drops(task)``, ``delay_s(client, compute_s)``)
         self.sim = heterogeneity if heterogeneity is not None else NoHeterogeneity()
         train = config_tree.get("train") or {}
@@ -160,7 +166,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
         members = self.pool.start(lambda worker_id, threads: (self.config_tree, worker_id, threads))
         now = time.time()
         for m in members:
-            record = self.registry.add(WorkerRecord(m.worker_id, joined=now, last_seen=now, alive=True))
+            record = self.registry.add(WorkerRecord(m.worker_id, joined=now, last_seen=now, alive=True, task_kinds=list(self.task_kinds)))
             self._actors[m.worker_id] = _Actor(m, record)
         self.pool.wait_ready()
         ctx = self.ray.get_runtime_context()
@@ -231,7 +237,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
                     self._bytes_down += self._blob_sizes.get(task.blob_id, 0)
                 return True
 
-            taken = self.queue.take(a.worker_id, max_tasks=self.lockstep_clients, idle_hosts=len(idle) - n, accept=accept)
+            taken = self.queue.take(a.worker_id, max_tasks=self.lockstep_clients, idle_hosts=len(idle) - n, accept=accept, kinds=self.task_kinds)
             if not taken:
                 continue
             a.busy = True

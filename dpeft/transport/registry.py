@@ -44,6 +44,8 @@ class WorkerRecord:
     bytes_down: int = 0
     address: str = ""
     current_task: str = ""
+    #: task kinds the worker runs besides training (``TrainTask.kind``, e.g. "evaluate")
+    task_kinds: list[str] = field(default_factory=list)
     #: transport-specific facts shown with the worker (a Ray actor's pid, node, restarts, ...)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -72,6 +74,7 @@ class WorkerRecord:
             "bytes_down": self.bytes_down,
             "address": self.address,
             "current_task": self.current_task,
+            "task_kinds": list(self.task_kinds),
         }
         out.update(self.extra)
         return out
@@ -102,7 +105,9 @@ class WorkerRegistry:
         return {wid: r.as_dict() for wid, r in self._records.items()}
 
     # -- joining ---------------------------------------------------------------
-    def join(self, worker_id: str, session: str, own_data: bool, own_examples: int, address: str, now: float) -> tuple[WorkerRecord, WorkerRecord | None]:
+    def join(
+        self, worker_id: str, session: str, own_data: bool, own_examples: int, address: str, now: float, task_kinds: list[str] | None = None
+    ) -> tuple[WorkerRecord, WorkerRecord | None]:
         """Register (or re-register) a worker with a fresh session: (its record, the previous one).
 
         A worker with its own data keeps the client slot it held; a new one gets a never-claimed
@@ -133,6 +138,7 @@ class WorkerRegistry:
             bytes_up=prev.bytes_up if prev else 0,
             bytes_down=prev.bytes_down if prev else 0,
             address=address,
+            task_kinds=list(task_kinds or []),
         )
         self._records[worker_id] = record
         if prev is None or prev.client_ids != clients or prev.own_data != own_data:

@@ -225,7 +225,9 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
         the tasks that session held are re-queued now (another process, or this one, runs them)."""
         session = secrets.token_hex(8)
         with self.cond:
-            record, prev = self.registry.join(request.worker_id, session, request.own_data, request.own_examples, peer, time.time())
+            record, prev = self.registry.join(
+                request.worker_id, session, request.own_data, request.own_examples, peer, time.time(), task_kinds=request.task_kinds
+            )
             replaced = prev is not None and bool(prev.session) and not prev.left
             requeued = self.queue.requeue_worker(request.worker_id) if replaced else 0
             self.cond.notify_all()
@@ -242,7 +244,7 @@ class GrpcCoordinatorTransport(CoordinatorTransport):
                 if self.stop_reason is not None:
                     return PollAnswer(stop_reason=self.stop_reason)
                 idle = self.registry.idle_virtual_hosts(record.worker_id, self.queue.busy_workers()) if max_tasks > 1 else 1
-                taken = self.queue.take(record.worker_id, own_data=record.own_data, max_tasks=max_tasks, idle_hosts=idle)
+                taken = self.queue.take(record.worker_id, own_data=record.own_data, max_tasks=max_tasks, idle_hosts=idle, kinds=record.task_kinds)
                 if taken:
                     record.current_task = ",".join(a.task.task_id for a in taken)
                     for a in taken:

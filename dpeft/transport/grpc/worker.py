@@ -157,7 +157,7 @@ class GrpcWorkerConnection(WorkerConnection):
     # -- join / heartbeat -----------------------------------------------------------
     def _join_once(self) -> WorkerRegistration:
         worker_id, own_examples = self._join_args  # type: ignore[misc]
-        req = serde.join_to_proto(WorkerJoin(worker_id, self.token, own_examples is not None, own_examples or 0))
+        req = serde.join_to_proto(WorkerJoin(worker_id, self.token, own_examples is not None, own_examples or 0, list(self.task_kinds)))
         reply = serde.join_answer_from_proto(self._call(lambda: self._rpc["Join"](req, timeout=10, metadata=self._md()), rejoin=False))
         if self.run_id and reply.run_id != self.run_id:
             raise DpeftError(f"coordinator at {self.address} now serves a different run ({reply.run_id}, was {self.run_id}); restart this worker")

@@ -58,6 +58,7 @@ def task_to_proto(task: TrainTask) -> pb.TrainTask:
         hyperparams_json=json.dumps(task.hyperparams, sort_keys=True),
         blob_crc32=task.blob_crc32,
         blob_crc32c=task.blob_crc32c,
+        kind=task.kind,
     )
 
 
@@ -74,18 +75,35 @@ def task_from_proto(msg: pb.TrainTask) -> TrainTask:
         hyperparams=_json_object(msg.hyperparams_json, "task hyperparameters"),
         blob_crc32=msg.blob_crc32 if msg.HasField("blob_crc32") else None,
         blob_crc32c=msg.blob_crc32c if msg.HasField("blob_crc32c") else None,
+        kind=_task_kind(msg.kind),
     )
+
+
+def _task_kind(kind: str) -> str:
+    if len(kind) > 64:
+        raise ProtocolError("task kind longer than 64 characters")
+    return "" if kind == "train" else kind
 
 
 # -- join / heartbeat / leave --------------------------------------------------------------
 def join_to_proto(join: WorkerJoin) -> pb.JoinRequest:
-    return pb.JoinRequest(worker_id=join.worker_id, token=join.token, own_data=join.own_data, own_examples=join.own_examples)
+    return pb.JoinRequest(
+        worker_id=join.worker_id, token=join.token, own_data=join.own_data, own_examples=join.own_examples, task_kinds=join.task_kinds
+    )
 
 
 def join_from_proto(msg: pb.JoinRequest) -> WorkerJoin:
     if not msg.worker_id or len(msg.worker_id) > 128:
         raise ProtocolError("worker_id must be 1..128 characters")
-    return WorkerJoin(worker_id=msg.worker_id, token=msg.token, own_data=bool(msg.own_data), own_examples=int(msg.own_examples))
+    if len(msg.task_kinds) > 16 or any(len(k) > 64 for k in msg.task_kinds):
+        raise ProtocolError("task_kinds: at most 16 kinds of at most 64 characters")
+    return WorkerJoin(
+        worker_id=msg.worker_id,
+        token=msg.token,
+        own_data=bool(msg.own_data),
+        own_examples=int(msg.own_examples),
+        task_kinds=sorted(set(msg.task_kinds)),
+    )
 
 
 def join_answer_to_proto(answer: JoinAnswer) -> pb.JoinReply:

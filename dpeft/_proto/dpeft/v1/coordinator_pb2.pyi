@@ -7,18 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("worker_id", "token", "own_data", "own_examples", "version")
+    __slots__ = ("worker_id", "token", "own_data", "own_examples", "version", "task_kinds")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     OWN_DATA_FIELD_NUMBER: _ClassVar[int]
     OWN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    TASK_KINDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     token: str
     own_data: bool
     own_examples: int
     version: str
-    def __init__(self, worker_id: _Optional[str] = ..., token: _Optional[str] = ..., own_data: _Optional[bool] = ..., own_examples: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    task_kinds: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., token: _Optional[str] = ..., own_data: _Optional[bool] = ..., own_examples: _Optional[int] = ..., version: _Optional[str] = ..., task_kinds: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("run_id", "session", "config_yaml", "client_ids", "heartbeat_s")
@@ -45,7 +47,7 @@ class PollRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., session: _Optional[str] = ..., max_tasks: _Optional[int] = ...) -> None: ...
 
 class TrainTask(_message.Message):
-    __slots__ = ("task_id", "round", "client_id", "blob_id", "blob_size", "blob_sha256", "hyperparams_json", "blob_crc32", "blob_crc32c")
+    __slots__ = ("task_id", "round", "client_id", "blob_id", "blob_size", "blob_sha256", "hyperparams_json", "blob_crc32", "blob_crc32c", "kind")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +57,7 @@ class TrainTask(_message.Message):
     HYPERPARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
     BLOB_CRC32_FIELD_NUMBER: _ClassVar[int]
     BLOB_CRC32C_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round: int
     client_id: int
@@ -64,7 +67,8 @@ class TrainTask(_message.Message):
     hyperparams_json: str
     blob_crc32: int
     blob_crc32c: int
-    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., blob_id: _Optional[str] = ..., blob_size: _Optional[int] = ..., blob_sha256: _Optional[bytes] = ..., hyperparams_json: _Optional[str] = ..., blob_crc32: _Optional[int] = ..., blob_crc32c: _Optional[int] = ...) -> None: ...
+    kind: str
+    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., blob_id: _Optional[str] = ..., blob_size: _Optional[int] = ..., blob_sha256: _Optional[bytes] = ..., hyperparams_json: _Optional[str] = ..., blob_crc32: _Optional[int] = ..., blob_crc32c: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class PollReply(_message.Message):
     __slots__ = ("task", "wait_s", "stop_reason", "more_tasks")
