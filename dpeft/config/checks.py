@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterable
 
 from dpeft.config.schema import RayConfig, RunConfig, SplitConfig, TransportConfig
+from dpeft.config.train_checks import check_train_hardware
 from dpeft.errors import ConfigError
 
 
@@ -84,6 +85,7 @@ def check_core(cfg: RunConfig) -> None:
     if cfg.model.layers is not None:
         positive("model.layers", cfg.model.layers)
     check_eval(cfg)
+    check_train_hardware(cfg)
     check_transport(cfg.transport)
     validate_ray(cfg.ray)
     validate_split(cfg.split)
