@@ -41,7 +41,18 @@ from torch import nn
 from dpeft.config import TrainConfig
 from dpeft.data.tokenize import TokenizedData
 from dpeft.state import AdapterState
-from dpeft.train.loop import LocalResult, batch_schedule, check_stop, label_log_prior, make_optimizer
+from dpeft.train.loop import (
+    LocalResult,
+    _optimizer_step,
+    batch_schedule,
+    check_stop,
+    label_log_prior,
+    make_optimizer,
+    micro_batches,
+    training_device,
+)
+from dpeft.train.precision import autocast, make_scaler, to_device
+from dpeft.train.schedule import LrSchedule
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -242,11 +253,16 @@ def lockstep_train(
     trainable: Sequence[str] | None = None,
     keep_optimizer_state: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    round_num: int = 0,
+    schedule: LrSchedule | None = None,
 ) -> list[ClientOutcome]:
     """Train ``jobs`` together for ``cfg.local_steps`` steps; the model's own adapter is untouched.
 
     ``trainable`` names the adapter tensors that train (default: all); the others stay at each
-    client's start values. Raises ValueError when the model is not supported
+    client's start values. Training runs where the model's adapter lives, in ``train.precision``
+    (one gradient scaler per client under fp16), with ``train.grad_accum_steps`` joint
+    micro-batches per step (each client's rows cut as :func:`~dpeft.train.loop.local_train` cuts
+    them) and the learning rates of ``schedule`` at (``round_num``, step). Raises ValueError when the model is not supported
     (:func:`lockstep_unsupported`), :class:`~dpeft.train.loop.TrainingStopped` when
     ``should_stop()`` (asked before every step) says so.
     """
@@ -261,6 +277,7 @@ def lockstep_train(
 
     model_params = adapter_parameters(cast("PeftModel", model))  # the tensors local_train trains and extract_state returns
     names = list(model_params)
+    device = training_device(list(model_params.values()))
     train_names = [n for n in names if trainable is None or n in set(trainable)]
     leaves: list[dict[str, torch.Tensor]] = []
     opts = []
@@ -280,43 +297,60 @@ def lockstep_train(
     priors: list[torch.Tensor | None] = []
     for job in jobs:
         if cfg.loss == "prior_calibrated" and data.labels is not None and num_labels:
-            priors.append(label_log_prior(data.labels, job.indices, num_labels))
+            priors.append(label_log_prior(data.labels, job.indices, num_labels).to(device))
         else:
             priors.append(None)
     schedules = [batch_schedule(job.indices, cfg.local_steps, cfg.batch_size, job.seed) for job in jobs]
+    scalers = [make_scaler(device, cfg.precision) for _ in jobs]  # one per client, as when trained alone
+    k = cfg.grad_accum_steps
     losses: list[list[float]] = [[] for _ in jobs]
     was_training = model.training
     model.train()
     try:
         for step in range(cfg.local_steps):
             check_stop(should_stop, step)
-            rows = [schedules[c][step] for c in range(len(jobs))]
-            routing = _Routing([len(r) for r in rows])
-            batch = data.batch([i for r in rows for i in r])
-            with _patched(loras, heads, leaves, routing):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            total = logits.new_zeros(())
-            per_client = []
-            for c, (s, e) in enumerate(routing.bounds):
-                lg = logits[s:e]
-                if priors[c] is not None:
-                    lg = lg + priors[c]
-                loss = nn.functional.cross_entropy(lg, batch["labels"][s:e])
-                anchor = anchors[c]
-                if anchor is not None:
-                    params = [leaves[c][n] for n in train_names]
-                    loss = loss + 0.5 * jobs[c].prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                per_client.append(loss)
-                total = total + loss
             for opt in opts:
+                if schedule is not None:
+                    schedule.apply(opt, round_num, step)
                 opt.zero_grad(set_to_none=True)
-            total.backward()
+            rows = [schedules[c][step] for c in range(len(jobs))]
+            micro = [micro_batches(r, k) for r in rows]  # per client, cut as local_train cuts it
+            step_loss = [0.0] * len(jobs)
+            for j in range(k):
+                part = [micro[c][j] for c in range(len(jobs))]
+                routing = _Routing([len(r) for r in part])
+                batch = to_device(data.batch([i for r in part for i in r]), device)
+                # patched through the backward too: gradient checkpointing re-runs the forward there
+                with _patched(loras, heads, leaves, routing):
+                    with autocast(device, cfg.precision):
+                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    if logits.dtype in (torch.float16, torch.bfloat16):
+                        logits = logits.float()  # the loss in float32, as autocast computes cross_entropy
+                    total = logits.new_zeros(())
+                    per_client = []
+                    for c, (s, e) in enumerate(routing.bounds):
+                        loss = logits.new_zeros(())
+                        if e > s:
+                            lg = logits[s:e]
+                            if priors[c] is not None:
+                                lg = lg + priors[c]
+                            loss = nn.functional.cross_entropy(lg, batch["labels"][s:e])
+                            if k > 1:
+                                loss = loss * ((e - s) / len(rows[c]))
+                        anchor = anchors[c]
+                        if anchor is not None and j == k - 1:
+                            params = [leaves[c][n] for n in train_names]
+                            loss = loss + 0.5 * jobs[c].prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                        per_client.append(loss)
+                        scaler = scalers[c]
+                        total = total + (scaler.scale(loss) if scaler is not None else loss)
+                    if total.requires_grad:
+                        total.backward()
+                for c, loss in enumerate(per_client):
+                    step_loss[c] += float(loss.detach())
             for c, opt in enumerate(opts):
-                params = [leaves[c][n] for n in train_names]
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # each client by its own norm
-                opt.step()
-                losses[c].append(float(per_client[c].detach()))
+                _optimizer_step(opt, [leaves[c][n] for n in train_names], cfg, scalers[c])  # each client by its own norm
+                losses[c].append(step_loss[c])
     finally:
         model.train(was_training)
     model.eval()
