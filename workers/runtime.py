@@ -81,15 +81,16 @@ class WorkerRuntime:
         bundle: ModelBundle | None = None,
         device: str | None = None,
         local_index: int | None = None,
+        device_key: str = "--device",
     ) -> None:
         """``device``: a spelling overriding ``train.device`` (``dpeft worker --device``, a
         simulate worker's entry of ``simulate.devices``); ``local_index``: this process's slot
         among the launcher's (a torchrun ``LOCAL_RANK``, a simulate worker's number), which a bare
-        ``cuda`` or ``auto`` maps onto the visible GPUs round-robin."""
+        ``cuda`` or ``auto`` maps onto the visible GPUs round-robin; ``device_key``: what a
+        device error names when ``device`` is given."""
         self.cfg = cfg
-        self._device_spec = (device or cfg.train.device, "train.device" if device is None else "--device")
-        self._local_index = local_index
         self.device: torch.device | None = None
+        self.set_device(device, local_index, device_key)
         need_labels = cfg.model.task == "seq_cls"
         train, _test = load_dataset(cfg.data, cfg.seed, need_labels=need_labels)
         self.label_names = train.label_names
@@ -126,6 +127,13 @@ class WorkerRuntime:
         self.update_hook: Callable[[TrainTask, AdapterState], AdapterState] | None = None
         if bundle is None:  # a shared (forked) base is placed in the process that trains on it
             self.place()
+
+    def set_device(self, device: str | None, local_index: int | None = None, key: str = "--device") -> None:
+        """Choose the training device before the model is placed (a forked worker chooses its own)."""
+        if self.device is not None:
+            raise RuntimeError(f"the model is already on {self.device}")
+        self._device_spec = (device or self.cfg.train.device, "train.device" if device is None else key)
+        self._local_index = local_index
 
     def place(self) -> torch.device:
         """Put the model on its training device, in ``train.precision``, with the memory savers (once)."""

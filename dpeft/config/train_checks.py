@@ -39,14 +39,21 @@ def check_train_hardware(cfg: RunConfig) -> None:
     if t.grad_accum_steps < 1:
         raise ConfigError("train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
     if t.grad_accum_steps > t.batch_size:
-        raise ConfigError("train.grad_accum_steps", f"{t.grad_accum_steps} micro-batches cannot split train.batch_size={t.batch_size} examples")
+        raise ConfigError(
+            "train.grad_accum_steps", f"{t.grad_accum_steps} micro-batches cannot split train.batch_size={t.batch_size} examples"
+        )
     if t.warmup_steps < 0:
         raise ConfigError("train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     for i, spec in enumerate(cfg.simulate.devices):
         check_device_spec(f"simulate.devices[{i}]", str(spec))
     check_device_spec("split.cloud_device", cfg.split.cloud_device)
     check_device_spec("split.edge_device", cfg.split.edge_device)
-    cuda = [k for k, s in [("train.device", t.device)] + [(f"simulate.devices[{i}]", str(s)) for i, s in enumerate(cfg.simulate.devices)] if uses_cuda(s)]
+    cuda = [
+        k
+        for k, s in [("train.device", t.device)]
+        + [(f"simulate.devices[{i}]", str(s)) for i, s in enumerate(cfg.simulate.devices)]
+        if uses_cuda(s)
+    ]
     if cfg.simulate.start == "fork" and cuda:
         raise ConfigError(
             "simulate.start",

@@ -115,7 +115,9 @@ def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
     (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
-def _optimizer_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], cfg: TrainConfig, scaler: torch.amp.GradScaler | None) -> None:
+def _optimizer_step(
+    opt: torch.optim.Optimizer, params: list[nn.Parameter], cfg: TrainConfig, scaler: torch.amp.GradScaler | None
+) -> None:
     """Clip (after unscaling fp16 gradients) and step; a scaler skips a step whose gradients overflowed."""
     if scaler is not None:
         scaler.unscale_(opt)

@@ -227,7 +227,9 @@ def _routed_head(site: _HeadSite, leaves: list[dict[str, torch.Tensor]], routing
 
 
 @contextmanager
-def _patched(loras: list[_LoraSite], heads: list[_HeadSite], leaves: list[dict[str, torch.Tensor]], routing: _Routing) -> Iterator[None]:
+def _patched(
+    loras: list[_LoraSite], heads: list[_HeadSite], leaves: list[dict[str, torch.Tensor]], routing: _Routing
+) -> Iterator[None]:
     patched: list[nn.Module] = []
     try:
         for site in loras:
@@ -340,7 +342,9 @@ def lockstep_train(
                         anchor = anchors[c]
                         if anchor is not None and j == k - 1:
                             params = [leaves[c][n] for n in train_names]
-                            loss = loss + 0.5 * jobs[c].prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                            loss = loss + 0.5 * jobs[c].prox_mu * sum(
+                                ((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)
+                            )
                         per_client.append(loss)
                         scaler = scalers[c]
                         total = total + (scaler.scale(loss) if scaler is not None else loss)
@@ -361,6 +365,8 @@ def lockstep_train(
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"client {job.client_id}: local training diverged (loss {mean_loss})")
         state = AdapterState(OrderedDict((n, leaves[c][n].detach().cpu().clone()) for n in names), dict(job.start.meta))
-        result = LocalResult(num_examples=len(job.indices), steps=len(losses[c]), train_loss=mean_loss, compute_s=elapsed / len(jobs))
+        result = LocalResult(
+            num_examples=len(job.indices), steps=len(losses[c]), train_loss=mean_loss, compute_s=elapsed / len(jobs)
+        )
         out.append(ClientOutcome(job.client_id, state, result, opts[c].state_dict() if keep_optimizer_state else None, losses[c]))
     return out

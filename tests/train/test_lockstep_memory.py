@@ -40,7 +40,17 @@ def test_lockstep_with_accumulation_and_checkpointing_equals_plain_sequential(se
     alone = []
     for job in jobs:
         load_state(model, job.start)
-        local_train(model, list(adapter_parameters(model).values()), data, job.indices, cfg, "seq_cls", job.seed, prox_mu=job.prox_mu, num_labels=2)
+        local_train(
+            model,
+            list(adapter_parameters(model).values()),
+            data,
+            job.indices,
+            cfg,
+            "seq_cls",
+            job.seed,
+            prox_mu=job.prox_mu,
+            num_labels=2,
+        )
         alone.append(extract_state(model))
     saver = copy.deepcopy(model)
     enable_gradient_checkpointing(saver)

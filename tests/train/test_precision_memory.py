@@ -106,7 +106,9 @@ def test_micro_batches_are_trimmed_and_weighted(data) -> None:
     parts = micro_batches(idx, 3)
     assert [len(p) for p in parts] == [3, 3, 4] and sum(parts, []) == idx
     widths = [data.batch(p)["input_ids"].shape[1] for p in parts]
-    assert max(widths) == data.batch(idx)["input_ids"].shape[1] and all(w == int(data.batch(p)["attention_mask"].sum(1).max()) for w, p in zip(widths, parts, strict=True))
+    assert max(widths) == data.batch(idx)["input_ids"].shape[1] and all(
+        w == int(data.batch(p)["attention_mask"].sum(1).max()) for w, p in zip(widths, parts, strict=True)
+    )
     assert loss_units(data.batch(parts[0]), "seq_cls") == 3
 
 

@@ -55,3 +55,36 @@ def test_cuda_without_a_gpu_is_a_config_error_naming_the_key() -> None:
     with pytest.raises(ConfigError, match="--device"):
         resolve_device("cuda:1", key="--device")
     assert resolve_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["train.device=gpu"], "train.device"),
+        (["train.precision=fp8"], "train.precision"),
+        (["train.batch_size=4", "train.grad_accum_steps=8"], "train.grad_accum_steps"),
+        (["train.lr_schedule=step"], "train.lr_schedule"),
+        (["train.lr_schedule_scope=epoch"], "train.lr_schedule_scope"),
+        (["train.warmup_steps=-1"], "train.warmup_steps"),
+        (["simulate.devices=[cpu,cuda:x]"], "simulate.devices[1]"),
+        (["simulate.start=fork", "simulate.devices=[cpu,cuda:0]"], "simulate.start"),
+        (["split.cloud_device=tpu"], "split.cloud_device"),
+    ],
+)
+def test_bad_training_hardware_keys_are_config_errors(overrides: list[str], key: str) -> None:
+    from dpeft.validate import load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert err.value.key == key
+
+
+def test_defaults_are_the_plain_fp32_loop() -> None:
+    cfg = TrainConfig()
+    assert (cfg.precision, cfg.grad_accum_steps, cfg.gradient_checkpointing, cfg.lr_schedule, cfg.warmup_steps) == (
+        "fp32",
+        1,
+        False,
+        "constant",
+        0,
+    )
