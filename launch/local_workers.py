@@ -145,10 +145,8 @@ class WorkerProcesses:
                 os.close(write_fd)
                 for fd in self._pipes:
                     os.close(fd)
-                if self.devices:
-                    spec, key = self.devices[i % len(self.devices)]
-                    runtime.set_device(spec, i, key)
-                _forked_worker(runtime, read_fd, f"sim-{i}", self.threads, self._log_path(i))
+                device = (*self.devices[i % len(self.devices)], i) if self.devices else None
+                _forked_worker(runtime, read_fd, f"sim-{i}", self.threads, self._log_path(i), device)
             os.close(read_fd)
             self._pipes.append(write_fd)
             self.procs.append(ForkedWorker(pid))
@@ -220,10 +218,16 @@ class WorkerProcesses:
         stop_processes(self.procs, grace_s, term_grace_s)
 
 
-def _forked_worker(runtime: Any, read_fd: int, worker_id: str, threads: int, log_path: Path) -> None:
-    """Body of a forked worker process: same loop as `dpeft worker`; ends with ``os._exit``."""
+def _forked_worker(runtime: Any, read_fd: int, worker_id: str, threads: int, log_path: Path, device: tuple[str, str, int] | None = None) -> None:
+    """Body of a forked worker process: same loop as `dpeft worker`; ends with ``os._exit``.
+
+    ``device``: (spelling, config key, slot) this worker trains on (the model moves there, in
+    this process, before its first task)."""
     code = 1
     try:
+        if device is not None:
+            spec, key, slot = device
+            runtime.set_device(spec, slot, key)
         name_process(f"dpeft-{worker_id}")
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)

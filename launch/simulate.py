@@ -67,8 +67,8 @@ def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume:
     check_coordinated(cfg)
     devices = worker_device_specs(cfg, local_workers) if local_workers else []
     forking = bool(local_workers) and start_method(cfg, local_workers) == "fork"
-    if local_workers and not forking:
-        check_worker_devices(devices)  # a missing GPU: one config error now, not workers dying later
+    if local_workers:  # a missing GPU: one config error now, not workers dying later (forking: none is CUDA)
+        check_worker_devices(devices)
     # forked workers: the coordinator loads the model with one torch thread (OpenMP's pool does
     # not survive a fork) and sets its own threads and allocator after forking
     set_threads(1 if forking else cfg.simulate.coordinator_threads)

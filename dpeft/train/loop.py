@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -116,7 +116,7 @@ def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
 
 
 def _optimizer_step(
-    opt: torch.optim.Optimizer, params: list[nn.Parameter], cfg: TrainConfig, scaler: torch.amp.GradScaler | None
+    opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], cfg: TrainConfig, scaler: torch.amp.GradScaler | None
 ) -> None:
     """Clip (after unscaling fp16 gradients) and step; a scaler skips a step whose gradients overflowed."""
     if scaler is not None:
