@@ -126,8 +126,8 @@ def check_transport(t: TransportConfig) -> None:
 
 def validate_lockstep(cfg: RunConfig) -> None:
     """``train.lockstep: true`` needs what multi-LoRA training can route (errors name the key to change)."""
-    if cfg.model.task != "seq_cls":
-        raise ConfigError("train.lockstep", f"supports model.task=seq_cls, not {cfg.model.task!r}; set train.lockstep=false")
+    if cfg.model.task not in ("seq_cls", "causal_lm"):
+        raise ConfigError("train.lockstep", f"supports model.task=seq_cls or causal_lm, not {cfg.model.task!r}; set train.lockstep=false")
     if cfg.adapter.method != "lora":
         raise ConfigError("train.lockstep", f"supports adapter.method=lora, not {cfg.adapter.method!r}; set train.lockstep=false")
     if cfg.adapter.dropout > 0:

@@ -83,7 +83,7 @@ class TrainConfig:
     personal_dir: str | None = _f(None, "where workers keep clients' personal tensors (fedsa_lora's B factors), one file per client; null = <run_dir>/personal")
     lockstep: bool = _f(
         False,
-        "train the clients a worker process gets in one round together: one forward/backward of the shared base per step, each sample through its own client's adapter (multi-LoRA); same result as one after another (to fp32 rounding). Needs LoRA, model.task=seq_cls, model.dropout=0 and adapter.dropout=0",
+        "train the clients a worker process gets in one round together: one forward/backward of the shared base per step, each sample through its own client's adapter (multi-LoRA); same result as one after another (to fp32 rounding). Needs LoRA (seq_cls or causal_lm), model.dropout=0 and adapter.dropout=0",
     )
     lockstep_clients: int = _f(
         8,

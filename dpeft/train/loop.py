@@ -98,6 +98,15 @@ def micro_batches(batch_idx: list[int], k: int) -> list[list[int]]:
     return [batch_idx[i * n // k : (i + 1) * n // k] for i in range(k)]
 
 
+def causal_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A causal LM batch's token targets (unshifted): token-level ``labels`` when the batch has
+    them (-100 on prompt and pad tokens), else every non-pad token."""
+    labels = batch.get("labels")
+    if labels is None or labels.shape != batch["input_ids"].shape:
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return labels
+
+
 def loss_units(batch: dict[str, torch.Tensor], task: str) -> int:
     """What a batch's mean loss averages over: rows (classification) or target tokens (causal LM).
 
@@ -105,10 +114,7 @@ def loss_units(batch: dict[str, torch.Tensor], task: str) -> int:
     ``labels`` when the batch has them, else every non-pad token), as Hugging Face computes it."""
     if task != "causal_lm":
         return int(batch["input_ids"].shape[0])
-    labels = batch.get("labels")
-    if labels is None or labels.shape != batch["input_ids"].shape:
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    return int((labels[:, 1:] != -100).sum())
+    return int((causal_targets(batch)[:, 1:] != -100).sum())
 
 
 def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:

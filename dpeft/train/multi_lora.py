@@ -21,7 +21,10 @@ result equals :func:`dpeft.train.loop.local_train` run client after client on th
 each client's own dropout masks.
 
 Supported: peft LoRA on ``nn.Linear`` layers (no DoRA, not merged) plus ``modules_to_save``
-Linear layers, for ``seq_cls`` models. :func:`lockstep_unsupported` says why a model is not.
+Linear layers, for ``seq_cls`` models, and for ``causal_lm`` models (the LoRA layers routed the
+same way; each client's next-token loss is the mean over its own rows' target tokens, as
+Hugging Face computes it; the joint batch's extra right padding changes no real token's output
+under causal attention). :func:`lockstep_unsupported` says why a model is not.
 """
 
 from __future__ import annotations
@@ -45,8 +48,10 @@ from dpeft.train.loop import (
     LocalResult,
     _optimizer_step,
     batch_schedule,
+    causal_targets,
     check_stop,
     label_log_prior,
+    loss_units,
     make_optimizer,
     micro_batches,
     training_device,
@@ -130,8 +135,8 @@ def _structure(model: nn.Module) -> tuple[list[_LoraSite], list[_HeadSite], list
 
 def lockstep_unsupported(model: nn.Module, task: str = "seq_cls") -> str | None:
     """None when :func:`lockstep_train` can train ``model``; otherwise the reason."""
-    if task != "seq_cls":
-        return f"task {task!r} (lockstep supports seq_cls)"
+    if task not in ("seq_cls", "causal_lm"):
+        return f"task {task!r} (lockstep supports seq_cls and causal_lm)"
     try:
         loras, heads, unrouted = _structure(model)
     except (ImportError, AttributeError) as exc:
@@ -303,6 +308,7 @@ def lockstep_train(
         else:
             priors.append(None)
     schedules = [batch_schedule(job.indices, cfg.local_steps, cfg.batch_size, job.seed) for job in jobs]
+    causal = task == "causal_lm"
     scalers = [make_scaler(device, cfg.precision) for _ in jobs]  # one per client, as when trained alone
     k = cfg.grad_accum_steps
     losses: list[list[float]] = [[] for _ in jobs]
@@ -317,6 +323,8 @@ def lockstep_train(
                 opt.zero_grad(set_to_none=True)
             rows = [schedules[c][step] for c in range(len(jobs))]
             micro = [micro_batches(r, k) for r in rows]  # per client, cut as local_train cuts it
+            # what each client's step loss averages over: rows, or target tokens of a causal LM
+            units = [[loss_units(data.batch(m), task) if m else 0 for m in parts] for parts in micro] if k > 1 else None
             step_loss = [0.0] * len(jobs)
             for j in range(k):
                 part = [micro[c][j] for c in range(len(jobs))]
@@ -328,17 +336,25 @@ def lockstep_train(
                         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     if logits.dtype in (torch.float16, torch.bfloat16):
                         logits = logits.float()  # the loss in float32, as autocast computes cross_entropy
+                    targets = causal_targets(batch) if causal else batch["labels"]
                     total = logits.new_zeros(())
                     per_client = []
                     for c, (s, e) in enumerate(routing.bounds):
                         loss = logits.new_zeros(())
-                        if e > s:
-                            lg = logits[s:e]
-                            if priors[c] is not None:
-                                lg = lg + priors[c]
-                            loss = nn.functional.cross_entropy(lg, batch["labels"][s:e])
-                            if k > 1:
-                                loss = loss * ((e - s) / len(rows[c]))
+                        n = (e - s) if units is None else units[c][j]
+                        if n > 0:
+                            if causal:  # next-token targets of this client's rows
+                                lg, tg = logits[s:e, :-1], targets[s:e, 1:]
+                                loss = nn.functional.cross_entropy(
+                                    lg.reshape(-1, lg.shape[-1]), tg.reshape(-1), ignore_index=-100
+                                )
+                            else:
+                                lg = logits[s:e]
+                                if priors[c] is not None:
+                                    lg = lg + priors[c]
+                                loss = nn.functional.cross_entropy(lg, targets[s:e])
+                            if units is not None:
+                                loss = loss * (n / sum(units[c]))
                         anchor = anchors[c]
                         if anchor is not None and j == k - 1:
                             params = [leaves[c][n] for n in train_names]
