@@ -341,8 +341,8 @@ def lockstep_train(
                     per_client = []
                     for c, (s, e) in enumerate(routing.bounds):
                         loss = logits.new_zeros(())
-                        n = (e - s) if units is None else units[c][j]
-                        if n > 0:
+                        share = (e - s) if units is None else units[c][j]
+                        if share > 0:
                             if causal:  # next-token targets of this client's rows
                                 lg, tg = logits[s:e, :-1], targets[s:e, 1:]
                                 loss = nn.functional.cross_entropy(
@@ -354,7 +354,7 @@ def lockstep_train(
                                     lg = lg + priors[c]
                                 loss = nn.functional.cross_entropy(lg, targets[s:e])
                             if units is not None:
-                                loss = loss * (n / sum(units[c]))
+                                loss = loss * (share / sum(units[c]))
                         anchor = anchors[c]
                         if anchor is not None and j == k - 1:
                             params = [leaves[c][n] for n in train_names]
