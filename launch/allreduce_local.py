@@ -51,9 +51,13 @@ def rank_env(rank: int, world: int, port: int, threads: int) -> dict[str, str]:
 def run_local_allreduce(cfg: RunConfig, resume: bool = True, backend: str | None = None) -> int:
     """Run every round on ``cfg.simulate.processes`` local ranks; returns the exit code."""
     from dpeft.rounds.allreduce import warn_collective_ignores
+    from dpeft_launch.worker_devices import check_worker_devices, rank_backend, worker_device_specs
 
     warn_collective_ignores(cfg, "dpeft simulate", "aggregation=allreduce")
     world = max(1, cfg.simulate.processes)
+    devices = worker_device_specs(cfg, world)
+    check_worker_devices(devices)  # a missing GPU: one config error before any rank starts
+    backend = backend or rank_backend(devices)
     threads = cfg.simulate.threads_per_process
     run_dir = Path(cfg.run_dir)
     logs = run_dir / "logs"
@@ -84,6 +88,8 @@ def run_local_allreduce(cfg: RunConfig, resume: bool = True, backend: str | None
             ]
             if backend:
                 cmd += ["--backend", backend]
+            if cfg.simulate.devices:
+                cmd += ["--device", devices[rank][0], "--device-key", devices[rank][1]]
             if not resume:
                 cmd.append("--fresh")
             out = None if rank == 0 else open(logs / f"rank-{rank}.log", "wb")
@@ -95,7 +101,7 @@ def run_local_allreduce(cfg: RunConfig, resume: bool = True, backend: str | None
             if out is not None:
                 out.close()
         print(
-            f"dpeft simulate: sync=allreduce, {world} ranks (gloo on CPU) on 127.0.0.1:{port}; run directory {run_dir}",
+            f"dpeft simulate: sync=allreduce, {world} ranks ({backend}) on 127.0.0.1:{port}; run directory {run_dir}",
             file=sys.stderr,
             flush=True,
         )

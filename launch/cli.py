@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--patience", type=float, default=120.0, help="seconds to keep retrying an unreachable coordinator")
     w.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     w.add_argument("--simulated", action="store_true", help=argparse.SUPPRESS)  # a `dpeft simulate` worker: simulate.* heterogeneity
+    w.add_argument("--device", default=None, help="train on this device: auto, cpu, cuda, cuda:N or mps (default: the run's train.device)")
+    w.add_argument("--device-slot", type=int, default=None, help=argparse.SUPPRESS)  # a simulate worker's number: its GPU among several
+    w.add_argument("--device-key", default="--device", help=argparse.SUPPRESS)  # the config key a simulate worker's --device came from
     _client_args(w)
 
     st = sub.add_parser("status", help="workers, round and progress of a running coordinator")
@@ -156,7 +159,12 @@ def _run(args: argparse.Namespace) -> int:
         from dpeft_workers.simulate import simulated_worker as wrap
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     conn = _connect(args, worker_id, patience_s=args.patience)
-    return serve_until_terminated(conn, worker_id, threads=args.threads, data_path=args.data, wrap=wrap)
+    if args.device is not None:
+        from dpeft.train.device import check_device_spec
+
+        check_device_spec("--device", args.device)
+    device = {"device": args.device, "device_slot": args.device_slot, "device_key": args.device_key}
+    return serve_until_terminated(conn, worker_id, threads=args.threads, data_path=args.data, wrap=wrap, **device)
 
 
 def _token(args: argparse.Namespace) -> str:

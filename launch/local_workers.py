@@ -78,17 +78,20 @@ class ForkedWorker:
         self._signal(signal.SIGKILL)
 
 
-def start_method(cfg: RunConfig) -> str:
-    """``simulate.start`` resolved: fork or spawn."""
-    if cfg.simulate.start == "auto":
-        return "fork" if sys.platform.startswith("linux") else "spawn"
-    return cfg.simulate.start
+def start_method(cfg: RunConfig, count: int | None = None) -> str:
+    """``simulate.start`` resolved for ``count`` workers: fork or spawn (spawn when they train on CUDA)."""
+    from dpeft_launch.worker_devices import choose_start_method, worker_device_specs
+
+    return choose_start_method(cfg.simulate.start, worker_device_specs(cfg, count or cfg.simulate.processes))
 
 
 class WorkerProcesses:
     """Local worker processes that this coordinator started, restarts, and must clean up."""
 
-    def __init__(self, run_dir: Path, threads: int) -> None:
+    def __init__(self, run_dir: Path, threads: int, devices: list[tuple[str, str]] | None = None) -> None:
+        """``devices``: (device spelling, its config key) per worker, from
+        :func:`dpeft_launch.worker_devices.worker_device_specs`; None = the config's ``train.device``."""
+        self.devices = devices
         self.procs: list[Any] = []
         self.logs = Path(run_dir) / "logs"
         self.threads = threads
@@ -108,6 +111,9 @@ class WorkerProcesses:
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         cmd = [sys.executable, "-m", "dpeft_launch.cli", "worker", "--coordinator", self.address, "--worker-id", f"sim-{i}",
                "--threads", threads, "--patience", "20", "--exit-with-parent", "--simulated"]  # fmt: skip
+        if self.devices:
+            spec, key = self.devices[i % len(self.devices)]
+            cmd += ["--device", spec, "--device-slot", str(i), "--device-key", key]
         with open(self._log_path(i), "ab") as out:
             return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
@@ -139,7 +145,8 @@ class WorkerProcesses:
                 os.close(write_fd)
                 for fd in self._pipes:
                     os.close(fd)
-                _forked_worker(runtime, read_fd, f"sim-{i}", self.threads, self._log_path(i))
+                device = (*self.devices[i % len(self.devices)], i) if self.devices else None
+                _forked_worker(runtime, read_fd, f"sim-{i}", self.threads, self._log_path(i), device)
             os.close(read_fd)
             self._pipes.append(write_fd)
             self.procs.append(ForkedWorker(pid))
@@ -211,10 +218,16 @@ class WorkerProcesses:
         stop_processes(self.procs, grace_s, term_grace_s)
 
 
-def _forked_worker(runtime: Any, read_fd: int, worker_id: str, threads: int, log_path: Path) -> None:
-    """Body of a forked worker process: same loop as `dpeft worker`; ends with ``os._exit``."""
+def _forked_worker(runtime: Any, read_fd: int, worker_id: str, threads: int, log_path: Path, device: tuple[str, str, int] | None = None) -> None:
+    """Body of a forked worker process: same loop as `dpeft worker`; ends with ``os._exit``.
+
+    ``device``: (spelling, config key, slot) this worker trains on (the model moves there, in
+    this process, before its first task)."""
     code = 1
     try:
+        if device is not None:
+            spec, key, slot = device
+            runtime.set_device(spec, slot, key)
         name_process(f"dpeft-{worker_id}")
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)

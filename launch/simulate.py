@@ -19,6 +19,7 @@ from dpeft.rounds.global_model import GlobalModel
 from dpeft.sync.base import check_coordinated
 from dpeft_coordinator.engine import RoundEngine
 from dpeft_launch.local_workers import WorkerProcesses, start_method
+from dpeft_launch.worker_devices import check_worker_devices, worker_device_specs
 from dpeft_workers.runtime import set_mmap_threshold, set_threads
 
 log = logging.getLogger("dpeft.launch")
@@ -64,7 +65,10 @@ def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume:
     from dpeft.transport.grpc import GrpcCoordinatorTransport
 
     check_coordinated(cfg)
-    forking = bool(local_workers) and start_method(cfg) == "fork"
+    devices = worker_device_specs(cfg, local_workers) if local_workers else []
+    forking = bool(local_workers) and start_method(cfg, local_workers) == "fork"
+    if local_workers:  # a missing GPU: one config error now, not workers dying later (forking: none is CUDA)
+        check_worker_devices(devices)
     # forked workers: the coordinator loads the model with one torch thread (OpenMP's pool does
     # not survive a fork) and sets its own threads and allocator after forking
     set_threads(1 if forking else cfg.simulate.coordinator_threads)
@@ -74,7 +78,7 @@ def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume:
     t_start = time.time()
     credentials, tokens = edge_security(cfg, listen)
     gm = GlobalModel(cfg)
-    workers = WorkerProcesses(run_dir, cfg.simulate.threads_per_process)
+    workers = WorkerProcesses(run_dir, cfg.simulate.threads_per_process, devices)
     if forking:
         from dpeft_workers.runtime import WorkerRuntime
 

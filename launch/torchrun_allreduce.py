@@ -4,7 +4,8 @@
 
 torchrun exports ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; this
 module calls ``init_process_group`` (gloo on CPU, nccl on GPU unless ``--backend``), and
-every rank trains its share of each round's sampled clients; rank 0 writes the run directory.
+every rank trains its share of each round's sampled clients on its own device (``train.device``
+or ``--device``; a bare ``cuda`` or ``auto`` means GPU ``LOCAL_RANK``); rank 0 writes the run directory.
 Multi-node: ``torchrun --nnodes 2 --node-rank R --master-addr HOST0 --master-port 29500
 --nproc-per-node G -m dpeft_launch.torchrun_allreduce ...`` on each node.
 Exit codes as for ``dpeft``: 0 done, 2 bad config, 1 other failure.
@@ -25,6 +26,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dpeft_launch.torchrun_allreduce", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML run config (every key optional; a ray: section is ignored)")
     p.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="process-group backend (default: nccl with CUDA, else gloo)")
+    p.add_argument("--device", default=None, help="train on this device (default: train.device; a bare cuda or auto takes GPU LOCAL_RANK)")
+    p.add_argument("--device-key", default="--device", help=argparse.SUPPRESS)  # the config key --device came from (dpeft simulate)
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cpus / local world size)")
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints already in run_dir")
     p.add_argument("--exit-with-parent", action="store_true", help="end when the launching process is gone (used by `dpeft simulate`)")
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch.distributed as dist
 
         from dpeft.rounds.allreduce import run_allreduce
+        from dpeft.train.device import resolve_device
         from dpeft.transport.distributed_allreduce import init_group
         from dpeft.validate import load_config
         from dpeft_workers.runtime import WorkerRuntime, set_threads
@@ -54,9 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, allreduce="torchrun_allreduce")  # a ray: section is accepted and ignored
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         set_threads(args.threads or max(1, (os.cpu_count() or 1) // max(1, local)))
-        init_group(args.backend)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        key = args.device_key if args.device else "train.device"
+        device = resolve_device(args.device or cfg.train.device, local_rank, key)  # before the group: nccl needs it
+        init_group(args.backend, device=device)
         try:
-            run_allreduce(cfg, Heterogeneity(cfg).install(WorkerRuntime(cfg)), resume=not args.fresh, quiet=dist.get_rank() != 0)
+            runtime = WorkerRuntime(cfg, device=str(device), local_index=local_rank, device_key=key)
+            run_allreduce(cfg, Heterogeneity(cfg).install(runtime), resume=not args.fresh, quiet=dist.get_rank() != 0)
         finally:
             dist.destroy_process_group()
         return 0

@@ -70,10 +70,13 @@ def evaluate_tasks(runtime: WorkerRuntime, items: list[tuple[TrainTask, Any]]) -
             out.append((EMPTY_REPLY, 0, {}))
             continue
         t0 = time.perf_counter()
+        runtime.place()  # the training device and precision (the base may be stored in bf16 there)
         prepared = runtime._prepare(task, payload, decoded)
         runtime._use_adapter(prepared.adapter)
         load_state(runtime.model, prepared.start)
-        metrics = evaluate(runtime.model, subset(runtime.data, held), runtime.cfg.model.task, runtime.cfg.train.eval_batch_size)
+        metrics = evaluate(
+            runtime.model, subset(runtime.data, held), runtime.cfg.model.task, runtime.cfg.train.eval_batch_size, runtime.cfg.train.precision
+        )
         compute_s = time.perf_counter() - t0
         out.append((EMPTY_REPLY, len(held), {**{k: float(v) for k, v in metrics.items()}, "compute_s": compute_s}))
     return out

@@ -30,6 +30,9 @@ def run_worker(
     runtime: WorkerRuntime | None = None,
     wrap: Callable[[RunConfig, WorkerConnection, WorkerRuntime], WorkerConnection] | None = None,
     training: threading.Event | None = None,
+    device: str | None = None,
+    device_slot: int | None = None,
+    device_key: str = "--device",
 ) -> int:
     """Serve tasks until the coordinator says stop (returns 0) or ``stop`` is set.
 
@@ -39,7 +42,10 @@ def run_worker(
     the run's config is known, returning the connection to serve over (`dpeft simulate`'s
     simulated heterogeneity, :func:`dpeft_workers.simulate.simulated_worker`). ``stop`` also
     ends a task in training, between two of its steps (the task goes back to the coordinator);
-    ``training`` is set meanwhile.
+    ``training`` is set meanwhile. ``device``: overrides the run's ``train.device`` on this
+    worker (``dpeft worker --device``); ``device_slot``: this process's number among a launcher's
+    (a bare ``cuda``/``auto`` takes visible GPU slot mod count); ``device_key``: what a device
+    error names.
     """
     stop = stop or threading.Event()
     set_threads(threads)
@@ -58,7 +64,7 @@ def run_worker(
 
                 label_names = load_run_data(cfg).label_names if cfg.model.task == "seq_cls" or cfg.data.label_column else None
                 own = load_client_file(cfg, data_path, label_names)
-            runtime = WorkerRuntime(cfg, own_data=own)
+            runtime = WorkerRuntime(cfg, own_data=own, device=device, local_index=device_slot, device_key=device_key)
     except BaseException:
         conn.leave()  # e.g. bad data: give the client slot back instead of holding it while silent
         raise

@@ -4,7 +4,9 @@
 frozen base and the data once (``WorkerRuntime``) and trains any number of virtual clients'
 tasks. The payload arrives as a read-only ``uint8`` array straight from the Ray object store
 (zero-copy on the same node) and the encoded update goes back the same way; tensors are never
-pickled. The classes here are plain Python: the transport wraps them with ``ray.remote`` and
+pickled. An actor trains on ``train.device``: with ``ray.num_gpus`` Ray makes only the GPU it
+assigned visible (``CUDA_VISIBLE_DEVICES``), so ``auto``/``cuda`` is that GPU, device 0; without
+GPUs Ray hides them all and ``auto`` is the CPU. The classes here are plain Python: the transport wraps them with ``ray.remote`` and
 its resource options, so importing this module does not need a Ray cluster.
 
 :class:`AllReduceActor` joins a ``torch.distributed`` process group (rank 0's address,
@@ -44,7 +46,8 @@ class TrainActor:
         set_threads(threads)
         self.worker_id = worker_id
         self.cfg = config_from_dict(config_tree)
-        self.runtime = Heterogeneity(self.cfg).install(WorkerRuntime(self.cfg))  # simulated Byzantine clients
+        # local_index 0: the first (with ray.num_gpus, the only) GPU Ray made visible to this actor
+        self.runtime = Heterogeneity(self.cfg).install(WorkerRuntime(self.cfg, local_index=0))  # simulated Byzantine clients
         self.tasks_done = 0
 
     def ready(self) -> dict[str, Any]:
@@ -112,7 +115,7 @@ class AllReduceActor:
         from dpeft_workers.simulate import Heterogeneity
 
         cfg = config_from_dict(config_tree)
-        return run_allreduce(cfg, Heterogeneity(cfg).install(WorkerRuntime(cfg)), resume=resume, quiet=True)
+        return run_allreduce(cfg, Heterogeneity(cfg).install(WorkerRuntime(cfg, local_index=0)), resume=resume, quiet=True)
 
     def reduce(self, arrays: list[np.ndarray], weight: float) -> tuple[list[np.ndarray], float]:
         """Test/benchmark hook: all-reduce weighted arrays, return (mean arrays, total weight)."""

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -48,9 +46,13 @@ from dpeft.state import AdapterState
 from dpeft.strategies.hyperparams import is_full_factor, sent_names
 from dpeft.strategies.lora import has_component, lora_pairs
 from dpeft.train import LocalResult, local_train, make_optimizer, task_seed
+from dpeft.train.device import resolve_device
+from dpeft.train.precision import cast_frozen_base, compute_dtype, prepare_for_training
+from dpeft.train.schedule import LrSchedule
 from dpeft.transport.base import TrainTask
 from dpeft_workers.evaluate import evaluate_tasks, split_indices
 from dpeft_workers.personal import PersonalStore
+from dpeft_workers.process_settings import give_back_free_memory, set_mmap_threshold, set_threads
 
 log = logging.getLogger("dpeft.worker")
 
@@ -73,8 +75,23 @@ class _Prepared:
 class WorkerRuntime:
     """Trains clients' tasks on one shared model."""
 
-    def __init__(self, cfg: RunConfig, own_data: TextDataset | None = None, bundle: ModelBundle | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        own_data: TextDataset | None = None,
+        bundle: ModelBundle | None = None,
+        device: str | None = None,
+        local_index: int | None = None,
+        device_key: str = "--device",
+    ) -> None:
+        """``device``: a spelling overriding ``train.device`` (``dpeft worker --device``, a
+        simulate worker's entry of ``simulate.devices``); ``local_index``: this process's slot
+        among the launcher's (a torchrun ``LOCAL_RANK``, a simulate worker's number), which a bare
+        ``cuda`` or ``auto`` maps onto the visible GPUs round-robin; ``device_key``: what a
+        device error names when ``device`` is given."""
         self.cfg = cfg
+        self.device: torch.device | None = None
+        self.set_device(device, local_index, device_key)
         loaded = load_run_data(cfg, tokenizer=bundle.tokenizer if bundle is not None else None)
         self.label_names = loaded.label_names
         train = loaded.train
@@ -97,9 +114,29 @@ class WorkerRuntime:
         self.codecs = RunCodecs.from_config(cfg)  # codec.down payloads in, codec.up (+ error feedback) out
         self._lockstep_refused: dict[str, str | None] = {}  # adapter name -> why lockstep cannot train it
         self._allocator_set = False
+        self.schedule = LrSchedule.from_config(cfg.train, cfg.rounds)
         #: applied to each client's update before it is encoded (None: sent as trained); simulated
         #: Byzantine clients live here (:meth:`dpeft_workers.simulate.Heterogeneity.install`)
         self.update_hook: Callable[[TrainTask, AdapterState], AdapterState] | None = None
+        if bundle is None:  # a shared (forked) base is placed in the process that trains on it
+            self.place()
+
+    def set_device(self, device: str | None, local_index: int | None = None, key: str = "--device") -> None:
+        """Choose the training device before the model is placed (a forked worker chooses its own)."""
+        if self.device is not None:
+            raise RuntimeError(f"the model is already on {self.device}")
+        self._device_spec = (device or self.cfg.train.device, "train.device" if device is None else key)
+        self._local_index = local_index
+
+    def place(self) -> torch.device:
+        """Put the model on its training device, in ``train.precision``, with the memory savers (once)."""
+        if self.device is None:
+            spec, key = self._device_spec
+            self.device = resolve_device(spec, self._local_index, key)
+            prepare_for_training(self.model, self.device, self.cfg.train)
+            self.params = adapter_parameters(self.model)
+            log.info("training on %s (%s)", self.device, self.cfg.train.precision)
+        return self.device
 
     @property
     def lockstep_clients(self) -> int:
@@ -132,6 +169,10 @@ class WorkerRuntime:
         model_type = base.config.model_type
         name = f"rank{rank}"
         self.model.add_adapter(name, build_peft_config(scaled, self.cfg.model, model_type))
+        if self.device is not None:  # the new adapter's tensors: on the training device, float32
+            self.model.to(self.device)
+            if self.cfg.train.precision != "fp32":
+                cast_frozen_base(self.model, compute_dtype(self.cfg.train.precision))
         self._rank_adapters[rank] = name
         return name
 
@@ -163,6 +204,7 @@ class WorkerRuntime:
         :class:`~dpeft.train.TrainingStopped` is raised and no result is returned."""
         if not self._allocator_set:  # here, not in __init__: a forked worker's runtime is built before the fork
             self._allocator_set = True
+            self.place()
             if self.cfg.train.worker_mmap_threshold_kib:
                 set_mmap_threshold(self.cfg.train.worker_mmap_threshold_kib << 10)
         decoded: dict[int, AdapterState] = {}  # one decoded global per payload object (tasks of a round share it)
@@ -170,7 +212,9 @@ class WorkerRuntime:
         results: list[tuple[bytes, int, dict[str, float]] | None] = [None] * len(prepared)
         for group in self._groups(prepared):
             if len(group) > 1:
-                for i, (local, result) in zip(group, self._train_lockstep([prepared[i] for i in group], should_stop), strict=True):
+                for i, (local, result) in zip(
+                    group, self._train_lockstep([prepared[i] for i in group], should_stop), strict=True
+                ):
                     results[i] = self._finish(prepared[i], local, result, {"lockstep_clients": float(len(group))})
             else:
                 (i,) = group
@@ -257,6 +301,8 @@ class WorkerRuntime:
             prox_mu=float(task.hyperparams.get("prox_mu", 0.0)),
             num_labels=self.num_labels,
             should_stop=should_stop,
+            round_num=task.round,
+            schedule=self.schedule,
         )
         if self.cfg.train.keep_optimizer_state:
             self._opt_states[task.client_id] = opt.state_dict()
@@ -264,7 +310,9 @@ class WorkerRuntime:
             param.requires_grad_(True)
         return extract_state(self.model), result
 
-    def _train_lockstep(self, group: list[_Prepared], should_stop: Callable[[], bool] | None = None) -> list[tuple[AdapterState, LocalResult]]:
+    def _train_lockstep(
+        self, group: list[_Prepared], should_stop: Callable[[], bool] | None = None
+    ) -> list[tuple[AdapterState, LocalResult]]:
         """One lockstep run for tasks on the same adapter with the same frozen tensors."""
         from dpeft.train.multi_lora import ClientJob, lockstep_train
 
@@ -291,6 +339,8 @@ class WorkerRuntime:
             trainable=self._trainable(group[0].frozen),
             keep_optimizer_state=keep,
             should_stop=should_stop,
+            round_num=group[0].task.round,
+            schedule=self.schedule,
         )
         if keep:
             for o in outcomes:
@@ -344,59 +394,6 @@ class WorkerRuntime:
         for k in names:
             start.tensors[k] = saved[k].to(received[k].dtype).clone()
         return start
-
-
-def set_threads(n: int) -> None:
-    """Pin torch's intra-op threads for this process."""
-    torch.set_num_threads(max(1, n))
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
-
-
-_LIBC: Any = None
-
-
-def _libc() -> Any:
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-
-        _LIBC = ctypes.CDLL("libc.so.6")
-    return _LIBC
-
-
-def set_mmap_threshold(nbytes: int) -> bool:
-    """glibc: serve allocations of ``nbytes`` and more by their own mmap, unmapped on free.
-
-    glibc's default threshold starts at 128 KiB and grows (up to 32 MiB) to the largest block
-    freed, so buffers of a few MiB (gRPC chunks, activations) end up cached in the heap, where
-    mixed sizes fragment it: a training worker on the default task keeps about twice its live
-    activations. A fixed threshold hands large blocks back on free, at the cost of page faults
-    when they are allocated again. No-op off glibc or when ``MALLOC_MMAP_THRESHOLD_`` is set
-    (the user's choice wins)."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        return bool(_libc().mallopt(-3, int(nbytes)))  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
-def give_back_free_memory() -> bool:
-    """glibc: return the heap's free pages to the system (``malloc_trim``).
-
-    A training step frees hundreds of MiB of activations whose sizes change with every batch's
-    sequence length; glibc keeps much of that as free heap, so a worker's memory creeps up
-    round after round. Trimming after each task keeps it at one task's peak. A few ms; no-op
-    off glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(_libc().malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
 
 
 __all__ = ["WorkerRuntime", "set_threads", "set_mmap_threshold", "give_back_free_memory", "AdapterState"]

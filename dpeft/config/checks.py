@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dpeft.config.data_checks import check_data
 from dpeft.config.quantization import check_quantization
 from dpeft.config.schema import RayConfig, RunConfig, SplitConfig, TransportConfig
+from dpeft.config.train_checks import check_train_hardware
 from dpeft.errors import ConfigError
 
 
@@ -82,6 +83,7 @@ def check_core(cfg: RunConfig) -> None:
         positive("model.layers", cfg.model.layers)
     check_quantization(cfg.model)
     check_eval(cfg)
+    check_train_hardware(cfg)
     check_transport(cfg.transport)
     validate_ray(cfg.ray)
     validate_split(cfg.split)
@@ -122,8 +124,8 @@ def check_transport(t: TransportConfig) -> None:
 
 def validate_lockstep(cfg: RunConfig) -> None:
     """``train.lockstep: true`` needs what multi-LoRA training can route (errors name the key to change)."""
-    if cfg.model.task != "seq_cls":
-        raise ConfigError("train.lockstep", f"supports model.task=seq_cls, not {cfg.model.task!r}; set train.lockstep=false")
+    if cfg.model.task not in ("seq_cls", "causal_lm"):
+        raise ConfigError("train.lockstep", f"supports model.task=seq_cls or causal_lm, not {cfg.model.task!r}; set train.lockstep=false")
     if cfg.adapter.method != "lora":
         raise ConfigError("train.lockstep", f"supports adapter.method=lora, not {cfg.adapter.method!r}; set train.lockstep=false")
     if cfg.adapter.dropout > 0:

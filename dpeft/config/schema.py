@@ -111,11 +111,30 @@ class TrainConfig:
     personal_dir: str | None = _f(None, "where workers keep clients' personal tensors (fedsa_lora's B factors), one file per client; null = <run_dir>/personal")
     lockstep: bool = _f(
         False,
-        "train the clients a worker process gets in one round together: one forward/backward of the shared base per step, each sample through its own client's adapter (multi-LoRA); same result as one after another (to fp32 rounding). Needs LoRA, model.task=seq_cls, model.dropout=0 and adapter.dropout=0",
+        "train the clients a worker process gets in one round together: one forward/backward of the shared base per step, each sample through its own client's adapter (multi-LoRA); same result as one after another (to fp32 rounding). Needs LoRA (seq_cls or causal_lm), model.dropout=0 and adapter.dropout=0",
     )
     lockstep_clients: int = _f(
         8,
         "train.lockstep: at most this many clients trained together (a worker asks the coordinator for up to this many tasks at once)",
+    )
+    device: str = _f(
+        "auto",
+        "where each training process computes: auto (a GPU when one is visible, else the CPU), cpu, cuda (the process's own GPU: simulate spreads its workers over simulate.devices, torchrun ranks take LOCAL_RANK, Ray actors the GPU Ray gave them), cuda:N or mps; `dpeft worker --device` overrides it on an edge",
+    )
+    precision: str = _f(
+        "fp32",
+        "compute precision of local training: fp32, bf16 (torch autocast; the frozen base is stored in bf16, adapters stay fp32 master weights) or fp16 (the same with a gradient scaler); updates on the wire and the exported adapter stay fp32",
+    )
+    gradient_checkpointing: bool = _f(False, "recompute the base model's layer activations in the backward pass instead of keeping them (less memory, about a third more compute)")
+    grad_accum_steps: int = _f(
+        1,
+        "run each optimizer step's batch (train.batch_size examples) as this many micro-batches whose gradients are summed with their weights: the same step as one batch, with a fraction of the activation memory",
+    )
+    lr_schedule: str = _f("constant", "learning rate of local steps: constant, linear (decay to 0) or cosine (half cosine to 0), after train.warmup_steps of linear warmup")
+    warmup_steps: int = _f(0, "steps of linear learning-rate warmup (counted as train.lr_schedule_scope says)")
+    lr_schedule_scope: str = _f(
+        "run",
+        "what train.lr_schedule spans: run (all rounds: step (round - 1) * local_steps + s of rounds * local_steps, so every client's lr decays across rounds, as centralised fine-tuning would) or round (each client's local steps of one round, warmup and decay again every round)",
     )
     worker_mmap_threshold_kib: int | None = _f(
         None,
@@ -173,9 +192,13 @@ class SimulateConfig:
     processes: int = _f(2, "worker processes (each loads the base model once)")
     threads_per_process: int = _f(1, "torch threads in each worker process")
     coordinator_threads: int = _f(2, "torch threads in the coordinator (global evaluation)")
-    start: str = _f("auto", "how local worker processes start: fork (from the coordinator once it has loaded the base model and data, sharing those pages copy-on-write; Linux), spawn (fresh interpreters running `dpeft worker`), auto (fork on Linux, else spawn)")
+    start: str = _f("auto", "how local worker processes start: fork (from the coordinator once it has loaded the base model and data, sharing those pages copy-on-write; Linux, CPU training only), spawn (fresh interpreters running `dpeft worker`), auto (fork on Linux when the workers train on the CPU, else spawn: CUDA cannot be used in a forked child)")
     speed_factors: list[float] = _f([], "simulated slowness, cycled over client ids: a client with factor f replies (f - 1) x its compute time late (the worker trains others meanwhile); [] = all 1")
     dropout: float = _f(0.0, "probability that a task is dropped without a reply (seeded per seed, round, client, attempt)")
+    devices: list[str] = _f(
+        [],
+        "devices of the worker processes, cycled over them (e.g. [cuda:0, cuda:0, cuda:1]: two workers share GPU 0); [] = train.device, where auto and cuda spread the workers round-robin over every visible GPU",
+    )
     byzantine_clients: list[int] = _f([], "client ids that send garbage: their update is multiplied by byzantine_scale")
     byzantine_scale: float = _f(-100.0, "factor applied to a byzantine client's update")
     byzantine_random_sign: bool = _f(False, "byzantine updates also get an independent random sign per element")
@@ -262,6 +285,8 @@ class SplitConfig:
     chunk_bytes: int = _f(4 * 1024 * 1024, "largest payload piece per gRPC message")
     cloud_threads: int = _f(2, "torch threads of the cloud process")
     edge_threads: int = _f(1, "torch threads of each edge process")
+    cloud_device: str = _f("auto", "device of the cloud's frozen base: auto (a GPU when one is visible), cpu, cuda, cuda:N or mps")
+    edge_device: str = _f("cpu", "device of each edge's embeddings, adapter and head: cpu, auto, cuda, cuda:N or mps")
     eval_examples: int = _f(200, "held-out examples the first edge evaluates through the cloud after each round (0 = no evaluation)")
     layers: int | None = _f(None, "keep only the first N transformer layers of the base (tests, quick runs); null = all")
     token: str = _f("", "shared bearer token edges must present (empty = none)")

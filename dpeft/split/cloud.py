@@ -72,7 +72,11 @@ class _RemoteLora(torch.autograd.Function):
 class CloudModel:
     """A peft model whose LoRA layers compute ``base(x)`` locally and the LoRA term remotely."""
 
-    def __init__(self, model: PeftModel, model_id: str = "") -> None:
+    def __init__(self, model: PeftModel, model_id: str = "", device: torch.device | None = None) -> None:
+        """``device``: where the frozen base computes (``split.cloud_device``; None = where the model is)."""
+        if device is not None:
+            model.to(device)
+        self.device = next(model.parameters()).device
         self.model = model
         self.model_id = model_id
         self.arch: Arch = arch_for(model)
@@ -108,8 +112,9 @@ class CloudModel:
         calls: list[tuple[int, torch.Tensor]] = []
         _local.probe = calls
         try:
-            e = torch.zeros(1, 4, self.hidden_size)
-            self.arch.backbone(self.model, e, torch.ones(1, 4, dtype=torch.long), torch.tensor([3]))
+            dev = self.device
+            e = torch.zeros(1, 4, self.hidden_size, device=dev)
+            self.arch.backbone(self.model, e, torch.ones(1, 4, dtype=torch.long, device=dev), torch.tensor([3], device=dev))
         finally:
             _local.probe = None
         groups: list[list[int]] = []
@@ -150,7 +155,7 @@ class CloudSession:
         i = site.index
         if i in self.frozen:
             a, b = self.frozen[i]
-            return nn.functional.linear(nn.functional.linear(x, a), b) * site.scaling
+            return nn.functional.linear(nn.functional.linear(x, a.to(x.device)), b.to(x.device)) * site.scaling
         if i not in self.active:
             return None
         if self._cache_x is x and i in self._cache:
@@ -177,7 +182,7 @@ class CloudSession:
         lead = tuple(x.shape[:-1])
         shapes = OrderedDict((f"y.{j}", lead + (self.cloud.sites[j].out_features,)) for j in members)
         got = msg.tensors(activation_schema(shapes), activations=True)
-        return [got[f"y.{j}"].to(x.dtype) for j in members]
+        return [got[f"y.{j}"].to(device=x.device, dtype=x.dtype) for j in members]
 
     def remote_backward(self, call: int, members: list[int], grads: tuple[torch.Tensor, ...], needs_x: bool, x_shape: tuple[int, ...]) -> torch.Tensor | None:
         tensors = OrderedDict((f"g.{j}", g.contiguous()) for j, g in zip(members, grads, strict=True))
@@ -188,7 +193,7 @@ class CloudSession:
         if not needs_x:
             msg.tensors({})
             return None
-        return msg.tensors(activation_schema({"gx": x_shape}), activations=True)["gx"]
+        return msg.tensors(activation_schema({"gx": x_shape}), activations=True)["gx"].to(self.cloud.device)
 
     # -- messages -------------------------------------------------------------
     def handle_step(self, msg) -> None:
@@ -198,6 +203,7 @@ class CloudSession:
         if set(header) != {"inputs_embeds", "attention_mask", "pool_index"}:
             raise ProtocolError(f"step_start carries {sorted(header)}; expected inputs_embeds, attention_mask, pool_index")
         e, mask, pool = header["inputs_embeds"], header["attention_mask"], header["pool_index"]
+        dev = self.cloud.device
         if e.dim() != 3 or e.shape[2] != h_size or not e.dtype.is_floating_point:
             raise ProtocolError(f"inputs_embeds must be (B, T, {h_size}) float, got {tuple(e.shape)} {e.dtype}")
         b, t = e.shape[:2]
@@ -216,13 +222,13 @@ class CloudSession:
         try:
             with _session_scope(self), torch.set_grad_enabled(train):
                 self._token = torch.zeros((), requires_grad=True) if train else None
-                h = self.cloud.arch.backbone(self.cloud.model, e, mask, pool)
+                h = self.cloud.arch.backbone(self.cloud.model, e.to(dev), mask.to(dev), pool.to(dev))
             self.channel.send("features", {"h": h}, activations=True, step=f["step"])
             if train:
                 g = self.channel.recv("feature_grad").tensors(activation_schema({"g": tuple(h.shape)}), activations=True)["g"]
                 if h.requires_grad:
                     with _session_scope(self):
-                        h.backward(g.to(h.dtype))
+                        h.backward(g.to(device=h.device, dtype=h.dtype))
         finally:
             self._cache, self._cache_x, self._token = {}, None, None
         self.steps += 1
@@ -238,4 +244,4 @@ class CloudSession:
             return
         s = self.cloud.sites[i]
         got = msg.tensors(OrderedDict([("A", ((s.r, s.in_features), torch.float32)), ("B", ((s.out_features, s.r), torch.float32))]))
-        self.frozen[i] = (got["A"].clone(), got["B"].clone())
+        self.frozen[i] = (got["A"].to(self.cloud.device, copy=True), got["B"].to(self.cloud.device, copy=True))

@@ -89,7 +89,14 @@ class StepStats:
 class EdgeModel:
     """The edge's trainable state and compute, driven by messages from the cloud."""
 
-    def __init__(self, model: PeftModel, train_cfg: TrainConfig, kr_cfg: KillReviveConfig | None = None) -> None:
+    def __init__(
+        self, model: PeftModel, train_cfg: TrainConfig, kr_cfg: KillReviveConfig | None = None, device: torch.device | None = None
+    ) -> None:
+        """``device``: where the edge's embeddings, adapter and head compute (``split.edge_device``;
+        None = where the model is). Move before :meth:`drop_body` frees the body."""
+        if device is not None:
+            model.to(device)
+        self.device = next(model.parameters()).device
         self.model = model
         self.arch = arch_for(model)
         self.sites: list[LoraSite] = lora_sites(model)
@@ -150,6 +157,10 @@ class EdgeModel:
         compute = 0.0
         batch, width = int(input_ids.shape[0]), int(input_ids.shape[1])
         tokens = batch * width
+        dev = self.device
+        input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
+        labels = labels.to(dev) if labels is not None else None
+        log_prior = log_prior.to(dev) if log_prior is not None else None
         c0 = time.thread_time()
         with torch.no_grad():
             embeds = self.arch.embed(self.model, input_ids)
@@ -179,7 +190,7 @@ class EdgeModel:
                     members = list(msg.fields["modules"])
                     self._check_members(members)
                     site0 = self.sites[members[0]]
-                    x = msg.tensors(activation_schema({"x": (batch, width, site0.in_features)}), activations=True)["x"]
+                    x = msg.tensors(activation_schema({"x": (batch, width, site0.in_features)}), activations=True)["x"].to(dev)
                     c0 = time.thread_time()
                     needs = bool(msg.fields["needs_input_grad"]) and train
                     if needs:
@@ -195,7 +206,7 @@ class EdgeModel:
                     stats.lora_calls += 1
                     channel.send("lora_output", OrderedDict((f"y.{j}", y) for j, y in zip(members, ys, strict=True)), activations=True, call=msg.fields["call"])
                 elif msg.kind == "features":
-                    h = msg.tensors(activation_schema({"h": self.arch.feature_shape(batch, width, self.head_in)}), activations=True)["h"]
+                    h = msg.tensors(activation_schema({"h": self.arch.feature_shape(batch, width, self.head_in)}), activations=True)["h"].to(dev)
                     c0 = time.thread_time()
                     if train:
                         h.requires_grad_(True)
@@ -227,7 +238,7 @@ class EdgeModel:
                     shapes = OrderedDict((f"g.{j}", tuple(y.shape)) for j, y in zip(members, ys, strict=True))
                     grads = msg.tensors(activation_schema(shapes), activations=True)
                     c0 = time.thread_time()
-                    torch.autograd.backward(ys, [grads[f"g.{j}"] for j in members])
+                    torch.autograd.backward(ys, [grads[f"g.{j}"].to(dev) for j in members])
                     compute += time.thread_time() - c0
                     if msg.fields["needs_input_grad"]:
                         if x.grad is None:
@@ -259,7 +270,7 @@ class EdgeModel:
         stats.bytes_down = channel.bytes_received - down0
         stats.wall_s = time.perf_counter() - t0
         stats.compute_s = compute
-        return stats, logits.detach()
+        return stats, logits.detach().cpu()
 
     def _check_members(self, members: list[int]) -> None:
         if not members:

@@ -337,7 +337,9 @@ def cloud_model_from_config(run: RunConfig, split: SplitConfig, num_labels: int)
     bundle = build_model(run.model, run.adapter, num_labels, run.seed)
     if split.layers:
         slice_layers(bundle.model, split.layers)
-    return CloudModel(bundle.model, bundle.model_id)
+    from dpeft.train.device import resolve_device
+
+    return CloudModel(bundle.model, bundle.model_id, device=resolve_device(split.cloud_device, key="split.cloud_device"))
 
 
 def edge_model_from_config(run: RunConfig, split: SplitConfig, num_labels: int, drop_body: bool = True):
@@ -348,7 +350,9 @@ def edge_model_from_config(run: RunConfig, split: SplitConfig, num_labels: int, 
     bundle = build_model(run.model, run.adapter, num_labels, run.seed)
     if split.layers:
         slice_layers(bundle.model, split.layers)
-    edge = EdgeModel(bundle.model, run.train, split.kr)
+    from dpeft.train.device import resolve_device
+
+    edge = EdgeModel(bundle.model, run.train, split.kr, device=resolve_device(split.edge_device, key="split.edge_device"))
     if drop_body:
         edge.drop_body()
     return edge, bundle.tokenizer

@@ -152,7 +152,7 @@ class Channel:
         if tensors:
             prepared: OrderedDict[str, torch.Tensor] = OrderedDict()
             for k, t in tensors.items():
-                t = t.detach()
+                t = t.detach().cpu()  # a GPU tensor is encoded from host memory
                 if activations and t.dtype.is_floating_point:
                     t = t.to(self.wire_dtype)
                 prepared[k] = t

@@ -2,14 +2,16 @@
 
 The batch order of a client's local steps is a pure function of (seed, round, client), so a
 task gives the same result on whichever worker runs it, and a test can replay the exact
-batches in a plain loop.
+batches in a plain loop. Training runs on the device of the trainable tensors, in
+``train.precision``, with ``train.grad_accum_steps`` micro-batches per step and the learning
+rate of :mod:`dpeft.train.schedule`.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +19,8 @@ from torch import nn
 
 from dpeft.config import TrainConfig
 from dpeft.data.tokenize import TokenizedData
+from dpeft.train.precision import autocast, make_scaler, to_device
+from dpeft.train.schedule import LrSchedule
 
 
 class TrainingStopped(Exception):
@@ -96,6 +100,55 @@ def _loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str, log_prior
     return nn.functional.cross_entropy(logits, batch["labels"])
 
 
+def micro_batches(batch_idx: list[int], k: int) -> list[list[int]]:
+    """``batch_idx`` cut into ``k`` consecutive, nearly equal parts (the last one is never empty)."""
+    n = len(batch_idx)
+    return [batch_idx[i * n // k : (i + 1) * n // k] for i in range(k)]
+
+
+def causal_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A causal LM batch's token targets (unshifted): token-level ``labels`` when the batch has
+    them (-100 on prompt and pad tokens), else every non-pad token."""
+    labels = batch.get("labels")
+    if labels is None or labels.shape != batch["input_ids"].shape:
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return labels
+
+
+def loss_units(batch: dict[str, torch.Tensor], task: str) -> int:
+    """What a batch's mean loss averages over: rows (classification) or target tokens (causal LM).
+
+    A causal LM's loss is the mean over the tokens whose shifted label is not -100 (token-level
+    ``labels`` when the batch has them, else every non-pad token), as Hugging Face computes it."""
+    if task != "causal_lm":
+        return int(batch["input_ids"].shape[0])
+    return int((causal_targets(batch)[:, 1:] != -100).sum())
+
+
+def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def _optimizer_step(
+    opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], cfg: TrainConfig, scaler: torch.amp.GradScaler | None
+) -> None:
+    """Clip (after unscaling fp16 gradients) and step; a scaler skips a step whose gradients overflowed."""
+    if scaler is not None:
+        scaler.unscale_(opt)
+    if cfg.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+
+
+def training_device(params: list[nn.Parameter]) -> torch.device:
+    """Where training happens: the device of the trainable tensors (the CPU when there are none)."""
+    return params[0].device if params else torch.device("cpu")
+
+
 def local_train(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -108,18 +161,30 @@ def local_train(
     prox_mu: float = 0.0,
     num_labels: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    round_num: int = 0,
+    schedule: LrSchedule | None = None,
 ) -> LocalResult:
     """Run ``cfg.local_steps`` optimizer steps on the client's examples; the model is updated in place.
+
+    Training happens where ``params`` live (batches are moved there), under ``train.precision``
+    (:mod:`dpeft.train.precision`). With ``train.grad_accum_steps`` = k each step's batch runs as
+    k micro-batches, each padded to its own longest row; micro-batch losses are weighted by their
+    share of the batch's rows (tokens for a causal LM), so the summed gradients are the batch's.
+    The prox term joins the last micro-batch once. ``schedule`` sets the learning rate of each
+    step from (``round_num``, step); None keeps the optimizer's.
 
     ``should_stop`` is asked before every step; when it says so, :class:`TrainingStopped` is raised
     (the model is left part-trained)."""
     t0 = time.perf_counter()
     model.train()
     opt = optimizer or make_optimizer(params, cfg)
+    device = training_device(params)
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
     log_prior = None
     if task == "seq_cls" and cfg.loss == "prior_calibrated" and data.labels is not None and num_labels:
-        log_prior = label_log_prior(data.labels, indices, num_labels)
+        log_prior = label_log_prior(data.labels, indices, num_labels).to(device)
+    scaler = make_scaler(device, cfg.precision)
+    k = cfg.grad_accum_steps
     losses = []
     # dropout in the (frozen) base draws from torch's global RNG: seed it from the task too, so
     # a task's result does not depend on what the process ran before (restored afterwards)
@@ -128,16 +193,29 @@ def local_train(
         torch.manual_seed(seed)
         for step, batch_idx in enumerate(batch_schedule(indices, cfg.local_steps, cfg.batch_size, seed)):
             check_stop(should_stop, step)
-            batch = data.batch(batch_idx)
-            loss = _loss(model, batch, task, log_prior)
-            if anchor is not None:
-                loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=False))
+            if schedule is not None:
+                schedule.apply(opt, round_num, step)
+            parts = [data.batch(m) for m in micro_batches(batch_idx, k)] if k > 1 else [data.batch(batch_idx)]
+            units = [loss_units(b, task) for b in parts] if k > 1 else [1]
+            total_units = sum(units)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            losses.append(float(loss.detach()))
+            step_loss = 0.0
+            for j, (part, n) in enumerate(zip(parts, units, strict=True)):
+                last = j == len(parts) - 1
+                if n == 0 and not (last and anchor is not None):
+                    continue  # nothing to average over (a micro-batch of prompt-only rows)
+                loss = torch.zeros((), device=device)
+                if n:
+                    with autocast(device, cfg.precision):
+                        loss = _loss(model, to_device(part, device), task, log_prior)
+                    if k > 1:
+                        loss = loss * (n / total_units)
+                if last and anchor is not None:
+                    loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=False))
+                _backward(loss, scaler)
+                step_loss += float(loss.detach())
+            _optimizer_step(opt, params, cfg, scaler)
+            losses.append(step_loss)
     model.eval()
     mean_loss = sum(losses) / len(losses)
     if not math.isfinite(mean_loss):
@@ -146,18 +224,22 @@ def local_train(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TokenizedData, task: str, batch_size: int) -> dict[str, float]:
-    """Mean loss and accuracy over ``data``.
+def evaluate(model: nn.Module, data: TokenizedData, task: str, batch_size: int, precision: str = "fp32") -> dict[str, float]:
+    """Mean loss and accuracy over ``data``, on the model's device and in ``precision`` (autocast;
+    a worker's model under bf16/fp16 keeps its frozen base in that dtype).
 
     Causal LMs: per-token loss and next-token accuracy over the target tokens (the responses of
     instruction/chat data, every real token of plain text)."""
     model.eval()
+    device = next(model.parameters()).device
     total_loss, total_correct, total = 0.0, 0, 0
     for start in range(0, len(data), batch_size):
-        batch = data.batch(list(range(start, min(start + batch_size, len(data)))))
+        batch = to_device(data.batch(list(range(start, min(start + batch_size, len(data))))), device)
+        with autocast(device, precision):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits.float()
         if task == "causal_lm":
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits = out.logits[:, :-1]
+            logits = logits[:, :-1]
             target = lm_targets(batch)[:, 1:]
             mask = target != -100
             loss = nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum")
@@ -165,7 +247,6 @@ def evaluate(model: nn.Module, data: TokenizedData, task: str, batch_size: int) 
             total_correct += int((logits.argmax(-1)[mask] == target[mask]).sum())
             total += int(mask.sum())
         else:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             total_loss += float(nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
             total_correct += int((logits.argmax(-1) == batch["labels"]).sum())
             total += len(batch["labels"])

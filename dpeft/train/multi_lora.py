@@ -21,7 +21,10 @@ result equals :func:`dpeft.train.loop.local_train` run client after client on th
 each client's own dropout masks.
 
 Supported: peft LoRA on ``nn.Linear`` layers (no DoRA, not merged) plus ``modules_to_save``
-Linear layers, for ``seq_cls`` models. :func:`lockstep_unsupported` says why a model is not.
+Linear layers, for ``seq_cls`` models, and for ``causal_lm`` models (the LoRA layers routed the
+same way; each client's next-token loss is the mean over its own rows' target tokens, as
+Hugging Face computes it; the joint batch's extra right padding changes no real token's output
+under causal attention). :func:`lockstep_unsupported` says why a model is not.
 """
 
 from __future__ import annotations
@@ -41,7 +44,20 @@ from torch import nn
 from dpeft.config import TrainConfig
 from dpeft.data.tokenize import TokenizedData
 from dpeft.state import AdapterState
-from dpeft.train.loop import LocalResult, batch_schedule, check_stop, label_log_prior, make_optimizer
+from dpeft.train.loop import (
+    LocalResult,
+    _optimizer_step,
+    batch_schedule,
+    causal_targets,
+    check_stop,
+    label_log_prior,
+    loss_units,
+    make_optimizer,
+    micro_batches,
+    training_device,
+)
+from dpeft.train.precision import autocast, make_scaler, to_device
+from dpeft.train.schedule import LrSchedule
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -119,8 +135,8 @@ def _structure(model: nn.Module) -> tuple[list[_LoraSite], list[_HeadSite], list
 
 def lockstep_unsupported(model: nn.Module, task: str = "seq_cls") -> str | None:
     """None when :func:`lockstep_train` can train ``model``; otherwise the reason."""
-    if task != "seq_cls":
-        return f"task {task!r} (lockstep supports seq_cls)"
+    if task not in ("seq_cls", "causal_lm"):
+        return f"task {task!r} (lockstep supports seq_cls and causal_lm)"
     try:
         loras, heads, unrouted = _structure(model)
     except (ImportError, AttributeError) as exc:
@@ -216,7 +232,9 @@ def _routed_head(site: _HeadSite, leaves: list[dict[str, torch.Tensor]], routing
 
 
 @contextmanager
-def _patched(loras: list[_LoraSite], heads: list[_HeadSite], leaves: list[dict[str, torch.Tensor]], routing: _Routing) -> Iterator[None]:
+def _patched(
+    loras: list[_LoraSite], heads: list[_HeadSite], leaves: list[dict[str, torch.Tensor]], routing: _Routing
+) -> Iterator[None]:
     patched: list[nn.Module] = []
     try:
         for site in loras:
@@ -242,11 +260,16 @@ def lockstep_train(
     trainable: Sequence[str] | None = None,
     keep_optimizer_state: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    round_num: int = 0,
+    schedule: LrSchedule | None = None,
 ) -> list[ClientOutcome]:
     """Train ``jobs`` together for ``cfg.local_steps`` steps; the model's own adapter is untouched.
 
     ``trainable`` names the adapter tensors that train (default: all); the others stay at each
-    client's start values. Raises ValueError when the model is not supported
+    client's start values. Training runs where the model's adapter lives, in ``train.precision``
+    (one gradient scaler per client under fp16), with ``train.grad_accum_steps`` joint
+    micro-batches per step (each client's rows cut as :func:`~dpeft.train.loop.local_train` cuts
+    them) and the learning rates of ``schedule`` at (``round_num``, step). Raises ValueError when the model is not supported
     (:func:`lockstep_unsupported`), :class:`~dpeft.train.loop.TrainingStopped` when
     ``should_stop()`` (asked before every step) says so.
     """
@@ -261,6 +284,7 @@ def lockstep_train(
 
     model_params = adapter_parameters(cast("PeftModel", model))  # the tensors local_train trains and extract_state returns
     names = list(model_params)
+    device = training_device(list(model_params.values()))
     train_names = [n for n in names if trainable is None or n in set(trainable)]
     leaves: list[dict[str, torch.Tensor]] = []
     opts = []
@@ -280,43 +304,73 @@ def lockstep_train(
     priors: list[torch.Tensor | None] = []
     for job in jobs:
         if cfg.loss == "prior_calibrated" and data.labels is not None and num_labels:
-            priors.append(label_log_prior(data.labels, job.indices, num_labels))
+            priors.append(label_log_prior(data.labels, job.indices, num_labels).to(device))
         else:
             priors.append(None)
     schedules = [batch_schedule(job.indices, cfg.local_steps, cfg.batch_size, job.seed) for job in jobs]
+    causal = task == "causal_lm"
+    scalers = [make_scaler(device, cfg.precision) for _ in jobs]  # one per client, as when trained alone
+    k = cfg.grad_accum_steps
     losses: list[list[float]] = [[] for _ in jobs]
     was_training = model.training
     model.train()
     try:
         for step in range(cfg.local_steps):
             check_stop(should_stop, step)
-            rows = [schedules[c][step] for c in range(len(jobs))]
-            routing = _Routing([len(r) for r in rows])
-            batch = data.batch([i for r in rows for i in r])
-            with _patched(loras, heads, leaves, routing):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            total = logits.new_zeros(())
-            per_client = []
-            for c, (s, e) in enumerate(routing.bounds):
-                lg = logits[s:e]
-                if priors[c] is not None:
-                    lg = lg + priors[c]
-                loss = nn.functional.cross_entropy(lg, batch["labels"][s:e])
-                anchor = anchors[c]
-                if anchor is not None:
-                    params = [leaves[c][n] for n in train_names]
-                    loss = loss + 0.5 * jobs[c].prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                per_client.append(loss)
-                total = total + loss
             for opt in opts:
+                if schedule is not None:
+                    schedule.apply(opt, round_num, step)
                 opt.zero_grad(set_to_none=True)
-            total.backward()
+            rows = [schedules[c][step] for c in range(len(jobs))]
+            micro = [micro_batches(r, k) for r in rows]  # per client, cut as local_train cuts it
+            # what each client's step loss averages over: rows, or target tokens of a causal LM
+            units = [[loss_units(data.batch(m), task) if m else 0 for m in parts] for parts in micro] if k > 1 else None
+            step_loss = [0.0] * len(jobs)
+            for j in range(k):
+                part = [micro[c][j] for c in range(len(jobs))]
+                routing = _Routing([len(r) for r in part])
+                batch = to_device(data.batch([i for r in part for i in r]), device)
+                # patched through the backward too: gradient checkpointing re-runs the forward there
+                with _patched(loras, heads, leaves, routing):
+                    with autocast(device, cfg.precision):
+                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    if logits.dtype in (torch.float16, torch.bfloat16):
+                        logits = logits.float()  # the loss in float32, as autocast computes cross_entropy
+                    targets = causal_targets(batch) if causal else batch["labels"]
+                    total = logits.new_zeros(())
+                    per_client = []
+                    for c, (s, e) in enumerate(routing.bounds):
+                        loss = logits.new_zeros(())
+                        share = (e - s) if units is None else units[c][j]
+                        if share > 0:
+                            if causal:  # next-token targets of this client's rows
+                                lg, tg = logits[s:e, :-1], targets[s:e, 1:]
+                                loss = nn.functional.cross_entropy(
+                                    lg.reshape(-1, lg.shape[-1]), tg.reshape(-1), ignore_index=-100
+                                )
+                            else:
+                                lg = logits[s:e]
+                                if priors[c] is not None:
+                                    lg = lg + priors[c]
+                                loss = nn.functional.cross_entropy(lg, targets[s:e])
+                            if units is not None:
+                                loss = loss * (share / sum(units[c]))
+                        anchor = anchors[c]
+                        if anchor is not None and j == k - 1:
+                            params = [leaves[c][n] for n in train_names]
+                            loss = loss + 0.5 * jobs[c].prox_mu * sum(
+                                ((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)
+                            )
+                        per_client.append(loss)
+                        scaler = scalers[c]
+                        total = total + (scaler.scale(loss) if scaler is not None else loss)
+                    if total.requires_grad:
+                        total.backward()
+                for c, loss in enumerate(per_client):
+                    step_loss[c] += float(loss.detach())
             for c, opt in enumerate(opts):
-                params = [leaves[c][n] for n in train_names]
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # each client by its own norm
-                opt.step()
-                losses[c].append(float(per_client[c].detach()))
+                _optimizer_step(opt, [leaves[c][n] for n in train_names], cfg, scalers[c])  # each client by its own norm
+                losses[c].append(step_loss[c])
     finally:
         model.train(was_training)
     model.eval()
@@ -327,6 +381,8 @@ def lockstep_train(
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"client {job.client_id}: local training diverged (loss {mean_loss})")
         state = AdapterState(OrderedDict((n, leaves[c][n].detach().cpu().clone()) for n in names), dict(job.start.meta))
-        result = LocalResult(num_examples=len(job.indices), steps=len(losses[c]), train_loss=mean_loss, compute_s=elapsed / len(jobs))
+        result = LocalResult(
+            num_examples=len(job.indices), steps=len(losses[c]), train_loss=mean_loss, compute_s=elapsed / len(jobs)
+        )
         out.append(ClientOutcome(job.client_id, state, result, opts[c].state_dict() if keep_optimizer_state else None, losses[c]))
     return out

@@ -34,16 +34,25 @@ log = logging.getLogger("dpeft.allreduce")
 BUCKET_BYTES = 64 << 20
 
 
-def init_group(backend: str | None = None, timeout_s: float = 1800.0) -> str:
-    """``init_process_group`` from the standard environment variables; returns the backend."""
+def init_group(backend: str | None = None, timeout_s: float = 1800.0, device: torch.device | None = None) -> str:
+    """``init_process_group`` from the standard environment variables; returns the backend.
+
+    ``device``: where this rank trains. The default backend is nccl when that is a GPU (or, with
+    no device given, when CUDA is available), else gloo; with nccl the rank's current CUDA device
+    is its training GPU (``LOCAL_RANK`` when none is given), where the collectives' buffers go."""
     if dist.is_initialized():
         return str(dist.get_backend())
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE") if k not in os.environ]
     if missing:
         raise DpeftError(f"torch.distributed needs {', '.join(missing)} in the environment (torchrun sets them)")
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend is None:
+        on_gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        backend = "nccl" if on_gpu else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)
+        else:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
     return backend
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from integration_testlib import assert_no_traceback
 
 pytestmark = pytest.mark.integration
@@ -29,6 +30,7 @@ CASES = [
     ("krum-too-few", ["simulate", "strategy.name=krum", "clients_per_round=4"], ["clients_per_round", "krum"]),
     ("flora-rank", ["simulate", "strategy.name=flora", "strategy.options.rank=16", "adapter.r=8"], ["strategy.options.rank", "adapter.r"]),
     ("bad-strategy-option", ["simulate", "strategy.name=fedavg", "strategy.options.server_lr=2"], ["strategy.options.server_lr"]),
+    ("fork-on-cuda", ["simulate", "simulate.start=fork", "train.device=cuda"], ["simulate.start", "train.device"]),
     (
         "dead-before-heartbeat",
         ["coordinator", "--listen", "127.0.0.1:0", "transport.heartbeat_s=5", "transport.dead_after_s=2"],
@@ -64,3 +66,28 @@ def test_torchrun_launcher_refuses_a_codec_at_load(tmp_path: Path) -> None:
     assert "codec.up" in p.stderr and "torchrun" in p.stderr, p.stderr
     assert_no_traceback(p.stderr + p.stdout)
     assert not run.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["simulate", "train.device=cuda"], "train.device"),
+        (["simulate", "aggregation=allreduce", "train.device=cuda:0"], "train.device"),
+    ],
+    ids=["simulate", "allreduce"],
+)
+def test_a_gpu_that_is_not_there_exits_2_before_workers_start(tmp_path: Path, procs, args: list[str], needle: str) -> None:
+    """Devices are resolved by the launcher of local workers before any of them starts."""
+    run = tmp_path / "run"
+    rc, p = procs.run(*args, f"run_dir={run}", timeout=60, cwd=tmp_path)
+    assert rc == 2, p.stderr
+    assert needle in p.stderr and "no CUDA GPU" in p.stderr, p.stderr
+    assert_no_traceback(p.stderr + p.stdout)
+    assert p.children_seen() == []
+
+
+def test_worker_device_flag_is_checked_before_dialling(tmp_path: Path, procs) -> None:
+    rc, p = procs.run("worker", "--coordinator", "127.0.0.1:1", "--device", "gpu", timeout=60, cwd=tmp_path)
+    assert rc == 2 and "--device" in p.stderr, p.stderr
+    assert_no_traceback(p.stderr + p.stdout)
