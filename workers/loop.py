@@ -100,22 +100,7 @@ def run_worker(
                 if item > 0:
                     time.sleep(min(item, 1.0))
                 continue
-            todo: list[tuple[TrainTask, bytes]] = []
-            for task in item:
-                prev = last.get(task.task_id)
-                if prev is not None and prev[0] == task.blob_sha256:
-                    # the same task again (a restarted coordinator re-issued it): send the result we have
-                    log.info("task %s re-issued; re-sending the update computed before", task.task_id)
-                    _push(conn, task, prev[1], prev[2], prev[3])
-                    continue
-                try:
-                    payload = conn.fetch(task)
-                except ConnectionError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - e.g. the payload of a task the coordinator already closed
-                    log.warning("cannot fetch the payload of task %s: %s", task.task_id, exc)
-                    continue
-                todo.append((task, payload))
+            todo = _fetch_payloads(conn, item, last)
             if not todo:
                 continue
             if training is not None:
@@ -129,13 +114,38 @@ def run_worker(
                 if training is not None:
                     training.clear()
             last = {task.task_id: (task.blob_sha256, *result) for (task, _), result in zip(todo, results, strict=True)}
-            for (task, _), (update, n, metrics) in zip(todo, results, strict=True):
+            # let go of the payloads before the next fetch: the connection may then reuse their buffer
+            tasks, todo = [task for task, _ in todo], []
+            for task, (update, n, metrics) in zip(tasks, results, strict=True):
                 _push(conn, task, update, n, metrics)
                 done += 1
     finally:
         stop.set()
         conn.leave()
     return 0
+
+
+def _fetch_payloads(
+    conn: WorkerConnection, tasks: list[TrainTask], last: dict[str, tuple[bytes, bytes, int, dict[str, float]]]
+) -> list[tuple[TrainTask, bytes]]:
+    """(task, payload) of each task to train; a task re-issued with the same payload gets the
+    update computed before re-sent instead. The payloads are referred to by the returned list
+    only (the connection reuses a download buffer nothing else refers to)."""
+    todo: list[tuple[TrainTask, bytes]] = []
+    for task in tasks:
+        prev = last.get(task.task_id)
+        if prev is not None and prev[0] == task.blob_sha256:
+            # the same task again (a restarted coordinator re-issued it): send the result we have
+            log.info("task %s re-issued; re-sending the update computed before", task.task_id)
+            _push(conn, task, prev[1], prev[2], prev[3])
+            continue
+        try:
+            todo.append((task, conn.fetch(task)))
+        except ConnectionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. the payload of a task the coordinator already closed
+            log.warning("cannot fetch the payload of task %s: %s", task.task_id, exc)
+    return todo
 
 
 def _push(conn: WorkerConnection, task: TrainTask, update: bytes, n: int, metrics: dict[str, float]) -> None:

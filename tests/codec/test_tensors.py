@@ -13,7 +13,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpeft.codec.tensors import DTYPES, Limits, StateDecoder, decode_state, encode_state, encoded_size, iter_chunks, iter_encoded
+from dpeft.codec.tensors import (
+    DTYPES,
+    Limits,
+    StateDecoder,
+    decode_state,
+    encode_state,
+    encoded_size,
+    iter_chunks,
+    iter_encoded,
+    write_into,
+    zeroed_buffer,
+)
 from dpeft.errors import ProtocolError
 from dpeft.state import AdapterState
 
@@ -288,3 +299,18 @@ def test_fuzz_structured_headers(header: dict, data: bytes, cuts: list[int]) -> 
     except ValueError:
         return
     decode_chunked(raw_payload(raw, data), cuts)
+
+
+@pytest.mark.parametrize("size", [1000, 3 << 20])
+def test_write_into_buffers(size: int) -> None:
+    """Small and large writes (the large ones without the GIL) land at their offset, in a
+    bytearray and in a memory-mapped buffer alike, from bytes or from typed memoryviews."""
+    buf = zeroed_buffer(size)
+    data = torch.arange(size // 8, dtype=torch.float32)
+    raw = data.numpy().tobytes()
+    write_into(buf, 4, memoryview(data.numpy()))  # a float32 view: its bytes, not its elements
+    assert bytes(buf[4 : 4 + len(raw)]) == raw and bytes(buf[:4]) == bytes(4)
+    write_into(buf, size - 100, raw[:100])
+    assert bytes(buf[size - 100 :]) == raw[:100]
+    with pytest.raises(ValueError):
+        write_into(buf, size - 99, raw[:100])
