@@ -3,7 +3,9 @@
 Download: the coordinator publishes a payload (``GrpcCoordinatorTransport.publish_blob``, which
 takes its chunk CRC-32Cs once, untimed, as a round's global is published once for all workers)
 and a worker fetches it (``GrpcWorkerConnection.fetch``: chunked stream, offset checks, a CRC-32C
-per chunk and the whole payload's CRC-32C combined from them). Upload: the worker pushes a
+per chunk and the whole payload's CRC-32C combined from them) into its download buffer, which
+it reuses round after round as a worker does (the first download of each size goes into a fresh
+buffer and is reported apart). Upload: the worker pushes a
 payload (``GrpcWorkerConnection.push``: one CRC-32C pass, then chunks serialized straight from
 the payload) and the coordinator checks each chunk's CRC-32C and the combined whole-payload CRC
 and feeds it through the schema-checking ``StateDecoder`` into a tensor state.
@@ -18,7 +20,7 @@ steadier measure of what each path costs.
 
 Sizes are MiB; the 2.5 GiB (2560) case runs only when enough memory is free (it needs about
 4x the payload between coordinator, worker and the decoded copy) and is reported as skipped
-otherwise.
+otherwise. Every size runs ``--repeats`` rounds.
 """
 
 from __future__ import annotations
@@ -223,7 +225,8 @@ def main() -> None:
             "Ratio = dpeft throughput / raw TCP throughput (higher is better; 1.0 = the socket ceiling). "
             f"gRPC chunks of {args.chunk_mib} MiB. Download: per-chunk CRC-32C (taken once when the payload is published, "
             "untimed) and the whole payload's CRC-32C (combined from the chunk CRCs) checked by the worker, written into "
-            "one buffer. Upload: one CRC-32C pass on the worker, chunks serialized straight from the payload (serde's "
+            "one buffer (reused from the previous round of the same size: the best download is a reused buffer's, the note gives the "
+            "first one, into fresh memory). Upload: one CRC-32C pass on the worker, chunks serialized straight from the payload (serde's "
             "zero-copy (de)serializers), per-chunk and whole-payload CRC-32C and decoding into a tensor state on the coordinator. Both sides live in one process (threads), as do the raw "
             "socket's two ends; the socket does no integrity check at all. CPU ms/MiB is the process's CPU time (all "
             "threads) per MiB moved, steadier than throughput when other jobs share the cores. "

@@ -202,6 +202,8 @@ class StateDecoder:
         self._file: SpoolFile | None = None
         self._size = 0
         self._filled = 0
+        self._borrowed: bytearray | mmap.mmap | None = None  # decode_in_place's payload
+        self._base = 0  # where the data region starts in self._data
         self.received = 0
 
     # -- header ---------------------------------------------------------
@@ -259,6 +261,9 @@ class StateDecoder:
         if self.spool is not None and self.spool.applies(expected_offset):
             self._file = SpoolFile(expected_offset, self.spool)
             self._data = bytearray()  # marks the header as parsed; the data goes to the file
+        elif self._borrowed is not None:  # the data stays where it is
+            self._data = self._borrowed  # type: ignore[assignment]
+            self._base = 8 + (self._header_len or 0)
         else:
             self._data = zeroed_buffer(expected_offset)  # type: ignore[assignment]
 
@@ -307,7 +312,7 @@ class StateDecoder:
             raise ProtocolError(f"payload is longer than its header declares ({self._size} data bytes)")
         if self._file is not None:
             self._file.write(mv)
-        else:
+        elif self._borrowed is None:
             write_into(self._data, self._filled, mv)
         self._filled += len(mv)
 
@@ -340,15 +345,38 @@ class StateDecoder:
         for name, dtype, shape, start, end in self._entries:
             if end == start:
                 tensors[name] = torch.empty(shape, dtype=dtype)
-            else:
-                tensors[name] = torch.frombuffer(buf, dtype=dtype, offset=start, count=(end - start) // torch.empty((), dtype=dtype).element_size()).reshape(shape)
+                continue
+            size = torch.empty((), dtype=dtype).element_size()
+            at = self._base + start
+            t = torch.frombuffer(buf, dtype=dtype, offset=at, count=(end - start) // size).reshape(shape)
+            tensors[name] = t.clone() if at % size else t  # a borrowed payload may place a tensor off its alignment
         return AdapterState(tensors, self._meta)
+
+    def decode_in_place(self, payload: bytearray | mmap.mmap) -> AdapterState:
+        """The state of a whole payload held in a writable buffer, validated as :meth:`feed` and
+        :meth:`finish` do, whose tensors *view* ``payload``: no copy and no allocation (a tensor
+        off its dtype's alignment is copied). They share its memory: ``payload`` must not be
+        changed while they are in use (each holds a reference to it)."""
+        self._borrowed = payload
+        self.feed(memoryview(payload))
+        return self.finish()
 
 
 def decode_state(
-    payload: bytes | memoryview, schema: Schema | None = None, limits: Limits = Limits(), allow_subset: bool = False, spool: SpoolPolicy | None = None
+    payload: bytes | memoryview | bytearray | mmap.mmap,
+    schema: Schema | None = None,
+    limits: Limits = Limits(),
+    allow_subset: bool = False,
+    spool: SpoolPolicy | None = None,
+    in_place: bool = False,
 ) -> AdapterState:
-    """Decode a whole payload at once (validating it the same way the streaming decoder does)."""
+    """Decode a whole payload at once (validating it the same way the streaming decoder does).
+
+    ``in_place``: when ``payload`` is a writable buffer (``bytearray``, ``mmap``) the tensors view
+    it instead of a copy (:meth:`StateDecoder.decode_in_place`; the caller must then leave the
+    buffer alone while they are in use); other payloads are copied as usual."""
     dec = StateDecoder(schema, limits, allow_subset, spool)
+    if in_place and spool is None and isinstance(payload, bytearray | mmap.mmap):
+        return dec.decode_in_place(payload)
     dec.feed(payload)
     return dec.finish()

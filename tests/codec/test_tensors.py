@@ -314,3 +314,24 @@ def test_write_into_buffers(size: int) -> None:
     assert bytes(buf[size - 100 :]) == raw[:100]
     with pytest.raises(ValueError):
         write_into(buf, size - 99, raw[:100])
+
+
+def test_decode_in_place_views_a_writable_payload() -> None:
+    """in_place: tensors view a bytearray / mmap payload (one off its alignment is copied), with the
+    same validation as the copying decoder; bytes payloads are copied as before."""
+    state = AdapterState(OrderedDict(a=torch.arange(3, dtype=torch.uint8), b=torch.randn(4, 5), c=torch.zeros(0)), {"r": 1})
+    raw = encode_state(state)
+    for buf in (bytearray(raw), zeroed_buffer(len(raw))):
+        buf[:] = raw
+        out = decode_state(buf, schema=state.schema(), in_place=True)
+        assert out.meta == {"r": 1} and all(torch.equal(out.tensors[k], v) for k, v in state.tensors.items())
+        base = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
+        assert base <= out.tensors["a"].data_ptr() < base + len(raw)  # a view of the payload
+        assert not base <= out.tensors["b"].data_ptr() < base + len(raw)  # float32 at an odd offset: copied
+        out.tensors["a"][0] = 7
+        assert buf[len(raw) - state.tensors["b"].numel() * 4 - 3] == 7
+        for bad in (buf[:-1], buf + b"\0"):
+            with pytest.raises(ProtocolError):
+                decode_state(bytearray(bad), in_place=True)
+    copied = decode_state(raw, in_place=True)  # bytes: copied into the decoder's own buffer
+    assert torch.equal(copied.tensors["b"], state.tensors["b"])
