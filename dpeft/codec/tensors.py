@@ -284,7 +284,7 @@ class StateDecoder:
                 raise ProtocolError(f"tensor {name!r}: dtype {DTYPE_NAMES[dtype]} but expected {DTYPE_NAMES[want_dtype]}")
 
     # -- streaming ------------------------------------------------------
-    def feed(self, chunk: bytes | memoryview) -> None:
+    def feed(self, chunk: bytes | memoryview | bytearray | mmap.mmap) -> None:
         """Consume the next piece of the payload."""
         mv = memoryview(chunk)
         self.received += len(mv)
