@@ -22,7 +22,6 @@ from dpeft.codec.tensors import (
     encoded_size,
     iter_chunks,
     iter_encoded,
-    write_into,
     zeroed_buffer,
 )
 from dpeft.errors import ProtocolError
@@ -301,24 +300,9 @@ def test_fuzz_structured_headers(header: dict, data: bytes, cuts: list[int]) -> 
     decode_chunked(raw_payload(raw, data), cuts)
 
 
-@pytest.mark.parametrize("size", [1000, 3 << 20])
-def test_write_into_buffers(size: int) -> None:
-    """Small and large writes (the large ones without the GIL) land at their offset, in a
-    bytearray and in a memory-mapped buffer alike, from bytes or from typed memoryviews."""
-    buf = zeroed_buffer(size)
-    data = torch.arange(size // 8, dtype=torch.float32)
-    raw = data.numpy().tobytes()
-    write_into(buf, 4, memoryview(data.numpy()))  # a float32 view: its bytes, not its elements
-    assert bytes(buf[4 : 4 + len(raw)]) == raw and bytes(buf[:4]) == bytes(4)
-    write_into(buf, size - 100, raw[:100])
-    assert bytes(buf[size - 100 :]) == raw[:100]
-    with pytest.raises(ValueError):
-        write_into(buf, size - 99, raw[:100])
-
-
 def test_decode_in_place_views_a_writable_payload() -> None:
-    """in_place: tensors view a bytearray / mmap payload (one off its alignment is copied), with the
-    same validation as the copying decoder; bytes payloads are copied as before."""
+    """in_place: tensors view a bytearray / mmap payload, with the same validation as the copying
+    decoder; bytes payloads are copied as before."""
     state = AdapterState(OrderedDict(a=torch.arange(3, dtype=torch.uint8), b=torch.randn(4, 5), c=torch.zeros(0)), {"r": 1})
     raw = encode_state(state)
     for buf in (bytearray(raw), zeroed_buffer(len(raw))):
@@ -326,8 +310,8 @@ def test_decode_in_place_views_a_writable_payload() -> None:
         out = decode_state(buf, schema=state.schema(), in_place=True)
         assert out.meta == {"r": 1} and all(torch.equal(out.tensors[k], v) for k, v in state.tensors.items())
         base = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
-        assert base <= out.tensors["a"].data_ptr() < base + len(raw)  # a view of the payload
-        assert not base <= out.tensors["b"].data_ptr() < base + len(raw)  # float32 at an odd offset: copied
+        for k in ("a", "b"):  # views of the payload
+            assert base <= out.tensors[k].data_ptr() < base + len(raw)
         out.tensors["a"][0] = 7
         assert buf[len(raw) - state.tensors["b"].numel() * 4 - 3] == 7
         for bad in (buf[:-1], buf + b"\0"):
