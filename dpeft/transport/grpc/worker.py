@@ -243,7 +243,8 @@ class GrpcWorkerConnection(WorkerConnection):
         for a multi-GiB global), each chunk checked against its CRC-32C (CRC-32 from an older
         coordinator) and the whole against the task's ``blob_crc32c`` / ``blob_crc32`` (combined
         from the chunk CRCs) or, without either, its sha256; resumed from the offset reached
-        after a drop or a corrupted chunk."""
+        after a drop or a corrupted chunk. The previous payload's buffer is overwritten when it
+        has the same size and the caller has let go of it (:meth:`_reusable_buffer`)."""
         if self._cache is not None and self._cache[0] == task.blob_id:
             return self._cache[1]
         buf = self._reusable_buffer(task.blob_size)  # never hold two payloads at once
