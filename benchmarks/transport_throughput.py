@@ -14,7 +14,9 @@ TCP socket between two threads of the same process (``sendall`` of a memoryview,
 ``recv_into`` a preallocated buffer): the loopback ceiling for a Python process. Each size is
 measured ``--repeats`` times in this one invocation; the best time of each side is compared.
 CPU time of the process (all threads) per MiB is reported too: on a loaded machine it is the
-steadier measure of what each path costs.
+steadier measure of what each path costs. A third side, grpcio alone (:class:`BareGrpc`:
+ready-made messages streamed each way, nothing done with them), gives the ceiling of any
+protocol built on grpcio's Python API in the same conditions.
 
     python benchmarks/transport_throughput.py [--sizes 8,64,512,2560] [--repeats 3] [--chunk-mib 4] [--no-write]
 
