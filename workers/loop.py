@@ -93,25 +93,7 @@ def run_worker(
                 if item > 0:
                     time.sleep(min(item, 1.0))
                 continue
-            todo: list[tuple[TrainTask, bytes]] = []
-            for task in item:
-                if task.kind and task.kind not in WORKER_TASK_KINDS:  # a kind this worker does not know: never train instead
-                    log.warning("task %s has kind %r, which this worker does not run; refused (no reply)", task.task_id, task.kind)
-                    continue
-                prev = last.get(task.task_id)
-                if prev is not None and prev[0] == task.blob_sha256:
-                    # the same task again (a restarted coordinator re-issued it): send the result we have
-                    log.info("task %s re-issued; re-sending the update computed before", task.task_id)
-                    _push(conn, task, prev[1], prev[2], prev[3])
-                    continue
-                try:
-                    payload = conn.fetch(task)
-                except ConnectionError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - e.g. the payload of a task the coordinator already closed
-                    log.warning("cannot fetch the payload of task %s: %s", task.task_id, exc)
-                    continue
-                todo.append((task, payload))
+            todo = _fetch_payloads(conn, item, last)
             if not todo:
                 continue
             if training is not None:
@@ -125,7 +107,9 @@ def run_worker(
                 if training is not None:
                     training.clear()
             last = {task.task_id: (task.blob_sha256, *result) for (task, _), result in zip(todo, results, strict=True)}
-            for (task, _), (update, n, metrics) in zip(todo, results, strict=True):
+            # let go of the payloads before the next fetch: the connection may then reuse their buffer
+            tasks, todo = [task for task, _ in todo], []
+            for task, (update, n, metrics) in zip(tasks, results, strict=True):
                 _push(conn, task, update, n, metrics)
                 done += 1
     finally:
@@ -147,6 +131,32 @@ def _run(runtime: WorkerRuntime, todo: list[tuple[TrainTask, bytes]], stopping: 
         for i, result in zip(rest, runtime.train_tasks([todo[i] for i in rest], should_stop=stopping), strict=True):
             results[i] = result
     return [results[i] for i in range(len(todo))]
+
+
+def _fetch_payloads(
+    conn: WorkerConnection, tasks: list[TrainTask], last: dict[str, tuple[bytes, bytes, int, dict[str, float]]]
+) -> list[tuple[TrainTask, bytes]]:
+    """(task, payload) of each task to train; a task re-issued with the same payload gets the
+    update computed before re-sent instead. The payloads are referred to by the returned list
+    only (the connection reuses a download buffer nothing else refers to)."""
+    todo: list[tuple[TrainTask, bytes]] = []
+    for task in tasks:
+        if task.kind and task.kind not in WORKER_TASK_KINDS:  # a kind this worker does not know: never train instead
+            log.warning("task %s has kind %r, which this worker does not run; refused (no reply)", task.task_id, task.kind)
+            continue
+        prev = last.get(task.task_id)
+        if prev is not None and prev[0] == task.blob_sha256:
+            # the same task again (a restarted coordinator re-issued it): send the result we have
+            log.info("task %s re-issued; re-sending the update computed before", task.task_id)
+            _push(conn, task, prev[1], prev[2], prev[3])
+            continue
+        try:
+            todo.append((task, conn.fetch(task)))
+        except ConnectionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. the payload of a task the coordinator already closed
+            log.warning("cannot fetch the payload of task %s: %s", task.task_id, exc)
+    return todo
 
 
 def _push(conn: WorkerConnection, task: TrainTask, update: bytes, n: int, metrics: dict[str, float]) -> None:

@@ -173,6 +173,8 @@ class StateDecoder:
         self._file: SpoolFile | None = None
         self._size = 0
         self._filled = 0
+        self._borrowed: bytearray | mmap.mmap | None = None  # decode_in_place's payload
+        self._base = 0  # where the data region starts in self._data
         self.received = 0
 
     # -- header ---------------------------------------------------------
@@ -230,6 +232,9 @@ class StateDecoder:
         if self.spool is not None and self.spool.applies(expected_offset):
             self._file = SpoolFile(expected_offset, self.spool)
             self._data = bytearray()  # marks the header as parsed; the data goes to the file
+        elif self._borrowed is not None:  # the data stays where it is
+            self._data = self._borrowed  # type: ignore[assignment]
+            self._base = 8 + (self._header_len or 0)
         else:
             self._data = zeroed_buffer(expected_offset)  # type: ignore[assignment]
 
@@ -250,7 +255,7 @@ class StateDecoder:
                 raise ProtocolError(f"tensor {name!r}: dtype {DTYPE_NAMES[dtype]} but expected {DTYPE_NAMES[want_dtype]}")
 
     # -- streaming ------------------------------------------------------
-    def feed(self, chunk: bytes | memoryview) -> None:
+    def feed(self, chunk: bytes | memoryview | bytearray | mmap.mmap) -> None:
         """Consume the next piece of the payload."""
         mv = memoryview(chunk)
         self.received += len(mv)
@@ -278,7 +283,7 @@ class StateDecoder:
             raise ProtocolError(f"payload is longer than its header declares ({self._size} data bytes)")
         if self._file is not None:
             self._file.write(mv)
-        else:
+        elif self._borrowed is None:
             write_into(self._data, self._filled, mv)
         self._filled += len(mv)
 
@@ -311,15 +316,37 @@ class StateDecoder:
         for name, dtype, shape, start, end in self._entries:
             if end == start:
                 tensors[name] = torch.empty(shape, dtype=dtype)
-            else:
-                tensors[name] = torch.frombuffer(buf, dtype=dtype, offset=start, count=(end - start) // torch.empty((), dtype=dtype).element_size()).reshape(shape)
+                continue
+            count = (end - start) // torch.empty((), dtype=dtype).element_size()
+            tensors[name] = torch.frombuffer(buf, dtype=dtype, offset=self._base + start, count=count).reshape(shape)
         return AdapterState(tensors, self._meta)
+
+    def decode_in_place(self, payload: bytearray | mmap.mmap) -> AdapterState:
+        """The state of a whole payload held in a writable buffer, validated as :meth:`feed` and
+        :meth:`finish` do, whose tensors *view* ``payload``: no copy and no allocation (the
+        header is padded to 8 bytes, so each tensor sits at the alignment it would have in a
+        buffer of its own). They share its memory: ``payload`` must not be changed while they
+        are in use (each holds a reference to it)."""
+        self._borrowed = payload
+        self.feed(memoryview(payload))
+        return self.finish()
 
 
 def decode_state(
-    payload: bytes | memoryview, schema: Schema | None = None, limits: Limits = Limits(), allow_subset: bool = False, spool: SpoolPolicy | None = None
+    payload: bytes | memoryview | bytearray | mmap.mmap,
+    schema: Schema | None = None,
+    limits: Limits = Limits(),
+    allow_subset: bool = False,
+    spool: SpoolPolicy | None = None,
+    in_place: bool = False,
 ) -> AdapterState:
-    """Decode a whole payload at once (validating it the same way the streaming decoder does)."""
+    """Decode a whole payload at once (validating it the same way the streaming decoder does).
+
+    ``in_place``: when ``payload`` is a writable buffer (``bytearray``, ``mmap``) the tensors view
+    it instead of a copy (:meth:`StateDecoder.decode_in_place`; the caller must then leave the
+    buffer alone while they are in use); other payloads are copied as usual."""
     dec = StateDecoder(schema, limits, allow_subset, spool)
+    if in_place and spool is None and isinstance(payload, bytearray | mmap.mmap):
+        return dec.decode_in_place(payload)
     dec.feed(payload)
     return dec.finish()

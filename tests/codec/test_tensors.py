@@ -13,7 +13,17 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpeft.codec.tensors import DTYPES, Limits, StateDecoder, decode_state, encode_state, encoded_size, iter_chunks, iter_encoded
+from dpeft.codec.tensors import (
+    DTYPES,
+    Limits,
+    StateDecoder,
+    decode_state,
+    encode_state,
+    encoded_size,
+    iter_chunks,
+    iter_encoded,
+    zeroed_buffer,
+)
 from dpeft.errors import ProtocolError
 from dpeft.state import AdapterState
 
@@ -288,3 +298,24 @@ def test_fuzz_structured_headers(header: dict, data: bytes, cuts: list[int]) -> 
     except ValueError:
         return
     decode_chunked(raw_payload(raw, data), cuts)
+
+
+def test_decode_in_place_views_a_writable_payload() -> None:
+    """in_place: tensors view a bytearray / mmap payload, with the same validation as the copying
+    decoder; bytes payloads are copied as before."""
+    state = AdapterState(OrderedDict(a=torch.arange(3, dtype=torch.uint8), b=torch.randn(4, 5), c=torch.zeros(0)), {"r": 1})
+    raw = encode_state(state)
+    for buf in (bytearray(raw), zeroed_buffer(len(raw))):
+        buf[:] = raw
+        out = decode_state(buf, schema=state.schema(), in_place=True)
+        assert out.meta == {"r": 1} and all(torch.equal(out.tensors[k], v) for k, v in state.tensors.items())
+        base = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
+        for k in ("a", "b"):  # views of the payload
+            assert base <= out.tensors[k].data_ptr() < base + len(raw)
+        out.tensors["a"][0] = 7
+        assert buf[len(raw) - state.tensors["b"].numel() * 4 - 3] == 7
+        for bad in (buf[:-1], buf + b"\0"):
+            with pytest.raises(ProtocolError):
+                decode_state(bytearray(bad), in_place=True)
+    copied = decode_state(raw, in_place=True)  # bytes: copied into the decoder's own buffer
+    assert torch.equal(copied.tensors["b"], state.tensors["b"])

@@ -19,6 +19,7 @@ the default run, checkpoints and tools that speak the plain format are unaffecte
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -180,9 +181,13 @@ class RunCodecs:
         """:meth:`encode_global` as zero-copy pieces (to spool a large global to a file)."""
         return iter_encoded(state if is_plain(self.down) else self.down.encode(state))
 
-    def decode_global(self, payload: bytes | memoryview) -> AdapterState:
-        """Worker side of :meth:`encode_global` (the coordinator is the trusted side here)."""
-        wire = decode_state(payload)
+    def decode_global(self, payload: bytes | memoryview | bytearray | mmap.mmap) -> AdapterState:
+        """Worker side of :meth:`encode_global` (the coordinator is the trusted side here).
+
+        A payload in a writable buffer (a gRPC worker's download buffer) is decoded in place: the
+        tensors view the buffer, no second copy of the global is made. The worker's connection
+        overwrites that buffer with the next download only once nothing refers to it."""
+        wire = decode_state(payload, in_place=True)
         if is_plain(self.down) and META_KEY not in wire.meta:
             return wire
         if META_KEY not in wire.meta:

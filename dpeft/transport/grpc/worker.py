@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import logging
 import mmap
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -242,11 +243,13 @@ class GrpcWorkerConnection(WorkerConnection):
         for a multi-GiB global), each chunk checked against its CRC-32C (CRC-32 from an older
         coordinator) and the whole against the task's ``blob_crc32c`` / ``blob_crc32`` (combined
         from the chunk CRCs) or, without either, its sha256; resumed from the offset reached
-        after a drop or a corrupted chunk."""
+        after a drop or a corrupted chunk. The previous payload's buffer is overwritten when it
+        has the same size and the caller has let go of it (:meth:`_reusable_buffer`)."""
         if self._cache is not None and self._cache[0] == task.blob_id:
             return self._cache[1]
-        self._cache = None  # never hold two payloads at once
-        buf = zeroed_buffer(task.blob_size)
+        buf = self._reusable_buffer(task.blob_size)  # never hold two payloads at once
+        if buf is None:
+            buf = zeroed_buffer(task.blob_size)
         algo = wire_crc(task)
         crc_fn, poly, use_c = algo.fn, algo.poly, algo == CRC32C
         expected = task.blob_crc32c if use_c else task.blob_crc32
@@ -296,6 +299,24 @@ class GrpcWorkerConnection(WorkerConnection):
             raise ProtocolError(f"payload {algo.name} mismatch")
         self._cache = (task.blob_id, buf)
         return buf
+
+    def _reusable_buffer(self, size: int) -> bytearray | mmap.mmap | None:
+        """The previous payload's buffer, to be overwritten by the next download, when it has
+        ``size`` bytes and nothing but this connection refers to it (no caller variable, no
+        tensor or memoryview viewing it: each of those holds a reference); else None (the old
+        buffer is let go first, so two payloads are never held by this connection).
+
+        Every round's global adapter has the same size: reusing its buffer spares the download
+        the kernel's page faults of fresh memory, which cost more than the copy itself."""
+        cached, self._cache = self._cache, None
+        if cached is None:
+            return None
+        old = cached[1]
+        del cached
+        # references to ``old`` now: this frame's and getrefcount's argument
+        if isinstance(old, mmap.mmap | bytearray) and len(old) == size and sys.getrefcount(old) == 2:
+            return old
+        return None
 
     def query_upload(self, task_id: str) -> int:
         """Bytes of our upload of ``task_id`` the coordinator holds (where to resume)."""
