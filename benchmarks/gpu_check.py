@@ -2,11 +2,12 @@
 
     python benchmarks/gpu_check.py [--out DIR] [--only NAME,NAME] [--budget 540] [--timeout 150]
 
-Each check is one tiny real run (SmolLM2, its first 2 layers, 32-token sequences, 1 round of 1-2
+Each check is one tiny real run (SmolLM2, its first 2 layers, 32-token sequences, 1 round of 2
 steps) in a subprocess with a time limit: two ``dpeft simulate`` worker processes sharing one
-GPU, bf16 training, a 4-bit (nf4) base, lockstep clients, generation scoring, an all-reduce of
-two ranks over NCCL (``aggregation=allreduce``), two Ray actors on half a GPU each
-(``ray.num_gpus=0.5``) and the split cloud on the GPU. Each is reported PASS, FAIL or SKIP with
+GPU, bf16 training, a 4-bit (nf4) base, lockstep clients (on MiniLM: lockstep trains
+classifiers), generation scoring, an all-reduce of two ranks over NCCL
+(``aggregation=allreduce``), two Ray actors on half a GPU each (``ray.num_gpus=0.5``) and the
+split cloud on the GPU. Each is reported PASS, FAIL or SKIP with
 the reason and its time. A run passes when it exits 0, writes its metrics, and (when nvidia-smi
 can tell) the GPU's memory rose above its idle level while it ran. Without a CUDA GPU every
 check is SKIP at once; a check whose config keys this dpeft does not have is SKIP with the
@@ -45,6 +46,19 @@ TINY = [
     "data.test_examples=16",
     "eval.generate=false",
 ]
+#: lockstep's task: the default MiniLM classifier, base dropout off (lockstep needs it)
+SMALL_CLS = [
+    "model.name=minilm",
+    "model.max_length=32",
+    "model.dropout=0",
+    "rounds=1",
+    "clients=4",
+    "clients_per_round=2",
+    "train.local_steps=2",
+    "train.batch_size=8",
+    "data.max_train_examples=400",
+    "data.test_examples=32",
+]
 CUDA = ["train.device=cuda", "eval.device=cuda"]
 
 
@@ -77,9 +91,9 @@ CHECKS = [
     ),
     Check(
         "lockstep",
-        "two clients trained in lockstep on the GPU",
+        "MiniLM classifier, two clients trained in lockstep on the GPU (lockstep trains seq_cls models)",
         ["simulate", "--fresh"],
-        [*TINY, *CUDA, "simulate.processes=1", "train.lockstep=true"],
+        [*SMALL_CLS, *CUDA, "simulate.processes=1", "train.lockstep=true"],
     ),
     Check(
         "generate",
@@ -270,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
         "| --- | --- | --- | --- | --- |",
         *(f"| {c.name} | {c.what} | {s} | {t:.0f} | {d} |" for c, s, t, d in rows),
         "",
-        "Each run: `dpeft <command> run_dir=... " + " ".join(TINY) + "` plus the check's own keys; its output is in "
+        "Each run: `dpeft <command> run_dir=... "
+        + " ".join(TINY)
+        + "` (lockstep: MiniLM, `"
+        + " ".join(SMALL_CLS)
+        + "`) plus the check's own keys; its output is in "
         "`gpu_check_logs/<check>.log`.",
     ]
     text = "\n".join(lines)
