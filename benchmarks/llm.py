@@ -188,6 +188,7 @@ def run_dpeft(overrides: list[str], tmp: str, name: str, gpu: bool, timeout: flo
         "wall_s": wall,
         "rounds_s": [r["wall_s"] - r.get("eval_s", 0.0) for r in rows],
         "sampled": [r["sampled"] for r in rows],
+        "compute_s": [r.get("client_compute_s", 0.0) for r in rows],
         "rss": mem.peak_rss,
         "pss": mem.peak_pss,
         "gpu": mem.peak_gpu,
@@ -211,8 +212,8 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB" if n else "-"
 
 
-def throughput_rows(results: dict[str, dict[str, Any]], gpu: bool) -> list[str]:
-    head = "| variant | side | tokens/s (rounds, no eval) | vs floor | round time s (mean) | wall s | peak RSS, tree | peak PSS, tree | base footprint | footprint vs fp32 |"
+def throughput_rows(results: dict[str, dict[str, Any]], gpu: bool, processes: int) -> list[str]:
+    head = "| variant | side | tokens/s (rounds, no eval) | vs floor | round time s (mean) | dpeft's own s / round | wall s | peak RSS, tree | peak PSS, tree | base footprint | footprint vs fp32 |"
     if gpu:
         head += " GPU mem, tree (nvidia-smi) | floor max_memory_allocated |"
     cols = head.count("|") - 1
@@ -234,8 +235,13 @@ def throughput_rows(results: dict[str, dict[str, Any]], gpu: bool) -> list[str]:
             ("plain loop (floor)", fl_tps, fl, "1"),
         ):
             wall = run.get("wall_s") if side.startswith("dpeft") else run["outer_wall_s"]
+            own = (
+                ""
+                if "compute_s" not in run
+                else f"{(sum(run['rounds_s']) - sum(run['compute_s']) / processes) / len(run['rounds_s']):.2f}"
+            )
             row = (
-                f"| {name} | {side} | {tps:,.0f} | {ratio} | {sum(run['rounds_s']) / len(run['rounds_s']):.2f} | {wall:.1f} "
+                f"| {name} | {side} | {tps:,.0f} | {ratio} | {sum(run['rounds_s']) / len(run['rounds_s']):.2f} | {own} | {wall:.1f} "
                 f"| {mib(run['rss'])} | {mib(run['pss'])} | {mib(foot)} | {foot_ratio} |"
             )
             if gpu:
@@ -429,7 +435,12 @@ def report(
             "",
             note
             + f" 1-min load average {load_start:.1f} at the start, {load_end:.1f} at the end"
-            + (" (other work shared the cores: times are inflated, ratios less so, runs were back to back)." if busy else ".")
+            + (
+                " (other work shared the cores: times are inflated, and runs made minutes apart saw different load, so a "
+                "ratio of two runs can be off either way; dpeft's own time per round is measured within one run)."
+                if busy
+                else "."
+            )
             + f" Total {total_s / 60:.1f} min.",
             "",
             f"Task: {cfg.model.name} ({f'first {cfg.model.layers} layers' if cfg.model.layers else 'all layers'}), causal LM, LoRA r={cfg.adapter.r} on "
@@ -440,11 +451,13 @@ def report(
             "",
             *target_rows(results, reloads),
             "",
-            *throughput_rows(results, gpu),
+            *throughput_rows(results, gpu, cfg.simulate.processes),
             "",
             "Tokens are the real (non-padding) tokens of the batches trained, the same on both sides (same clients, batch "
             "schedules and steps); the time is the rounds' without evaluation (dpeft: `wall_s - eval_s` of each round: "
-            "dispatch, training, upload, aggregation; the floor: its training and FedAvg). RSS sums count pages shared "
+            "dispatch, training, upload, aggregation; the floor: its training and FedAvg). dpeft's own time per round is "
+            "that minus the workers' training time (`client_compute_s`) / processes: what the framework adds, measured "
+            "within one run, so other load on the machine moves it less than the ratio of two runs. RSS sums count pages shared "
             "between dpeft's coordinator and its forked workers (the base model) once per process; PSS splits them. The "
             "base footprint is the model's parameters and buffers (`get_memory_footprint`, LoRA included).",
         ]
