@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/worker_memory.py
 	$(PY) benchmarks/multi_lora.py
 	$(PY) benchmarks/flower/compare.py
+	$(PY) benchmarks/llm.py --variants fp32,bf16,nf4
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
