@@ -171,10 +171,13 @@ class Started:
                         pass
                     if child.pid not in self.descendants:
                         self.descendants[child.pid] = child
+                    if "worker" not in self.cmdlines.get(child.pid, []):
+                        # read again until it is a worker's: a child seen between its fork and its
+                        # exec still shows the parent's command line
                         try:
                             self.cmdlines[child.pid] = child.cmdline()
                         except psutil.Error:
-                            self.cmdlines[child.pid] = []
+                            self.cmdlines.setdefault(child.pid, [])
             except psutil.NoSuchProcess:
                 return
             if self.popen.poll() is not None:
