@@ -9,6 +9,7 @@ what commands call. Errors raise :class:`~dpeft.errors.ConfigError` naming the d
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import sys
 import types
@@ -21,6 +22,9 @@ import yaml
 from dpeft.config.checks import check_core
 from dpeft.config.schema import RunConfig
 from dpeft.errors import ConfigError
+
+#: a top-level section given a single word means this field of it (``strategy=fedadam`` is ``strategy.name=fedadam``)
+SHORTHANDS = {"strategy": "name", "sync": "name", "codec": "up", "model": "name", "adapter": "method", "data": "dataset"}
 
 _SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -86,13 +90,21 @@ def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"{prefix}{key}", f"unknown key (known: {', '.join(sorted(names))})")
+            raise ConfigError(f"{prefix}{key}", f"unknown key{did_you_mean(key, names)} (known: {', '.join(sorted(names))})")
         tp = hints[key]
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            if not prefix and isinstance(value, str) and key in SHORTHANDS:
+                value = {SHORTHANDS[key]: value}
             kwargs[key] = build_section(tp, value if value is not None else {}, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(f"{prefix}{key}", value, tp)
     return cls(**kwargs)
+
+
+def did_you_mean(word: str, known: typing.Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest known spelling of a mistyped ``word`` ('' when none is close)."""
+    close = difflib.get_close_matches(word, sorted(known), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -113,8 +125,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def merge_override(tree: dict[str, Any], path: list[str], value: Any, key: str | None = None) -> None:
     """Set ``tree[path[0]]...[path[-1]] = value``, creating sections; ``key`` names it in errors."""
     node = tree
-    for part in path[:-1]:
+    if len(path) == 1 and path[0] in SHORTHANDS and isinstance(value, str) and isinstance(tree.get(path[0]), dict):
+        # ``strategy=fedadam`` after ``strategy.server_lr=0.1``: names the section's choice, keeps the rest
+        tree[path[0]] = {**tree[path[0]], SHORTHANDS[path[0]]: value}
+        return
+    for i, part in enumerate(path[:-1]):
         child = node.get(part)
+        if i == 0 and part in SHORTHANDS and isinstance(child, str):
+            child = node[part] = {SHORTHANDS[part]: child}  # a shorthand given before the section's keys
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
