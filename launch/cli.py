@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
 #: Subcommands that live in their own modules: each has ``add_parser(subparsers)`` (setting
 #: ``set_defaults(extension=module_name)``) and ``run(args) -> int``.
-EXTENSIONS = ("dpeft_launch.split_cli", "dpeft_launch.ray_cli")
+EXTENSIONS = ("dpeft_launch.split_cli", "dpeft_launch.ray_cli", "dpeft_launch.config_cli")
 
 
 def _extension_modules() -> list:

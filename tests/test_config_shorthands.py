@@ -52,3 +52,26 @@ def test_a_mistyped_key_gets_a_suggestion(override: str, key: str, suggestion: s
         assert "did you mean" not in text
     else:
         assert f"did you mean {suggestion!r}?" in text
+
+
+def _dpeft(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "dpeft_launch.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_config_show_and_validate(tmp_path) -> None:
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text("strategy: fedadam\nrounds: 3\n")
+    shown = _dpeft("config", "show", str(path), "strategy.server_lr=0.05")
+    assert shown.returncode == 0, shown.stderr
+    tree = yaml.safe_load(shown.stdout)
+    assert tree["rounds"] == 3 and tree["strategy"]["name"] == "fedadam" and tree["strategy"]["server_lr"] == 0.05
+    assert tree["train"]["lr"] == 2e-3  # defaults filled in
+    ok = _dpeft("config", "validate", "--config", str(path))
+    assert (ok.returncode, ok.stdout.strip()) == (0, "ok")
+    bad = _dpeft("config", "validate", str(path), "sync.deadline_s=-1")
+    assert bad.returncode == 2 and "sync.deadline_s" in bad.stderr and "Traceback" not in bad.stderr
