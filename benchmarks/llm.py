@@ -45,6 +45,7 @@ import psutil
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from gpu_check import config_problem  # noqa: E402
 from results import machine_note, write_section  # noqa: E402
 
 #: the task: full SmolLM2 (30 layers), short sequences, few steps; fits 2 CPU cores in minutes
@@ -157,18 +158,6 @@ def run_measured(cmd: list[str], gpu: bool, timeout: float) -> tuple[subprocess.
             out, err = proc.communicate()
             err += f"\ntimed out after {timeout:.0f} s"
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.time() - t0, sampler
-
-
-def config_problem(overrides: list[str]) -> str | None:
-    """The config error these overrides give (shortened to one line), or None when they load."""
-    from dpeft.errors import DpeftError
-    from dpeft.validate import load_config
-
-    try:
-        load_config(None, overrides)
-    except DpeftError as exc:
-        return str(exc).split(" (known:")[0].removeprefix("config error: ")
-    return None
 
 
 def last_error(text: str) -> str:

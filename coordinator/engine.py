@@ -191,15 +191,9 @@ class RoundEngine:
             if key not in variants:
                 state = self.strategy.client_state(self.global_state, c)
                 state = AdapterState(state.tensors, {**self.global_state.meta, "round": round_num})
-                payload = self._encode_global(state)
-                if isinstance(payload, SpooledBlob):
-                    digest, crc = payload.sha256, payload.crc32
-                else:
-                    digest, crc = hashlib.sha256(payload).digest(), zlib.crc32(payload)
-                blob_id = f"r{round_num}-{digest.hex()[:16]}"
-                transport.publish_blob(blob_id, payload)
-                published += len(payload)
-                variants[key] = (blob_id, len(payload), digest, state.schema(), crc)
+                blob_id, size, digest, crc = self.publish_state(transport, state, f"r{round_num}")
+                published += size
+                variants[key] = (blob_id, size, digest, state.schema(), crc)
             blob_id, size, digest, client_schema, crc = variants[key]
             task = TrainTask(
                 task_id=f"r{round_num}{tag}-c{c}-{hashlib.sha256(f'{self.cfg.seed}/{round_num}{tag}/{c}/{self.run_dir}'.encode()).hexdigest()[:8]}",
@@ -214,6 +208,19 @@ class RoundEngine:
             tasks.append(task)
             self.ledger.register(task, update_schema(client_schema, hp), self.round, now)
         return tasks, published
+
+    def publish_state(self, transport: CoordinatorTransport, state: AdapterState, prefix: str) -> tuple[str, int, bytes, int]:
+        """Encode ``state`` with the down codec and publish it: (blob id, size, sha256, crc32).
+
+        The blob id is ``prefix`` plus the payload's digest, so equal payloads share one id."""
+        payload = self._encode_global(state)
+        if isinstance(payload, SpooledBlob):
+            digest, crc = payload.sha256, payload.crc32
+        else:
+            digest, crc = hashlib.sha256(payload).digest(), zlib.crc32(payload)
+        blob_id = f"{prefix}-{digest.hex()[:16]}"
+        transport.publish_blob(blob_id, payload)
+        return blob_id, len(payload), digest, crc
 
     def _encode_global(self, state: AdapterState) -> Blob:
         """The payload of ``state``: bytes, or for an adapter of ``transport.spool_bytes`` and more a

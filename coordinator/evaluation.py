@@ -19,11 +19,9 @@ import hashlib
 import logging
 import math
 import time
-import zlib
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from dpeft.codec.spool import SpooledBlob
 from dpeft.codec.tensors import Limits, StateDecoder
 from dpeft.errors import RejectedUpdate
 from dpeft.rounds.fedeval import EVALUATE, FedEvalTally, eval_sample_size, eval_wait_s, sample_eval_clients
@@ -149,14 +147,9 @@ class FederatedEvaluator:
             key = strategy.client_key(c)
             if key not in variants:
                 client_state = strategy.client_state(state, c)
-                payload = engine._encode_global(AdapterState(client_state.tensors, {**state.meta, "round": round_num}))
-                if isinstance(payload, SpooledBlob):
-                    digest, crc = payload.sha256, payload.crc32
-                else:
-                    digest, crc = hashlib.sha256(payload).digest(), zlib.crc32(payload)
-                blob_id = f"e{round_num}-{digest.hex()[:16]}"
-                transport.publish_blob(blob_id, payload)
-                variants[key] = (blob_id, len(payload), digest, crc)
+                variants[key] = engine.publish_state(
+                    transport, AdapterState(client_state.tensors, {**state.meta, "round": round_num}), f"e{round_num}"
+                )
             blob_id, size, digest, crc = variants[key]
             tag = hashlib.sha256(f"{self.cfg.seed}/{round_num}e/{c}/{engine.run_dir}".encode()).hexdigest()[:8]
             task = TrainTask(f"r{round_num}e-c{c}-{tag}", round_num, c, blob_id, size, digest, hp, blob_crc32=crc, kind=EVALUATE)
