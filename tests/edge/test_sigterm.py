@@ -32,7 +32,7 @@ def test_sigterm_worker_then_coordinator(tiny_model: Path, tmp_path: Path) -> No
         w0 = worker("w0")
         _until(admin.busy("w0"), 180, "w0 to hold a task", procs)
         w0.p.send_signal(signal.SIGTERM)
-        assert w0.wait(30) == 0, w0.text()[-2000:]
+        assert w0.wait(90) == 0, w0.text()[-2000:]
         assert "stopped by SIGTERM" in w0.text()
         _until(lambda: "event=worker_left worker=w0 requeued=1" in coord.text(), 10, "w0's goodbye", procs)
 
@@ -42,7 +42,7 @@ def test_sigterm_worker_then_coordinator(tiny_model: Path, tmp_path: Path) -> No
         t0 = time.time()
         coord.p.send_signal(signal.SIGTERM)
         assert coord.wait(60) == 130, coord.text()[-2000:]
-        assert w1.wait(30) == 0, w1.text()[-2000:]
+        assert w1.wait(90) == 0, w1.text()[-2000:]
         assert time.time() - t0 < 30
         text = coord.text()
         assert 'event=shutdown reason="coordinator stopping"' in text and "event=worker_left worker=w1" in text
