@@ -205,6 +205,26 @@ class SimulateConfig:
 
 
 @dataclass(kw_only=True)
+class PrivacyConfig:
+    """Differential privacy and secure aggregation of client updates."""
+
+    mode: str = _f(
+        "none",
+        "none; central (user-level DP-FedAvg: each client's update clipped to privacy.clip_norm, Gaussian noise of noise_multiplier x clip added to the aggregate); local (record-level DP-SGD on each client, per-sample gradients of the adapter clipped and noised)",
+    )
+    clip_norm: float = _f(1.0, "central: bound on the L2 norm of each client's update (the initial bound with adaptive clipping); local: bound on each example's gradient norm")
+    clipping: str = _f("client", "central: where updates are clipped: client (before they leave the worker) or server (the coordinator clips what it receives)")
+    adaptive_clipping: bool = _f(False, "central: the clip norm follows privacy.target_quantile of the clients' update norms (Andrew et al. 2021), with its own noise on the clipped counts")
+    target_quantile: float = _f(0.5, "adaptive clipping: fraction of updates meant to fall under the clip norm")
+    clip_lr: float = _f(0.2, "adaptive clipping: geometric step size of the clip norm per round")
+    noise_multiplier: float | None = _f(None, "Gaussian noise standard deviation as a multiple of the clip norm; null = derived from privacy.target_epsilon over the planned rounds")
+    delta: float = _f(1e-5, "delta of the (epsilon, delta) guarantee the accountant reports")
+    target_epsilon: float | None = _f(None, "privacy budget: derive noise_multiplier for the planned rounds (when it is null), or stop the run cleanly before a round would exceed it")
+    accountant: str = _f("rdp", "privacy accountant (Google dp-accounting): rdp or pld")
+    secure_aggregation: bool = _f(False, "SecAgg+: workers mask their (weighted, quantised) updates so the coordinator only learns the sum of the surviving clients' updates")
+
+
+@dataclass(kw_only=True)
 class TransportConfig:
     """Wire settings."""
 
@@ -318,5 +338,6 @@ class RunConfig:
     transport: TransportConfig = field(default_factory=TransportConfig, metadata={"help": "wire"})
     auth: AuthConfig = field(default_factory=AuthConfig, metadata={"help": "TLS and worker tokens"})
     codec: CodecConfig = field(default_factory=CodecConfig, metadata={"help": "update codecs"})
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig, metadata={"help": "differential privacy and secure aggregation"})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "`dpeft ray` cluster and actors"})
     split: SplitConfig = field(default_factory=SplitConfig, metadata={"help": "`dpeft split` cloud/edge training"})
