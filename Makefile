@@ -3,8 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: install run test lint proto bench clean
+.PHONY: install run test lint docs proto bench clean
 
 $(STAMP): pyproject.toml requirements-embedded.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 2; }
@@ -29,6 +30,15 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
+# The documentation site (mkdocs.yml, pages under docs/) in strict mode: a broken link, a missing
+# page or a page left out of the navigation fails the build. Output in site/.
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
 
@@ -44,4 +54,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/llm.py --variants fp32,bf16,nf4
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site dist build

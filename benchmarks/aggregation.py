@@ -203,7 +203,7 @@ def main() -> None:
         "`add_`'s 12, so even a fused kernel would stop near 0.6x; torch on CPU has no fused mixed-dtype add, so the "
         "fold casts each block of the update into a cache-resident float64 scratch, then adds it (two kernels, "
         "the cast's read of the update does not overlap the add's traffic). The float32 accumulator is the "
-        "baseline's own `add_` (its rounding depends on the arrival order; see the strategies section of the README).",
+        "baseline's own `add_` (its rounding depends on the arrival order; see the strategies page of the documentation).",
     ]
     if mem:
         lines += [

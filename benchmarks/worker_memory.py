@@ -91,7 +91,7 @@ def main() -> None:
             "mmap threshold grows to the largest block freed, so every activation ends up in the heap: a worker's heap "
             "settles near twice its live activations. The tcache is a start-up tunable, so dpeft's training commands start "
             "themselves again once with it off. A fixed mmap threshold (`train.worker_mmap_threshold_kib`, off by default) "
-            "hands large blocks back at once, paid for in page faults when they are allocated again (README, \"Worker memory\").",
+            "hands large blocks back at once, paid for in page faults when they are allocated again (documentation: \"GPUs, precision and memory\", worker memory).",
         ]
     )
     if not args.no_write:

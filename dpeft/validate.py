@@ -179,7 +179,7 @@ FamilyRows = Callable[[], list[str]]
 
 
 def reference_markdown() -> str:
-    """A markdown table of every key with its default and help, for the README."""
+    """A markdown table of every key with its default and help: the config reference (docs/reference/config.md)."""
     families: dict[str, FamilyRows] = {
         "strategy.options": lambda: _family_rows(
             "strategy.options", {n: r.options for n, r in sorted(registered_strategies().items())}, "strategies"

@@ -242,7 +242,7 @@ def _certs(args: argparse.Namespace) -> int:
         paths.append(Path(path))
     for p in paths:
         print(p)
-    print("test certificates only: see the README section 'Edge workers' for real deployments", file=sys.stderr)
+    print("test certificates only: see the documentation's 'Deploy edge workers' guide for real deployments", file=sys.stderr)
     return 0
 
 

@@ -143,7 +143,7 @@ def main() -> None:
         "a 2-CPU Ray backend; dpeft: `simulate.processes=2`, forked from the coordinator once it has loaded the model and data), server-side evaluation with 2 threads. Flower's actors "
         "cache the model and data across rounds. The accuracies agree up to float rounding because the work is the same; "
         "the differences in time and memory are the frameworks'. dpeft's training commands start with "
-        f"`GLIBC_TUNABLES={LEAN_TUNABLES}` (glibc's per-thread cache of small blocks off; README, \"Worker memory\"); the extra Flower row gives Flower's "
+        f"`GLIBC_TUNABLES={LEAN_TUNABLES}` (glibc's per-thread cache of small blocks off; documentation, \"GPUs, precision and memory\"); the extra Flower row gives Flower's "
         "processes the same tunables, to show what of the memory gap is that setting.",
     ]
     if any(fl["stray"] for _n, _o, fl, _d, _l in results):

@@ -1,7 +1,7 @@
 """The run configuration's schema: nested keyword-only dataclasses, one per section.
 
-Every field has a default and a one-line help string (``metadata["help"]``); the README's
-config reference is generated from these (``python -m dpeft.config``). Sections whose content
+Every field has a default and a one-line help string (``metadata["help"]``); the config
+reference (``docs/reference/config.md``, ``python -m dpeft.config``) is generated from these. Sections whose content
 depends on a registered implementation (``strategy.options``, ``codec.options``) stay plain
 mappings here; each family parses them into its own typed options (see :mod:`dpeft.validate`).
 """

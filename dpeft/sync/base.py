@@ -90,7 +90,7 @@ def check_coordinated(run_cfg: RunConfig) -> None:
         raise ConfigError(
             "aggregation",
             "allreduce sums the updates among the workers' process group, without a coordinator: run it with "
-            "`dpeft simulate`, `dpeft ray` or `torchrun -m dpeft_launch.torchrun_allreduce` (README: Cluster scale)",
+            "`dpeft simulate`, `dpeft ray` or `torchrun -m dpeft_launch.torchrun_allreduce` (see the documentation's 'All-reduce with torchrun' guide)",
         )
 
 

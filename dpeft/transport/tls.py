@@ -5,7 +5,7 @@ present a certificate signed by it). Worker: the CA that signed the server certi
 the system roots), optionally its own certificate and key for mutual TLS.
 
 The certificates :func:`make_test_certs` writes are for trying things out; for a real
-deployment use certificates from your own CA or an ACME CA (see the README, "Edge workers").
+deployment use certificates from your own CA or an ACME CA (see the documentation, "Deploy edge workers": docs/guides/edge.md).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def make_test_certs(out: str | os.PathLike[str], hosts: list[str] | None = None,
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     except ImportError:  # pragma: no cover - cryptography is a dependency
-        raise ConfigError("certs", "needs the 'cryptography' package (or use the openssl recipe in the README section 'Edge workers')") from None
+        raise ConfigError("certs", "needs the 'cryptography' package (or use the openssl recipe in the documentation's 'Deploy edge workers' guide)") from None
 
     hosts = hosts or ["localhost", "127.0.0.1"]
     client_names = client_names or ["client"]

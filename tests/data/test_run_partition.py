@@ -112,7 +112,7 @@ def test_partition_auto(overrides: list[str], expected: str) -> None:
 
 
 def test_readme_causal_lm_example_loads_and_partitions() -> None:
-    """The README's causal-LM line with a small training set: split IID among the 10 default clients."""
+    """The getting-started guide's causal-LM line with a small training set: split IID among the 10 default clients."""
     cfg = load_config(None, ["model.name=smollm2", "model.task=causal_lm", "data.max_train_examples=64"])
     data = load_run_data(cfg)
     assert data.format == "text" and data.train.responses is None
