@@ -124,8 +124,8 @@ def section(results: dict[str, list[dict]], times: dict[str, float], args: argpa
     lines += [
         "",
         f"The median, the trimmed mean (beta 0.2 trims {int(0.2 * args.clients)} of {args.clients} per end and coordinate) and "
-        "Krum / Multi-Krum (f 2 needs at least 2f+3 = 7 updates per round, hence every client every round) are the rules "
-        "the strategies issue asks for; "
+        "Krum / Multi-Krum (f 2 needs at least 2f+3 = 7 updates per round, hence every client every round) are dpeft's "
+        "robust rules; "
         "with x100 garbage one attacker alone is enough to wreck the weighted mean. Krum keeps a single client's update "
         "per round, which on a non-IID split costs accuracy even without attackers; Multi-Krum averages the n - f best.",
         "",
