@@ -1,0 +1,99 @@
+"""Plug-ins: user modules that register strategies, sync policies, codecs, dataset loaders and local losses.
+
+A plug-in is an ordinary Python module whose import registers implementations with the
+decorators of each family (:func:`~dpeft.strategies.base.register_strategy`,
+:func:`~dpeft.sync.base.register_policy`, :func:`~dpeft.codec.updates.registry.register_codec`,
+:func:`~dpeft.data.loaders.register_dataset`, :func:`~dpeft.train.losses.register_loss`). A run
+selects them by name in its config, exactly like the built-ins.
+
+Plug-ins are imported:
+
+- from the config's ``plugins:`` list (``plugins: [my_module]``, ``--plugin my_module`` on the
+  command line), whenever a config is loaded: by the coordinator, and again by every worker that
+  receives the config (spawned simulate workers, edge workers, Ray actors), before the config's
+  names are checked;
+- from the Python entry point group ``dpeft.plugins`` of installed distributions
+  (``[project.entry-points."dpeft.plugins"] my_plugin = "my_package.dpeft_plugin"``), once per process.
+
+A module that cannot be imported is a config error naming ``plugins`` (exit 2).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterable
+from importlib import metadata
+from typing import Any
+
+from dpeft.errors import ConfigError
+
+#: entry point group whose modules every process imports before it reads a config
+ENTRY_POINT_GROUP = "dpeft.plugins"
+
+_entry_points_loaded = False
+
+
+def plugin_names(value: Any, key: str = "plugins") -> list[str]:
+    """The module names of a config's ``plugins`` value (a list of names, one name, or null)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(key, f"must be a list of importable module names, got {value!r}")
+    return [v.strip() for v in value]
+
+
+def import_plugin(name: str, key: str = "plugins") -> None:
+    """Import plug-in module ``name`` (a no-op when it already is); a config error naming ``key`` if it cannot be."""
+    if name in sys.modules:
+        return
+    try:
+        importlib.import_module(name)
+    except ConfigError:
+        raise
+    except ImportError as exc:
+        missing = f" (no module named {exc.name!r})" if exc.name else ""
+        raise ConfigError(
+            key, f"cannot import plug-in module {name!r}{missing}; put it on PYTHONPATH or install it (sys.path[0] is {sys.path[0]!r})"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - a broken plug-in: one line naming it, not a traceback
+        raise ConfigError(key, f"plug-in module {name!r} failed to import: {type(exc).__name__}: {exc}") from None
+
+
+def load_entry_points() -> list[str]:
+    """Import every module of the ``dpeft.plugins`` entry point group (once per process); their names."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return []
+    _entry_points_loaded = True
+    names = []
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as exc:  # noqa: BLE001 - one line naming the entry point
+            raise ConfigError("plugins", f"entry point {ep.name!r} ({ep.value}) of group {ENTRY_POINT_GROUP} failed to load: {type(exc).__name__}: {exc}") from None
+        names.append(ep.value)
+    return names
+
+
+def load_plugins(modules: Iterable[str] = (), *, entry_points: bool = True) -> None:
+    """Import the ``dpeft.plugins`` entry points (when ``entry_points``) and the named plug-in modules."""
+    if entry_points:
+        load_entry_points()
+    for name in modules:
+        import_plugin(name)
+
+
+def replaces_same_definition(old: object, new: object) -> bool:
+    """Whether ``new`` is the same definition as the registered ``old`` run again (a reloaded
+    module, a notebook cell executed twice): same module and qualified name. Registries accept
+    that as a replacement and refuse any other second registration of a name."""
+    return (getattr(old, "__module__", None), getattr(old, "__qualname__", None)) == (
+        getattr(new, "__module__", None),
+        getattr(new, "__qualname__", None),
+    )
+
+
+__all__ = ["ENTRY_POINT_GROUP", "import_plugin", "load_entry_points", "load_plugins", "plugin_names", "replaces_same_definition"]
