@@ -66,7 +66,40 @@ _EXPORTS: dict[str, str] = {
     "run_worker": "dpeft_launch.api",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AdapterConfig",
+    "AdapterState",
+    "ConfigError",
+    "DataConfig",
+    "DataError",
+    "DpeftError",
+    "LossContext",
+    "ModelConfig",
+    "RunConfig",
+    "RunResult",
+    "SimulateConfig",
+    "Strategy",
+    "StrategyConfig",
+    "StrategyOptions",
+    "SyncConfig",
+    "SyncPolicy",
+    "TextDataset",
+    "TrainConfig",
+    "UpdateCodec",
+    "config_from_dict",
+    "dump_config",
+    "load_config",
+    "load_plugins",
+    "option",
+    "register_codec",
+    "register_dataset",
+    "register_loss",
+    "register_policy",
+    "register_strategy",
+    "run_worker",
+    "serve",
+    "simulate",
+]
 
 if TYPE_CHECKING:  # static types of the library names (the run functions resolve at run time)
     from dpeft.codec.updates.base import UpdateCodec
@@ -103,7 +136,9 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(module), name)
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("dpeft_"):
-            raise AttributeError(f"dpeft.{name} needs the dpeft services ({exc.name}), which are not installed with this copy of dpeft") from exc
+            raise AttributeError(
+                f"dpeft.{name} needs the dpeft services ({exc.name}), which are not installed with this copy of dpeft"
+            ) from exc
         raise
     globals()[name] = value
     return value

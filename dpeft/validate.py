@@ -153,12 +153,13 @@ def validate_plugin_families(cfg: RunConfig) -> None:
     validate_dataset_options(cfg.data)
 
 
-def with_plugins(tree: dict[str, Any], plugins: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+def with_plugins(tree: dict[str, Any], plugins: list[str] | tuple[str, ...] = (), path: str | Path | None = None) -> dict[str, Any]:
     """``tree`` with ``plugins`` added to its ``plugins`` list, after importing every plug-in it names
-    (and the ``dpeft.plugins`` entry points): registered names are known before the config is checked."""
+    (and the ``dpeft.plugins`` entry points): registered names are known before the config is checked.
+    Plug-ins are also looked up next to the config file ``path``."""
     names = plugin_names(tree.get("plugins"))
     names += [p for p in plugin_names(list(plugins), "--plugin") if p not in names]
-    load_plugins(names)
+    load_plugins(names, search=[str(Path(path).resolve().parent)] if path else [])
     return {**tree, "plugins": names} if names or "plugins" in tree else tree
 
 
@@ -170,7 +171,7 @@ def load_config(
 ) -> RunConfig:
     """Load a YAML file (optional), apply ``key=value`` overrides, import the plug-ins (the config's
     ``plugins`` and ``plugins``), validate everything, return a RunConfig."""
-    cfg = build_config(with_plugins(read_config_tree(path, overrides), plugins))
+    cfg = build_config(with_plugins(read_config_tree(path, overrides), plugins, path))
     validate_run(cfg, allreduce)
     return cfg
 

@@ -91,7 +91,9 @@ def _rows_of(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _result(cfg: RunConfig, rows: list[dict[str, Any]], adapter: AdapterState | None, resumed_from: int | None, t0: float) -> RunResult:
+def _result(
+    cfg: RunConfig, rows: list[dict[str, Any]], adapter: AdapterState | None, resumed_from: int | None, t0: float
+) -> RunResult:
     run_dir = Path(cfg.run_dir)
     export = run_dir / "adapter"
     return RunResult(
@@ -106,7 +108,12 @@ def _result(cfg: RunConfig, rows: list[dict[str, Any]], adapter: AdapterState | 
 
 
 def simulate(
-    config: ConfigLike = None, overrides: Sequence[str] = (), *, plugins: Sequence[str] = (), fresh: bool = False, quiet: bool = False
+    config: ConfigLike = None,
+    overrides: Sequence[str] = (),
+    *,
+    plugins: Sequence[str] = (),
+    fresh: bool = False,
+    quiet: bool = False,
 ) -> RunResult:
     """Run a whole federated run on this machine (`dpeft simulate`): a coordinator in this
     process and ``simulate.processes`` local workers over loopback gRPC (or all-reduce ranks with
@@ -211,7 +218,9 @@ def run_worker(
         check_device_spec("device", device)
     load_plugins(plugins)
     worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    conn = connect(coordinator, worker_id, token=token, tls=tls, ca=ca, cert=cert, key=key, server_name=server_name, patience_s=patience_s)
+    conn = connect(
+        coordinator, worker_id, token=token, tls=tls, ca=ca, cert=cert, key=key, server_name=server_name, patience_s=patience_s
+    )
     return serve_worker(conn, worker_id, threads=threads, data=data, device=device)
 
 
@@ -231,7 +240,14 @@ def serve_worker(
     from dpeft_workers.loop import run_worker as worker_loop
     from dpeft_workers.loop import serve_until_terminated
 
-    kwargs: dict[str, Any] = {"threads": threads, "data_path": data, "device": device, "device_slot": device_slot, "device_key": device_key, "wrap": wrap}
+    kwargs: dict[str, Any] = {
+        "threads": threads,
+        "data_path": data,
+        "device": device,
+        "device_slot": device_slot,
+        "device_key": device_key,
+        "wrap": wrap,
+    }
     if threading.current_thread() is not threading.main_thread():
         return worker_loop(conn, worker_id, stop=threading.Event(), training=threading.Event(), **kwargs)
     old = signal.getsignal(signal.SIGTERM)

@@ -304,11 +304,23 @@ def _reexec_lean(argv: list[str]) -> None:
         return  # carry on with glibc's defaults
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, with ``key=value`` words after an option (``config show --config f
+    rounds=3``, ``--plugin m rounds=3``) taken as overrides: argparse closes the positionals of a
+    subcommand at its first option."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all("=" in w and not w.startswith("-") for w in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dpeft` command."""
     if argv is None:  # a real command line, not a call from Python
         _reexec_lean(sys.argv[1:])
-    args = _parser().parse_args(argv)
+    args = parse_args(_parser(), argv)
     _configure_logging(args)
     return report_errors(lambda: _run(args), args.debug)
 

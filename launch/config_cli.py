@@ -21,7 +21,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("action", choices=["show", "validate"], help="show: print the resolved config as YAML; validate: check it")
     p.add_argument("file", nargs="?", default=None, help="YAML run config (same as --config)")
     p.add_argument("--config", dest="config_file", default=None, help="YAML run config")
-    p.add_argument("--plugin", action="append", default=None, metavar="MODULE", help="import this plug-in module first (repeatable; = plugins: [MODULE])")
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=None,
+        metavar="MODULE",
+        help="import this plug-in module first (repeatable; = plugins: [MODULE])",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. rounds=10 strategy=fedadam")
     p.set_defaults(extension=__name__)
 

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ def test_import_is_cheap_and_names_resolve() -> None:
     code = (
         "import sys, dpeft\n"
         "assert 'torch' not in sys.modules and not any(m.startswith('dpeft_') for m in sys.modules), sorted(sys.modules)\n"
+        "assert sorted(dpeft.__all__) == sorted(dpeft._EXPORTS)\n"
         "missing = [n for n in dpeft.__all__ if getattr(dpeft, n, None) is None]\n"
         "assert not missing, missing\n"
         "print(dpeft.simulate.__module__, dpeft.RunResult.__module__)\n"
@@ -48,7 +48,12 @@ def test_only_the_facade_names_a_service() -> None:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
         for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings and SERVICES.match(node.value):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and id(node) not in docstrings
+                and SERVICES.match(node.value)
+            ):
                 naming.add(path.relative_to(ROOT).as_posix())
     assert naming == {"dpeft/__init__.py"}
 
@@ -109,7 +114,9 @@ print("FINISHED")
 def test_ctrl_c_stops_simulate_and_leaves_nothing_running(tmp_path: Path) -> None:
     script = tmp_path / "run.py"
     script.write_text(INTERRUPT_SCRIPT.format(run_dir=tmp_path / "run"))
-    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
+    p = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path
+    )
     me = psutil.Process(p.pid)
     seen: dict[int, psutil.Process] = {}
     try:

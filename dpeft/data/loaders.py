@@ -89,7 +89,9 @@ def validate_dataset_options(cfg: DataConfig) -> None:
     if cfg.dataset in _REGISTRY:
         dataset_options(cfg)
     elif cfg.options:
-        raise ConfigError("data.options", f"is read only by a plug-in dataset loader, and data.dataset is {cfg.dataset}; remove it")
+        raise ConfigError(
+            "data.options", f"is read only by a plug-in dataset loader, and data.dataset is {cfg.dataset}; remove it"
+        )
 
 
 def load_registered(cfg: DataConfig) -> tuple[TextDataset, TextDataset | None]:
@@ -102,10 +104,22 @@ def load_registered(cfg: DataConfig) -> tuple[TextDataset, TextDataset | None]:
         if value is None and what == "its test split":
             continue
         if not isinstance(value, TextDataset):
-            raise DataError(f"dataset loader {cfg.dataset!r} returned {type(value).__name__} as {what}; return a dpeft TextDataset (or a (train, test) pair)")
+            raise DataError(
+                f"dataset loader {cfg.dataset!r} returned {type(value).__name__} as {what}; return a dpeft TextDataset (or a (train, test) pair)"
+            )
         if len(value.texts) != len(value.labels):
-            raise DataError(f"dataset loader {cfg.dataset!r}: {what} have {len(value.texts)} texts but {len(value.labels)} labels")
+            raise DataError(
+                f"dataset loader {cfg.dataset!r}: {what} have {len(value.texts)} texts but {len(value.labels)} labels"
+            )
     return train, test
 
 
-__all__ = ["NoDatasetOptions", "RegisteredDataset", "dataset_options", "load_registered", "register_dataset", "registered_datasets", "validate_dataset_options"]
+__all__ = [
+    "NoDatasetOptions",
+    "RegisteredDataset",
+    "dataset_options",
+    "load_registered",
+    "register_dataset",
+    "registered_datasets",
+    "validate_dataset_options",
+]

@@ -103,10 +103,15 @@ def validate_loss(cfg: RunConfig) -> None:
         raise ConfigError("train.loss", f"must be one of {', '.join(known)}; got {t.loss!r}")
     loss_options(t)
     if t.lockstep:
-        raise ConfigError("train.lockstep", f"lockstep multi-LoRA computes the built-in losses only; set train.lockstep=false to train with loss {t.loss!r}")
+        raise ConfigError(
+            "train.lockstep",
+            f"lockstep multi-LoRA computes the built-in losses only; set train.lockstep=false to train with loss {t.loss!r}",
+        )
 
 
-def plugin_loss(cfg: TrainConfig, task: str, num_labels: int | None) -> Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None:
+def plugin_loss(
+    cfg: TrainConfig, task: str, num_labels: int | None
+) -> Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None:
     """The batch loss of a plug-in ``train.loss`` (None for the built-ins)."""
     if cfg.loss in BUILTIN_LOSSES:
         return None
@@ -122,4 +127,15 @@ def plugin_loss(cfg: TrainConfig, task: str, num_labels: int | None) -> Callable
     return loss
 
 
-__all__ = ["BUILTIN_LOSSES", "LossContext", "LossFn", "NoLossOptions", "RegisteredLoss", "loss_options", "plugin_loss", "register_loss", "registered_losses", "validate_loss"]
+__all__ = [
+    "BUILTIN_LOSSES",
+    "LossContext",
+    "LossFn",
+    "NoLossOptions",
+    "RegisteredLoss",
+    "loss_options",
+    "plugin_loss",
+    "register_loss",
+    "registered_losses",
+    "validate_loss",
+]

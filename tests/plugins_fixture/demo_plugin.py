@@ -77,7 +77,9 @@ class DemoHalf(dpeft.UpdateCodec):
     def encode_tensor(self, name: str, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         return OrderedDict([(name, x.float().clamp(-self.clamp, self.clamp).to(torch.float16))])
 
-    def decode_tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def decode_tensor(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, parts: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
         return parts[name].to(dtype)
 
 
