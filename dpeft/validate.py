@@ -33,6 +33,7 @@ from dpeft.config.checks import one_of
 from dpeft.config.parse import yaml_inline
 from dpeft.config.quantization import QuantizationOptions
 from dpeft.errors import ConfigError
+from dpeft.plugins import load_plugins, plugin_names
 from dpeft.strategies import make_strategy, registered_strategies
 from dpeft.strategies.base import Strategy, option_key
 from dpeft.sync import updates_per_step, validate_run_sync
@@ -139,21 +140,52 @@ def validate_run(cfg: RunConfig, allreduce: str | None = None) -> None:
     if mode is not None:
         check_allreduce(cfg, strategy, mode)
     validate_quantized_base(cfg)
+    validate_plugin_families(cfg)
     validate_adapter_method(cfg)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), allreduce: str | None = None) -> RunConfig:
-    """Load a YAML file (optional), apply ``key=value`` overrides, validate everything, return a RunConfig."""
-    cfg = build_config(read_config_tree(path, overrides))
+def validate_plugin_families(cfg: RunConfig) -> None:
+    """``train.loss`` (built in or registered) with ``train.loss_options``, and ``data.options``."""
+    from dpeft.data.loaders import validate_dataset_options
+    from dpeft.train.losses import validate_loss
+
+    validate_loss(cfg)
+    validate_dataset_options(cfg.data)
+
+
+def with_plugins(tree: dict[str, Any], plugins: list[str] | tuple[str, ...] = (), path: str | Path | None = None) -> dict[str, Any]:
+    """``tree`` with ``plugins`` added to its ``plugins`` list, after importing every plug-in it names
+    (and the ``dpeft.plugins`` entry points): registered names are known before the config is checked.
+    Plug-ins are also looked up next to the config file ``path``."""
+    names = plugin_names(tree.get("plugins"))
+    names += [p for p in plugin_names(list(plugins), "--plugin") if p not in names]
+    load_plugins(names, search=[str(Path(path).resolve().parent)] if path else [])
+    return {**tree, "plugins": names} if names or "plugins" in tree else tree
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    allreduce: str | None = None,
+    plugins: list[str] | tuple[str, ...] = (),
+) -> RunConfig:
+    """Load a YAML file (optional), apply ``key=value`` overrides, import the plug-ins (the config's
+    ``plugins`` and ``plugins``), validate everything, return a RunConfig."""
+    cfg = build_config(with_plugins(read_config_tree(path, overrides), plugins, path))
     validate_run(cfg, allreduce)
     return cfg
 
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:
-    """Rebuild a validated RunConfig from its dict form (as sent to workers)."""
-    cfg = build_config(tree)
+    """Rebuild a validated RunConfig from its dict form (as sent to workers), importing its plug-ins first."""
+    cfg = build_config(with_plugins(tree))
     validate_run(cfg)
     return cfg
+
+
+def check_config(cfg: RunConfig) -> RunConfig:
+    """A RunConfig built in code, checked as a loaded one is (its plug-ins imported first); returns it."""
+    return config_from_dict(dataclasses.asdict(cfg))
 
 
 # ---------------------------------------------------------------- reference

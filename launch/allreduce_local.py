@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,8 @@ def run_local_allreduce(cfg: RunConfig, resume: bool = True, backend: str | None
         nonlocal interrupted
         interrupted = True
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers: main thread only
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     port = free_port()
     try:
         for rank in range(world):

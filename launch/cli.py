@@ -37,6 +37,12 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-name", default=None, help="expected name in the coordinator's certificate, if not the host you dial")
 
 
+def _plugin_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--plugin", action="append", default=None, metavar="MODULE", help="import this plug-in module first (repeatable; = plugins: [MODULE], so workers import it too)"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dpeft", description="Distributed and federated parameter-efficient fine-tuning.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -46,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate", help="coordinator + local worker processes on loopback gRPC")
     s.add_argument("--config", help="YAML run config (every key is optional)")
     s.add_argument("--fresh", action="store_true", help="ignore checkpoints already in run_dir")
+    _plugin_arg(s)
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. rounds=10 adapter.r=16")
 
     c = sub.add_parser("coordinator", help="serve a run to remote workers")
@@ -56,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tls-key", help="PEM server private key (= auth.tls_key)")
     c.add_argument("--tls-client-ca", help="PEM CA: require worker certificates signed by it (= auth.tls_client_ca)")
     c.add_argument("--tokens-file", help="YAML/JSON worker id -> token, re-read on change (= auth.tokens_file)")
+    _plugin_arg(c)
     c.add_argument("overrides", nargs="*", metavar="key=value")
 
     w = sub.add_parser("worker", help="train tasks for a coordinator (dials out)")
@@ -69,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default=None, help="train on this device: auto, cpu, cuda, cuda:N or mps (default: the run's train.device)")
     w.add_argument("--device-slot", type=int, default=None, help=argparse.SUPPRESS)  # a simulate worker's number: its GPU among several
     w.add_argument("--device-key", default="--device", help=argparse.SUPPRESS)  # the config key a simulate worker's --device came from
+    _plugin_arg(w)
     _client_args(w)
 
     st = sub.add_parser("status", help="workers, round and progress of a running coordinator")
@@ -123,24 +132,24 @@ def _run(args: argparse.Namespace) -> int:
 
         return int(importlib.import_module(args.extension).run(args))
 
+    from dpeft_launch import api
+
     if args.command in ("simulate", "coordinator"):
         overrides = list(args.overrides)
         if args.command == "coordinator":
             for flag, key in (("tls_cert", "auth.tls_cert"), ("tls_key", "auth.tls_key"), ("tls_client_ca", "auth.tls_client_ca"), ("tokens_file", "auth.tokens_file")):
                 if getattr(args, flag):
                     overrides.append(f"{key}={os.path.abspath(getattr(args, flag))}")
-        cfg = load_config(args.config, overrides)
-        from dpeft_launch.simulate import run_coordinator
-
+        cfg = load_config(args.config, overrides, plugins=args.plugin or ())
         if args.command == "simulate" and cfg.aggregation == "allreduce":
             from dpeft_launch.allreduce_local import run_local_allreduce
 
-            return run_local_allreduce(cfg, resume=not args.fresh)
+            return run_local_allreduce(cfg, resume=not args.fresh)  # the ranks' own exit code (a config error printed by a rank: 2)
         if args.command == "simulate":
-            run_coordinator(cfg, "127.0.0.1:0", local_workers=cfg.simulate.processes, resume=not args.fresh)
+            api.simulate(cfg, fresh=args.fresh)
         else:
             logging.getLogger("dpeft.events").setLevel(logging.DEBUG if args.debug else logging.INFO)
-            run_coordinator(cfg, args.listen, local_workers=0, resume=not args.fresh)
+            api.serve(cfg, listen=args.listen, fresh=args.fresh)
         return 0
     if args.command == "certs":
         return _certs(args)
@@ -148,8 +157,6 @@ def _run(args: argparse.Namespace) -> int:
         return _status(args)
     if args.threads < 1:
         raise _config_error("--threads", "must be >= 1")
-    from dpeft_workers.loop import serve_until_terminated
-
     if args.exit_with_parent:
         from dpeft_launch.procs import exit_with_parent
 
@@ -157,14 +164,18 @@ def _run(args: argparse.Namespace) -> int:
     wrap: Callable[..., Any] | None = None
     if args.simulated:
         from dpeft_workers.simulate import simulated_worker as wrap
-    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    conn = _connect(args, worker_id, patience_s=args.patience)
     if args.device is not None:
         from dpeft.train.device import check_device_spec
 
         check_device_spec("--device", args.device)
-    device = {"device": args.device, "device_slot": args.device_slot, "device_key": args.device_key}
-    return serve_until_terminated(conn, worker_id, threads=args.threads, data_path=args.data, wrap=wrap, **device)
+    from dpeft.plugins import load_plugins
+
+    load_plugins(args.plugin or ())
+    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    conn = _connect(args, worker_id, patience_s=args.patience)
+    return api.serve_worker(
+        conn, worker_id, threads=args.threads, data=args.data, device=args.device, device_slot=args.device_slot, device_key=args.device_key, wrap=wrap
+    )
 
 
 def _token(args: argparse.Namespace) -> str:
@@ -178,18 +189,19 @@ def _token(args: argparse.Namespace) -> str:
 
 
 def _connect(args: argparse.Namespace, worker_id: str, patience_s: float):
-    from dpeft.transport.grpc import GrpcWorkerConnection
+    from dpeft_launch.api import connect
 
-    credentials = None
-    if args.tls or args.ca or args.cert or args.key:
-        from dpeft.transport.tls import channel_credentials
-
-        credentials = channel_credentials(args.ca, args.cert, args.key)
-    conn = GrpcWorkerConnection(
-        args.coordinator, token=_token(args), patience_s=patience_s, credentials=credentials, server_name=args.server_name
+    return connect(
+        args.coordinator,
+        worker_id,
+        token=_token(args),
+        tls=args.tls,
+        ca=args.ca,
+        cert=args.cert,
+        key=args.key,
+        server_name=args.server_name,
+        patience_s=patience_s,
     )
-    conn.worker_id = worker_id
-    return conn
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -292,11 +304,23 @@ def _reexec_lean(argv: list[str]) -> None:
         return  # carry on with glibc's defaults
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, with ``key=value`` words after an option (``config show --config f
+    rounds=3``, ``--plugin m rounds=3``) taken as overrides: argparse closes the positionals of a
+    subcommand at its first option."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all("=" in w and not w.startswith("-") for w in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dpeft` command."""
     if argv is None:  # a real command line, not a call from Python
         _reexec_lean(sys.argv[1:])
-    args = _parser().parse_args(argv)
+    args = parse_args(_parser(), argv)
     _configure_logging(args)
     return report_errors(lambda: _run(args), args.debug)
 

@@ -9,6 +9,10 @@ Both exit 2 with one line naming the key when the config is wrong, as every comm
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dpeft.config import RunConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +21,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("action", choices=["show", "validate"], help="show: print the resolved config as YAML; validate: check it")
     p.add_argument("file", nargs="?", default=None, help="YAML run config (same as --config)")
     p.add_argument("--config", dest="config_file", default=None, help="YAML run config")
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=None,
+        metavar="MODULE",
+        help="import this plug-in module first (repeatable; = plugins: [MODULE])",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. rounds=10 strategy=fedadam")
     p.set_defaults(extension=__name__)
 
@@ -32,6 +43,23 @@ def run(args: argparse.Namespace) -> int:
         file, overrides = None, [file, *overrides]
     if file is not None and args.config_file is not None:
         raise ConfigError("--config", "give the config file once (as FILE or --config)")
-    cfg = load_config(file or args.config_file, overrides)
-    print(dump_config(cfg) if args.action == "show" else "ok", end="" if args.action == "show" else "\n")
+    cfg = load_config(file or args.config_file, overrides, plugins=args.plugin or ())
+    print(annotated(cfg, dump_config(cfg)) if args.action == "show" else "ok", end="" if args.action == "show" else "\n")
     return 0
+
+
+def annotated(cfg: RunConfig, text: str) -> str:
+    """The YAML of ``show`` with a comment on values that null resolves per implementation
+    (``strategy.server_lr: null  # fedadam's default: 0.03``)."""
+    from dpeft.strategies import strategy_server_lr
+
+    if cfg.strategy.server_lr is not None:
+        return text
+    note = f"  # null = {cfg.strategy.name}'s default: {strategy_server_lr(cfg.strategy):g}"
+    lines = text.split("\n")
+    start = lines.index("strategy:")
+    for i in range(start + 1, len(lines)):
+        if lines[i] == "  server_lr: null":
+            lines[i] += note
+            break
+    return "\n".join(lines)

@@ -30,6 +30,7 @@ from typing import Any
 
 from dpeft.config import RayConfig, RunConfig, config_to_dict
 from dpeft.errors import DpeftError
+from dpeft.plugins import plugin_dirs
 from dpeft.validate import load_config
 
 log = logging.getLogger("dpeft.launch.ray")
@@ -62,12 +63,13 @@ def add_parser(subparsers: Any) -> None:
     r.add_argument("--config", help="YAML run config; Ray settings under a ray: section")
     r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or ray.address, else a local Ray)")
     r.add_argument("--fresh", action="store_true", help="ignore checkpoints already in run_dir")
+    r.add_argument("--plugin", action="append", default=None, metavar="MODULE", help="import this plug-in module first (repeatable; = plugins: [MODULE]; actors import it too)")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. rounds=10 ray.actors=4 ray.num_gpus=0.5")
     r.set_defaults(extension="dpeft_launch.ray_cli")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)  # the ray: section is part of RunConfig (errors name ray.<key>)
+    cfg = load_config(args.config, args.overrides, plugins=args.plugin or ())  # the ray: section is part of RunConfig (errors name ray.<key>)
     if args.address:
         cfg.ray.address = args.address
     warn_simulate_only(cfg)
@@ -92,8 +94,11 @@ def warn_simulate_only(cfg: RunConfig) -> list[str]:
 # ---------------------------------------------------------------- driver
 
 
-def init_ray(rcfg: RayConfig) -> bool:
-    """Connect to (or start) Ray; True when this call started it (the caller shuts it down)."""
+def init_ray(rcfg: RayConfig, plugins: list[str] | None = None) -> bool:
+    """Connect to (or start) Ray; True when this call started it (the caller shuts it down).
+
+    ``plugins``: the run's plug-in modules; the directories they were imported from go on the
+    actors' PYTHONPATH (on a cluster, ship them with ``ray.runtime_env``: ``py_modules`` or a working_dir)."""
     try:
         import ray
     except ModuleNotFoundError:
@@ -104,6 +109,12 @@ def init_ray(rcfg: RayConfig) -> bool:
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if rcfg.runtime_env:
         kwargs["runtime_env"] = dict(rcfg.runtime_env)
+    dirs = plugin_dirs(plugins or [])
+    if dirs:
+        runtime_env = dict(kwargs.get("runtime_env") or {})
+        env_vars = dict(runtime_env.get("env_vars") or {})
+        env_vars["PYTHONPATH"] = os.pathsep.join([*dirs, *filter(None, [env_vars.get("PYTHONPATH") or os.environ.get("PYTHONPATH")])])
+        kwargs["runtime_env"] = {**runtime_env, "env_vars": env_vars}
     if address is None:
         kwargs.update(include_dashboard=False)
         if rcfg.local_num_cpus:
@@ -117,7 +128,7 @@ def init_ray(rcfg: RayConfig) -> bool:
 
 def run_ray(cfg: RunConfig, resume: bool = True, quiet: bool = False) -> list[dict[str, Any]]:
     """One run on Ray (``cfg.aggregation``: coordinator or allreduce); returns the metrics rows."""
-    started = init_ray(cfg.ray)
+    started = init_ray(cfg.ray, cfg.plugins)
     try:
         if cfg.aggregation == "allreduce":
             return _run_allreduce(cfg, resume, quiet)

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dpeft.config import AuthConfig, RunConfig, dump_config
 from dpeft.errors import DpeftError
@@ -60,7 +60,22 @@ def edge_security(cfg: RunConfig, listen: str) -> tuple[Any, Any]:
 
 
 def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume: bool = True, quiet: bool = False) -> list[dict[str, Any]]:
-    """Serve rounds until done; with ``local_workers`` > 0 this is `dpeft simulate`."""
+    """Serve rounds until done; with ``local_workers`` > 0 this is `dpeft simulate`. The metrics rows."""
+    return serve_rounds(cfg, listen, local_workers, resume, quiet).rows
+
+
+class Served(NamedTuple):
+    """What a finished coordinator leaves: the metrics rows and its round engine (global state, resume point)."""
+
+    rows: list[dict[str, Any]]
+    engine: RoundEngine
+
+
+def serve_rounds(cfg: RunConfig, listen: str, local_workers: int = 0, resume: bool = True, quiet: bool = False) -> Served:
+    """:func:`run_coordinator`, returning the engine with the rows.
+
+    SIGINT and SIGTERM (in the main thread) stop the run: the workers are told to leave and
+    terminated, the gRPC server stops, and KeyboardInterrupt is raised."""
     from dpeft.transport.events import log_event
     from dpeft.transport.grpc import GrpcCoordinatorTransport
 
@@ -121,7 +136,8 @@ def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume:
         engine.stop_event.set()
 
     # before the `listening` line: whoever reads it may signal at once
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers: main thread only
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     scheme = "TLS" if credentials is not None else "plaintext"
     auth = f"{len(tokens)} worker tokens" if tokens is not None else "no authentication"
     print(f"dpeft coordinator listening on {address} ({scheme}, {auth}); run directory {run_dir}", file=sys.stderr, flush=True)
@@ -172,4 +188,4 @@ def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume:
         raise KeyboardInterrupt
     if not quiet:
         engine.metrics.print_summary(rows, t_start)
-    return rows
+    return Served(rows, engine)

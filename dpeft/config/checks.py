@@ -50,9 +50,10 @@ def check_core(cfg: RunConfig) -> None:
         ("transport.max_update_bytes", cfg.transport.max_update_bytes),
         ("transport.spool_bytes", cfg.transport.spool_bytes),
         ("sync.round_timeout_s", cfg.sync.round_timeout_s),
-        ("strategy.server_lr", cfg.strategy.server_lr),
     ]:
         positive(key, value)
+    if cfg.strategy.server_lr is not None:
+        positive("strategy.server_lr", cfg.strategy.server_lr)
     positive("train.weight_decay", cfg.train.weight_decay, allow_zero=True)
     positive("adapter.dropout", cfg.adapter.dropout, allow_zero=True)
     if cfg.model.dropout is not None and not 0 <= cfg.model.dropout < 1:
@@ -76,7 +77,6 @@ def check_core(cfg: RunConfig) -> None:
         one_of("model.name", cfg.model.name, ["minilm", "smollm2"])
     check_data(cfg)
     one_of("train.optimizer", cfg.train.optimizer, ["adamw", "sgd"])
-    one_of("train.loss", cfg.train.loss, ["cross_entropy", "prior_calibrated"])
     if cfg.train.worker_mmap_threshold_kib is not None:
         positive("train.worker_mmap_threshold_kib", cfg.train.worker_mmap_threshold_kib)
     if cfg.model.layers is not None:

@@ -52,6 +52,13 @@ def _refuse_set(d: DataConfig, keys: tuple[str, ...], why: str) -> None:
             raise ConfigError(f"data.{key}", f"{why}; remove it")
 
 
+def plugin_datasets() -> list[str]:
+    """Names of the registered plug-in dataset loaders (:mod:`dpeft.data.loaders`)."""
+    from dpeft.data.loaders import registered_datasets  # imported late: dpeft.data builds on dpeft.config
+
+    return sorted(registered_datasets())
+
+
 def check_data(cfg: RunConfig) -> None:
     """The data section on its own and against model.task (errors name the key to change)."""
     d = cfg.data
@@ -59,7 +66,11 @@ def check_data(cfg: RunConfig) -> None:
         raise ConfigError("data.dirichlet_alpha", f"must be > 0, got {d.dirichlet_alpha}")
     if d.test_examples <= 0:
         raise ConfigError("data.test_examples", f"must be > 0, got {d.test_examples}")
-    for key, allowed in (("dataset", (*BUILTIN_DATASETS, "file")), ("format", FORMATS), ("partition", PARTITIONS)):
+    for key, allowed in (
+        ("dataset", (*BUILTIN_DATASETS, "file", *plugin_datasets())),
+        ("format", FORMATS),
+        ("partition", PARTITIONS),
+    ):
         if getattr(d, key) not in allowed:
             raise ConfigError(f"data.{key}", f"must be one of {', '.join(allowed)}; got {getattr(d, key)!r}")
     if d.dataset == "file" and not d.path:

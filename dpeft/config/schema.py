@@ -58,7 +58,8 @@ class AdapterConfig:
 class DataConfig:
     """Where examples come from, what they look like, and how they are split among clients."""
 
-    dataset: str = _f("rotten_tomatoes", "rotten_tomatoes, reuters_r8, or file (a CSV/JSONL at path)")
+    dataset: str = _f("rotten_tomatoes", "rotten_tomatoes, reuters_r8, file (a CSV/JSONL at path), or a registered plug-in dataset loader")
+    options: dict[str, Any] = _f({}, "options of a plug-in dataset loader (its own typed options)")
     path: str | None = _f(None, "CSV or JSONL file for dataset=file")
     test_path: str | None = _f(None, "optional held-out CSV/JSONL; otherwise test examples are split off path")
     format: str = _f(
@@ -103,7 +104,8 @@ class TrainConfig:
     optimizer: str = _f("adamw", "adamw or sgd")
     weight_decay: float = _f(0.0, "client weight decay")
     momentum: float = _f(0.0, "sgd momentum")
-    loss: str = _f("prior_calibrated", "cross_entropy, or prior_calibrated: logits + log(client label prior) during local training (FedLC-style)")
+    loss: str = _f("prior_calibrated", "cross_entropy, prior_calibrated (logits + log(client label prior) during local training, FedLC-style), or a registered plug-in loss")
+    loss_options: dict[str, Any] = _f({}, "options of a plug-in train.loss (its own typed options)")
     max_grad_norm: float | None = _f(1.0, "clip local gradients to this norm; null = no clipping")
     eval_batch_size: int = _f(64, "batch size of the global evaluation")
     eval_every: int = _f(1, "evaluate the global adapter every N rounds (the last round always)")
@@ -162,7 +164,9 @@ class StrategyConfig:
     """How client updates become the next global adapter."""
 
     name: str = _f("fedavg", "registered strategy name: fedavg, ...")
-    server_lr: float = _f(1.0, "step size applied to the aggregated update")
+    server_lr: float | None = _f(
+        None, "step size applied to the aggregated update; null = the strategy's own default (1.0; fedadam, fedyogi, fedadagrad: 0.03)"
+    )
     options: dict[str, Any] = _f({}, "options of the named strategy (the strategy.options.* rows)")
 
 
@@ -327,6 +331,7 @@ class RunConfig:
         "where client updates meet: coordinator (a coordinator aggregates each round under the sync policy; workers over gRPC or as Ray actors) "
         "or allreduce (the workers sum their updates by torch.distributed all-reduce: synchronous rounds, no coordinator; dpeft simulate, dpeft ray or torchrun)",
     )
+    plugins: list[str] = _f([], "plug-in modules to import (they register strategies, sync policies, codecs, dataset loaders, losses); workers import them too")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "base model"})
     adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata={"help": "PEFT adapter"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data and partitioning"})

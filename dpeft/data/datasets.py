@@ -147,6 +147,7 @@ def load_dataset(
     classification when ``need_labels``, else text. ``tokenizer`` renders chat data (its chat template).
     """
     from dpeft.data.instruct import builtin_as_instructions, load_instruction_files
+    from dpeft.data.loaders import load_registered, registered_datasets
 
     fmt = fmt or ("classification" if need_labels else "text")
     rng = random.Random(seed)
@@ -156,6 +157,8 @@ def load_dataset(
         if fmt in ("instruction", "chat"):
             full = builtin_as_instructions(full, cfg, fmt, tokenizer)
             test = builtin_as_instructions(test, cfg, fmt, tokenizer) if test is not None else None
+    elif cfg.dataset in registered_datasets():
+        full, test = load_registered(cfg)
     elif fmt in ("instruction", "chat"):
         full, test = load_instruction_files(cfg, fmt, tokenizer)
     else:

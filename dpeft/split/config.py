@@ -40,6 +40,8 @@ def validate_run_for_split(run: RunConfig) -> None:
         raise ConfigError("adapter.modules_to_save", "split mode trains the LoRA factors and the classifier head only (leave it null)")
     if run.eval.federated:
         raise ConfigError("eval.federated", "split mode has no federated evaluation (the cloud evaluates); set it to false")
+    if run.train.loss not in ("cross_entropy", "prior_calibrated"):
+        raise ConfigError("train.loss", f"split mode trains with the built-in losses only (cross_entropy, prior_calibrated), not the plug-in {run.train.loss!r}")
 
 
 def load_split_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, SplitConfig]:

@@ -20,6 +20,7 @@ from dpeft.strategies.base import (
     make_strategy,
     register_strategy,
     registered_strategies,
+    strategy_server_lr,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "make_strategy",
     "register_strategy",
     "registered_strategies",
+    "strategy_server_lr",
 ]

@@ -29,6 +29,7 @@ import torch
 from dpeft.config import RunConfig, StrategyConfig
 from dpeft.config.options import option, option_help, parse_options
 from dpeft.errors import ConfigError
+from dpeft.plugins import replaces_same_definition
 from dpeft.state import AdapterState
 from dpeft.strategies.aggregator import Aggregator, ClientUpdate, unwrap
 from dpeft.strategies.clipping import ClippingAggregator
@@ -55,10 +56,14 @@ class Strategy:
     options_cls: type[StrategyOptions] = StrategyOptions
     #: whether updates fold into a StreamingWeightedMean (what all-reduce rounds can sum across ranks)
     streaming_mean = False
+    #: the server step size when ``strategy.server_lr`` is null
+    default_server_lr = 1.0
 
     def __init__(self, cfg: StrategyConfig) -> None:
         self.cfg = cfg
         self.opts = parse_options(self.options_cls, cfg.options, "strategy.options", f"strategy {self.name!r}")
+        #: ``strategy.server_lr``, or this strategy's default when it is null
+        self.server_lr = float(cfg.server_lr) if cfg.server_lr is not None else self.default_server_lr
         self.last_metrics: dict[str, float] = {}
         self.clip_norm = self.opts.clip_norm
 
@@ -121,10 +126,13 @@ _REGISTRY: dict[str, Registered] = {}
 
 def register_strategy(name: str, options: type[StrategyOptions] | None = None):  # noqa: ANN201 - a class decorator
     """Class decorator registering a strategy under a lowercase unique name with its options
-    dataclass (default: the parent class's)."""
+    dataclass (default: the parent class's). Registering the same class again (a reloaded module,
+    a notebook cell run twice) replaces it; another class under a taken name is an error."""
+    if not name or name != name.strip().lower():
+        raise ValueError(f"bad strategy name {name!r} (lowercase, no surrounding spaces)")
 
     def wrap(cls: type[Strategy]) -> type[Strategy]:
-        if name in _REGISTRY:
+        if name in _REGISTRY and not replaces_same_definition(_REGISTRY[name].cls, cls):
             raise ValueError(f"strategy {name!r} registered twice")
         cls.name = name
         if options is not None:
@@ -145,6 +153,14 @@ def registered_strategies() -> dict[str, Registered]:
     return dict(_REGISTRY)
 
 
+def strategy_server_lr(cfg: StrategyConfig) -> float:
+    """The server step size a run uses: ``strategy.server_lr``, or the strategy's default when null."""
+    if cfg.server_lr is not None:
+        return float(cfg.server_lr)
+    entry = _REGISTRY.get(cfg.name)
+    return entry.cls.default_server_lr if entry is not None else Strategy.default_server_lr
+
+
 def make_strategy(cfg: StrategyConfig) -> Strategy:
     """Instantiate the strategy that ``cfg.name`` names."""
     if cfg.name not in _REGISTRY:
@@ -153,4 +169,4 @@ def make_strategy(cfg: StrategyConfig) -> Strategy:
 
 
 __all__ = ["Aggregator", "ClientUpdate", "Registered", "Strategy", "StrategyOptions", "available_strategies",
-           "make_strategy", "option_key", "register_strategy", "registered_strategies", "unwrap"]  # fmt: skip
+           "make_strategy", "option_key", "register_strategy", "registered_strategies", "strategy_server_lr", "unwrap"]  # fmt: skip

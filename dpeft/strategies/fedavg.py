@@ -51,7 +51,7 @@ class FedAvg(Strategy):
 
     def server_step(self, global_state: AdapterState, delta: AdapterState) -> AdapterState:
         """Apply the aggregated delta; FedOpt-style subclasses override this."""
-        return apply_delta(global_state, delta, self.cfg.server_lr)
+        return apply_delta(global_state, delta, self.server_lr)
 
     def finish_round(self, global_state: AdapterState, aggregator: Aggregator) -> AdapterState:
         return self.server_step(global_state, self.aggregated_delta(aggregator))

@@ -45,7 +45,7 @@ class FedAvgM(FedAvg):
         out: OrderedDict[str, torch.Tensor] = OrderedDict()
         for k, g in global_state.items():
             m = self.moments.get("m", k, g).mul_(self.momentum).add_(delta[k].to(torch.float64))
-            out[k] = (g.to(torch.float64) + self.cfg.server_lr * m).to(g.dtype)
+            out[k] = (g.to(torch.float64) + self.server_lr * m).to(g.dtype)
         return AdapterState(out, dict(global_state.meta))
 
     def state_dict(self) -> dict[str, torch.Tensor]:

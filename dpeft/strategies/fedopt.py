@@ -48,11 +48,18 @@ class FedAdamOptions(FedOptOptions):
     beta2: float = option(0.99, "second-moment decay in [0, 1)", low=0.0, high=1.0, high_open=True)
 
 
+#: ``strategy.server_lr`` of fedadam, fedyogi and fedadagrad when it is null
+DEFAULT_ADAPTIVE_SERVER_LR = 0.03
+
+
 class FedOpt(FedAvg):
     """Adam-shaped server step; subclasses define the second-moment update."""
 
     options_cls = FedOptOptions
     opts: FedOptOptions
+    #: the step is normalised per parameter (about ``server_lr`` per element at first), so 1.0
+    #: would move every LoRA weight by about its own size: a small default (benchmarks/RESULTS.md)
+    default_server_lr = DEFAULT_ADAPTIVE_SERVER_LR
 
     def __init__(self, cfg: StrategyConfig) -> None:
         super().__init__(cfg)
@@ -72,7 +79,7 @@ class FedOpt(FedAvg):
             v = self.second_moment(self.moments.get("v", k, g, init=self.tau**2), d * d)
             self.moments.set("v", k, v)
             step = m / (v.sqrt() + self.tau)
-            out[k] = (g.to(torch.float64) + self.cfg.server_lr * step).to(g.dtype)
+            out[k] = (g.to(torch.float64) + self.server_lr * step).to(g.dtype)
         return AdapterState(out, dict(global_state.meta))
 
     def state_dict(self) -> dict[str, torch.Tensor]:

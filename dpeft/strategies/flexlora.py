@@ -134,7 +134,7 @@ class FlexLoRA(FedAvg):
         agg = unwrap(aggregator)
         if not isinstance(agg, ProductMeanAggregator):
             raise TypeError("flexlora.finish_round needs the aggregator its begin_round returned")
-        lr = self.cfg.server_lr
+        lr = self.server_lr
         targets = step_products(global_state, agg.mean_products(), lr)
         new, metrics = refactor_global(global_state, targets, self.global_rank(global_state), None, agg.plain_mean(), lr)
         self.last_metrics["flexlora_truncation_error"] = metrics["truncation_error"]

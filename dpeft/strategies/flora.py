@@ -76,7 +76,7 @@ class FLoRA(FedAvg):
         agg = unwrap(aggregator)
         if not isinstance(agg, ProductMeanAggregator):
             raise TypeError("flora.finish_round needs the aggregator its begin_round returned")
-        lr = self.cfg.server_lr
+        lr = self.server_lr
         targets = step_products(global_state, agg.mean_products(), lr)
         ranks = {m: global_state[a].shape[0] for m, (a, _) in agg.pairs.items()}
         keeps = None if self.rank is None else {m: self.rank for m in ranks}

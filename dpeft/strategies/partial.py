@@ -37,4 +37,4 @@ class PartialFedAvg(FedAvg):
         return StreamingWeightedMean(restrict(global_state, self.shared_names(global_state)), dtype=self.accumulator)
 
     def server_step(self, global_state: AdapterState, delta: AdapterState) -> AdapterState:
-        return apply_partial_delta(global_state, delta, self.cfg.server_lr)
+        return apply_partial_delta(global_state, delta, self.server_lr)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from dpeft.config import RunConfig, SyncConfig
 from dpeft.errors import ConfigError
+from dpeft.plugins import replaces_same_definition
 from dpeft.sync.staleness import KINDS, staleness_weight
 
 
@@ -64,9 +65,17 @@ _REGISTRY: dict[str, Callable[..., SyncPolicy]] = {}
 
 
 def register_policy(name: str) -> Callable[[type[SyncPolicy]], type[SyncPolicy]]:
-    """Class decorator registering a policy under a lowercase unique name."""
+    """Class decorator registering a policy under a lowercase unique name (``sync.name``).
+
+    Registering the same class again (a reloaded module) replaces it; another class under a taken
+    name is an error. A policy reads its settings from the ``sync:`` section."""
+    if not name or name != name.strip().lower():
+        raise ValueError(f"bad sync policy name {name!r} (lowercase, no surrounding spaces)")
 
     def wrap(cls: type[SyncPolicy]) -> type[SyncPolicy]:
+        old = _REGISTRY.get(name)
+        if old is not None and not replaces_same_definition(old, cls):
+            raise ValueError(f"sync policy {name!r} registered twice")
         cls.name = name
         _REGISTRY[name] = cls
         return cls

@@ -19,6 +19,7 @@ from torch import nn
 
 from dpeft.config import TrainConfig
 from dpeft.data.tokenize import TokenizedData
+from dpeft.train.losses import plugin_loss
 from dpeft.train.precision import autocast, make_scaler, to_device
 from dpeft.train.schedule import LrSchedule
 
@@ -183,6 +184,7 @@ def local_train(
     log_prior = None
     if task == "seq_cls" and cfg.loss == "prior_calibrated" and data.labels is not None and num_labels:
         log_prior = label_log_prior(data.labels, indices, num_labels).to(device)
+    custom = plugin_loss(cfg, task, num_labels)
     scaler = make_scaler(device, cfg.precision)
     k = cfg.grad_accum_steps
     losses = []
@@ -207,7 +209,8 @@ def local_train(
                 loss = torch.zeros((), device=device)
                 if n:
                     with autocast(device, cfg.precision):
-                        loss = _loss(model, to_device(part, device), task, log_prior)
+                        on_device = to_device(part, device)
+                        loss = custom(model, on_device) if custom is not None else _loss(model, on_device, task, log_prior)
                     if k > 1:
                         loss = loss * (n / total_units)
                 if last and anchor is not None:

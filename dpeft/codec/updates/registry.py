@@ -21,6 +21,7 @@ from dpeft.codec.updates.chain import ChainCodec
 from dpeft.codec.updates.int8 import Int8Codec, Int8Options
 from dpeft.codec.updates.topk import TopKCodec, TopKOptions
 from dpeft.errors import ConfigError
+from dpeft.plugins import replaces_same_definition
 
 
 @dataclass(kw_only=True)
@@ -42,13 +43,26 @@ class RegisteredCodec(NamedTuple):
 _REGISTRY: dict[str, RegisteredCodec] = {}
 
 
-def register_codec(name: str, factory: CodecFactory, options: type = NoOptions) -> None:
-    """Make ``name`` usable in specs; ``factory`` gets an ``options`` instance built from ``codec.options``."""
+def register_codec(name: str, factory: CodecFactory | None = None, options: type = NoOptions) -> Any:
+    """Make ``name`` usable in specs; ``factory`` gets an ``options`` instance built from ``codec.options``.
+
+    Without ``factory`` this is a decorator of the factory (a codec class taking its options, or a
+    function): ``@register_codec("sign", options=SignOptions)``. Registering the same factory again
+    (a reloaded module) replaces it; another one under a taken name is an error."""
     if not name or "+" in name or name != name.strip().lower():
         raise ValueError(f"bad codec name {name!r}")
-    if name in _REGISTRY:
-        raise ValueError(f"codec {name!r} is already registered")
-    _REGISTRY[name] = RegisteredCodec(factory, options)
+
+    def add(fn: CodecFactory) -> CodecFactory:
+        old = _REGISTRY.get(name)
+        if old is not None and not (getattr(fn, "__qualname__", "") != "<lambda>" and replaces_same_definition(old.factory, fn)):
+            raise ValueError(f"codec {name!r} is already registered")
+        _REGISTRY[name] = RegisteredCodec(fn, options)
+        return fn
+
+    if factory is None:
+        return add
+    add(factory)
+    return None
 
 
 def available_codecs() -> list[str]:
