@@ -20,7 +20,15 @@ README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 CONFIG_PAGE = DOCS / "reference" / "config.md"
 #: pages the site adds from elsewhere in the repository (scripts/mkdocs_hooks.py)
-GENERATED = {"benchmarks/results.md", "changelog.md", "guides/llm-examples.md"}
+GENERATED = {
+    "benchmarks/results.md",
+    "changelog.md",
+    "guides/llm-examples.md",
+    "examples/custom-strategy.md",
+    "examples/custom-dataset.md",
+    "examples/edge-tls.md",
+    "examples/ray.md",
+}
 
 
 def test_quick_start_is_two_commands() -> None:
