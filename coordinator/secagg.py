@@ -14,8 +14,9 @@ tasks pinned to the worker that answered its first step (its secrets live in tha
    and the survivors' self masks.
 
 The unmasked sum (weighted update, total weight, weighted train loss) is turned into the
-strategy's weighted mean -- one aggregate with the round's total weight -- after the central DP
-hook (:func:`central_noise`), and the round is recorded as usual. When the sum cannot be
+strategy's weighted mean -- one aggregate with the round's total weight -- or, with central
+differential privacy, into the DP mechanism's noisy mean (:func:`release`, the one call site), and
+the round is recorded as usual. When the sum cannot be
 recovered (more dropouts after masking than the shares tolerate) nothing is released and the run
 stops with :class:`SecureAggregationFailed`; its checkpoint is the previous round's, so a rerun
 resumes there. Key material is never logged, checkpointed or written to the run directory.
@@ -53,18 +54,26 @@ class SecureAggregationFailed(DpeftError):
     """A secure-aggregation round whose sum cannot be recovered; nothing of it was released."""
 
 
-def central_noise(cfg: Any, total: AdapterState, weight: int, survivors: int) -> AdapterState:
-    """The single call site of central differential privacy under secure aggregation: the
-    coordinator adds its Gaussian noise to the unmasked weighted sum (``privacy.mode: central``)
-    before it becomes the round's aggregate. Returns ``total`` unchanged otherwise."""
-    if cfg.privacy.mode != "central":
-        return total
-    from dpeft.privacy import central  # the differential-privacy package (noise on the aggregate)
+def release(
+    engine: RoundEngine, summed: AdapterState, weight: int, unclipped: int, round_num: int
+) -> tuple[AdapterState, int, dict[str, Any]]:
+    """The single call site of central differential privacy under secure aggregation: (the
+    round's aggregate, its weight, the row's privacy fields).
 
-    add = getattr(central, "noise_secure_sum", None)
-    if add is None:
-        raise DpeftError("privacy.mode=central with privacy.secure_aggregation needs dpeft.privacy.central.noise_secure_sum")
-    return add(cfg, total, weight, survivors)  # type: ignore[no-any-return]
+    Without central DP the aggregate is the weighted mean ``summed / weight``. With
+    ``privacy.mode: central`` the clients clipped their updates and sent them with weight 1, so
+    ``summed`` is the sum of the clipped updates and ``unclipped`` how many were within the bound;
+    the coordinator's DP mechanism (``engine.privacy``, :mod:`dpeft.privacy.central`) adds its
+    Gaussian noise to that unmasked sum and divides by its fixed denominator, and charges the
+    round to the accountant."""
+    dp = getattr(engine, "privacy", None)
+    if engine.cfg.privacy.mode == "central":
+        if dp is None or not hasattr(dp, "release"):
+            raise DpeftError("privacy.mode=central: this build has no central DP mechanism for secure aggregation")
+        noisy = dp.release(summed, float(unclipped), round_num)
+        return noisy, 1, dict(dp.close_round())
+    mean = AdapterState({k: (v.double() / weight).to(v.dtype) for k, v in summed.items()})
+    return mean, weight, {}
 
 
 class SecureRounds:
@@ -120,7 +129,9 @@ class SecureRounds:
         tag = ctx.digest().hex()[:12]
         tasks = []
         for c, (hp, spec) in requests.items():
-            task = TrainTask(f"r{ctx.round}s-{kind[7:]}-c{c}-{tag}", ctx.round, c, blob_id, size, digest, hp, blob_crc32=crc, kind=kind)
+            task = TrainTask(
+                f"r{ctx.round}s-{kind[7:]}-c{c}-{tag}", ctx.round, c, blob_id, size, digest, hp, blob_crc32=crc, kind=kind
+            )
             self._open[task.task_id] = (kind, c)
             self._schemas[task.task_id] = messages.reply_schema(kind, **spec)
             tasks.append(task)
@@ -174,9 +185,14 @@ class SecureRounds:
         if engine.stop_event.is_set():
             return None
         if len(eligible) < 3:
-            raise RoundTimeout(f"round {round_num}: only {len(eligible)} clients on workers that run secure aggregation (at least 3 are needed)")
+            raise RoundTimeout(
+                f"round {round_num}: only {len(eligible)} clients on workers that run secure aggregation (at least 3 are needed)"
+            )
         sampled = engine.sample(round_num, eligible, engine.policy.sample_size(cfg.clients_per_round, len(eligible)))
         hp = engine.strategy.configure_train(round_num, engine.global_state)
+        dp = getattr(engine, "privacy", None)
+        if dp is not None:  # central DP: the clients clip to the round's bound
+            hp = {**hp, **dp.hyperparams()}
         up0, down0 = transport.bytes_moved()
         client_state = engine.strategy.client_state(engine.global_state, sampled[0])
         schema = update_schema(client_state.schema(), hp)
@@ -206,7 +222,9 @@ class SecureRounds:
         # 2. share keys
         t = time.time()
         peers = srv.peers_u1()
-        req = {u: ({"secagg": messages.request(ctx, **messages.share_request(p))}, {"peers": sorted(p)}) for u, p in peers.items()}
+        req = {
+            u: ({"secagg": messages.request(ctx, **messages.share_request(p))}, {"peers": sorted(p)}) for u, p in peers.items()
+        }
         for u, ev in self._step(transport, messages.SHARE, ctx, req, owners, quick, empty).items():
             try:
                 srv.add_shares(u, messages.read_shares(ev.delta))
@@ -218,8 +236,12 @@ class SecureRounds:
         t = time.time()
         masks = srv.mask_requests()
         if len(masks) < 3:
-            raise SecureAggregationFailed(f"round {round_num}: only {len(masks)} clients completed the key exchange (at least 3 are needed); nothing was aggregated")
-        task_blob = engine.publish_state(transport, AdapterState(client_state.tensors, {**engine.global_state.meta, "round": round_num}), f"r{round_num}")
+            raise SecureAggregationFailed(
+                f"round {round_num}: only {len(masks)} clients completed the key exchange (at least 3 are needed); nothing was aggregated"
+            )
+        task_blob = engine.publish_state(
+            transport, AdapterState(client_state.tensors, {**engine.global_state.meta, "round": round_num}), f"r{round_num}"
+        )
         spec = {"length": srv.length, "bits": ctx.bits}
         req = {u: ({**hp, "secagg": messages.request(ctx, **messages.mask_request(*m))}, spec) for u, m in masks.items()}
         policy, min_updates = engine.policy, engine.strategy.min_updates()
@@ -241,7 +263,10 @@ class SecureRounds:
         # 4. unmask
         t = time.time()
         unmask = srv.unmask_requests()
-        req = {u: ({"secagg": messages.request(ctx, **messages.unmask_request(d, s))}, {"dropped": d, "survived": s}) for u, (d, s) in unmask.items()}
+        req = {
+            u: ({"secagg": messages.request(ctx, **messages.unmask_request(d, s))}, {"dropped": d, "survived": s})
+            for u, (d, s) in unmask.items()
+        }
         for u, ev in self._step(transport, messages.UNMASK, ctx, req, owners, quick, empty).items():
             try:
                 shares = {k: messages.raw(v) for k, v in ev.delta.items() if k != "tag"}
@@ -260,14 +285,15 @@ class SecureRounds:
             ) from None
         timing["secagg_unmask_s"] = time.time() - t
         t = time.time()
-        summed, weight, loss_sum = decode(total, schema, ctx.bits, ctx.scale, ctx.clip)
+        summed, weight, loss_sum, unclipped = decode(total, schema, ctx.bits, ctx.scale, ctx.clip)
         survivors = len(srv.masked)
         if weight <= 0:
-            raise SecureAggregationFailed(f"round {round_num}: the surviving clients' total weight is {weight}; nothing was aggregated")
-        summed = central_noise(cfg, summed, weight, survivors)
-        mean = AdapterState({k: (v.double() / weight).to(schema[k][1]) for k, v in summed.items()})
-        aggregator = engine.strategy.begin_round(engine.global_state)
-        aggregator.add(ClientUpdate(-1, mean, weight, {"train_loss": loss_sum / weight}))
+            raise SecureAggregationFailed(
+                f"round {round_num}: the surviving clients' total weight is {weight}; nothing was aggregated"
+            )
+        aggregate, agg_weight, privacy_fields = release(engine, summed, weight, unclipped, round_num)
+        aggregator = engine.strategy.begin_round(engine.global_state)  # the strategy's own weighted mean, fed one aggregate
+        aggregator.add(ClientUpdate(-1, aggregate, agg_weight, {"train_loss": loss_sum / weight}))
         engine.advance(aggregator, round_num)
         timing["secagg_coordinator_s"] = time.time() - t
         tally.num_examples = weight
@@ -288,10 +314,16 @@ class SecureRounds:
         )
         if cfg.sync.name != "sync":
             row["sync"] = cfg.sync.name
-        self.last = {"ctx": ctx, "survivors": sorted(srv.masked), "dropped": sorted(set(srv.sealed) - set(srv.masked)), "digest": hashlib.sha256(total.tobytes()).hexdigest()}
+        row.update(privacy_fields)
+        self.last = {
+            "ctx": ctx,
+            "survivors": sorted(srv.masked),
+            "dropped": sorted(set(srv.sealed) - set(srv.masked)),
+            "digest": hashlib.sha256(total.tobytes()).hexdigest(),
+        }
         del srv, server_key, total
         engine.record(row, survivors, t0, transport)
         return row
 
 
-__all__ = ["SecureRounds", "SecureAggregationFailed", "central_noise"]
+__all__ = ["SecureRounds", "SecureAggregationFailed", "release"]

@@ -30,10 +30,10 @@ from dpeft.codec.updates import CodecSpec, registered_codecs
 from dpeft.codec.updates.session import PLAIN
 from dpeft.config import RunConfig, build_config, read_config_tree, reference_rows
 from dpeft.config.checks import one_of
-from dpeft.privacy.secagg.checks import check_secure_aggregation
 from dpeft.config.parse import yaml_inline
 from dpeft.config.quantization import QuantizationOptions
 from dpeft.errors import ConfigError
+from dpeft.privacy.secagg.checks import check_secure_aggregation
 from dpeft.strategies import make_strategy, registered_strategies
 from dpeft.strategies.base import Strategy, option_key
 from dpeft.sync import updates_per_step, validate_run_sync

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dpeft.worker")
 
+#: the metric of a client that clipped its own update for central DP: 1 if it was within the bound
+UNCLIPPED_KEY = "dp_unclipped"
+
 Result = tuple[bytes, int, dict[str, float]]
 
 
@@ -70,7 +73,9 @@ def secrets_of(runtime: WorkerRuntime) -> ClientSecrets:
     return found
 
 
-def run_secagg_tasks(runtime: WorkerRuntime, items: list[tuple[TrainTask, Any]], should_stop: Callable[[], bool]) -> list[Result | None]:
+def run_secagg_tasks(
+    runtime: WorkerRuntime, items: list[tuple[TrainTask, Any]], should_stop: Callable[[], bool]
+) -> list[Result | None]:
     """Results of secure-aggregation tasks in order; None: the task gets no reply."""
     store = secrets_of(runtime)
     out: list[Result | None] = [None] * len(items)
@@ -99,20 +104,23 @@ def run_secagg_tasks(runtime: WorkerRuntime, items: list[tuple[TrainTask, Any]],
     if train:
         trained = runtime.train_tasks([items[i] for i in train], should_stop=should_stop)
         for i, (update, n, metrics) in zip(train, trained, strict=True):
-            out[i] = _masked(store, items[i][0], update, n, metrics)
+            out[i] = _masked(store, items[i][0], update, n, metrics, runtime.cfg.privacy.mode == "central")
     return out
 
 
-def _masked(store: ClientSecrets, task: TrainTask, update: bytes, n: int, metrics: dict[str, float]) -> Result | None:
+def _masked(
+    store: ClientSecrets, task: TrainTask, update: bytes, n: int, metrics: dict[str, float], unit_weight: bool
+) -> Result | None:
     t0 = time.perf_counter()
     try:
         state, body = store.get(task)
         ctx = state.ctx
         delta = decode_state(update)
-        weight = min(int(n), ctx.max_weight)
-        if weight < n:
+        weight = 1 if unit_weight else min(int(n), ctx.max_weight)  # central DP: unit weights
+        if weight < n and not unit_weight:
             log.warning("client %d: weight %d capped at privacy.secagg_max_weight=%d", task.client_id, n, ctx.max_weight)
-        encoded = encode(delta, weight, float(metrics.get("train_loss", 0.0)), ctx.bits, ctx.scale, ctx.clip)
+        unclipped = float(metrics.get(UNCLIPPED_KEY, 0.0))  # central DP, clipped on the client
+        encoded = encode(delta, weight, float(metrics.get("train_loss", 0.0)), ctx.bits, ctx.scale, ctx.clip, unclipped)
         masked, tag = state.mask(encoded, *messages.read_mask_request(body))
     except (SecAggError, ValueError, KeyError) as exc:
         log.warning("secure aggregation: task %s refused (no reply): %s", task.task_id, exc)

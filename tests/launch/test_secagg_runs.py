@@ -62,7 +62,14 @@ def test_coordinator_workers_deadline_dropout_after_masking(tmp_path: Path, proc
     run = tmp_path / "run"
     address = f"127.0.0.1:{free_port()}"
     args = [a for a in overrides(run, **RUN) if not a.startswith("simulate.processes")]
-    extra = [ON, "sync.name=deadline", "sync.over_selection=1.34", "sync.deadline_s=120", "simulate.speed_factors=[1,1,1,60]", "data.partition=iid"]
+    extra = [
+        ON,
+        "sync.name=deadline",
+        "sync.over_selection=1.34",
+        "sync.deadline_s=120",
+        "simulate.speed_factors=[1,1,1,60]",
+        "data.partition=iid",
+    ]
     coord = procs.start("coordinator", "--listen", address, *args, *extra)
     monkeypatch.setattr(integration_testlib, "DPEFT", [sys.executable, str(Path(__file__).with_name("secagg_slow_worker.py"))])
     workers = [procs.start(address, f"w{i}") for i in range(2)]

@@ -64,7 +64,10 @@ def test_cli_exit_2_and_ray_split_refused(tmp_path) -> None:
     from dpeft.privacy.secagg.checks import refuse_command
 
     p = subprocess.run(
-        [sys.executable, "-m", "dpeft_launch.cli", "config", "validate", *ON, "strategy.name=median"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "dpeft_launch.cli", "config", "validate", *ON, "strategy.name=median"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert p.returncode == 2 and "strategy.name" in p.stderr and "Traceback" not in p.stderr
     cfg = load_config(None, ON)

@@ -95,7 +95,9 @@ def test_dropouts_after_masking_recovered_up_to_tolerance_then_fail() -> None:
         secure_sum(deltas, weights, SETTINGS, drop_after_masking=set(range(tolerated)), silent_in_unmask={n - 1})
 
 
-def _round(n: int = 4, round_num: int = 1) -> tuple[ServerRound, dict[int, ClientRound], dict[int, tuple[list[int], dict[int, bytes]]]]:
+def _round(
+    n: int = 4, round_num: int = 1
+) -> tuple[ServerRound, dict[int, ClientRound], dict[int, tuple[list[int], dict[int, bytes]]]]:
     key = crypto.new_private_key()
     ctx = RoundContext.create(SETTINGS, "t", round_num, os.urandom(16), list(range(n)), crypto.public_bytes(key))
     srv = ServerRound(ctx, key, 12)

@@ -30,7 +30,9 @@ def check_secagg_keys(cfg: RunConfig) -> None:
     if p.secagg_neighbours is not None and p.secagg_neighbours < 2:
         raise ConfigError("privacy.secagg_neighbours", f"must be at least 2 or null; got {p.secagg_neighbours}")
     if not 0 < p.secagg_threshold <= 1:
-        raise ConfigError("privacy.secagg_threshold", f"must be in (0, 1] (a fraction of the neighbours); got {p.secagg_threshold}")
+        raise ConfigError(
+            "privacy.secagg_threshold", f"must be in (0, 1] (a fraction of the neighbours); got {p.secagg_threshold}"
+        )
     if not 16 <= p.secagg_bits <= 64:
         raise ConfigError("privacy.secagg_bits", f"must be between 16 and 64; got {p.secagg_bits}")
     if not (math.isfinite(p.secagg_clip_range) and p.secagg_clip_range > 0):
@@ -72,14 +74,19 @@ def check_secure_aggregation(cfg: RunConfig, strategy: Any, allreduce: str | Non
         )
     if cfg.sync.name not in SYNC_POLICIES:
         raise ConfigError(
-            "sync.name", f"{KEY} runs its key agreement and unmasking per round; sync.name={cfg.sync.name} is not supported (use sync or deadline)"
+            "sync.name",
+            f"{KEY} runs its key agreement and unmasking per round; sync.name={cfg.sync.name} is not supported (use sync or deadline)",
         )
     if cfg.sync.name == "deadline" and cfg.sync.late_updates != "drop":
         raise ConfigError(
-            "sync.late_updates", f"a masked update can only be unmasked within its own round; with {KEY} late updates are dropped (set sync.late_updates=drop)"
+            "sync.late_updates",
+            f"a masked update can only be unmasked within its own round; with {KEY} late updates are dropped (set sync.late_updates=drop)",
         )
     if allreduce is not None or cfg.aggregation == "allreduce":
-        raise ConfigError("aggregation", f"{allreduce or 'all-reduce'}: all-reduce sums plain updates between workers without a coordinator; {KEY} needs aggregation=coordinator")
+        raise ConfigError(
+            "aggregation",
+            f"{allreduce or 'all-reduce'}: all-reduce sums plain updates between workers without a coordinator; {KEY} needs aggregation=coordinator",
+        )
     if cfg.codec.up.strip().lower() != "fp32":
         raise ConfigError(
             "codec.up",
@@ -93,12 +100,17 @@ def check_secure_aggregation(cfg: RunConfig, strategy: Any, allreduce: str | Non
         )
     n = round_size(cfg)
     if n < 3:
-        raise ConfigError("clients_per_round", f"{KEY} needs at least 3 clients per round (with 2, each could subtract its own update from the sum); got {n}")
+        raise ConfigError(
+            "clients_per_round",
+            f"{KEY} needs at least 3 clients per round (with 2, each could subtract its own update from the sum); got {n}",
+        )
     p = cfg.privacy
     try:
         scale_for(p.secagg_bits, n, p.secagg_max_weight, p.secagg_clip_range)
     except ValueError as exc:
-        raise ConfigError("privacy.secagg_bits", f"{exc}; raise secagg_bits or lower secagg_max_weight / secagg_clip_range") from None
+        raise ConfigError(
+            "privacy.secagg_bits", f"{exc}; raise secagg_bits or lower secagg_max_weight / secagg_clip_range"
+        ) from None
 
 
 def refuse_command(cfg: RunConfig, command: str) -> None:

@@ -58,7 +58,9 @@ class RoundContext:
     server_pk: str  # base64 of the coordinator's X25519 public key of this round
 
     @classmethod
-    def create(cls, settings: SecAggSettings, run_id: str, round_num: int, nonce: bytes, clients: list[int], server_pk: bytes) -> RoundContext:
+    def create(
+        cls, settings: SecAggSettings, run_id: str, round_num: int, nonce: bytes, clients: list[int], server_pk: bytes
+    ) -> RoundContext:
         n = len(clients)
         asked = settings.neighbours if settings.neighbours is not None else graph.default_degree(n)
         degree = graph.graph_degree(n, min(asked, n - 1))

@@ -111,6 +111,6 @@ def secure_sum(
         cost.coordinator_s += time.perf_counter() - t
     t = time.perf_counter()
     total = srv.result()
-    summed, weight, loss_sum = decode(total, schema, ctx.bits, ctx.scale, ctx.clip)
+    summed, weight, loss_sum, _ = decode(total, schema, ctx.bits, ctx.scale, ctx.clip)
     cost.coordinator_s += time.perf_counter() - t
     return summed, weight, loss_sum, cost
