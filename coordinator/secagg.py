@@ -191,7 +191,7 @@ class SecureRounds:
         sampled = engine.sample(round_num, eligible, engine.policy.sample_size(cfg.clients_per_round, len(eligible)))
         hp = engine.strategy.configure_train(round_num, engine.global_state)
         dp = getattr(engine, "privacy", None)
-        if dp is not None:  # central DP: the clients clip to the round's bound
+        if dp is not None and hasattr(dp, "hyperparams"):  # central DP: the clients clip to the round's bound
             hp = {**hp, **dp.hyperparams()}
         up0, down0 = transport.bytes_moved()
         client_state = engine.strategy.client_state(engine.global_state, sampled[0])
@@ -293,7 +293,12 @@ class SecureRounds:
             )
         aggregate, agg_weight, privacy_fields = release(engine, summed, weight, unclipped, round_num)
         aggregator = engine.strategy.begin_round(engine.global_state)  # the strategy's own weighted mean, fed one aggregate
+        local_dp = dp is not None and cfg.privacy.mode != "central"
+        if local_dp:  # local DP: the clients noised their own training; the ledger sees the round's aggregate
+            aggregator = dp.wrap(aggregator, round_num)
         aggregator.add(ClientUpdate(-1, aggregate, agg_weight, {"train_loss": loss_sum / weight}))
+        if local_dp:
+            privacy_fields = dict(dp.close_round())
         engine.advance(aggregator, round_num)
         timing["secagg_coordinator_s"] = time.time() - t
         tally.num_examples = weight
