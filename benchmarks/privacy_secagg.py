@@ -166,7 +166,7 @@ def report(
         )
         lines.append(
             f"| <= 20% added to a round of the default task, 10 clients per round | {100 * added:+.1f}% (round time, two runs); "
-            f"{100 * s['protocol_s'] / s['round_s']:.1f}% (the protocol's own steps within the secure run) |"
+            f"{100 * s['protocol_s'] / s['round_s']:.2f}% (the protocol's own steps within the secure run) |"
         )
     lines.append(
         f"| bytes up per client <= 2x an fp32 update ({big['clients']} clients, in process) | {big['up_per_client'] / big['fp32_update_bytes']:.3f}x |"
@@ -201,7 +201,7 @@ def report(
     lines += [
         "",
         "Bytes down per client count the protocol's messages only (the global adapter a client downloads is the same with or without). "
-        "The masked vector has one 4-byte residue per parameter (`privacy.secagg_bits: 32`) plus two (weight, weighted loss), so a client's upload is "
+        "The masked vector has one 4-byte residue per parameter (`privacy.secagg_bits: 32`) plus three (weight, weighted loss, clip bit), so a client's upload is "
         "about one fp32 update plus its keys and sealed shares (O(neighbours)). Client time is key agreement, secret sharing and mask expansion "
         "(ChaCha20, one stream per neighbour); the coordinator's grows with clients x neighbours (masks of dropouts) and clients (self masks).",
     ]
