@@ -40,6 +40,7 @@ from dpeft.transport.base import Blob, CoordinatorTransport, Event, Rejection, T
 from dpeft_coordinator.async_engine import run_async
 from dpeft_coordinator.errors import RoundTimeout
 from dpeft_coordinator.evaluation import FederatedEvaluator
+from dpeft_coordinator.secagg import SecureRounds
 
 log = logging.getLogger("dpeft.coordinator")
 
@@ -77,6 +78,8 @@ class RoundEngine:
         self.stop_event = threading.Event()
         #: eval.federated: sampled clients evaluate each evaluated round's global (:mod:`dpeft_coordinator.evaluation`)
         self.fed_eval = FederatedEvaluator(self) if cfg.eval.federated else None
+        #: privacy.secure_aggregation: rounds run the SecAgg+ steps (:mod:`dpeft_coordinator.secagg`)
+        self.secagg = SecureRounds(self) if cfg.privacy.secure_aggregation else None
         self.recorder = RoundRecorder(
             run_dir, cfg.rounds, cfg.seed, export=lambda state: global_model.export(state, run_dir / "adapter"), config_text=dump_config(cfg)
         )
@@ -101,6 +104,10 @@ class RoundEngine:
     # -- transport hooks ------------------------------------------------------
     def decoder_for(self, task_id: str, client_id: int) -> StateDecoder:
         """Validating decoder for an upload; rejects unknown, stale and duplicate tasks up front."""
+        if self.secagg is not None:
+            step = self.secagg.decoder_for(task_id, client_id)  # a secure-aggregation reply: its exact schema
+            if step is not None:
+                return step
         if self.fed_eval is not None:
             evaluation = self.fed_eval.decoder_for(task_id, client_id)  # an evaluation reply: no tensors
             if evaluation is not None:
@@ -261,6 +268,8 @@ class RoundEngine:
     # -- rounds -----------------------------------------------------------------
     def run_round(self, transport: CoordinatorTransport) -> dict[str, Any] | None:
         """One round; returns its metrics row (None when stopped)."""
+        if self.secagg is not None:
+            return self.secagg.run_round(transport)
         tally = RoundTally()
         t0 = tally.t0
         round_num = self.round + 1

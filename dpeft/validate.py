@@ -34,6 +34,7 @@ from dpeft.config.parse import yaml_inline
 from dpeft.config.quantization import QuantizationOptions
 from dpeft.errors import ConfigError
 from dpeft.plugins import load_plugins, plugin_names
+from dpeft.privacy.secagg.checks import check_secure_aggregation
 from dpeft.strategies import make_strategy, registered_strategies
 from dpeft.strategies.base import Strategy, option_key
 from dpeft.sync import updates_per_step, validate_run_sync
@@ -141,6 +142,7 @@ def validate_run(cfg: RunConfig, allreduce: str | None = None) -> None:
         check_allreduce(cfg, strategy, mode)
     validate_quantized_base(cfg)
     validate_plugin_families(cfg)
+    check_secure_aggregation(cfg, strategy, mode)
     validate_adapter_method(cfg)
 
 

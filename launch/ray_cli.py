@@ -70,6 +70,9 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, plugins=args.plugin or ())  # the ray: section is part of RunConfig (errors name ray.<key>)
+    from dpeft.privacy.secagg.checks import refuse_command
+
+    refuse_command(cfg, "ray")
     if args.address:
         cfg.ray.address = args.address
     warn_simulate_only(cfg)

@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
         from dpeft_launch.split_local import run_cloud
 
         run_cfg, split_cfg = load_split_config(args.config, args.overrides)
+        from dpeft.privacy.secagg.checks import refuse_command
+
+        refuse_command(run_cfg, "split")
         if cmd == "simulate":
             run_cloud(run_cfg, split_cfg, "127.0.0.1:0", local_edges=split_cfg.edges, resume=not args.fresh)
         else:

@@ -12,13 +12,18 @@ from collections.abc import Callable
 from typing import Any
 
 from dpeft.config import AuthConfig, RunConfig
+from dpeft.privacy.secagg.messages import TASK_KINDS as SECAGG_KINDS
 from dpeft.rounds.fedeval import EVALUATE, WORKER_TASK_KINDS
 from dpeft.train import TrainingStopped
 from dpeft.transport.base import TrainTask, WorkerConnection
 from dpeft.validate import config_from_dict
 from dpeft_workers.runtime import WorkerRuntime, set_threads
+from dpeft_workers.secagg import run_secagg_tasks
 
 log = logging.getLogger("dpeft.worker")
+
+#: the task kinds besides training this worker runs (declared when it joins)
+KINDS = WORKER_TASK_KINDS + SECAGG_KINDS
 
 
 def run_worker(
@@ -49,7 +54,7 @@ def run_worker(
     """
     stop = stop or threading.Event()
     set_threads(threads)
-    conn.task_kinds = WORKER_TASK_KINDS  # evaluation tasks are handed only to workers that declare them
+    conn.task_kinds = KINDS  # evaluation and secure-aggregation tasks are handed only to workers that declare them
     reg = conn.join(worker_id, own_examples=0 if data_path else None)
     try:
         cfg = config_from_dict(reg.config)
@@ -106,11 +111,13 @@ def run_worker(
             finally:
                 if training is not None:
                     training.clear()
-            last = {task.task_id: (task.blob_sha256, *result) for (task, _), result in zip(todo, results, strict=True)}
+            last = {task.task_id: (task.blob_sha256, *result) for (task, _), result in zip(todo, results, strict=True) if result is not None}
             # let go of the payloads before the next fetch: the connection may then reuse their buffer
             tasks, todo = [task for task, _ in todo], []
-            for task, (update, n, metrics) in zip(tasks, results, strict=True):
-                _push(conn, task, update, n, metrics)
+            for task, result in zip(tasks, results, strict=True):
+                if result is None:  # a secure-aggregation request this client refused: no reply
+                    continue
+                _push(conn, task, *result)
                 done += 1
     finally:
         stop.set()
@@ -118,8 +125,13 @@ def run_worker(
     return 0
 
 
-def _run(runtime: WorkerRuntime, todo: list[tuple[TrainTask, bytes]], stopping: Callable[[], bool]) -> list[tuple[bytes, int, dict[str, float]]]:
-    """Results of ``todo`` in order: evaluation tasks evaluated, the others trained (together where lockstep allows)."""
+def _run(
+    runtime: WorkerRuntime, todo: list[tuple[TrainTask, bytes]], stopping: Callable[[], bool]
+) -> list[tuple[bytes, int, dict[str, float]]] | list[tuple[bytes, int, dict[str, float]] | None]:
+    """Results of ``todo`` in order: evaluation tasks evaluated, secure-aggregation steps run
+    (None: no reply), the others trained (together where lockstep allows)."""
+    if todo and todo[0][0].kind in SECAGG_KINDS:  # a batch holds tasks of one round and kind
+        return run_secagg_tasks(runtime, todo, stopping)
     evals = [i for i, (t, _) in enumerate(todo) if t.kind == EVALUATE]
     if not evals:
         return runtime.train_tasks(todo, should_stop=stopping)
@@ -141,7 +153,7 @@ def _fetch_payloads(
     only (the connection reuses a download buffer nothing else refers to)."""
     todo: list[tuple[TrainTask, bytes]] = []
     for task in tasks:
-        if task.kind and task.kind not in WORKER_TASK_KINDS:  # a kind this worker does not know: never train instead
+        if task.kind and task.kind not in KINDS:  # a kind this worker does not know: never train instead
             log.warning("task %s has kind %r, which this worker does not run; refused (no reply)", task.task_id, task.kind)
             continue
         prev = last.get(task.task_id)

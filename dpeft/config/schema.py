@@ -226,6 +226,11 @@ class PrivacyConfig:
     target_epsilon: float | None = _f(None, "privacy budget: derive noise_multiplier for the planned rounds (when it is null), or stop the run cleanly before a round would exceed it")
     accountant: str = _f("rdp", "privacy accountant (Google dp-accounting): rdp or pld")
     secure_aggregation: bool = _f(False, "SecAgg+: workers mask their (weighted, quantised) updates so the coordinator only learns the sum of the surviving clients' updates")
+    secagg_neighbours: int | None = _f(None, "secure aggregation: neighbours each client masks with and shares its secrets among (the graph degree, rounded up to even); null = about 3 log2(clients in the round), all others in small rounds")
+    secagg_threshold: float = _f(0.5, "secure aggregation: fraction of a client's neighbours whose shares recover its secrets (at least 2); a round survives up to neighbours - threshold dropouts after masking")
+    secagg_bits: int = _f(32, "secure aggregation: masked vectors are residues modulo 2**bits (16..64; up to 32 travel as 4 bytes per entry, more as 8)")
+    secagg_clip_range: float = _f(1.0, "secure aggregation: each coordinate of a client's update is clipped to [-range, range] before it is quantised")
+    secagg_max_weight: int = _f(10000, "secure aggregation: a client's weight (its example count) is capped at this; with secagg_bits and clients_per_round it sets the quantisation step")
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,1 @@
+"""Privacy of client updates: differential privacy and secure aggregation (``privacy:`` section)."""
