@@ -78,7 +78,7 @@ class RoundEngine:
         #: eval.federated: sampled clients evaluate each evaluated round's global (:mod:`dpeft_coordinator.evaluation`)
         self.fed_eval = FederatedEvaluator(self) if cfg.eval.federated else None
         self.recorder = RoundRecorder(
-            run_dir, cfg.rounds, cfg.seed, export=lambda state: global_model.export(state, run_dir / "adapter"), config_text=dump_config(cfg)
+            run_dir, cfg.rounds, cfg.seed, export=lambda state: global_model.export(state, run_dir / "adapter"), config_text=dump_config(cfg), cfg=cfg
         )
         assert self.recorder.metrics is not None  # a run directory always has its metrics log
         self.metrics = self.recorder.metrics

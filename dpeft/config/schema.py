@@ -225,6 +225,17 @@ class PrivacyConfig:
 
 
 @dataclass(kw_only=True)
+class TrackingConfig:
+    """Experiment tracking: the per-round metrics, the config and the adapter in TensorBoard and MLflow."""
+
+    tensorboard: bool = _f(False, "write TensorBoard event files of every per-round metric to <run_dir>/tensorboard (needs the tracking extra)")
+    mlflow: bool = _f(False, "log every per-round metric (step = round), the resolved config and the final adapter to MLflow (needs the tracking extra)")
+    mlflow_uri: str | None = _f(None, "MLflow tracking URI (a server http://host:port, sqlite:///path.db, ...); null = sqlite:///<run_dir>/mlflow.db, artifacts in <run_dir>/mlartifacts")
+    experiment: str = _f("dpeft", "MLflow experiment the run is logged under")
+    run_name: str | None = _f(None, "MLflow run name and TensorBoard run label; null = the run directory's name")
+
+
+@dataclass(kw_only=True)
 class TransportConfig:
     """Wire settings."""
 
@@ -339,5 +350,6 @@ class RunConfig:
     auth: AuthConfig = field(default_factory=AuthConfig, metadata={"help": "TLS and worker tokens"})
     codec: CodecConfig = field(default_factory=CodecConfig, metadata={"help": "update codecs"})
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig, metadata={"help": "differential privacy and secure aggregation"})
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "experiment tracking (TensorBoard, MLflow)"})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "`dpeft ray` cluster and actors"})
     split: SplitConfig = field(default_factory=SplitConfig, metadata={"help": "`dpeft split` cloud/edge training"})

@@ -75,6 +75,8 @@ class MetricsLog:
         #: the checkpointed round this process resumed from (None: it started at round 0)
         self.resumed_from: int | None = None
         self.rows: list[dict[str, Any]] = []
+        #: experiment tracking (:class:`dpeft.rounds.tracking.Tracker`): every appended row, the end of the run
+        self.tracker: Any = None
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 if line.strip():
@@ -93,6 +95,8 @@ class MetricsLog:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
             fh.flush()
+        if self.tracker is not None:
+            self.tracker.log_row(row)
         self._print_row(row)
 
     def _print_row(self, row: dict[str, Any]) -> None:
@@ -130,6 +134,8 @@ class MetricsLog:
         self.progress_done()
         print("\n" + format_table(rows), file=self.stream)
         plots = self.plot()
+        if self.tracker is not None:
+            self.tracker.finish(plots)
         final = [r for r in rows if r.get("eval_accuracy") is not None]
         acc = f"final eval accuracy {final[-1]['eval_accuracy']:.4f}; " if final else ""
         gen = [r for r in rows if r.get("gen_accuracy") is not None]
