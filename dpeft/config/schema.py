@@ -58,9 +58,9 @@ class AdapterConfig:
 class DataConfig:
     """Where examples come from, what they look like, and how they are split among clients."""
 
-    dataset: str = _f("rotten_tomatoes", "rotten_tomatoes, reuters_r8, or file (a CSV/JSONL at path)")
-    path: str | None = _f(None, "CSV or JSONL file for dataset=file")
-    test_path: str | None = _f(None, "optional held-out CSV/JSONL; otherwise test examples are split off path")
+    dataset: str = _f("rotten_tomatoes", "rotten_tomatoes, reuters_r8, file (a CSV/JSONL/Parquet/Arrow file at data.path) or hf (a Hugging Face save_to_disk directory, or Parquet/Arrow files, at data.path)")
+    path: str | None = _f(None, "data file for dataset=file (.csv, .tsv, .jsonl, .parquet, .arrow) or directory for dataset=hf (save_to_disk output: a Dataset, or a DatasetDict whose train/test splits are used)")
+    test_path: str | None = _f(None, "optional held-out file or directory; otherwise the test split of a DatasetDict at data.path, else test examples are split off data.path")
     format: str = _f(
         "auto",
         "classification (text + label), text (next-token loss on the whole text), instruction (prompt + response, loss on the response only) or chat (messages through the tokenizer's chat template, loss on the assistant turns); auto = classification for model.task=seq_cls, text for causal_lm",
