@@ -295,6 +295,9 @@ def _reexec_lean(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dpeft` command."""
     if argv is None:  # a real command line, not a call from Python
+        from dpeft_launch.quiet import quiet_defaults
+
+        quiet_defaults()  # before gRPC/transformers load, inherited by the workers
         _reexec_lean(sys.argv[1:])
     args = _parser().parse_args(argv)
     _configure_logging(args)
