@@ -161,8 +161,9 @@ def _fetch_payloads(
 
 def _push(conn: WorkerConnection, task: TrainTask, update: bytes, n: int, metrics: dict[str, float]) -> None:
     ok, reason = conn.push(task, update, n, metrics)
-    if not ok:
-        log.warning("update for task %s rejected: %s", task.task_id, reason)
+    if not ok:  # an update for a round (or run) that closed meanwhile is routine under async/deadline
+        routine = any(f"({r})" in reason for r in ("late", "closed"))
+        log.log(logging.INFO if routine else logging.WARNING, "update for task %s rejected: %s", task.task_id, reason)
 
 
 class _WorkerStop(BaseException):
