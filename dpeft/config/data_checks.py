@@ -63,7 +63,11 @@ def check_data(cfg: RunConfig) -> None:
         if getattr(d, key) not in allowed:
             raise ConfigError(f"data.{key}", f"must be one of {', '.join(allowed)}; got {getattr(d, key)!r}")
     if d.dataset in ("file", "hf") and not d.path:
-        what = "a .csv, .jsonl, .parquet or .arrow file" if d.dataset == "file" else "a save_to_disk directory, or Parquet/Arrow files"
+        what = (
+            "a .csv, .jsonl, .parquet or .arrow file"
+            if d.dataset == "file"
+            else "a save_to_disk directory, or Parquet/Arrow files"
+        )
         raise ConfigError("data.path", f"dataset={d.dataset} needs data.path ({what})")
     fmt = resolve_format(cfg)
     if fmt == "classification" and cfg.model.task != "seq_cls":
