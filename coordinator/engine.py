@@ -137,7 +137,7 @@ class RoundEngine:
             update = self.admit(event)
             aggregator.add(update)
         except RejectedUpdate as exc:
-            log.warning("rejected update from %s: %s", event.worker_id, exc)
+            log.log(logging.INFO if exc.routine else logging.WARNING, "rejected update from %s: %s", event.worker_id, exc)
             tally.reject(exc.reason)
             return None
         tally.add(update, event.num_examples)

@@ -43,3 +43,8 @@ def test_reasons_for_closed_tasks() -> None:
     sync.register(_task("slow"), None, 0, 0.0)
     sync.close_round(1, fold=False, cancelled=set())
     assert _reason(lambda: sync.schema_for("slow", 0, 2)) == "late"
+
+
+def test_only_closed_and_late_are_routine() -> None:
+    assert RejectedUpdate("closed", "x").routine and RejectedUpdate("late", "x").routine
+    assert not RejectedUpdate("duplicate", "x").routine and not RejectedUpdate("non_finite", "x").routine

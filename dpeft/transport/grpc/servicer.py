@@ -40,8 +40,6 @@ REASON_CODES = {
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
     "forbidden": grpc.StatusCode.PERMISSION_DENIED,
 }
-#: rejections that are part of normal operation (logged at info)
-ROUTINE_REASONS = {"late", "closed"}
 _CONFLICT_CODES = {"offset": grpc.StatusCode.OUT_OF_RANGE, "busy": grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
@@ -221,7 +219,7 @@ class CoordinatorServicer:
 
     def _reject(self, context: grpc.ServicerContext, worker_id: str, task_id: str, exc: RejectedUpdate) -> Any:
         # an update that arrives after its round or the run closed is expected (async, deadline): info, not a warning
-        level = logging.INFO if exc.reason in ROUTINE_REASONS else logging.WARNING
+        level = logging.INFO if exc.routine else logging.WARNING
         log_event("upload_rejected", level=level, worker=worker_id, task=task_id, reason=exc.reason, detail=str(exc))
         self.o.deliver(Rejection(task_id=task_id, worker_id=worker_id, reason=exc.reason, detail=str(exc)))
         context.abort(REASON_CODES.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
