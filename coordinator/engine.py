@@ -81,7 +81,7 @@ class RoundEngine:
         #: privacy.secure_aggregation: rounds run the SecAgg+ steps (:mod:`dpeft_coordinator.secagg`)
         self.secagg = SecureRounds(self) if cfg.privacy.secure_aggregation else None
         self.recorder = RoundRecorder(
-            run_dir, cfg.rounds, cfg.seed, export=lambda state: global_model.export(state, run_dir / "adapter"), config_text=dump_config(cfg)
+            run_dir, cfg.rounds, cfg.seed, export=lambda state: global_model.export(state, run_dir / "adapter"), config_text=dump_config(cfg), cfg=cfg
         )
         assert self.recorder.metrics is not None  # a run directory always has its metrics log
         self.metrics = self.recorder.metrics
@@ -144,7 +144,7 @@ class RoundEngine:
             update = self.admit(event)
             aggregator.add(update)
         except RejectedUpdate as exc:
-            log.warning("rejected update from %s: %s", event.worker_id, exc)
+            log.log(logging.INFO if exc.routine else logging.WARNING, "rejected update from %s: %s", event.worker_id, exc)
             tally.reject(exc.reason)
             return None
         tally.add(update, event.num_examples)

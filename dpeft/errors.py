@@ -33,6 +33,13 @@ class ProtocolError(DpeftError):
 class RejectedUpdate(DpeftError):
     """A worker update that failed validation; `reason` is a short stable tag for metrics."""
 
+    #: reasons that are part of normal operation (an update for a round or run that closed meanwhile): logged at info
+    ROUTINE = frozenset({"late", "closed"})
+
     def __init__(self, reason: str, detail: str) -> None:
         self.reason = reason
         super().__init__(f"update rejected ({reason}): {detail}")
+
+    @property
+    def routine(self) -> bool:
+        return self.reason in self.ROUTINE

@@ -319,6 +319,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dpeft` command."""
     if argv is None:  # a real command line, not a call from Python
+        from dpeft_launch.quiet import quiet_defaults
+
+        quiet_defaults()  # before gRPC/transformers load, inherited by the workers
         _reexec_lean(sys.argv[1:])
     args = parse_args(_parser(), argv)
     _configure_logging(args)

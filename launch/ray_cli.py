@@ -1,7 +1,7 @@
 """`dpeft ray`: the round engine in the Ray driver, workers as Ray actors.
 
     ray start --head
-    ray job submit --working-dir . -- dpeft ray --config run.yaml rounds=5
+    ray job submit --working-dir . -- python -m dpeft_launch ray --config run.yaml rounds=5
     dpeft ray --config run.yaml                 # no cluster: starts a local Ray
     dpeft ray --address HOST:6379 --config run.yaml ray.actors=8 ray.num_gpus=0.5
 

@@ -4,6 +4,9 @@
 # Rank 0 writes the run directory (checkpoints, metrics.jsonl, adapter/).
 set -euo pipefail
 
+# torchrun sets 1 thread per rank anyway, with a banner about it when the variable is unset
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
 # one machine, two ranks
 torchrun --nproc-per-node 2 -m dpeft_launch.torchrun_allreduce \
   rounds=3 clients=8 clients_per_round=4 run_dir=runs/allreduce "$@"

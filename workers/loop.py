@@ -13,6 +13,7 @@ from typing import Any
 
 from dpeft.config import AuthConfig, RunConfig
 from dpeft.privacy.secagg.messages import TASK_KINDS as SECAGG_KINDS
+from dpeft.errors import RejectedUpdate
 from dpeft.rounds.fedeval import EVALUATE, WORKER_TASK_KINDS
 from dpeft.train import TrainingStopped
 from dpeft.transport.base import TrainTask, WorkerConnection
@@ -173,8 +174,9 @@ def _fetch_payloads(
 
 def _push(conn: WorkerConnection, task: TrainTask, update: bytes, n: int, metrics: dict[str, float]) -> None:
     ok, reason = conn.push(task, update, n, metrics)
-    if not ok:
-        log.warning("update for task %s rejected: %s", task.task_id, reason)
+    if not ok:  # an update for a round (or run) that closed meanwhile is routine under async/deadline
+        routine = any(f"({r})" in reason for r in RejectedUpdate.ROUTINE)
+        log.log(logging.INFO if routine else logging.WARNING, "update for task %s rejected: %s", task.task_id, reason)
 
 
 class _WorkerStop(BaseException):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -89,11 +90,23 @@ def load_state(model: PeftModel, state: AdapterState, strict: bool = True) -> No
         p.copy_(value.to(p.dtype))
 
 
-def export_peft_dir(model: PeftModel, state: AdapterState, directory: str | Path) -> Path:
+#: the class names of a classification adapter, next to adapter_config.json
+LABELS_FILE = "labels.json"
+
+
+def label_maps(label_names: list[str]) -> dict[str, dict[str, Any]]:
+    """``id2label``/``label2id`` as transformers keeps them in a model config (ids as JSON keys are strings)."""
+    return {"id2label": {str(i): n for i, n in enumerate(label_names)}, "label2id": {n: i for i, n in enumerate(label_names)}}
+
+
+def export_peft_dir(model: PeftModel, state: AdapterState, directory: str | Path, label_names: list[str] | None = None) -> Path:
     """Write ``state`` as a standard peft directory (adapter_config.json + adapter_model.safetensors).
 
-    Written to a temporary sibling and renamed, so a reader never sees half a directory.
+    ``label_names``: a classifier's classes, written to ``labels.json`` (``id2label``/``label2id``,
+    as in a transformers config.json) and set on the base model's config. Written to a temporary
+    sibling and renamed, so a reader never sees half a directory.
     """
+    import json
     import shutil
 
     directory = Path(directory)
@@ -101,7 +114,15 @@ def export_peft_dir(model: PeftModel, state: AdapterState, directory: str | Path
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
+    if label_names:
+        maps = label_maps(label_names)
+        base_config = getattr(model, "config", None)
+        if base_config is not None:  # a merged model saved from here keeps its class names
+            base_config.id2label = {int(i): n for i, n in maps["id2label"].items()}
+            base_config.label2id = dict(maps["label2id"])
     model.save_pretrained(str(tmp))
+    if label_names:
+        (tmp / LABELS_FILE).write_text(json.dumps(maps, indent=2) + "\n")
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
         if old.exists():

@@ -33,6 +33,7 @@ from dpeft.config.schema import (
     SplitConfig,
     StrategyConfig,
     SyncConfig,
+    TrackingConfig,
     TrainConfig,
     TransportConfig,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "KillReviveConfig",
     "ModelConfig",
     "PrivacyConfig",
+    "TrackingConfig",
     "RayConfig",
     "RunConfig",
     "SimulateConfig",

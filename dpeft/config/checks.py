@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dpeft.config.data_checks import check_data
 from dpeft.config.quantization import check_quantization
 from dpeft.config.schema import RayConfig, RunConfig, SplitConfig, TransportConfig
+from dpeft.config.tracking_checks import check_tracking
 from dpeft.config.train_checks import check_train_hardware
 from dpeft.errors import ConfigError
 
@@ -87,6 +88,7 @@ def check_core(cfg: RunConfig) -> None:
     check_transport(cfg.transport)
     validate_ray(cfg.ray)
     validate_split(cfg.split)
+    check_tracking(cfg)
 
 
 def check_eval(cfg: RunConfig) -> None:

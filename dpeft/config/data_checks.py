@@ -67,14 +67,19 @@ def check_data(cfg: RunConfig) -> None:
     if d.test_examples <= 0:
         raise ConfigError("data.test_examples", f"must be > 0, got {d.test_examples}")
     for key, allowed in (
-        ("dataset", (*BUILTIN_DATASETS, "file", *plugin_datasets())),
+        ("dataset", (*BUILTIN_DATASETS, "file", "hf", *plugin_datasets())),
         ("format", FORMATS),
         ("partition", PARTITIONS),
     ):
         if getattr(d, key) not in allowed:
             raise ConfigError(f"data.{key}", f"must be one of {', '.join(allowed)}; got {getattr(d, key)!r}")
-    if d.dataset == "file" and not d.path:
-        raise ConfigError("data.path", "dataset=file needs data.path (a .csv or .jsonl file)")
+    if d.dataset in ("file", "hf") and not d.path:
+        what = (
+            "a .csv, .jsonl, .parquet or .arrow file"
+            if d.dataset == "file"
+            else "a save_to_disk directory, or Parquet/Arrow files"
+        )
+        raise ConfigError("data.path", f"dataset={d.dataset} needs data.path ({what})")
     fmt = resolve_format(cfg)
     if fmt == "classification" and cfg.model.task != "seq_cls":
         raise ConfigError(

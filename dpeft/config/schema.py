@@ -58,10 +58,10 @@ class AdapterConfig:
 class DataConfig:
     """Where examples come from, what they look like, and how they are split among clients."""
 
-    dataset: str = _f("rotten_tomatoes", "rotten_tomatoes, reuters_r8, file (a CSV/JSONL at path), or a registered plug-in dataset loader")
+    dataset: str = _f("rotten_tomatoes", "rotten_tomatoes, reuters_r8, file (a CSV/JSONL/Parquet/Arrow file at data.path), hf (a Hugging Face save_to_disk directory, or Parquet/Arrow files, at data.path) or a registered plug-in dataset loader")
     options: dict[str, Any] = _f({}, "options of a plug-in dataset loader (its own typed options)")
-    path: str | None = _f(None, "CSV or JSONL file for dataset=file")
-    test_path: str | None = _f(None, "optional held-out CSV/JSONL; otherwise test examples are split off path")
+    path: str | None = _f(None, "data file for dataset=file (.csv, .tsv, .jsonl, .parquet, .arrow) or directory for dataset=hf (save_to_disk output: a Dataset, or a DatasetDict whose train/test splits are used)")
+    test_path: str | None = _f(None, "optional held-out file or directory; otherwise the test split of a DatasetDict at data.path, else test examples are split off data.path")
     format: str = _f(
         "auto",
         "classification (text + label), text (next-token loss on the whole text), instruction (prompt + response, loss on the response only) or chat (messages through the tokenizer's chat template, loss on the assistant turns); auto = classification for model.task=seq_cls, text for causal_lm",
@@ -234,6 +234,17 @@ class PrivacyConfig:
 
 
 @dataclass(kw_only=True)
+class TrackingConfig:
+    """Experiment tracking: the per-round metrics, the config and the adapter in TensorBoard and MLflow."""
+
+    tensorboard: bool = _f(False, "write TensorBoard event files of every per-round metric to <run_dir>/tensorboard (needs the tracking extra)")
+    mlflow: bool = _f(False, "log every per-round metric (step = round), the resolved config and the final adapter to MLflow (needs the tracking extra)")
+    mlflow_uri: str | None = _f(None, "MLflow tracking URI (a server http://host:port, sqlite:///path.db, ...); null = sqlite:///<run_dir>/mlflow.db, artifacts in <run_dir>/mlartifacts")
+    experiment: str = _f("dpeft", "MLflow experiment the run is logged under")
+    run_name: str | None = _f(None, "MLflow run name and TensorBoard run label; null = the run directory's name")
+
+
+@dataclass(kw_only=True)
 class TransportConfig:
     """Wire settings."""
 
@@ -349,5 +360,6 @@ class RunConfig:
     auth: AuthConfig = field(default_factory=AuthConfig, metadata={"help": "TLS and worker tokens"})
     codec: CodecConfig = field(default_factory=CodecConfig, metadata={"help": "update codecs"})
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig, metadata={"help": "differential privacy and secure aggregation"})
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "experiment tracking (TensorBoard, MLflow)"})
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "`dpeft ray` cluster and actors"})
     split: SplitConfig = field(default_factory=SplitConfig, metadata={"help": "`dpeft split` cloud/edge training"})

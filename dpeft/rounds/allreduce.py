@@ -172,7 +172,7 @@ def run_allreduce(cfg: RunConfig, runtime: TaskTrainer, resume: bool = True, qui
         glob = gm.initial_state()
         model = gm
         recorder = RoundRecorder(
-            run_dir, cfg.rounds, cfg.seed, export=lambda state: model.export(state, run_dir / "adapter"), config_text=dump_config(cfg), elapsed=False
+            run_dir, cfg.rounds, cfg.seed, export=lambda state: model.export(state, run_dir / "adapter"), config_text=dump_config(cfg), elapsed=False, cfg=cfg
         )
         found = recorder.resume(glob.schema()) if resume else None
         start_round = 0
@@ -239,6 +239,8 @@ def run_allreduce(cfg: RunConfig, runtime: TaskTrainer, resume: bool = True, qui
     if recorder is None or recorder.metrics is None:
         return []
     recorder.export(glob)
-    if not quiet:
-        print("\n" + recorder.metrics.summary(), file=sys.stderr)
+    if not quiet:  # the table, the plots and the closing line (the Ray driver prints its own)
+        recorder.metrics.print_summary(recorder.rows, recorder.started)
+    elif recorder.metrics.tracker is not None:
+        recorder.metrics.tracker.finish()
     return recorder.rows

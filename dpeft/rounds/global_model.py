@@ -149,4 +149,5 @@ class GlobalModel:
 
     def export(self, state: AdapterState, directory: str | Path) -> Path:
         """Write ``state`` as a standard Hugging Face PEFT directory."""
-        return export_peft_dir(self.bundle.model, state, directory)
+        labels = self.label_names if self.cfg.model.task == "seq_cls" else None
+        return export_peft_dir(self.bundle.model, state, directory, label_names=labels)

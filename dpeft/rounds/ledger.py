@@ -6,7 +6,8 @@ round loop admits, expires and closes); it never talks to a transport. A task is
 - *open* from :meth:`register` until its update is admitted or refused, it expires, or its round closes;
 - *late* when its round closed without it but the deadline policy folds it into a later step;
 - *missed* when its round closed without it (an update for it is refused as ``late``);
-- *done* once nothing more is accepted for it (an update for it is refused as ``duplicate``).
+- *done* once nothing more is accepted for it: an update for it is refused as ``duplicate`` when
+  one was admitted already, else as ``closed`` (its round or the run ended, or it was given up).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class TaskLedger:
         self._info: dict[str, TaskInfo] = {}
         self._late: dict[str, TrainTask] = {}  # deadline fold: tasks whose round closed, still accepted
         self._missed: set[str] = set()  # tasks whose round closed without them (their updates are "late")
+        self._admitted: set[str] = set()  # tasks whose update was aggregated (another one is a "duplicate")
 
     def register(self, task: TrainTask, schema: Any, version: int, now: float) -> None:
         """Open ``task``: its client starts from global version ``version``; its update must match ``schema``."""
@@ -66,12 +68,20 @@ class TaskLedger:
         with self._lock:
             task = self._open.get(task_id) or self._late.get(task_id)
             if task is None:
-                reason = "late" if task_id in self._missed else "duplicate" if task_id in self._done else "unknown_task"
+                reason = self._closed_reason(task_id, "unknown_task")
                 raise RejectedUpdate(reason, f"task {task_id!r} is not open (round {current_round})")
             if task.client_id != client_id:
                 raise RejectedUpdate("wrong_client", f"task {task_id!r} belongs to client {task.client_id}")
             info = self._info.get(task_id)
         return info.schema if info is not None else None
+
+    def _closed_reason(self, task_id: str, unknown: str) -> str:
+        """Why an update for a task that is not open is refused (call under the lock)."""
+        if task_id in self._admitted:
+            return "duplicate"
+        if task_id in self._missed:
+            return "late"
+        return "closed" if task_id in self._done else unknown
 
     def admit(self, result: TaskResult, current_round: int, max_norm: float | None) -> ClientUpdate:
         """The update of ``result`` as the strategy aggregates it, or :class:`RejectedUpdate`
@@ -79,7 +89,7 @@ class TaskLedger:
         weight = 1.0
         with self._lock:
             if result.task_id not in self._open and result.task_id not in self._late:
-                raise RejectedUpdate("duplicate" if result.task_id in self._done else "stale", f"task {result.task_id} already closed")
+                raise RejectedUpdate(self._closed_reason(result.task_id, "stale"), f"task {result.task_id} already closed")
             info = self._info.get(result.task_id)
             tau = current_round - info.version if info is not None else 0
             if tau > self.max_staleness:
@@ -98,6 +108,7 @@ class TaskLedger:
             self._late.pop(result.task_id, None)
             self._info.pop(result.task_id, None)
             self._done.add(result.task_id)
+            self._admitted.add(result.task_id)
         metrics = dict(result.metrics, staleness=float(tau))
         # a stale update counts less: its example weight is scaled by s(tau) (num_examples may become a float)
         num = result.num_examples * weight if weight != 1.0 else result.num_examples
@@ -158,8 +169,10 @@ class TaskLedger:
                 self._missed.add(tid)
 
     def close_all(self) -> None:
-        """The run stopped: every open task is done."""
+        """The run stopped: every open (or late) task is done."""
         with self._lock:
             self._done.update(self._open)
+            self._done.update(self._late)
             self._open = {}
+            self._late = {}
             self._info.clear()

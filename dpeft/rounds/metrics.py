@@ -1,4 +1,4 @@
-"""Run outputs a person looks at: metrics.jsonl, live progress, a summary table, PNG plots."""
+"""Run outputs a person looks at: metrics.jsonl, live progress, a summary table, PNG plots (:mod:`dpeft.rounds.plots`)."""
 
 from __future__ import annotations
 
@@ -75,6 +75,8 @@ class MetricsLog:
         #: the checkpointed round this process resumed from (None: it started at round 0)
         self.resumed_from: int | None = None
         self.rows: list[dict[str, Any]] = []
+        #: experiment tracking (:class:`dpeft.rounds.tracking.Tracker`): every appended row, the end of the run
+        self.tracker: Any = None
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 if line.strip():
@@ -93,6 +95,8 @@ class MetricsLog:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
             fh.flush()
+        if self.tracker is not None:
+            self.tracker.log_row(row)
         self._print_row(row)
 
     def _print_row(self, row: dict[str, Any]) -> None:
@@ -130,6 +134,8 @@ class MetricsLog:
         self.progress_done()
         print("\n" + format_table(rows), file=self.stream)
         plots = self.plot()
+        if self.tracker is not None:
+            self.tracker.finish(plots)
         final = [r for r in rows if r.get("eval_accuracy") is not None]
         acc = f"final eval accuracy {final[-1]['eval_accuracy']:.4f}; " if final else ""
         gen = [r for r in rows if r.get("gen_accuracy") is not None]
@@ -146,49 +152,7 @@ class MetricsLog:
         )
 
     def plot(self) -> list[Path]:
-        """accuracy.png (eval accuracy, generation accuracy when scored, and eval loss against rounds) and
-        bytes.png (bytes per round)."""
-        import matplotlib
+        """accuracy.png, time.png and bytes.png next to metrics.jsonl (:mod:`dpeft.rounds.plots`)."""
+        from dpeft.rounds.plots import write_plots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        out = []
-        rows = [r for r in self.rows if r.get("eval_accuracy") is not None]
-        if rows:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            ax.plot([r["round"] for r in rows], [r["eval_accuracy"] for r in rows], marker="o", label="eval accuracy")
-            gen = [r for r in rows if r.get("gen_accuracy") is not None]
-            if gen:
-                gen_acc = [r["gen_accuracy"] for r in gen]
-                ax.plot([r["round"] for r in gen], gen_acc, marker="s", color="tab:green", label="generation accuracy")
-            fed = [r for r in self.rows if r.get("fed_eval_accuracy") is not None]
-            if fed:  # eval.federated: the clients' accuracy on their held-out examples
-                ax.plot([r["round"] for r in fed], [r["fed_eval_accuracy"] for r in fed], marker="^", label="clients' accuracy (federated)")
-            ax.set_xlabel("round")
-            ax.set_ylabel("global eval accuracy")
-            ax.grid(alpha=0.3)
-            ax2 = ax.twinx()
-            ax2.plot([r["round"] for r in rows], [r["eval_loss"] for r in rows], color="tab:red", alpha=0.6, marker=".", label="eval loss")
-            ax2.set_ylabel("eval loss")
-            fig.legend(loc="lower right")
-            fig.tight_layout()
-            path = self.run_dir / "accuracy.png"
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            out.append(path)
-        rows = [r for r in self.rows if r.get("clients")]
-        if rows:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            x = [r["round"] for r in rows]
-            ax.bar([v - 0.2 for v in x], [r["bytes_up"] / 1024 for r in rows], width=0.4, label="up (client updates to the aggregator)")
-            ax.bar([v + 0.2 for v in x], [r["bytes_down"] / 1024 for r in rows], width=0.4, label="down (global to the clients)")
-            ax.set_xlabel("round")
-            ax.set_ylabel("KiB per round")
-            ax.legend()
-            fig.tight_layout()
-            path = self.run_dir / "bytes.png"
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            out.append(path)
-        return out
+        return write_plots(self.rows, self.run_dir)

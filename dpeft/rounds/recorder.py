@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from dpeft.config import RunConfig
+from dpeft.config.tracking_checks import tracking_enabled
 from dpeft.errors import DpeftError
 from dpeft.rounds.checkpoint import clear_checkpoints, latest_checkpoint, save_checkpoint
 from dpeft.rounds.generations import GENERATIONS_KEY, GenerationsLog
@@ -63,7 +65,8 @@ class RoundRecorder:
 
     ``export(state)`` writes the PEFT directory (None: no export); ``config_text`` is written
     to ``config.yaml`` (None: the caller writes its own); ``elapsed`` adds the run's clock
-    (``elapsed_s``) to every row, rounded to ``elapsed_digits`` when given.
+    (``elapsed_s``) to every row, rounded to ``elapsed_digits`` when given. ``cfg``: the run's
+    config, whose ``tracking:`` switches send the rows to TensorBoard/MLflow too.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class RoundRecorder:
         config_text: str | None = None,
         elapsed: bool = True,
         elapsed_digits: int | None = None,
+        cfg: RunConfig | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.total_rounds = total_rounds
@@ -94,6 +98,11 @@ class RoundRecorder:
                 (run_dir / "config.yaml").write_text(config_text)
             self.metrics = MetricsLog(run_dir, total_rounds=total_rounds)
             self.generations = GenerationsLog(run_dir)
+            if tracking_enabled(cfg):
+                from dpeft.rounds.tracking import Tracker
+
+                assert cfg is not None
+                self.metrics.tracker = Tracker(cfg, run_dir)
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -131,6 +140,8 @@ class RoundRecorder:
         if isinstance(offset, (int, float)):
             self.started -= float(offset)
         self.resumed_from = self.metrics.resumed_from = round_num
+        if self.metrics.tracker is not None:
+            self.metrics.tracker.begin(round_num)
         print(f"resumed from round {round_num} of {self.total_rounds} in {self.run_dir}", file=sys.stderr, flush=True)
         log.info("resumed from round %d of %d in %s", round_num, self.total_rounds, self.run_dir)
         if lost is not None and write_lost_row:
@@ -150,6 +161,8 @@ class RoundRecorder:
         (left in place, old checkpoints would outrank the new run's on resume and survive the keep-N pruning)."""
         if self.metrics is not None:
             self.metrics.truncate_after(-1)
+            if self.metrics.tracker is not None:
+                self.metrics.tracker.begin(None)
         if self.generations is not None:
             self.generations.truncate_after(-1)
         directory = self.checkpoint_dir

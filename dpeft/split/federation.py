@@ -58,7 +58,7 @@ class Federation:
         self._connected: set[int] = set()
         self._round_t0 = time.time()
         self.run_dir = run_dir
-        self.recorder = RoundRecorder(run_dir, run.rounds, run.seed, export=export, elapsed_digits=3)
+        self.recorder = RoundRecorder(run_dir, run.rounds, run.seed, export=export, elapsed_digits=3, cfg=run)
         self.metrics = self.recorder.metrics
         self.failed: str | None = None
         found = self.recorder.resume(self.schema, write_lost_row=False) if run_dir is not None and resume else None

@@ -91,6 +91,9 @@ class RayActorPool:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from dpeft.transport.ray_fit import check_fits
+
+        check_fits(self.ray, spec.bundle(), spec.actors, strategy)  # a group that can never fit: fail now, not after the timeout
         self._pg = placement_group([spec.bundle() for _ in range(spec.actors)], strategy=strategy)
         ready, _ = self.ray.wait([self._pg.ready()], timeout=spec.startup_timeout_s)
         if not ready:

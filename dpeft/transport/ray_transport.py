@@ -339,7 +339,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
         except ProtocolError as exc:
             return Rejection(task.task_id, a.worker_id, "malformed", str(exc))
         except RejectedUpdate as exc:
-            log.warning("rejected update worker=%s task=%s: %s", a.worker_id, task.task_id, exc)
+            log.log(logging.INFO if exc.routine else logging.WARNING, "rejected update worker=%s task=%s: %s", a.worker_id, task.task_id, exc)
             return Rejection(task.task_id, a.worker_id, exc.reason, str(exc))
         except (TypeError, ValueError) as exc:
             return Rejection(task.task_id, a.worker_id, "malformed", f"unexpected result from actor: {exc}")

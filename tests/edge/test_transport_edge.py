@@ -24,6 +24,7 @@ from dpeft.state import AdapterState
 from dpeft.transport.auth import TokenStore
 from dpeft.transport.base import TaskResult, TrainTask
 from dpeft.transport.grpc import AuthRefused, CoordinatorGone, GrpcCoordinatorTransport, GrpcWorkerConnection
+from dpeft.transport.grpc.tls_check import TlsMismatch
 from dpeft.transport.tls import channel_credentials, server_credentials
 
 SCHEMA = OrderedDict([("a.weight", ((64, 1024), torch.float32)), ("b.bias", ((16,), torch.float32))])
@@ -70,14 +71,21 @@ def test_tls_with_token_works_and_wrong_ca_or_plaintext_is_refused(tmp_path: Pat
         ok.join("w0", None)
         assert isinstance(ok.poll(), float)
         ok.leave()
-        wrong_ca = GrpcWorkerConnection(address, token=TOKENS["w0"], credentials=channel_credentials(str(certs / "other" / "ca.pem")), patience_s=1)
-        with pytest.raises(CoordinatorGone):
+        # settings that can never work fail at once (not after the patience), naming the flag to fix
+        wrong_ca = GrpcWorkerConnection(address, token=TOKENS["w0"], credentials=channel_credentials(str(certs / "other" / "ca.pem")), patience_s=60)
+        t0 = time.monotonic()
+        with pytest.raises(TlsMismatch, match="does not trust .*pass --ca") as err:
             wrong_ca.join("w0", None)
+        assert err.value.exit_code == 2 and time.monotonic() - t0 < 20
         wrong_ca.channel.close()
-        plain = GrpcWorkerConnection(address, token=TOKENS["w0"], patience_s=1)
-        with pytest.raises(CoordinatorGone):
+        plain = GrpcWorkerConnection(address, token=TOKENS["w0"], patience_s=60)
+        with pytest.raises(TlsMismatch, match="speaks TLS and this worker dialled in plaintext; pass --ca"):
             plain.join("w0", None)
         plain.channel.close()
+        wrong_name = GrpcWorkerConnection(address, credentials=channel_credentials(str(certs / "ca.pem")), server_name="elsewhere.example", patience_s=60)
+        with pytest.raises(TlsMismatch, match="--server-name"):
+            wrong_name.join("w0", None)
+        wrong_name.channel.close()
         bad_token = GrpcWorkerConnection(address, token="nope-nope-nope-nope", credentials=channel_credentials(str(certs / "ca.pem")), patience_s=5)
         with pytest.raises(AuthRefused, match="invalid or revoked token"):
             bad_token.join("w0", None)
@@ -95,7 +103,7 @@ def test_mutual_tls_requires_a_client_certificate(certs: Path) -> None:
         with_cert.join("w0", None)
         with_cert.leave()
         without = GrpcWorkerConnection(address, credentials=channel_credentials(str(certs / "ca.pem")), patience_s=1)
-        with pytest.raises(CoordinatorGone):
+        with pytest.raises((TlsMismatch, CoordinatorGone)):  # TLS 1.3: the refusal may come after the handshake
             without.join("w1", None)
         without.channel.close()
     finally:
@@ -280,5 +288,27 @@ def test_status_command(tmp_path: Path, certs: Path) -> None:
         assert "w0" in out and "alive" in out and "r1-c0-x" in out
         assert main(["status", "--coordinator", address, "--token", "wrong-wrong-wrong", "--ca", str(certs / "ca.pem")]) == 1
         w.leave()
+    finally:
+        t.shutdown("over", grace_s=0.1)
+
+
+def test_a_tls_worker_against_a_plaintext_coordinator_exits_2_at_once_without_grpc_noise(certs: Path) -> None:
+    import subprocess
+    import sys
+
+    t = _transport()
+    address = t.start()
+    try:
+        w = GrpcWorkerConnection(address, credentials=channel_credentials(str(certs / "ca.pem")), patience_s=60)
+        with pytest.raises(TlsMismatch, match="does not speak TLS .*drop --tls"):
+            w.join("w0", None)
+        w.channel.close()
+        t0 = time.monotonic()
+        cmd = [sys.executable, "-m", "dpeft_launch", "status", "--coordinator", address, "--ca", str(certs / "ca.pem")]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, p.stderr
+        assert time.monotonic() - t0 < 60
+        lines = [line for line in p.stderr.splitlines() if line.strip()]
+        assert lines == [f"dpeft: TLS: the coordinator at {address} does not speak TLS (plaintext); drop --tls/--ca/--cert, or start the coordinator with --tls-cert and --tls-key"], p.stderr
     finally:
         t.shutdown("over", grace_s=0.1)

@@ -33,6 +33,7 @@ REASON_CODES = {
     "unknown_task": grpc.StatusCode.FAILED_PRECONDITION,
     "stale": grpc.StatusCode.FAILED_PRECONDITION,
     "late": grpc.StatusCode.FAILED_PRECONDITION,
+    "closed": grpc.StatusCode.FAILED_PRECONDITION,
     "too_stale": grpc.StatusCode.FAILED_PRECONDITION,
     "wrong_client": grpc.StatusCode.FAILED_PRECONDITION,
     "duplicate": grpc.StatusCode.ALREADY_EXISTS,
@@ -217,7 +218,9 @@ class CoordinatorServicer:
         return None
 
     def _reject(self, context: grpc.ServicerContext, worker_id: str, task_id: str, exc: RejectedUpdate) -> Any:
-        log_event("upload_rejected", level=logging.WARNING, worker=worker_id, task=task_id, reason=exc.reason, detail=str(exc))
+        # an update that arrives after its round or the run closed is expected (async, deadline): info, not a warning
+        level = logging.INFO if exc.routine else logging.WARNING
+        log_event("upload_rejected", level=level, worker=worker_id, task=task_id, reason=exc.reason, detail=str(exc))
         self.o.deliver(Rejection(task_id=task_id, worker_id=worker_id, reason=exc.reason, detail=str(exc)))
         context.abort(REASON_CODES.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
         raise AssertionError("unreachable")  # context.abort raises

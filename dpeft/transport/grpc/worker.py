@@ -18,7 +18,8 @@ Built to survive real networks:
   ``blob_crc32c`` -- which is how a coordinator says it speaks CRC-32C: the download then asks
   for CRC-32C chunks and the upload declares ``crc32c`` -- and CRC-32 (zlib) with an older
   coordinator (see :mod:`dpeft.transport.grpc.server`).
-- UNAUTHENTICATED / PERMISSION_DENIED are final (:class:`AuthRefused`).
+- UNAUTHENTICATED / PERMISSION_DENIED are final (:class:`AuthRefused`), and so are TLS settings
+  that cannot work (:class:`~dpeft.transport.grpc.tls_check.TlsMismatch`, exit 2, naming the flag).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from dpeft.transport import serde
 from dpeft.transport.auth import call_metadata
 from dpeft.transport.base import TrainTask, WorkerConnection, WorkerRegistration
 from dpeft.transport.grpc.channel import backoff_s, channel_options
+from dpeft.transport.grpc.tls_check import TlsMismatch, speaks_tls, tls_problem
 from dpeft.transport.messages import FetchAsk, PollAsk, SessionCall, UpdateHeader, UploadQueryAsk, WorkerJoin
 
 log = logging.getLogger("dpeft.transport.grpc")
@@ -88,6 +90,8 @@ class GrpcWorkerConnection(WorkerConnection):
         self.token = token
         self.chunk_bytes = chunk_bytes
         self.patience_s = patience_s
+        self.credentials = credentials
+        self._tls_probed = False
         options: list[tuple[str, Any]] = list(channel_options(chunk_bytes))
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
@@ -130,6 +134,18 @@ class GrpcWorkerConnection(WorkerConnection):
         if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             raise AuthRefused(f"coordinator at {self.address} refused worker {self.worker_id!r}: {exc.details()}") from None
 
+    def _check_tls(self, exc: grpc.RpcError) -> None:
+        """Raise :class:`TlsMismatch` when the connection failed for TLS settings that cannot work."""
+        details = exc.details() or ""
+        tls = self.credentials is not None
+        problem = tls_problem(details, self.address, tls)
+        if problem is None and not tls and "Socket closed" in details and not self._tls_probed:
+            self._tls_probed = True  # one handshake on the side: a TLS coordinator, or one going away?
+            if speaks_tls(self.address):
+                problem = f"TLS: the coordinator at {self.address} speaks TLS and this worker dialled in plaintext; pass --ca CA.pem (or --tls)"
+        if problem is not None:
+            raise TlsMismatch(problem) from None
+
     def _call(self, fn: Callable[[], T], rejoin: bool = True) -> T:
         """Call ``fn`` until it succeeds: back off on transient errors, re-join on ABORTED."""
         start = time.time()
@@ -140,6 +156,8 @@ class GrpcWorkerConnection(WorkerConnection):
             except grpc.RpcError as exc:
                 code = exc.code()
                 self._final(exc)
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    self._check_tls(exc)
                 if code == grpc.StatusCode.ABORTED and rejoin and self._join_args is not None:
                     log.warning("coordinator says: %s; joining again", exc.details())
                     self._rejoin()
