@@ -24,10 +24,11 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dpeft.errors import ConfigError
 
@@ -156,3 +157,47 @@ __all__ = [
     "plugin_names",
     "replaces_same_definition",
 ]
+
+
+# -- the dataset-loader registry (data.dataset: <name>); dpeft.data.loaders re-exports it --------
+
+
+@dataclass(kw_only=True)
+class NoDatasetOptions:
+    """A loader that reads no options."""
+
+
+#: loader(data config, parsed options) -> all examples, or (train, test or None)
+DatasetLoader = Callable[..., Any]
+
+
+class RegisteredDataset(NamedTuple):
+    """A registered dataset loader and the options dataclass ``data.options`` is parsed into."""
+
+    loader: DatasetLoader
+    options: type
+
+
+_DATASETS: dict[str, RegisteredDataset] = {}
+#: names the config schema reserves (built-in corpora and files)
+RESERVED_DATASETS = ("rotten_tomatoes", "reuters_r8", "file", "hf")
+
+
+def register_dataset(name: str, options: type = NoDatasetOptions) -> Callable[[DatasetLoader], DatasetLoader]:
+    """Function decorator registering a dataset loader as ``data.dataset: <name>``."""
+    if not name or name != name.strip().lower() or name in RESERVED_DATASETS:
+        raise ValueError(f"bad dataset loader name {name!r} (lowercase, not one of {', '.join(RESERVED_DATASETS)})")
+
+    def wrap(fn: DatasetLoader) -> DatasetLoader:
+        old = _DATASETS.get(name)
+        if old is not None and not replaces_same_definition(old.loader, fn):
+            raise ValueError(f"dataset loader {name!r} registered twice")
+        _DATASETS[name] = RegisteredDataset(fn, options)
+        return fn
+
+    return wrap
+
+
+def registered_datasets() -> dict[str, RegisteredDataset]:
+    """Name -> (loader, options dataclass) of every registered plug-in dataset loader."""
+    return dict(_DATASETS)

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from dpeft.config import AuthConfig, RunConfig
-from dpeft.privacy.secagg.messages import TASK_KINDS as SECAGG_KINDS
 from dpeft.errors import RejectedUpdate
+from dpeft.privacy.secagg.messages import TASK_KINDS as SECAGG_KINDS
 from dpeft.rounds.fedeval import EVALUATE, WORKER_TASK_KINDS
 from dpeft.train import TrainingStopped
 from dpeft.transport.base import TrainTask, WorkerConnection

@@ -54,7 +54,7 @@ def _refuse_set(d: DataConfig, keys: tuple[str, ...], why: str) -> None:
 
 def plugin_datasets() -> list[str]:
     """Names of the registered plug-in dataset loaders (:mod:`dpeft.data.loaders`)."""
-    from dpeft.data.loaders import registered_datasets  # imported late: dpeft.data builds on dpeft.config
+    from dpeft.plugins import registered_datasets
 
     return sorted(registered_datasets())
 

@@ -24,58 +24,21 @@ prompts in ``texts`` and answers in ``responses`` for instruction data.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from dpeft.config.options import parse_options
 from dpeft.errors import ConfigError, DataError
-from dpeft.plugins import replaces_same_definition
+from dpeft.plugins import _DATASETS as _REGISTRY
+from dpeft.plugins import (
+    NoDatasetOptions,
+    RegisteredDataset,
+    register_dataset,
+    registered_datasets,
+)
 
 if TYPE_CHECKING:
     from dpeft.config import DataConfig
     from dpeft.data.datasets import TextDataset
-
-
-@dataclass(kw_only=True)
-class NoDatasetOptions:
-    """A loader that reads no options."""
-
-
-#: loader(data config, parsed options) -> all examples, or (train, test or None)
-DatasetLoader = Callable[..., Any]
-
-
-class RegisteredDataset(NamedTuple):
-    """A registered dataset loader and the options dataclass ``data.options`` is parsed into."""
-
-    loader: DatasetLoader
-    options: type
-
-
-_REGISTRY: dict[str, RegisteredDataset] = {}
-#: names the config schema reserves (built-in corpora and files)
-RESERVED = ("rotten_tomatoes", "reuters_r8", "file")
-
-
-def register_dataset(name: str, options: type = NoDatasetOptions) -> Callable[[DatasetLoader], DatasetLoader]:
-    """Function decorator registering a dataset loader as ``data.dataset: <name>``."""
-    if not name or name != name.strip().lower() or name in RESERVED:
-        raise ValueError(f"bad dataset loader name {name!r} (lowercase, not one of {', '.join(RESERVED)})")
-
-    def wrap(fn: DatasetLoader) -> DatasetLoader:
-        old = _REGISTRY.get(name)
-        if old is not None and not replaces_same_definition(old.loader, fn):
-            raise ValueError(f"dataset loader {name!r} registered twice")
-        _REGISTRY[name] = RegisteredDataset(fn, options)
-        return fn
-
-    return wrap
-
-
-def registered_datasets() -> dict[str, RegisteredDataset]:
-    """Name -> (loader, options dataclass) of every registered plug-in dataset loader."""
-    return dict(_REGISTRY)
 
 
 def dataset_options(cfg: DataConfig) -> Any:
