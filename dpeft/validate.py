@@ -31,6 +31,7 @@ from dpeft.codec.updates.session import PLAIN
 from dpeft.config import RunConfig, build_config, read_config_tree, reference_rows
 from dpeft.config.checks import one_of
 from dpeft.config.parse import yaml_inline
+from dpeft.config.privacy_checks import check_privacy
 from dpeft.config.quantization import QuantizationOptions
 from dpeft.errors import ConfigError
 from dpeft.strategies import make_strategy, registered_strategies
@@ -139,6 +140,7 @@ def validate_run(cfg: RunConfig, allreduce: str | None = None) -> None:
     if mode is not None:
         check_allreduce(cfg, strategy, mode)
     validate_quantized_base(cfg)
+    check_privacy(cfg)
     validate_adapter_method(cfg)
 
 

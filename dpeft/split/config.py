@@ -40,6 +40,8 @@ def validate_run_for_split(run: RunConfig) -> None:
         raise ConfigError("adapter.modules_to_save", "split mode trains the LoRA factors and the classifier head only (leave it null)")
     if run.eval.federated:
         raise ConfigError("eval.federated", "split mode has no federated evaluation (the cloud evaluates); set it to false")
+    if run.privacy.mode != "none":
+        raise ConfigError("privacy.mode", "split mode has no differential privacy (activations and gradients cross the wire unclipped); set privacy.mode=none")
 
 
 def load_split_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, SplitConfig]:
