@@ -54,6 +54,12 @@ def run_one(label: str, strategy: str, privacy: list[str], args: argparse.Namesp
         f"data.test_examples={args.test_examples}",
     ]  # fmt: skip
     cmd += [f"train.eval_every={args.rounds}", "train.loss=cross_entropy", *privacy, *args.extra]
+    metrics = run_dir / "metrics.jsonl"
+    if args.reuse and metrics.exists():  # a finished run of an earlier invocation (same settings)
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        if rows and rows[-1].get("round") == args.rounds:
+            print(f"[{label}] reused {run_dir}", file=sys.stderr, flush=True)
+            return rows, float((run_dir / "wall_s").read_text()) if (run_dir / "wall_s").exists() else float("nan")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     t0 = time.time()
     print(f"[{label}] {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
@@ -61,7 +67,8 @@ def run_one(label: str, strategy: str, privacy: list[str], args: argparse.Namesp
     if proc.returncode != 0:
         raise SystemExit(f"{label} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     took = time.time() - t0
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (run_dir / "wall_s").write_text(f"{took:.1f}")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     print(f"[{label}] done in {took:.0f}s: accuracy {rows[-1].get('eval_accuracy')}, epsilon {rows[-1].get('epsilon')}", file=sys.stderr, flush=True)
     return rows, took
 
@@ -76,6 +83,8 @@ def accuracy_part(args: argparse.Namespace) -> None:
             runs.append((f"{label} eps={eps:g}", strategy, "central", privacy))
     local = ["privacy.mode=local", f"privacy.noise_multiplier={args.local_noise}", f"privacy.clip_norm={args.local_clip}", f"privacy.delta={args.local_delta}"]
     runs.append(("fedavg, local DP-SGD", "fedavg", "local", local))
+    if args.only:
+        runs = [r for r in runs if any(r[0].startswith(o) for o in args.only)]
     table = []
     for label, strategy, mode, privacy in runs:
         rows, took = run_one(label, strategy, privacy, args, out_dir)
@@ -142,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--local-clip", type=float, default=1.0)
     ap.add_argument("--local-delta", type=float, default=1e-4)
     ap.add_argument("--out", default="/tmp/dpeft-bench-privacy")
+    ap.add_argument("--reuse", action="store_true", help="take finished runs in --out from an earlier invocation with the same settings")
+    ap.add_argument("--only", nargs="*", default=None, help="run only the labels starting with these (e.g. 'fedavg, central DP eps=8')")
     ap.add_argument("extra", nargs="*", help="more key=value overrides for every run")
     args, rest = ap.parse_known_args(argv)
     if args.quick:

@@ -217,10 +217,10 @@ class PrivacyConfig:
     adaptive_clipping: bool = _f(False, "central: the clip norm follows privacy.target_quantile of the clients' update norms (Andrew et al. 2021), with its own noise on the clipped counts")
     target_quantile: float = _f(0.5, "adaptive clipping: fraction of updates meant to fall under the clip norm")
     clip_lr: float = _f(0.2, "adaptive clipping: geometric step size of the clip norm per round")
-    noise_multiplier: float | None = _f(None, "Gaussian noise standard deviation as a multiple of the clip norm; null = derived from privacy.target_epsilon over the planned rounds")
+    noise_multiplier: float | None = _f(None, "Gaussian noise standard deviation as a multiple of the clip norm; null = derived from privacy.target_epsilon over the planned rounds (central; local DP-SGD needs it set)")
     delta: float = _f(1e-5, "delta of the (epsilon, delta) guarantee the accountant reports")
     target_epsilon: float | None = _f(None, "privacy budget: derive noise_multiplier for the planned rounds (when it is null), or stop the run cleanly before a round would exceed it")
-    accountant: str = _f("rdp", "privacy accountant (Google dp-accounting): rdp or pld")
+    accountant: str = _f("rdp", "privacy accountant (Google dp-accounting): rdp (central: with the amplification of the fixed-size client sample) or pld (central: without amplification by sampling, an upper bound)")
     secure_aggregation: bool = _f(False, "SecAgg+: workers mask their (weighted, quantised) updates so the coordinator only learns the sum of the surviving clients' updates")
 
 

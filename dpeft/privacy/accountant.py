@@ -88,18 +88,31 @@ def local_epsilon(sample_rate: float, noise_multiplier: float, steps: int, delta
 def noise_for_epsilon(target: float, clients: int, per_round: int, rounds: int, delta: float, accountant: str = "rdp", tol: float = 1e-3) -> float:
     """The smallest noise multiplier (to relative ``tol``) whose ``rounds`` rounds stay within ``target`` epsilon.
 
-    Bisection on a log scale: epsilon falls as the noise grows. Raises ``ValueError`` when even
-    the largest multiplier tried exceeds the budget."""
+    Epsilon falls as the noise grows: bracket it by doubling or halving from 1, then bisect on a
+    log scale (small multipliers are slow to account, so the search starts in the middle). Raises
+    ``ValueError`` when even the largest multiplier tried exceeds the budget."""
 
-    def eps(z: float) -> float:
-        return central_epsilon(clients, per_round, z, rounds, delta, accountant)
+    def fits(z: float) -> bool:
+        return central_epsilon(clients, per_round, z, rounds, delta, accountant) <= target
 
-    if eps(_HIGH) > target:
-        raise ValueError(f"epsilon {target} over {rounds} rounds needs a noise multiplier above {_HIGH}")
-    lo, hi = _LOW, _HIGH
-    if eps(lo) <= target:
-        return lo
+    lo = hi = 1.0
+    if fits(hi):
+        while True:
+            lo = hi / 2
+            if lo < _LOW:
+                return hi
+            if not fits(lo):
+                break
+            hi = lo
+    else:
+        while True:
+            hi = lo * 2
+            if hi > _HIGH:
+                raise ValueError(f"epsilon {target} over {rounds} rounds needs a noise multiplier above {_HIGH}")
+            if fits(hi):
+                break
+            lo = hi
     while hi / lo > 1.0 + tol:
         mid = math.sqrt(lo * hi)
-        lo, hi = (lo, mid) if eps(mid) <= target else (mid, hi)
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
     return hi
