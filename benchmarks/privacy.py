@@ -69,7 +69,11 @@ def run_one(label: str, strategy: str, privacy: list[str], args: argparse.Namesp
     took = time.time() - t0
     (run_dir / "wall_s").write_text(f"{took:.1f}")
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    print(f"[{label}] done in {took:.0f}s: accuracy {rows[-1].get('eval_accuracy')}, epsilon {rows[-1].get('epsilon')}", file=sys.stderr, flush=True)
+    print(
+        f"[{label}] done in {took:.0f}s: accuracy {rows[-1].get('eval_accuracy')}, epsilon {rows[-1].get('epsilon')}",
+        file=sys.stderr,
+        flush=True,
+    )
     return rows, took
 
 
@@ -79,9 +83,19 @@ def accuracy_part(args: argparse.Namespace) -> None:
     runs: list[tuple[str, str, str, list[str]]] = [(label, strategy, "none", p) for label, strategy, p in NO_DP]
     for eps in args.epsilons:
         for label, strategy in CENTRAL:
-            privacy = ["privacy.mode=central", f"privacy.target_epsilon={eps}", f"privacy.clip_norm={args.clip}", f"privacy.delta={args.delta}"]
+            privacy = [
+                "privacy.mode=central",
+                f"privacy.target_epsilon={eps}",
+                f"privacy.clip_norm={args.clip}",
+                f"privacy.delta={args.delta}",
+            ]
             runs.append((f"{label} eps={eps:g}", strategy, "central", privacy))
-    local = ["privacy.mode=local", f"privacy.noise_multiplier={args.local_noise}", f"privacy.clip_norm={args.local_clip}", f"privacy.delta={args.local_delta}"]
+    local = [
+        "privacy.mode=local",
+        f"privacy.noise_multiplier={args.local_noise}",
+        f"privacy.clip_norm={args.local_clip}",
+        f"privacy.delta={args.local_delta}",
+    ]
     runs.append(("fedavg, local DP-SGD", "fedavg", "local", local))
     if args.only:
         runs = [r for r in runs if any(r[0].startswith(o) for o in args.only)]
@@ -89,7 +103,9 @@ def accuracy_part(args: argparse.Namespace) -> None:
     for label, strategy, mode, privacy in runs:
         rows, took = run_one(label, strategy, privacy, args, out_dir)
         last = rows[-1]
-        table.append((label, mode, last.get("eval_accuracy"), last.get("epsilon"), last.get("noise_multiplier"), last.get("delta"), took))
+        table.append(
+            (label, mode, last.get("eval_accuracy"), last.get("epsilon"), last.get("noise_multiplier"), last.get("delta"), took)
+        )
     minutes = (time.time() - t_all) / 60
     ref = {r[0].split(",")[0]: r[2] for r in table if r[1] == "none"}
     lines = [
@@ -112,7 +128,9 @@ def accuracy_part(args: argparse.Namespace) -> None:
         base = ref.get(label.split(",")[0])
         diff = f"{acc - base:+.3f}" if acc is not None and base is not None and mode != "none" else ""
         fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else ""  # noqa: E731
-        lines.append(f"| {label} | {mode} | {fmt(acc, '.3f')} | {diff} | {fmt(eps, '.2f')} | {fmt(z, '.3f')} | {fmt(delta, 'g')} | {took:.0f} |")
+        lines.append(
+            f"| {label} | {mode} | {fmt(acc, '.3f')} | {diff} | {fmt(eps, '.2f')} | {fmt(z, '.3f')} | {fmt(delta, 'g')} | {took:.0f} |"
+        )
     lines += [
         "",
         "With tens of clients per round the noise a small epsilon needs is large next to a clipped update over "
@@ -151,8 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--local-clip", type=float, default=1.0)
     ap.add_argument("--local-delta", type=float, default=1e-4)
     ap.add_argument("--out", default="/tmp/dpeft-bench-privacy")
-    ap.add_argument("--reuse", action="store_true", help="take finished runs in --out from an earlier invocation with the same settings")
-    ap.add_argument("--only", nargs="*", default=None, help="run only the labels starting with these (e.g. 'fedavg, central DP eps=8')")
+    ap.add_argument(
+        "--reuse", action="store_true", help="take finished runs in --out from an earlier invocation with the same settings"
+    )
+    ap.add_argument(
+        "--only", nargs="*", default=None, help="run only the labels starting with these (e.g. 'fedavg, central DP eps=8')"
+    )
     ap.add_argument("extra", nargs="*", help="more key=value overrides for every run")
     args, rest = ap.parse_known_args(argv)
     if args.quick:

@@ -42,8 +42,8 @@ from dpeft.config import RunConfig
 from dpeft.data import load_run_data, tokenize_dataset
 from dpeft.data.datasets import TextDataset
 from dpeft.errors import ProtocolError
-from dpeft.state import AdapterState
 from dpeft.privacy.central import clip_update
+from dpeft.state import AdapterState
 from dpeft.strategies.hyperparams import is_full_factor, sent_names
 from dpeft.strategies.lora import has_component, lora_pairs
 from dpeft.train import LocalResult, local_train, make_optimizer, task_seed

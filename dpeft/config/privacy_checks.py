@@ -49,14 +49,22 @@ def check_privacy(cfg: RunConfig) -> None:
     if p.mode == "none":
         for key, value in (("target_epsilon", p.target_epsilon), ("noise_multiplier", p.noise_multiplier)):
             if value is not None:
-                raise ConfigError(f"privacy.{key}", "applies to differential privacy: set privacy.mode=central or local (or leave it null)")
+                raise ConfigError(
+                    f"privacy.{key}", "applies to differential privacy: set privacy.mode=central or local (or leave it null)"
+                )
         if p.adaptive_clipping:
             raise ConfigError("privacy.adaptive_clipping", "applies to privacy.mode=central")
         return
     if cfg.aggregation != "coordinator":
-        raise ConfigError("privacy.mode", f"differential privacy needs aggregation=coordinator (the coordinator adds the noise and keeps the accountant); got aggregation={cfg.aggregation}")
+        raise ConfigError(
+            "privacy.mode",
+            f"differential privacy needs aggregation=coordinator (the coordinator adds the noise and keeps the accountant); got aggregation={cfg.aggregation}",
+        )
     if cfg.eval.federated:
-        raise ConfigError("eval.federated", "clients' own evaluation metrics would be released without noise under differential privacy; set eval.federated=false")
+        raise ConfigError(
+            "eval.federated",
+            "clients' own evaluation metrics would be released without noise under differential privacy; set eval.federated=false",
+        )
     if p.mode == "central":
         _check_central(cfg)
     else:
@@ -66,7 +74,9 @@ def check_privacy(cfg: RunConfig) -> None:
 def _check_central(cfg: RunConfig) -> None:
     p = cfg.privacy
     if p.noise_multiplier is None and p.target_epsilon is None:
-        raise ConfigError("privacy.noise_multiplier", "central DP needs privacy.noise_multiplier or privacy.target_epsilon (to derive it from)")
+        raise ConfigError(
+            "privacy.noise_multiplier", "central DP needs privacy.noise_multiplier or privacy.target_epsilon (to derive it from)"
+        )
     if cfg.strategy.name not in CENTRAL_STRATEGIES:
         raise ConfigError(
             "strategy.name",
@@ -83,18 +93,35 @@ def _check_central(cfg: RunConfig) -> None:
 def _check_local(cfg: RunConfig) -> None:
     p, t = cfg.privacy, cfg.train
     if p.noise_multiplier is None:
-        raise ConfigError("privacy.noise_multiplier", "privacy.mode=local needs a noise multiplier (each client's epsilon is reported per round)")
+        raise ConfigError(
+            "privacy.noise_multiplier",
+            "privacy.mode=local needs a noise multiplier (each client's epsilon is reported per round)",
+        )
     if p.target_epsilon is not None:
-        raise ConfigError("privacy.target_epsilon", "applies to privacy.mode=central only; with local DP-SGD set privacy.noise_multiplier")
+        raise ConfigError(
+            "privacy.target_epsilon", "applies to privacy.mode=central only; with local DP-SGD set privacy.noise_multiplier"
+        )
     if p.adaptive_clipping:
         raise ConfigError("privacy.adaptive_clipping", "applies to privacy.mode=central only")
     refusals = [
         (cfg.adapter.method != "lora", "adapter.method", "local DP-SGD supports adapter.method=lora"),
         (t.lockstep, "train.lockstep", "local DP-SGD trains each client alone: set train.lockstep=false"),
-        (t.grad_accum_steps != 1, "train.grad_accum_steps", "local DP-SGD takes one Poisson-sampled batch per step: set train.grad_accum_steps=1"),
-        (t.precision != "fp32", "train.precision", "local DP-SGD computes per-example gradients in fp32: set train.precision=fp32"),
+        (
+            t.grad_accum_steps != 1,
+            "train.grad_accum_steps",
+            "local DP-SGD takes one Poisson-sampled batch per step: set train.grad_accum_steps=1",
+        ),
+        (
+            t.precision != "fp32",
+            "train.precision",
+            "local DP-SGD computes per-example gradients in fp32: set train.precision=fp32",
+        ),
         (t.gradient_checkpointing, "train.gradient_checkpointing", "not supported with local DP-SGD's per-example gradients"),
-        (t.loss == "prior_calibrated", "train.loss", "prior_calibrated adds each client's label counts to its logits without noise; use train.loss=cross_entropy with privacy.mode=local"),
+        (
+            t.loss == "prior_calibrated",
+            "train.loss",
+            "prior_calibrated adds each client's label counts to its logits without noise; use train.loss=cross_entropy with privacy.mode=local",
+        ),
         (cfg.strategy.name == "fedprox", "strategy.name", "fedprox's proximal term is not part of local DP-SGD; use fedavg"),
         (cfg.model.quantization != "none", "model.quantization", "local DP-SGD is not supported on a quantized base"),
     ]

@@ -28,7 +28,8 @@ from dpeft.strategies.aggregator import Aggregator
 class Privacy(Protocol):
     """The coordinator's privacy hooks (see the module docstring)."""
 
-    epsilon: float
+    @property
+    def epsilon(self) -> float: ...
 
     def stop_reason(self, round_num: int) -> str | None: ...
 

@@ -61,7 +61,9 @@ def _new_accountant(kind: str, replace_one: bool) -> Any:
     return RdpAccountant(neighboring_relation=relation)
 
 
-def central_epsilon(clients: int, per_round: int, noise_multiplier: float, rounds: int, delta: float, accountant: str = "rdp") -> float:
+def central_epsilon(
+    clients: int, per_round: int, noise_multiplier: float, rounds: int, delta: float, accountant: str = "rdp"
+) -> float:
     """Epsilon after ``rounds`` DP-FedAvg rounds (0 rounds: 0; no noise: infinity)."""
     if rounds <= 0:
         return 0.0
@@ -85,7 +87,9 @@ def local_epsilon(sample_rate: float, noise_multiplier: float, steps: int, delta
     return float(acc.get_epsilon(delta))
 
 
-def noise_for_epsilon(target: float, clients: int, per_round: int, rounds: int, delta: float, accountant: str = "rdp", tol: float = 1e-3) -> float:
+def noise_for_epsilon(
+    target: float, clients: int, per_round: int, rounds: int, delta: float, accountant: str = "rdp", tol: float = 1e-3
+) -> float:
     """The smallest noise multiplier (to relative ``tol``) whose ``rounds`` rounds stay within ``target`` epsilon.
 
     Epsilon falls as the noise grows: bracket it by doubling or halving from 1, then bisect on a

@@ -67,7 +67,9 @@ class CentralDP:
         if p.noise_multiplier is None:
             assert p.target_epsilon is not None  # privacy_checks requires one of them
             try:
-                self.noise_multiplier = noise_for_epsilon(p.target_epsilon, self.clients, self.denominator, cfg.rounds, p.delta, p.accountant)
+                self.noise_multiplier = noise_for_epsilon(
+                    p.target_epsilon, self.clients, self.denominator, cfg.rounds, p.delta, p.accountant
+                )
             except ValueError as exc:
                 raise ConfigError("privacy.target_epsilon", f"{exc}; raise it, or lower rounds or clients_per_round") from None
         else:

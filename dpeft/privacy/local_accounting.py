@@ -47,7 +47,12 @@ class LocalDPLedger:
         return max(self.epsilons.values(), default=0.0)
 
     def fields(self) -> dict[str, Any]:
-        return {"epsilon": self.epsilon, "delta": self.cfg.delta, "noise_multiplier": self.noise_multiplier, "clip_norm": self.cfg.clip_norm}
+        return {
+            "epsilon": self.epsilon,
+            "delta": self.cfg.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "clip_norm": self.cfg.clip_norm,
+        }
 
     def close_round(self) -> dict[str, Any]:
         task_eps = []
@@ -55,7 +60,9 @@ class LocalDPLedger:
             c = u.client_id
             self.steps[c] = self.steps.get(c, 0) + int(u.metrics.get(STEPS_KEY, 0))
             self.rates[c] = float(u.metrics.get(RATE_KEY, 1.0))
-            self.epsilons[c] = local_epsilon(self.rates[c], self.noise_multiplier, self.steps[c], self.cfg.delta, self.cfg.accountant)
+            self.epsilons[c] = local_epsilon(
+                self.rates[c], self.noise_multiplier, self.steps[c], self.cfg.delta, self.cfg.accountant
+            )
             if TASK_EPSILON_KEY in u.metrics:
                 task_eps.append(float(u.metrics[TASK_EPSILON_KEY]))
         self._round = []

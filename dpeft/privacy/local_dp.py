@@ -45,7 +45,9 @@ def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str
     return tokens.sum(1) / count
 
 
-def privatize_gradients(params: list[nn.Parameter], clip: float, noise_std: float, expected_batch: float, gen: torch.Generator) -> tuple[float, int]:
+def privatize_gradients(
+    params: list[nn.Parameter], clip: float, noise_std: float, expected_batch: float, gen: torch.Generator
+) -> tuple[float, int]:
     """Turn each parameter's ``grad_sample`` into its DP gradient in ``grad``: per-example clipping
     to ``clip``, sum, Gaussian noise of ``noise_std``, divided by ``expected_batch``.
 
@@ -140,4 +142,6 @@ def dp_local_train(
         "dp_clipped_examples": float(clipped),
         "dp_examples": float(seen),
     }
-    return LocalResult(num_examples=n, steps=cfg.local_steps, train_loss=mean_loss, compute_s=time.perf_counter() - t0, metrics=metrics)
+    return LocalResult(
+        num_examples=n, steps=cfg.local_steps, train_loss=mean_loss, compute_s=time.perf_counter() - t0, metrics=metrics
+    )

