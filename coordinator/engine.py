@@ -25,6 +25,7 @@ from dpeft.codec.tensors import Limits, StateDecoder
 from dpeft.codec.updates.session import RunCodecs
 from dpeft.config import RunConfig, dump_config
 from dpeft.errors import RejectedUpdate
+from dpeft.privacy import make_privacy
 from dpeft.rounds.fedeval import evaluation_due
 from dpeft.rounds.global_model import GlobalModel
 from dpeft.rounds.ledger import TaskLedger
@@ -80,6 +81,10 @@ class RoundEngine:
         self.fed_eval = FederatedEvaluator(self) if cfg.eval.federated else None
         #: privacy.secure_aggregation: rounds run the SecAgg+ steps (:mod:`dpeft_coordinator.secagg`)
         self.secagg = SecureRounds(self) if cfg.privacy.secure_aggregation else None
+        #: privacy.mode central/local: clipping, noise and the accountant (:mod:`dpeft.privacy`)
+        self.privacy = make_privacy(cfg)
+        #: why the run stopped before its planned rounds (the privacy budget), for the summary
+        self.stop_note: str | None = None
         self.recorder = RoundRecorder(
             run_dir, cfg.rounds, cfg.seed, export=lambda state: global_model.export(state, run_dir / "adapter"), config_text=dump_config(cfg), cfg=cfg
         )
@@ -90,6 +95,8 @@ class RoundEngine:
             self.global_state = found.global_state
             self.strategy.load_state_dict(found.strategy_state)
             self.round = found.round
+            if self.privacy is not None and isinstance(found.info.get("privacy"), dict):
+                self.privacy.load_state_dict(found.info["privacy"])  # epsilon continues from the checkpoint
         else:  # a run that starts over forgets what an earlier run left in run_dir
             self.codecs.clear_residuals()  # error feedback begins empty
             self.recorder.start_over()
@@ -263,7 +270,8 @@ class RoundEngine:
         if self.fed_eval is not None and transport is not None and evaluation_due(round_num, self.cfg.train.eval_every, self.cfg.rounds):
             row.update(self.fed_eval.run(transport, round_num, self.global_state))
         row.update(strategy_metrics(self.strategy, count))
-        self.recorder.close(row, self.global_state, self.strategy.state_dict(), t0)
+        extra = {"privacy": self.privacy.state_dict()} if self.privacy is not None else None
+        self.recorder.close(row, self.global_state, self.strategy.state_dict(), t0, extra=extra)
 
     # -- rounds -----------------------------------------------------------------
     def run_round(self, transport: CoordinatorTransport) -> dict[str, Any] | None:
@@ -279,12 +287,16 @@ class RoundEngine:
         sampled = self.sample(round_num, eligible, self.policy.sample_size(self.cfg.clients_per_round, len(eligible)))
         chosen = self.policy.tasks_for(sampled)
         hp = self.strategy.configure_train(round_num, self.global_state)
+        if self.privacy is not None:
+            hp = {**hp, **self.privacy.hyperparams()}
         up0, down0 = transport.bytes_moved()
         stats0 = transfer_stats(transport)
         tasks, _ = self.make_tasks(transport, round_num, chosen, hp)
         task_ids = [t.task_id for t in tasks]
         transport.submit(tasks, pinned)
         aggregator = self.strategy.begin_round(self.global_state)
+        if self.privacy is not None:
+            aggregator = self.privacy.wrap(aggregator, round_num)
         reassigned = lost = 0
         min_updates = self.strategy.min_updates()
         while not self.policy.round_closed(aggregator.count, len(tasks), time.time() - t0, lost, min_updates):
@@ -320,16 +332,24 @@ class RoundEngine:
             if stale:
                 row.update({"staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale)})
         row.update(client_ranks(self.strategy, tally.ranks, chosen))
+        if self.privacy is not None:
+            row.update(self.privacy.close_round())
         self.record(row, aggregator.count, t0, transport)
         return row
 
     def run(self, transport: CoordinatorTransport) -> list[dict[str, Any]]:
         """All remaining rounds (from a resumed checkpoint if any)."""
         if self.recorder.needs_round0():
-            self.recorder.write(self.recorder.round0_row(self.gm.evaluate, self.global_state))
+            row0 = self.recorder.round0_row(self.gm.evaluate, self.global_state)
+            self.recorder.write({**row0, **(self.privacy.fields() if self.privacy is not None else {})})
         if self.policy.asynchronous:
             run_async(self, transport)
         while self.round < self.cfg.rounds and not self.stop_event.is_set():
+            self.stop_note = self.privacy.stop_reason(self.round + 1) if self.privacy is not None else None
+            if self.stop_note is not None:  # the last accepted global is checkpointed; exported below
+                log.warning("%s", self.stop_note)
+                self.metrics.stop_note = self.stop_note
+                break
             if self.run_round(transport) is None:
                 break
         self.recorder.export(self.global_state)

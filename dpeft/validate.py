@@ -31,6 +31,7 @@ from dpeft.codec.updates.session import PLAIN
 from dpeft.config import RunConfig, build_config, read_config_tree, reference_rows
 from dpeft.config.checks import one_of
 from dpeft.config.parse import yaml_inline
+from dpeft.config.privacy_checks import check_privacy
 from dpeft.config.quantization import QuantizationOptions
 from dpeft.errors import ConfigError
 from dpeft.plugins import load_plugins, plugin_names
@@ -143,6 +144,7 @@ def validate_run(cfg: RunConfig, allreduce: str | None = None) -> None:
     validate_quantized_base(cfg)
     validate_plugin_families(cfg)
     check_secure_aggregation(cfg, strategy, mode)
+    check_privacy(cfg)
     validate_adapter_method(cfg)
 
 

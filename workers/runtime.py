@@ -42,6 +42,7 @@ from dpeft.config import RunConfig
 from dpeft.data import load_run_data, tokenize_dataset
 from dpeft.data.datasets import TextDataset
 from dpeft.errors import ProtocolError
+from dpeft.privacy.central import clip_update
 from dpeft.state import AdapterState
 from dpeft.strategies.hyperparams import is_full_factor, sent_names
 from dpeft.strategies.lora import has_component, lora_pairs
@@ -289,21 +290,29 @@ class WorkerRuntime:
         opt = make_optimizer(params, self.cfg.train)
         if self.cfg.train.keep_optimizer_state and task.client_id in self._opt_states:
             opt.load_state_dict(self._opt_states[task.client_id])
-        result = local_train(
-            self.model,
-            params,
-            self.data,
-            self.client_indices(task.client_id),
-            self.cfg.train,
-            self.cfg.model.task,
-            self._train_seed(task),
-            optimizer=opt,
-            prox_mu=float(task.hyperparams.get("prox_mu", 0.0)),
-            num_labels=self.num_labels,
-            should_stop=should_stop,
-            round_num=task.round,
-            schedule=self.schedule,
-        )
+        if self.cfg.privacy.mode == "local":  # record-level DP-SGD (imports opacus)
+            from dpeft.privacy.local_dp import dp_local_train
+
+            result = dp_local_train(
+                self.model, params, self.data, self.client_indices(task.client_id), self.cfg.train, self.cfg.privacy,
+                self.cfg.model.task, optimizer=opt, should_stop=should_stop, round_num=task.round, schedule=self.schedule,
+            )  # fmt: skip
+        else:
+            result = local_train(
+                self.model,
+                params,
+                self.data,
+                self.client_indices(task.client_id),
+                self.cfg.train,
+                self.cfg.model.task,
+                self._train_seed(task),
+                optimizer=opt,
+                prox_mu=float(task.hyperparams.get("prox_mu", 0.0)),
+                num_labels=self.num_labels,
+                should_stop=should_stop,
+                round_num=task.round,
+                schedule=self.schedule,
+            )
         if self.cfg.train.keep_optimizer_state:
             self._opt_states[task.client_id] = opt.state_dict()
         for param in self.params.values():
@@ -370,7 +379,10 @@ class WorkerRuntime:
         )
         if self.update_hook is not None:
             delta = self.update_hook(task, delta)
+        delta, clip_bit = clip_update(delta, hp)  # central DP with privacy.clipping=client: clipped before it leaves
         metrics = {"train_loss": result.train_loss, "compute_s": result.compute_s, "task_s": time.perf_counter() - p.t0, **extra}
+        metrics.update(result.metrics)
+        metrics.update(clip_bit)
         pairs = lora_pairs(local.tensors)
         if pairs:
             metrics["lora_rank"] = float(max(local[a].shape[0] for a, _ in pairs.values()))

@@ -74,6 +74,8 @@ class MetricsLog:
         self.total_rounds = total_rounds
         #: the checkpointed round this process resumed from (None: it started at round 0)
         self.resumed_from: int | None = None
+        #: why the run stopped before its planned rounds (printed with the summary); None: it did not
+        self.stop_note: str | None = None
         self.rows: list[dict[str, Any]] = []
         #: experiment tracking (:class:`dpeft.rounds.tracking.Tracker`): every appended row, the end of the run
         self.tracker: Any = None
@@ -145,6 +147,8 @@ class MetricsLog:
         first = self.resumed_from or 0  # rounds up to here ran in an earlier process
         ran = sum(1 for r in rows if r.get("round", 0) > first)
         resumed = f" by this process (resumed from round {first})" if self.resumed_from is not None else ""
+        if self.stop_note:
+            print(f"\nstopped early: {self.stop_note}", file=self.stream)
         print(
             f"\n{acc}{ran} round{'' if ran == 1 else 's'} in {time.time() - t_start:.1f}s{resumed}; adapter: {self.run_dir / 'adapter'}; "
             f"metrics: {self.path}; plots: {', '.join(p.name for p in plots)}",

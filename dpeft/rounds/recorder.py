@@ -201,11 +201,14 @@ class RoundRecorder:
             save_checkpoint(directory, round_num, state, strategy_state, info)
         self.export(state)
 
-    def close(self, row: dict[str, Any], state: AdapterState, strategy_state: dict[str, torch.Tensor], t0: float | None = None) -> None:
+    def close(
+        self, row: dict[str, Any], state: AdapterState, strategy_state: dict[str, torch.Tensor], t0: float | None = None, extra: dict[str, Any] | None = None
+    ) -> None:
         """Record a finished round: stamp its row's clock (as :meth:`write`), checkpoint it with the
-        row, export ``state``, then append the row's line."""
+        row (and the driver's JSON ``extra`` info, such as the privacy accountant's state), export
+        ``state``, then append the row's line."""
         self._stamp(row, t0)
-        self.save(int(row["round"]), state, strategy_state, row=row)
+        self.save(int(row["round"]), state, strategy_state, extra=extra, row=row)
         self._append(row)
 
     def export(self, state: AdapterState) -> None:

@@ -42,6 +42,8 @@ def validate_run_for_split(run: RunConfig) -> None:
         raise ConfigError("eval.federated", "split mode has no federated evaluation (the cloud evaluates); set it to false")
     if run.train.loss not in ("cross_entropy", "prior_calibrated"):
         raise ConfigError("train.loss", f"split mode trains with the built-in losses only (cross_entropy, prior_calibrated), not the plug-in {run.train.loss!r}")
+    if run.privacy.mode != "none":
+        raise ConfigError("privacy.mode", "split mode has no differential privacy (activations and gradients cross the wire unclipped); set privacy.mode=none")
 
 
 def load_split_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, SplitConfig]:
