@@ -70,17 +70,23 @@ def _sublayers(block: nn.Module, index: int) -> tuple[nn.Module, nn.Module]:
     for attn, ffn in _SITES:
         if attn in modules and ffn in modules:
             return modules[attn], modules[ffn]
-    raise ConfigError("adapter.method", f"no known attention/feed-forward output projection in layer {index} ({type(block).__name__})")
+    raise ConfigError(
+        "adapter.method", f"no known attention/feed-forward output projection in layer {index} ({type(block).__name__})"
+    )
 
 
 class BottleneckModule(nn.ModuleDict):
     """The adapters of one model: ``{"<layer>_attn" | "<layer>_ffn": Bottleneck}`` and their hooks."""
 
-    def __init__(self, method: str, dim: int, layers: list[int], opts: BottleneckOptions, seed: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, method: str, dim: int, layers: list[int], opts: BottleneckOptions, seed: int, dropout: float = 0.0
+    ) -> None:
         gen = torch.Generator().manual_seed(seed)
         size = max(1, dim // opts.reduction_factor)
         sites = ("attn", "ffn") if method == "houlsby" else ("ffn",)
-        super().__init__({f"{i}_{site}": Bottleneck(dim, size, opts.non_linearity, gen, dropout) for i in layers for site in sites})
+        super().__init__(
+            {f"{i}_{site}": Bottleneck(dim, size, opts.non_linearity, gen, dropout) for i in layers for site in sites}
+        )
         self.method = method
 
     def attach(self, base: nn.Module, blocks: nn.ModuleList) -> list[Any]:

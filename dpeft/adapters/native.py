@@ -20,7 +20,7 @@ import dataclasses
 import json
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -33,7 +33,12 @@ from dpeft.errors import ConfigError
 from dpeft.state import AdapterState
 
 #: method name -> its ``adapter.options`` dataclass
-NATIVE_METHODS: dict[str, type] = {"loreft": ReftOptions, "direft": ReftOptions, "houlsby": BottleneckOptions, "pfeiffer": BottleneckOptions}
+NATIVE_METHODS: dict[str, type] = {
+    "loreft": ReftOptions,
+    "direft": ReftOptions,
+    "houlsby": BottleneckOptions,
+    "pfeiffer": BottleneckOptions,
+}
 #: methods whose aggregated global is projected back onto a constraint set (LoReFT: orthonormal R)
 PROJECTED_METHODS = ("loreft",)
 CONFIG_FILE = "dpeft_adapter.json"
@@ -92,7 +97,7 @@ def spec_from_config(adapter: AdapterConfig, task: str, base: nn.Module, base_mo
         "options": options,
         "task": task,
         "head": head_modules(base, task, adapter.modules_to_save),
-        "hidden_size": int(base.config.hidden_size),  # type: ignore[union-attr]
+        "hidden_size": int(cast(Any, base).config.hidden_size),
         "base_model": base_model,
     }
 
@@ -212,4 +217,3 @@ def post_aggregate(state: AdapterState) -> AdapterState:
     if method not in PROJECTED_METHODS:
         return state
     return AdapterState(OrderedDict(project_state(dict(state.tensors))), state.meta)
-

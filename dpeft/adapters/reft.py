@@ -48,7 +48,9 @@ class ReftOptions:
     """``adapter.options`` of loreft and direft (the rank is ``adapter.r``)."""
 
     layers: list[int] | None = option(None, "layer indices to adapt (0-based); null = every layer", low=0)
-    positions: str = option("all", "tokens intervened on: all, or f<p>+l<s> (first p and last s real tokens of each row, e.g. f1+l1)")
+    positions: str = option(
+        "all", "tokens intervened on: all, or f<p>+l<s> (first p and last s real tokens of each row, e.g. f1+l1)"
+    )
     init: str = option(
         "identity",
         "identity (LoReFT W = R, b = 0; DiReFT W2 = 0: the base model at round 0) or random (W, b, W2 drawn like nn.Linear)",
@@ -70,7 +72,9 @@ def parse_positions(spec: str) -> tuple[int, int] | None:
     return first, last
 
 
-def position_mask(attention_mask: torch.Tensor | None, shape: tuple[int, int], device: torch.device, spec: tuple[int, int] | None) -> torch.Tensor:
+def position_mask(
+    attention_mask: torch.Tensor | None, shape: tuple[int, int], device: torch.device, spec: tuple[int, int] | None
+) -> torch.Tensor:
     """(batch, length) bool mask of the positions to intervene on, for hidden states of ``shape``.
 
     ``attention_mask`` covers the whole sequence so far (longer than the hidden states in a
@@ -117,7 +121,9 @@ class LoReFT(nn.Module):
     def __init__(self, dim: int, rank: int, init: str, generator: torch.Generator, dropout: float = 0.0) -> None:
         super().__init__()
         if rank > dim:
-            raise ConfigError("adapter.r", f"loreft needs r <= the hidden size ({dim}) for R to have orthonormal rows, got {rank}")
+            raise ConfigError(
+                "adapter.r", f"loreft needs r <= the hidden size ({dim}) for R to have orthonormal rows, got {rank}"
+            )
         self.R = nn.Parameter(random_orthonormal(rank, dim, generator))
         self.W = nn.Linear(dim, rank)
         if init == "identity":
@@ -159,7 +165,9 @@ class DiReFT(nn.Module):
 class ReftModule(nn.ModuleDict):
     """The interventions of one model: ``{layer index: LoReFT | DiReFT}`` and the hooks that apply them."""
 
-    def __init__(self, method: str, dim: int, rank: int, layers: list[int], opts: ReftOptions, seed: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, method: str, dim: int, rank: int, layers: list[int], opts: ReftOptions, seed: int, dropout: float = 0.0
+    ) -> None:
         cls = LoReFT if method == "loreft" else DiReFT
         gen = torch.Generator().manual_seed(seed)
         super().__init__({str(i): cls(dim, rank, opts.init, gen, dropout) for i in layers})

@@ -127,7 +127,9 @@ def test_r_stays_orthonormal_after_local_steps(rotten_tomatoes_small) -> None:
 def _orthonormal_state(seed: int) -> AdapterState:
     gen = torch.Generator().manual_seed(seed)
     r = orthonormalize_rows(torch.randn(4, 16, generator=gen))
-    return AdapterState(OrderedDict([("reft.0.R", r), ("reft.0.W.weight", torch.randn(4, 16, generator=gen))]), {"method": "loreft"})
+    return AdapterState(
+        OrderedDict([("reft.0.R", r), ("reft.0.W.weight", torch.randn(4, 16, generator=gen))]), {"method": "loreft"}
+    )
 
 
 def _round(strategy: str, glob: AdapterState, clients: list[AdapterState]):
