@@ -183,7 +183,8 @@ class ReftModule(nn.ModuleDict):
         return handles
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        mask = kwargs.get("attention_mask")
+        # transformers models take (input_ids, attention_mask, ...) when called positionally
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         self._mask = mask if isinstance(mask, torch.Tensor) else None
 
     def _hook(self, intervention: nn.Module) -> Any:

@@ -191,16 +191,33 @@ def test_export_loads_with_one_line_and_matches(tmp_path: Path, method: str) -> 
 
 
 @pytest.fixture(scope="module")
-def tiny_lm_dir(tmp_path_factory) -> Path:
+def tiny_lm(tmp_path_factory):
+    """arch -> a saved 2-layer random causal LM directory (made once per arch)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "launch"))
     from tiny_archs import save_tiny_causal_lm
 
-    return save_tiny_causal_lm("qwen2", tmp_path_factory.mktemp("qwen2"))
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = save_tiny_causal_lm(arch, tmp_path_factory.mktemp(arch))
+        return made[arch]
+
+    return get
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_causal_lm_padding_side_and_export(tmp_path: Path, tiny_lm_dir: Path, method: str) -> None:
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tiny_lm) -> Path:
+    return tiny_lm("qwen2")
+
+
+@pytest.mark.parametrize(
+    ("arch", "method"), [("llama", "loreft"), ("qwen2", "direft"), ("mistral", "houlsby"), ("qwen2", "pfeiffer")]
+)
+def test_causal_lm_padding_side_and_export(tmp_path: Path, tiny_lm, arch: str, method: str) -> None:
     from transformers import AutoModelForCausalLM
+
+    tiny_lm_dir = tiny_lm(arch)
 
     options = {"positions": "f1+l1", "init": "random"} if method in ("loreft", "direft") else {"reduction_factor": 4}
     cfg = ModelConfig(path=str(tiny_lm_dir), task="causal_lm", max_length=16)
@@ -211,6 +228,8 @@ def test_causal_lm_padding_side_and_export(tmp_path: Path, tiny_lm_dir: Path, me
     right, left = _batch(bundle, "right"), _batch(bundle, "left")
     with torch.no_grad():
         r_logits, l_logits = model(**right).logits, model(**left).logits
+        positional = model(right["input_ids"], right["attention_mask"]).logits  # the mask found positionally too
+    assert torch.allclose(positional, r_logits)
     # each row's last real token sees the same intervened tokens whichever side pads
     n = right["attention_mask"].sum(1)
     for i in range(len(TEXTS)):
