@@ -183,7 +183,9 @@ def test_export_loads_with_one_line_and_matches(tmp_path: Path, method: str) -> 
         want = bundle.model(**batch).logits
     torch.manual_seed(1234)  # another head init: the loaded head must come from the export
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model_source(ModelConfig())[0], num_labels=2)
-    loaded = load_adapter(base, tmp_path / "adapter")
+    import dpeft
+
+    loaded = dpeft.load_adapter(base, tmp_path / "adapter")  # the one-liner, from the package root
     with torch.no_grad():
         got = loaded(**batch).logits
     assert torch.allclose(got, want, atol=1e-5)
