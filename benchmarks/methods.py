@@ -86,7 +86,8 @@ def adapters_table(argv: list[str]) -> None:
             clients = sum(r["clients"] for r in trained) / len(trained)
             round_s = sum(r["wall_s"] - r.get("eval_s", 0.0) for r in trained) / len(trained)
             acc = [r.get("eval_accuracy") for r in rows]
-            results.append((name, trainable, exchanged, up, down, clients, acc, round_s, wall))
+            loss = rows[-1].get("eval_loss", float("nan"))
+            results.append((name, trainable, exchanged, up, down, clients, acc, round_s, wall, loss))
             print(
                 f"{name}: {trainable:,} trainable, up {up:,.0f} B/round, acc {acc[-1]:.4f}, {round_s:.1f} s/round, {wall:.0f}s",
                 flush=True,
@@ -94,13 +95,13 @@ def adapters_table(argv: list[str]) -> None:
     lora = next((r for r in results if r[0] == "lora"), results[0])
     table = [
         "| method | trainable params | exchanged params | vs LoRA | bytes up / round | per client update | bytes down / round | "
-        f"accuracy after {args.rounds} rounds | Δ vs LoRA (points) | accuracy per round | s / round (no eval) | vs LoRA |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"accuracy after {args.rounds} rounds | Δ vs LoRA (points) | accuracy per round | eval loss | s / round (no eval) | vs LoRA |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, trainable, exchanged, up, down, clients, acc, round_s, _wall in results:
+    for name, trainable, exchanged, up, down, clients, acc, round_s, _wall, loss in results:
         table.append(
             f"| {name} | {trainable:,} | {exchanged:,} | {exchanged / lora[2]:.2f}x | {up:,.0f} | {up / clients:,.0f} | {down:,.0f} | "
-            f"{acc[-1]:.4f} | {(acc[-1] - lora[6][-1]) * 100:+.1f} | {' '.join('-' if a is None else f'{a:.3f}' for a in acc)} | {round_s:.1f} | {round_s / lora[7]:.2f}x |"
+            f"{acc[-1]:.4f} | {(acc[-1] - lora[6][-1]) * 100:+.1f} | {' '.join('-' if a is None else f'{a:.3f}' for a in acc)} | {loss:.4f} | {round_s:.1f} | {round_s / lora[7]:.2f}x |"
         )
     total = (time.time() - t_start) / 60
     text = "\n".join(
