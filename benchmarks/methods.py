@@ -8,7 +8,8 @@ the built model (what requires a gradient; what a client uploads).
     python benchmarks/methods.py [--rounds 3] [--only lora,loreft] [--table adapters|strategies|all] [key=value ...]
 
 ``--table strategies`` runs the strategies table of ``benchmarks/methods_strategies.py``
-(its ``main(argv)``, with the remaining arguments); ``all`` runs both.
+(its ``main(argv)``, with the remaining arguments); ``all`` runs both, passing the remaining
+arguments to each (so use options both accept, such as ``--rounds``).
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def adapters_table(argv: list[str]) -> None:
     print(text)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     table = "adapters"
     if "--table" in argv:
@@ -145,8 +146,9 @@ def main(argv: list[str] | None = None) -> None:
             import methods_strategies  # the strategies table (its own script), imported only when asked for
         except ImportError as exc:
             raise SystemExit(f"--table strategies needs benchmarks/methods_strategies.py: {exc}") from None
-        methods_strategies.main(argv)
+        return int(methods_strategies.main(argv) or 0)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
