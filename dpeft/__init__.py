@@ -11,7 +11,8 @@ Configs: :class:`RunConfig` (and its sections), :func:`load_config`. Runs: :func
 :func:`serve` (a coordinator for remote workers), :func:`run_worker`, returning a
 :class:`RunResult`. Plug-ins: :func:`register_strategy`, :func:`register_policy`,
 :func:`register_codec`, :func:`register_dataset`, :func:`register_loss` with typed options
-declared by :func:`option`; :func:`load_plugins` imports plug-in modules.
+declared by :func:`option`; :func:`load_plugins` imports plug-in modules. Exported adapters:
+:func:`load_adapter` applies an adapter directory (dpeft's own methods or a peft one) to a base model.
 
 Every name is imported on first use (PEP 562), so ``import dpeft`` stays cheap and imports
 neither torch nor the services. The run functions live in the launch service
@@ -59,6 +60,7 @@ _EXPORTS: dict[str, str] = {
     "LossContext": "dpeft.train.losses",
     "register_loss": "dpeft.train.losses",
     "AdapterState": "dpeft.state",
+    "load_adapter": "dpeft.adapters",
     # runs (the launch service; see the module docstring)
     "RunResult": "dpeft_launch.api",
     "simulate": "dpeft_launch.api",
@@ -88,6 +90,7 @@ __all__ = [
     "UpdateCodec",
     "config_from_dict",
     "dump_config",
+    "load_adapter",
     "load_config",
     "load_plugins",
     "option",
@@ -102,6 +105,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # static types of the library names (the run functions resolve at run time)
+    from dpeft.adapters import load_adapter
     from dpeft.codec.updates.base import UpdateCodec
     from dpeft.codec.updates.registry import register_codec
     from dpeft.config import (

@@ -59,6 +59,10 @@ def validate_adapter_method(cfg: RunConfig) -> None:
     from dpeft.adapters.methods import known_methods
 
     one_of("adapter.method", cfg.adapter.method, known_methods())
+    from dpeft.adapters.native import is_native, native_options
+
+    if is_native(cfg.adapter.method):
+        native_options(cfg.adapter)  # typed adapter.options (errors name adapter.options.<key>)
 
 
 def check_enough_updates(cfg: RunConfig, strategy: Strategy) -> None:
@@ -115,6 +119,8 @@ def validate_quantized_base(cfg: RunConfig) -> None:
     if q == "none":
         return
     method = cfg.adapter.method.strip().lower()
+    if method in ("loreft", "direft", "houlsby", "pfeiffer"):
+        raise ConfigError("model.quantization", f"adapter.method={method} is built on an fp32 base only; set model.quantization=none")
     if method not in QUANTIZED_METHODS:
         raise ConfigError(
             "adapter.method",
@@ -214,6 +220,14 @@ def _family_rows(prefix: str, owners: dict[str, type], noun: str) -> list[str]:
 FamilyRows = Callable[[], list[str]]
 
 
+def _native_rows() -> list[str]:
+    """``adapter.options`` of the methods dpeft implements itself (peft methods take their peft config's fields)."""
+    from dpeft.adapters.bottleneck import BottleneckOptions
+    from dpeft.adapters.reft import ReftOptions
+
+    return _family_rows("adapter.options", {"loreft/direft": ReftOptions, "houlsby/pfeiffer": BottleneckOptions}, "native methods (loreft, direft, houlsby, pfeiffer)")
+
+
 def reference_markdown() -> str:
     """A markdown table of every key with its default and help: the config reference (docs/reference/config.md)."""
     families: dict[str, FamilyRows] = {
@@ -222,6 +236,7 @@ def reference_markdown() -> str:
         ),
         "codec.options": lambda: _family_rows("codec.options", {n: r.options for n, r in sorted(registered_codecs().items())}, "codecs"),
         "model.quantization_options": lambda: reference_rows(QuantizationOptions, "model.quantization_options."),
+        "adapter.options": _native_rows,
     }
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     for row in reference_rows(RunConfig, ""):

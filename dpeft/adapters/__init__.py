@@ -1,4 +1,4 @@
-"""PEFT adapters through Hugging Face peft: build base+adapter, extract/load state, export."""
+"""PEFT adapters (Hugging Face peft methods and dpeft's own ReFT and bottleneck adapters): build base+adapter, extract/load state, export, load an export."""
 
 import logging as _logging
 import os as _os
@@ -10,14 +10,17 @@ for _name in ("bitsandbytes.backends.cpu.ops", "kernels"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
 
 from dpeft.adapters.model import ModelBundle, build_model, resolve_model_source  # noqa: E402
+from dpeft.adapters.native import NativeAdapterModel, load_adapter  # noqa: E402
 from dpeft.adapters.selection import adapter_parameters, export_peft_dir, extract_state, load_state  # noqa: E402
 
 __all__ = [
     "ModelBundle",
+    "NativeAdapterModel",
     "adapter_parameters",
     "build_model",
     "export_peft_dir",
     "extract_state",
+    "load_adapter",
     "load_state",
     "resolve_model_source",
 ]

@@ -25,8 +25,10 @@ _DEFAULT_TARGETS = {
 
 def known_methods() -> list[str]:
     """Method names accepted by ``adapter.method``."""
+    from dpeft.adapters.native import NATIVE_METHODS
+
     names = [p.value.lower() for p in PeftType if p.value not in _UNSUPPORTED]
-    return sorted(set(names) | set(_ALIASES))
+    return sorted(set(names) | set(_ALIASES) | set(NATIVE_METHODS))
 
 
 def default_targets(model_type: str) -> list[str]:

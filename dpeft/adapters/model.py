@@ -14,12 +14,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import PeftModel, get_peft_model
 
 from dpeft.adapters.methods import build_peft_config
+from dpeft.adapters.native import build_native, is_native
 from dpeft.config import AdapterConfig, ModelConfig
 from dpeft.errors import ConfigError
 
@@ -61,7 +62,7 @@ def resolve_model_source(cfg: ModelConfig) -> tuple[str, str | None, str]:
 class ModelBundle:
     """A peft-wrapped model with its tokenizer and identity."""
 
-    model: PeftModel
+    model: PeftModel  # or a NativeAdapterModel (loreft, direft, houlsby, pfeiffer), which offers what dpeft uses of it
     tokenizer: object
     model_id: str
     num_labels: int | None
@@ -154,6 +155,12 @@ def build_model(
         keep_cpu_layout(base)
     if model_cfg.dropout is not None:
         set_base_dropout(base, model_cfg.dropout)
+    if is_native(adapter_cfg.method):
+        if quant is not None:
+            raise ConfigError("model.quantization", f"adapter.method={adapter_cfg.method} needs model.quantization=none")
+        native = build_native(base, adapter_cfg, model_cfg.task, seed, model_id)
+        native.eval()
+        return ModelBundle(model=cast(PeftModel, native), tokenizer=tokenizer, model_id=model_id, num_labels=num_labels)
     peft_cfg = build_peft_config(adapter_cfg, model_cfg, base.config.model_type)
     torch.manual_seed(seed)
     # peft re-initialises a fresh classifier copy inside modules_to_save; seed it too

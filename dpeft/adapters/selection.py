@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from dpeft.adapters.native import NativeAdapterModel
 from dpeft.errors import ProtocolError
 from dpeft.state import AdapterState
 
@@ -44,6 +45,8 @@ def _join(*parts: str) -> str:
 
 def adapter_parameters(model: PeftModel, trainable_only: bool = True) -> OrderedDict[str, nn.Parameter]:
     """Structural name -> parameter for the active adapter of ``model``."""
+    if isinstance(model, NativeAdapterModel):
+        return model.adapter_parameters(trainable_only)
     adapter = model.active_adapter
     out: OrderedDict[str, nn.Parameter] = OrderedDict()
     if model.peft_config[adapter].is_prompt_learning:

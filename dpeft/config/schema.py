@@ -44,14 +44,14 @@ class ModelConfig:
 class AdapterConfig:
     """The PEFT method and its options (any method Hugging Face peft offers)."""
 
-    method: str = _f("lora", "peft method: lora, dora, ia3, prompt_tuning, prefix_tuning, p_tuning, loha, lokr, adalora, ...")
-    r: int = _f(8, "LoRA-family rank")
+    method: str = _f("lora", "peft method: lora, dora, ia3, prompt_tuning, prefix_tuning, p_tuning, loha, lokr, adalora, ...; or dpeft's own loreft, direft (ReFT) and houlsby, pfeiffer (bottleneck adapters)")
+    r: int = _f(8, "LoRA-family rank (loreft/direft: the intervention rank)")
     alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r)")
     dropout: float = _f(0.0, "dropout on the adapter input")
     target_modules: list[str] | None = _f(None, "module names to adapt; null = a per-model default (query/value for BERT, q_proj/v_proj for Llama)")
     modules_to_save: list[str] | None = _f(None, "extra modules trained and exchanged in full; null = the classifier head for seq_cls, none for causal_lm")
     num_virtual_tokens: int = _f(16, "prompt/prefix tuning: number of virtual tokens")
-    options: dict[str, Any] = _f({}, "more keyword arguments passed unchanged to the peft config class")
+    options: dict[str, Any] = _f({}, "more keyword arguments passed unchanged to the peft config class; for loreft, direft, houlsby and pfeiffer the typed options below")
 
 
 @dataclass(kw_only=True)

@@ -83,10 +83,15 @@ class RoundTally:
 
 
 def finish_step(strategy: Any, global_state: AdapterState, aggregator: Any, round_num: int) -> AdapterState:
-    """The strategy's server step over ``aggregator`` (none without updates); the result is global round ``round_num``."""
+    """The strategy's server step over ``aggregator`` (none without updates); the result is global round ``round_num``.
+
+    Every round driver comes through here, so the adapter method's post-aggregation projection
+    is applied here too (LoReFT: each R back to orthonormal rows, :func:`dpeft.adapters.native.post_aggregate`)."""
+    from dpeft.adapters.native import post_aggregate
+
     meta = {**global_state.meta, "round": round_num}
     if aggregator.count:
-        global_state = strategy.finish_round(global_state, aggregator)
+        global_state = post_aggregate(strategy.finish_round(global_state, aggregator))
     global_state.meta = meta
     return global_state
 

@@ -186,6 +186,7 @@ def local_train(
         log_prior = label_log_prior(data.labels, indices, num_labels).to(device)
     custom = plugin_loss(cfg, task, num_labels)
     scaler = make_scaler(device, cfg.precision)
+    after_step = getattr(model, "after_optimizer_step", None)
     k = cfg.grad_accum_steps
     losses = []
     # dropout in the (frozen) base draws from torch's global RNG: seed it from the task too, so
@@ -218,6 +219,8 @@ def local_train(
                 _backward(loss, scaler)
                 step_loss += float(loss.detach())
             _optimizer_step(opt, params, cfg, scaler)
+            if after_step is not None:
+                after_step()  # a native adapter's constraint (LoReFT: R back to orthonormal rows)
             losses.append(step_loss)
     model.eval()
     mean_loss = sum(losses) / len(losses)
