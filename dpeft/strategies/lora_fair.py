@@ -78,24 +78,41 @@ def cosine_objective(target: torch.Tensor, b_bar: torch.Tensor, a_bar: torch.Ten
 def cosine_correction(
     target: torch.Tensor, b_bar: torch.Tensor, a_bar: torch.Tensor, lam: float, steps: int, step_lr: float
 ) -> torch.Tensor:
-    """``dB`` minimising :func:`cosine_objective` by ``steps`` Adam steps from 0; 0 when it does not lower the objective."""
+    """``dB`` minimising :func:`cosine_objective` by ``steps`` Adam steps from 0 (the best iterate is kept).
+
+    Works on ``(out, r)`` matrices only: with ``C = T A^T``, ``G = A A^T`` and ``X = B + dB``,
+    ``<T, X A> = sum(X * C)``, ``||X A||^2 = sum((X^T X) * G)`` and the gradient of ``1 - cos`` is
+    ``-(C / (|T| n) - <X, C> X G / (|T| n^3))`` with ``n = ||X A||``; the penalty adds
+    ``lam dB / ||dB||``. Adam (betas 0.9/0.999) is written out, so no autograd graph is built.
+    """
     zero = torch.zeros_like(b_bar)
-    if float(target.norm()) == 0.0 or float(a_bar.norm()) == 0.0:
+    target_norm = float(target.norm())
+    if target_norm == 0.0 or float(a_bar.norm()) == 0.0:
         return zero
-    scale = float(b_bar.pow(2).mean().sqrt()) or float(target.norm()) / (math.sqrt(target.numel()) * float(a_bar.norm()))
-    db = zero.clone().requires_grad_(True)
-    opt = torch.optim.Adam([db], lr=step_lr * scale)
-    best, best_value = zero, float(cosine_objective(target, b_bar, a_bar, zero, lam))
-    with torch.enable_grad():
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            value = cosine_objective(target, b_bar, a_bar, db, lam)
-            if float(value.detach()) < best_value:
-                best, best_value = db.detach().clone(), float(value.detach())
-            value.backward()
-            opt.step()
-    final = float(cosine_objective(target, b_bar, a_bar, db.detach(), lam))
-    return db.detach() if final < best_value else best
+    cross, gram = target @ a_bar.T, a_bar @ a_bar.T
+    scale = float(b_bar.pow(2).mean().sqrt()) or target_norm / (math.sqrt(target.numel()) * float(a_bar.norm()))
+    lr, beta1, beta2, eps = step_lr * scale, 0.9, 0.999, 1e-30
+    db, m, v = zero.clone(), zero.clone(), zero.clone()
+    best, best_value = zero, float("inf")
+    for step in range(1, steps + 2):
+        x = b_bar + db
+        xg = x @ gram
+        n = math.sqrt(max(float((x * xg).sum()), 0.0))
+        inner = float((x * cross).sum())
+        db_norm = float(db.norm())
+        value = 1.0 - inner / max(n * target_norm, 1e-300) + lam * db_norm
+        if value < best_value:
+            best, best_value = db.clone(), value
+        if step > steps or n == 0.0:
+            break
+        grad = -(cross / (target_norm * n) - (inner / (target_norm * n**3)) * xg)
+        if db_norm > 0:
+            grad = grad + (lam / db_norm) * db
+        m.mul_(beta1).add_(grad, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        m_hat, v_hat = m / (1 - beta1**step), v / (1 - beta2**step)
+        db = db - lr * m_hat / (v_hat.sqrt() + eps)
+    return best
 
 
 class FairAggregator(Aggregator):
