@@ -51,11 +51,29 @@ class HetLoRAOptions(FedAvgOptions):
         None, "list of initial client LoRA ranks, client i starts at client_ranks[i % len] (null = all at adapter.r)", low=1
     )
     weighting: str = option(
-        "norm", "aggregation weights: norm (sparsity-weighted, ||B_k A_k||_F, the paper's) or examples (plain zero-padding average)", choices=("norm", "examples")
+        "norm",
+        "aggregation weights: norm (sparsity-weighted by the Frobenius norm of B_k A_k, the paper's) or examples (plain zero-padding average)",
+        choices=("norm", "examples"),
     )
-    prune_lambda: float = option(0.01, "weight of the tail-rank penalty lambda * sum ||B_tail A_tail||_F in the local loss (0 = none)", low=0.0)
-    prune_keep: float = option(0.75, "fraction gamma of a client's rank kept when its tail is pruned (tail = the last r - floor(gamma r) ranks)", low=0.0, high=1.0, low_open=True, high_open=True)
-    prune_threshold: float = option(0.05, "prune the tail when ||B_tail A_tail|| / ||B A|| falls below this after local training (0 = never prune)", low=0.0, high=1.0)
+    prune_lambda: float = option(
+        0.01,
+        "weight lambda of the tail-rank penalty (lambda times the summed Frobenius norms of B_tail A_tail) in the local loss (0 = none)",
+        low=0.0,
+    )
+    prune_keep: float = option(
+        0.75,
+        "fraction gamma of a client's rank kept when its tail is pruned (tail = the last r - floor(gamma r) ranks)",
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        high_open=True,
+    )
+    prune_threshold: float = option(
+        0.05,
+        "prune the tail when the norm of B_tail A_tail over the norm of B A falls below this after local training (0 = never prune)",
+        low=0.0,
+        high=1.0,
+    )
     min_rank: int = option(1, "self-pruning never takes a client below this rank", low=1)
 
 
@@ -89,7 +107,8 @@ class PaddedMeanAggregator(Aggregator):
         ok = a.dim() == g_a.dim() and b.dim() == g_b.dim() and 1 <= a.shape[0] <= g_a.shape[0] and a.shape[0] == b.shape[1]
         if not ok or a.shape[1:] != g_a.shape[1:] or b.shape[0] != g_b.shape[0] or b.shape[2:] != g_b.shape[2:]:
             raise RejectedUpdate(
-                "shape", f"client {update.client_id}: factors {tuple(a.shape)}/{tuple(b.shape)} do not fit global {tuple(g_a.shape)}/{tuple(g_b.shape)}"
+                "shape",
+                f"client {update.client_id}: factors {tuple(a.shape)}/{tuple(b.shape)} do not fit global {tuple(g_a.shape)}/{tuple(g_b.shape)}",
             )
         return factor_matrices(a, b)
 
@@ -157,7 +176,9 @@ class HetLoRA(FedAvg):
     def __init__(self, cfg: StrategyConfig) -> None:
         super().__init__(cfg)
         if self.clip_norm is not None:
-            raise ConfigError(option_key("clip_norm"), "hetlora updates carry full LoRA factors, not deltas; clipping is not supported")
+            raise ConfigError(
+                option_key("clip_norm"), "hetlora updates carry full LoRA factors, not deltas; clipping is not supported"
+            )
         self.client_ranks = self.opts.client_ranks
         self.ranks: dict[int, int] = {}  # client id -> rank after self-pruning (only clients that reported)
         self.prune = RankPrune(self.opts.prune_lambda, self.opts.prune_keep, self.opts.prune_threshold, self.opts.min_rank)
@@ -176,7 +197,9 @@ class HetLoRA(FedAvg):
                 f"{max(self.client_ranks)} exceeds the global rank adapter.r={run_cfg.adapter.r} (set adapter.r to the largest client rank)",
             )
         if self.opts.min_rank > run_cfg.adapter.r:
-            raise ConfigError(option_key("min_rank"), f"{self.opts.min_rank} exceeds the global rank adapter.r={run_cfg.adapter.r}")
+            raise ConfigError(
+                option_key("min_rank"), f"{self.opts.min_rank} exceeds the global rank adapter.r={run_cfg.adapter.r}"
+            )
 
     @staticmethod
     def _pairs(global_state: AdapterState) -> dict[str, tuple[str, str]]:

@@ -49,14 +49,20 @@ from dpeft.strategies.lora_products import ProductMeanAggregator, step_products
 class LoRAFairOptions(FedAvgOptions):
     """Options of lora_fair."""
 
-    lam: float = option(0.01, "regularisation weight lambda on the residual correction ||dB|| (0 = fit the mean product only)", low=0.0)
+    lam: float = option(
+        0.01,
+        "regularisation weight lambda on the Frobenius norm of the residual correction dB (0 = fit the mean product only)",
+        low=0.0,
+    )
     similarity: str = option(
         "cosine",
         "S(dW, (B+dB)A) minimised: cosine (1 - cosine similarity, the paper's; Adam steps) or frobenius (squared error, closed-form ridge)",
         choices=("cosine", "frobenius"),
     )
     steps: int = option(100, "Adam steps of the cosine correction per module and round", low=1)
-    step_lr: float = option(0.01, "Adam step size of the cosine correction, relative to the RMS of the averaged B", low=0.0, low_open=True)
+    step_lr: float = option(
+        0.01, "Adam step size of the cosine correction, relative to the RMS of the averaged B", low=0.0, low_open=True
+    )
 
 
 def ridge_correction(target: torch.Tensor, b_bar: torch.Tensor, a_bar: torch.Tensor, lam: float) -> torch.Tensor:
@@ -68,7 +74,9 @@ def ridge_correction(target: torch.Tensor, b_bar: torch.Tensor, a_bar: torch.Ten
     return torch.linalg.lstsq(reg, (residual @ a_bar.T).T).solution.T
 
 
-def cosine_objective(target: torch.Tensor, b_bar: torch.Tensor, a_bar: torch.Tensor, db: torch.Tensor, lam: float) -> torch.Tensor:
+def cosine_objective(
+    target: torch.Tensor, b_bar: torch.Tensor, a_bar: torch.Tensor, db: torch.Tensor, lam: float
+) -> torch.Tensor:
     """``1 - cos(target, (b_bar + db) a_bar) + lam ||db||_F`` (flattened matrices)."""
     approx = (b_bar + db) @ a_bar
     cos = (target * approx).sum() / (target.norm() * approx.norm()).clamp_min(1e-300)

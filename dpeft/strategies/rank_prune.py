@@ -64,7 +64,9 @@ def _tail_sq(a: torch.Tensor, b: torch.Tensor, start: int) -> torch.Tensor:
     return ((bt.T @ bt) * (at @ at.T)).sum()
 
 
-def tail_penalty(spec: RankPrune, params: Mapping[str, torch.Tensor]) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None:
+def tail_penalty(
+    spec: RankPrune, params: Mapping[str, torch.Tensor]
+) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None:
     """The loss term ``lam * sum ||B_tail A_tail||_F`` as a function of name -> tensor (None when it is 0)."""
     if spec.lam <= 0:
         return None
@@ -118,7 +120,9 @@ def prune(state: AdapterState, spec: RankPrune) -> tuple[AdapterState, int, floa
     return AdapterState(out, dict(state.meta)), start, share
 
 
-def task_penalty(hp: Mapping[str, Any], params: Mapping[str, torch.Tensor]) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None:
+def task_penalty(
+    hp: Mapping[str, Any], params: Mapping[str, torch.Tensor]
+) -> Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None:
     """The tail-rank loss term a task with hyperparameters ``hp`` trains with (None: none)."""
     spec = RankPrune.from_hyperparams(hp)
     return None if spec is None else tail_penalty(spec, params)

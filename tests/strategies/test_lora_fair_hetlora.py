@@ -27,7 +27,9 @@ def _deltas(g: AdapterState, seed: int, scale: float = 0.3) -> AdapterState:
 # --- LoRA-FAIR ------------------------------------------------------------------------------------
 
 
-def _fair_direct(g: AdapterState, deltas: list[AdapterState], ns: list[int], module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fair_direct(
+    g: AdapterState, deltas: list[AdapterState], ns: list[int], module: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A_bar, B_bar, target) of one module, computed client by client."""
     p = torch.tensor(ns, dtype=torch.float64) / sum(ns)
     a_name, b_name = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
@@ -42,7 +44,11 @@ def _fair_direct(g: AdapterState, deltas: list[AdapterState], ns: list[int], mod
 def test_lora_fair_frobenius_matches_ridge_least_squares() -> None:
     g = lora_state(MODULES, plain={"head.weight": (2, 3)})
     deltas, ns, lam = [_deltas(g, s) for s in (1, 2, 3)], [3, 1, 2], 0.05
-    new = run_round(make("lora_fair", similarity="frobenius", lam=lam), g, [ClientUpdate(i, d, n) for i, (d, n) in enumerate(zip(deltas, ns, strict=True))])
+    new = run_round(
+        make("lora_fair", similarity="frobenius", lam=lam),
+        g,
+        [ClientUpdate(i, d, n) for i, (d, n) in enumerate(zip(deltas, ns, strict=True))],
+    )
     for module, (out, _, r) in MODULES.items():
         a_bar, b_bar, target = _fair_direct(g, deltas, ns, module)
         # the ridge problem as one stacked least-squares system, solved by lstsq: [A^T; sqrt(lam) I] dB^T = [(T - B A)^T; 0]
@@ -65,13 +71,19 @@ def test_lora_fair_lam_zero_fits_the_mean_product_in_the_row_space_of_a() -> Non
 
 def _cos_objective(target: torch.Tensor, b: torch.Tensor, a: torch.Tensor, db: torch.Tensor, lam: float) -> float:
     approx = (b + db) @ a
-    return float(1 - torch.nn.functional.cosine_similarity(target.flatten(), approx.flatten(), dim=0) + lam * torch.linalg.norm(db))
+    return float(
+        1 - torch.nn.functional.cosine_similarity(target.flatten(), approx.flatten(), dim=0) + lam * torch.linalg.norm(db)
+    )
 
 
 def test_lora_fair_cosine_lowers_the_papers_objective_to_a_local_minimum() -> None:
     g = lora_state(MODULES)
     deltas, ns, lam = [_deltas(g, s, 2.0) for s in (7, 8, 9)], [1, 1, 2], 0.01
-    new = run_round(make("lora_fair", lam=lam, steps=3000, step_lr=0.002), g, [ClientUpdate(i, d, n) for i, (d, n) in enumerate(zip(deltas, ns, strict=True))])
+    new = run_round(
+        make("lora_fair", lam=lam, steps=3000, step_lr=0.002),
+        g,
+        [ClientUpdate(i, d, n) for i, (d, n) in enumerate(zip(deltas, ns, strict=True))],
+    )
     gen = torch.Generator().manual_seed(0)
     for module in MODULES:
         a_bar, b_bar, target = _fair_direct(g, deltas, ns, module)
@@ -126,7 +138,10 @@ def test_hetlora_truncates_pads_and_weights_by_update_norm() -> None:
 def test_hetlora_remembers_pruned_ranks_across_checkpoints() -> None:
     g = lora_state({"m1": (6, 5, 8)})
     strategy = make("hetlora", client_ranks=[8, 4])
-    updates = [ClientUpdate(0, _client_factors(g, 8, 1), 1, {"hetlora_rank": 6.0}), ClientUpdate(1, _client_factors(g, 4, 2), 1, {"hetlora_rank": 4.0})]
+    updates = [
+        ClientUpdate(0, _client_factors(g, 8, 1), 1, {"hetlora_rank": 6.0}),
+        ClientUpdate(1, _client_factors(g, 4, 2), 1, {"hetlora_rank": 4.0}),
+    ]
     run_round(strategy, g, updates)
     assert strategy.last_metrics["hetlora_pruned"] == 1 and strategy.last_metrics["hetlora_rank_mean"] == 5
     assert strategy.client_rank(0) == 6 and strategy.client_rank(1) == 4 and strategy.client_rank(2) == 8
