@@ -63,3 +63,24 @@ def test_lora_fair_corrects_the_average_and_learns(tmp_path) -> None:
         assert r["clients"] == 3 and r["rejected"] == 0
         assert r["lora_fair_residual_after"] < r["lora_fair_residual_before"]
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["strategy.name=hetlora", "strategy.options.prune_keep=2"], "strategy.options.prune_keep"),
+        (["strategy.name=lora_fair", "strategy.options={similarity: l2}"], "strategy.options.similarity"),
+        (["strategy.name=lora_fair", "privacy.secure_aggregation=true"], "privacy.secure_aggregation"),
+    ],
+)
+def test_bad_options_exit_2_naming_the_key(overrides: list[str], key: str) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpeft_launch.cli", "config", "validate", *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert f"config error: {key}:" in proc.stderr and "Traceback" not in proc.stderr
