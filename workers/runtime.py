@@ -46,6 +46,7 @@ from dpeft.privacy.central import clip_update
 from dpeft.state import AdapterState
 from dpeft.strategies.hyperparams import is_full_factor, sent_names
 from dpeft.strategies.lora import has_component, lora_pairs
+from dpeft.strategies.rank_prune import prune_update, task_penalty
 from dpeft.train import LocalResult, local_train, make_optimizer, task_seed
 from dpeft.train.device import resolve_device
 from dpeft.train.precision import cast_frozen_base, compute_dtype, prepare_for_training
@@ -288,6 +289,7 @@ class WorkerRuntime:
         for n, param in self.params.items():
             param.requires_grad_(n in names)
         opt = make_optimizer(params, self.cfg.train)
+        pen = task_penalty(task.hyperparams, self.params)  # hetlora's tail-rank penalty
         if self.cfg.train.keep_optimizer_state and task.client_id in self._opt_states:
             opt.load_state_dict(self._opt_states[task.client_id])
         if self.cfg.privacy.mode == "local":  # record-level DP-SGD (imports opacus)
@@ -312,6 +314,7 @@ class WorkerRuntime:
                 should_stop=should_stop,
                 round_num=task.round,
                 schedule=self.schedule,
+                penalty=None if pen is None else (lambda: pen(self.params)),
             )
         if self.cfg.train.keep_optimizer_state:
             self._opt_states[task.client_id] = opt.state_dict()
@@ -335,6 +338,7 @@ class WorkerRuntime:
                 self._train_seed(p.task),
                 prox_mu=float(p.task.hyperparams.get("prox_mu", 0.0)),
                 optimizer_state=self._opt_states.get(p.task.client_id) if keep else None,
+                penalty=task_penalty(p.task.hyperparams, self.params),
             )
             for p in group
         ]
@@ -373,6 +377,8 @@ class WorkerRuntime:
             self.personal.save(
                 task.client_id, AdapterState(OrderedDict((k, v) for k, v in local.items() if has_component(k, personal)))
             )
+        local, pruned = prune_update(hp, local)  # hetlora's rank self-pruning (no-op otherwise)
+        extra = {**extra, **pruned}
         delta = AdapterState(
             OrderedDict((k, local[k] if is_full_factor(k, hp) else local[k] - start[k]) for k in sent_names(local.tensors, hp)),
             {"round": task.round, "client_id": task.client_id, "kind": "delta"},

@@ -123,6 +123,7 @@ def _check_local(cfg: RunConfig) -> None:
             "prior_calibrated adds each client's label counts to its logits without noise; use train.loss=cross_entropy with privacy.mode=local",
         ),
         (cfg.strategy.name == "fedprox", "strategy.name", "fedprox's proximal term is not part of local DP-SGD; use fedavg"),
+        (cfg.strategy.name == "hetlora", "strategy.name", "hetlora's rank penalty and pruning are not part of local DP-SGD; use flexlora or fedavg"),
         (cfg.model.quantization != "none", "model.quantization", "local DP-SGD is not supported on a quantized base"),
     ]
     for bad, key, problem in refusals:

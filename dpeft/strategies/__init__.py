@@ -11,6 +11,8 @@ from dpeft.strategies import fedsa_lora as _fedsa_lora  # noqa: F401  (registers
 from dpeft.strategies import ffa_lora as _ffa_lora  # noqa: F401  (registers)
 from dpeft.strategies import flexlora as _flexlora  # noqa: F401  (registers)
 from dpeft.strategies import flora as _flora  # noqa: F401  (registers)
+from dpeft.strategies import hetlora as _hetlora  # noqa: F401  (registers)
+from dpeft.strategies import lora_fair as _lora_fair  # noqa: F401  (registers)
 from dpeft.strategies import robust as _robust_strategies  # noqa: F401  (registers)
 from dpeft.strategies.base import (
     ClientUpdate,

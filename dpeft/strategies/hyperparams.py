@@ -14,6 +14,10 @@ it is a dict holding only the fields that are set (:meth:`~TaskHyperparams.to_di
   after training, and leaves it out of the update.
 - ``full_factors`` (list of path components): the update carries the local value of those
   parameters, not local minus start (flexlora's factors of the client's own rank).
+- ``rank_prune`` (list ``[lam, keep, threshold, min_rank]``): hetlora's rank self-pruning; the
+  client adds a penalty on its tail ranks to the loss and zeroes them in the update once they
+  fade, reporting the rank it keeps as the metric ``hetlora_rank``
+  (:mod:`dpeft.strategies.rank_prune`).
 - ``task_seq`` (int): the async engine's sequence number of the task.
 - ``attempt`` (int): how many times the task was re-assigned after it was lost (0 = first try).
 
@@ -40,6 +44,7 @@ class TaskHyperparams:
     freeze: tuple[str, ...] | None = None
     personal: tuple[str, ...] | None = None
     full_factors: tuple[str, ...] | None = None
+    rank_prune: tuple[float, ...] | None = None
     task_seq: int | None = None
     attempt: int | None = None
 
@@ -57,6 +62,8 @@ class TaskHyperparams:
         """Read the wire form (keys this version does not know are ignored)."""
         lists: dict[str, Any] = {k: tuple(str(v) for v in hp[k]) for k in ("freeze", "personal", "full_factors") if hp.get(k) is not None}
         numbers: dict[str, Any] = {}
+        if hp.get("rank_prune") is not None:
+            numbers["rank_prune"] = tuple(float(v) for v in hp["rank_prune"])
         if hp.get("prox_mu") is not None:
             numbers["prox_mu"] = float(hp["prox_mu"])
         for key in ("task_seq", "attempt"):

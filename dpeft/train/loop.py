@@ -164,6 +164,7 @@ def local_train(
     should_stop: Callable[[], bool] | None = None,
     round_num: int = 0,
     schedule: LrSchedule | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> LocalResult:
     """Run ``cfg.local_steps`` optimizer steps on the client's examples; the model is updated in place.
 
@@ -171,7 +172,8 @@ def local_train(
     (:mod:`dpeft.train.precision`). With ``train.grad_accum_steps`` = k each step's batch runs as
     k micro-batches, each padded to its own longest row; micro-batch losses are weighted by their
     share of the batch's rows (tokens for a causal LM), so the summed gradients are the batch's.
-    The prox term joins the last micro-batch once. ``schedule`` sets the learning rate of each
+    The prox term and ``penalty()`` (an extra loss term, e.g. hetlora's tail-rank penalty) join the
+    last micro-batch once. ``schedule`` sets the learning rate of each
     step from (``round_num``, step); None keeps the optimizer's.
 
     ``should_stop`` is asked before every step; when it says so, :class:`TrainingStopped` is raised
@@ -205,7 +207,8 @@ def local_train(
             step_loss = 0.0
             for j, (part, n) in enumerate(zip(parts, units, strict=True)):
                 last = j == len(parts) - 1
-                if n == 0 and not (last and anchor is not None):
+                extra = last and (anchor is not None or penalty is not None)
+                if n == 0 and not extra:
                     continue  # nothing to average over (a micro-batch of prompt-only rows)
                 loss = torch.zeros((), device=device)
                 if n:
@@ -216,6 +219,8 @@ def local_train(
                         loss = loss * (n / total_units)
                 if last and anchor is not None:
                     loss = loss + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=False))
+                if last and penalty is not None:
+                    loss = loss + penalty()
                 _backward(loss, scaler)
                 step_loss += float(loss.detach())
             _optimizer_step(opt, params, cfg, scaler)

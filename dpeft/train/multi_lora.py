@@ -74,6 +74,7 @@ class ClientJob:
     seed: int  # batch-order seed (task_seed(seed, round, client))
     prox_mu: float = 0.0
     optimizer_state: dict[str, Any] | None = None
+    penalty: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None  # extra loss term of the client's tensors
 
 
 @dataclass
@@ -361,6 +362,8 @@ def lockstep_train(
                             loss = loss + 0.5 * jobs[c].prox_mu * sum(
                                 ((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)
                             )
+                        if jobs[c].penalty is not None and j == k - 1:
+                            loss = loss + jobs[c].penalty(leaves[c])  # type: ignore[misc]
                         per_client.append(loss)
                         scaler = scalers[c]
                         total = total + (scaler.scale(loss) if scaler is not None else loss)

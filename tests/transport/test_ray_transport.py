@@ -167,6 +167,23 @@ def test_flexlora_with_three_client_ranks_completes(ray_local, tmp_path, monkeyp
     assert _rows(tmp_path / "flex")[1]["client_ranks"] == {"0": 2, "1": 4, "2": 8}  # the metrics line
 
 
+def test_hetlora_and_lora_fair_on_ray(ray_local, tmp_path):
+    """hetlora: per-client truncated payloads, ranks pruned in round 1 are what round 2 sends; lora_fair completes."""
+    from dpeft.validate import load_config
+    from dpeft_launch.ray_cli import run_ray
+
+    base = ["seed=0", "clients=3", "clients_per_round=3", "train.local_steps=2", "data.max_train_examples=150",
+            "data.test_examples=32", "data.partition=iid", "sync.round_timeout_s=300", "ray.actors=2", "ray.num_cpus=1"]  # fmt: skip
+    het = [*base, "rounds=2", "adapter.r=8", "strategy.name=hetlora", "strategy.options={client_ranks: [4, 8], prune_threshold: 0.9}"]
+    rows = run_ray(load_config(None, [*het, f"run_dir={tmp_path / 'het'}"]), resume=False, quiet=True)
+    assert [r["round"] for r in rows] == [0, 1, 2] and not any(r.get("rejected") for r in rows)
+    assert rows[1]["client_ranks"] == {"0": 4, "1": 8, "2": 4}
+    assert rows[2]["client_ranks"] == {"0": 3, "1": 6, "2": 3}
+    fair = [*base, "rounds=1", "strategy.name=lora_fair", f"run_dir={tmp_path / 'fair'}"]
+    rows = run_ray(load_config(None, fair), resume=False, quiet=True)
+    assert rows[1]["clients"] == 3 and rows[1]["lora_fair_residual_after"] <= rows[1]["lora_fair_residual_before"]
+
+
 def test_payloads_are_kept_while_tasks_or_the_round_need_them(ray_local):
     """Pruning: queued/running tasks' payloads, the newest round's payloads, then the newest keep_blobs."""
     from dpeft.config import config_to_dict

@@ -19,6 +19,7 @@ from dpeft.codec.updates.session import RunCodecs
 from dpeft.errors import ConfigError
 from dpeft.strategies import make_strategy
 from dpeft.strategies.flexlora import redistribute
+from dpeft.strategies.hetlora import truncate
 from dpeft.strategies.hyperparams import update_schema
 from dpeft.transport.base import TrainTask
 from dpeft.validate import load_config
@@ -136,6 +137,19 @@ def test_flexlora_mixed_ranks_train_in_one_group_per_rank(runtimes, global_state
     for (got, want, metrics), rank in zip(out, ranks.values(), strict=True):
         _same(got, want)
         assert metrics["lora_rank"] == rank and metrics["lockstep_clients"] == 2
+
+
+def test_hetlora_tail_penalty_and_pruning_match_in_lockstep(runtimes, global_state) -> None:
+    strategy = make_strategy(load_config(None, ["strategy.name=hetlora", "strategy.options={prune_lambda: 0.0001, prune_threshold: 0.9}"]).strategy)
+    hp = strategy.configure_train(1, global_state)
+    ranks = {0: 4, 1: 4}
+    payloads = [encode_state(truncate(global_state, 4)) for _ in ranks]
+    out = _both(runtimes, _tasks(ranks, hp), payloads)
+    for got, want, metrics in out:
+        _same(got, want)  # the penalty joins each client's loss in lockstep as when trained alone
+        assert metrics["hetlora_rank"] == 3 and metrics["lockstep_clients"] == 2, metrics["hetlora_tail_share"]
+        a = next(v for k, v in got.items() if ".lora_A." in k)
+        assert a.shape[0] == 4 and not a[3:].any()  # the pruned tail is sent as zeros
 
 
 def test_lossy_codec_with_error_feedback(runtimes, global_state, tmp_path) -> None:
