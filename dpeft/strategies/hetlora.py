@@ -240,7 +240,7 @@ class HetLoRA(FedAvg):
         agg = unwrap(aggregator)
         if not isinstance(agg, PaddedMeanAggregator):
             raise TypeError("hetlora.finish_round needs the aggregator its begin_round returned")
-        lr = self.cfg.server_lr
+        lr = self.server_lr
         out: OrderedDict[str, torch.Tensor] = OrderedDict()
         means = agg.mean_factors()
         plain = agg.plain.result()

@@ -178,7 +178,7 @@ class LoRAFair(FedAvg):
         agg = unwrap(aggregator)
         if not isinstance(agg, FairAggregator):
             raise TypeError("lora_fair.finish_round needs the aggregator its begin_round returned")
-        lr = self.cfg.server_lr
+        lr = self.server_lr
         averaged = apply_delta(global_state, agg.result(), lr)
         targets = step_products(global_state, agg.products.mean_products(), lr)
         before = after = total = 0.0
