@@ -228,13 +228,19 @@ def _native_rows() -> list[str]:
     return _family_rows("adapter.options", {"loreft/direft": ReftOptions, "houlsby/pfeiffer": BottleneckOptions}, "native methods (loreft, direft, houlsby, pfeiffer)")
 
 
-def reference_markdown() -> str:
-    """A markdown table of every key with its default and help: the config reference (docs/reference/config.md)."""
+def _builtin(obj: Any) -> bool:
+    """Whether ``obj`` (a class or function) is defined by dpeft itself, not by a plug-in."""
+    return str(getattr(obj, "__module__", "")).startswith("dpeft.")
+
+
+def reference_markdown(builtin_only: bool = False) -> str:
+    """A markdown table of every key with its default and help: the config reference
+    (docs/reference/config.md, written with ``builtin_only``: plug-ins a process has loaded are left out)."""
+    strategies = {n: r.options for n, r in sorted(registered_strategies().items()) if not builtin_only or _builtin(r.cls)}
+    codecs = {n: r.options for n, r in sorted(registered_codecs().items()) if not builtin_only or _builtin(r.factory)}
     families: dict[str, FamilyRows] = {
-        "strategy.options": lambda: _family_rows(
-            "strategy.options", {n: r.options for n, r in sorted(registered_strategies().items())}, "strategies"
-        ),
-        "codec.options": lambda: _family_rows("codec.options", {n: r.options for n, r in sorted(registered_codecs().items())}, "codecs"),
+        "strategy.options": lambda: _family_rows("strategy.options", strategies, "strategies"),
+        "codec.options": lambda: _family_rows("codec.options", codecs, "codecs"),
         "model.quantization_options": lambda: reference_rows(QuantizationOptions, "model.quantization_options."),
         "adapter.options": _native_rows,
     }

@@ -51,7 +51,7 @@ def _escape_html(table: str) -> str:
 
 def render() -> str:
     """The whole page, as it must be on disk."""
-    return HEADER + _escape_html(reference_markdown().strip()) + "\n"
+    return HEADER + _escape_html(reference_markdown(builtin_only=True).strip()) + "\n"
 
 
 def main() -> None:

@@ -55,9 +55,11 @@ def _copy_sources(dest: Path) -> None:
 
 
 def _site_dirs() -> list[str]:
-    """This environment's site-packages (its own and those its .pth files add), never the repository."""
+    """This environment's site-packages (its own and those its .pth files add), never the
+    repository's sources (a virtual environment inside the checkout, such as `make`'s .venv, is fine:
+    the editable install's hook in it is not run for the fresh environment)."""
     dirs = [*site.getsitepackages(), *[p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]]
-    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir() and not Path(d).resolve().is_relative_to(ROOT)]
+    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir() and Path(d).resolve() != ROOT]
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess[str]:

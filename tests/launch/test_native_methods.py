@@ -37,7 +37,7 @@ def test_loreft_simulate_exports_a_loadable_adapter(tmp_path: Path, procs) -> No
     assert_no_traceback(p.stderr)
     rows = read_metrics(run)
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients"] == 2
-    assert sorted(path.name for path in (run / "adapter").iterdir()) == ["adapter_model.safetensors", "dpeft_adapter.json"]
+    assert sorted(path.name for path in (run / "adapter").iterdir()) == ["adapter_model.safetensors", "dpeft_adapter.json", "labels.json"]
 
     found = latest_checkpoint(run / "checkpoints")
     assert found is not None

@@ -86,3 +86,29 @@ def test_coordinator_workers_deadline_dropout_after_masking(tmp_path: Path, proc
         assert r["secagg_dropped"] == 1 and r["secagg_left_out"] == 0
         assert r["num_examples"] == 60  # 20 iid examples each for the three survivors
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_central_dp_under_secure_aggregation_releases_the_plain_noisy_mean(tmp_path: Path, procs, monkeypatch) -> None:
+    """Central DP over a masked sum adds the same seeded noise to the same clipped sum as central
+    DP over plain updates: the two runs' globals agree to the quantisation step, and both charge
+    the accountant the same epsilon."""
+    monkeypatch.setenv("DPEFT_DP_NOISE_SECRET", "test-only-secret")  # the same noise draw in both runs
+    dp = ["privacy.mode=central", "privacy.clipping=client", "privacy.clip_norm=0.5", "privacy.noise_multiplier=0.3", "privacy.delta=1e-3"]
+    plain, secure = tmp_path / "plain", tmp_path / "secure"
+    run = dict(RUN, rounds=1)
+    rc, p = procs.run("simulate", *overrides(plain, **run), *dp, timeout=240)
+    assert rc == 0, p.stderr
+    rc, p = procs.run("simulate", *overrides(secure, **run), *dp, ON, timeout=240)
+    assert rc == 0, p.stderr
+    assert_no_traceback(p.stderr)
+    rows, base = read_metrics(secure), read_metrics(plain)
+    assert rows[1]["epsilon"] == pytest.approx(base[1]["epsilon"]) and rows[1]["epsilon"] > 0
+    assert rows[1]["dp_noise_std"] == pytest.approx(base[1]["dp_noise_std"]) > 0
+    a, s = _checkpoint(plain, 1), _checkpoint(secure, 1)
+    start = _checkpoint(plain, 0) if (plain / "checkpoints" / "round-000000.safetensors").exists() else None
+    # clipped updates (weight 1) are summed to within half a step each, then divided by clients_per_round
+    bound = 3 * 0.5 * rows[1]["secagg_step"] / 3 + 1e-6
+    diff = max((a[k].double() - s[k].double()).abs().max().item() for k in a)
+    assert diff <= bound, (diff, bound)
+    if start is not None:  # the noise moved the global by far more than the quantisation step
+        assert max((a[k].double() - start[k].double()).abs().max().item() for k in a) > 100 * bound

@@ -56,8 +56,10 @@ def test_key_ranges(bad: str, key: str) -> None:
 
 
 def test_accepted_combinations() -> None:
-    cfg = load_config(None, [*ON, "strategy.name=fedadam", "sync.name=deadline", "privacy.mode=central"])
+    cfg = load_config(None, [*ON, "strategy.name=fedadam", "sync.name=deadline"])
     assert cfg.privacy.secure_aggregation
+    cfg = load_config(None, [*ON, "strategy.name=fedadam", "privacy.mode=central", "privacy.noise_multiplier=1.0"])
+    assert cfg.privacy.secure_aggregation and cfg.privacy.mode == "central"
 
 
 def test_cli_exit_2_and_ray_split_refused(tmp_path) -> None:
