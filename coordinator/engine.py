@@ -17,6 +17,7 @@ import shutil
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from dpeft.transport.base import Blob, CoordinatorTransport, Event, Rejection, T
 from dpeft_coordinator.async_engine import run_async
 from dpeft_coordinator.errors import RoundTimeout
 from dpeft_coordinator.evaluation import FederatedEvaluator
+from dpeft_coordinator.overlap import RoundCloser, closing_job, overlaps
 
 log = logging.getLogger("dpeft.coordinator")
 
@@ -77,8 +79,16 @@ class RoundEngine:
         self.stop_event = threading.Event()
         #: eval.federated: sampled clients evaluate each evaluated round's global (:mod:`dpeft_coordinator.evaluation`)
         self.fed_eval = FederatedEvaluator(self) if cfg.eval.federated else None
+        #: the coordinator's evaluation of a global (the launcher may run it on a core budget)
+        self.evaluate: Callable[[AdapterState], dict[str, Any]] = global_model.evaluate
+        #: eval.overlap: rounds closed (evaluated, checkpointed, recorded) in the background, during :meth:`run`
+        self.closer: RoundCloser | None = None
         self.recorder = RoundRecorder(
-            run_dir, cfg.rounds, cfg.seed, export=lambda state: global_model.export(state, run_dir / "adapter"), config_text=dump_config(cfg)
+            run_dir,
+            cfg.rounds,
+            cfg.seed,
+            export=lambda state: global_model.export(state, run_dir / "adapter"),
+            config_text=dump_config(cfg),
         )
         assert self.recorder.metrics is not None  # a run directory always has its metrics log
         self.metrics = self.recorder.metrics
@@ -252,8 +262,16 @@ class RoundEngine:
         """Finish ``row`` (evaluation when due: the coordinator's and, with ``eval.federated`` and a
         ``transport``, the clients'; strategy metrics); the recorder checkpoints it, exports, appends it."""
         round_num = row["round"]
-        evaluate_into(row, self.gm.evaluate, self.global_state, round_num, self.cfg.train.eval_every, self.cfg.rounds)
-        if self.fed_eval is not None and transport is not None and evaluation_due(round_num, self.cfg.train.eval_every, self.cfg.rounds):
+        if self.closer is not None and not self.policy.asynchronous:
+            row.update(strategy_metrics(self.strategy, count))
+            self.closer.submit(closing_job(self, row, t0))
+            return
+        evaluate_into(row, self.evaluate, self.global_state, round_num, self.cfg.train.eval_every, self.cfg.rounds)
+        if (
+            self.fed_eval is not None
+            and transport is not None
+            and evaluation_due(round_num, self.cfg.train.eval_every, self.cfg.rounds)
+        ):
             row.update(self.fed_eval.run(transport, round_num, self.global_state))
         row.update(strategy_metrics(self.strategy, count))
         self.recorder.close(row, self.global_state, self.strategy.state_dict(), t0)
@@ -316,12 +334,22 @@ class RoundEngine:
 
     def run(self, transport: CoordinatorTransport) -> list[dict[str, Any]]:
         """All remaining rounds (from a resumed checkpoint if any)."""
-        if self.recorder.needs_round0():
-            self.recorder.write(self.recorder.round0_row(self.gm.evaluate, self.global_state))
-        if self.policy.asynchronous:
-            run_async(self, transport)
-        while self.round < self.cfg.rounds and not self.stop_event.is_set():
-            if self.run_round(transport) is None:
-                break
+        self.closer = RoundCloser() if overlaps(self.cfg) else None
+        if self.recorder.needs_round0():  # overlapped: round 1 trains while the untrained global is evaluated
+            initial = self.global_state.clone() if self.closer is not None else self.global_state
+            job = lambda: self.recorder.write(self.recorder.round0_row(self.evaluate, initial))  # noqa: E731
+            self.closer.submit(job) if self.closer is not None else job()
+        try:
+            if self.policy.asynchronous:
+                run_async(self, transport)
+            while self.round < self.cfg.rounds and not self.stop_event.is_set():
+                if self.run_round(transport) is None:
+                    break
+            if self.closer is not None:  # the last evaluation, checkpoint and line
+                self.closer.drain()
+        finally:
+            if self.closer is not None:
+                self.closer.close()
+                self.closer = None
         self.recorder.export(self.global_state)
         return self.recorder.rows

@@ -17,6 +17,7 @@ from dpeft.config import AuthConfig, RunConfig, dump_config
 from dpeft.errors import DpeftError
 from dpeft.rounds.global_model import GlobalModel
 from dpeft.sync.base import check_coordinated
+from dpeft.train.cores import CoreBudget, budgeted_evaluation, usable_cpus
 from dpeft_coordinator.engine import RoundEngine
 from dpeft_launch.local_workers import WorkerProcesses, start_method
 from dpeft_launch.worker_devices import check_worker_devices, worker_device_specs
@@ -38,6 +39,19 @@ def return_large_frees(threshold: int = 1 << 20) -> bool:
     return set_mmap_threshold(threshold)
 
 
+def core_budget(cfg: RunConfig, run_dir: Path, local_workers: int) -> Path | None:
+    """With ``simulate.work_conserving`` and local workers: a fresh core budget file (one slot per
+    worker plus the coordinator's evaluation) of ``simulate.cores`` cores; None otherwise."""
+    if not (local_workers and cfg.simulate.work_conserving):
+        return None
+    sim = cfg.simulate
+    cores = sim.cores or min(local_workers * sim.threads_per_process, usable_cpus())
+    path = run_dir / "cores.budget"
+    CoreBudget.create(path, cores, local_workers + 1)
+    log.info("work-conserving simulation: %d worker processes and the evaluation share %d cores", local_workers, cores)
+    return path
+
+
 def edge_security(cfg: RunConfig, listen: str) -> tuple[Any, Any]:
     """(server TLS credentials or None, TokenStore or None) from ``auth.*`` (``transport.*`` limits are checked at load)."""
     from dpeft.errors import ConfigError
@@ -53,13 +67,19 @@ def edge_security(cfg: RunConfig, listen: str) -> tuple[Any, Any]:
     host = listen.rsplit(":", 1)[0].strip("[]")
     if host not in ("127.0.0.1", "localhost", "::1"):
         if tokens is None:
-            log.warning("listening on %s without auth.tokens_file: any client can join, push updates and read the run config", listen)
+            log.warning(
+                "listening on %s without auth.tokens_file: any client can join, push updates and read the run config", listen
+            )
         if credentials is None:
-            log.warning("listening on %s without TLS (auth.tls_cert/auth.tls_key): tokens and adapters travel in clear text", listen)
+            log.warning(
+                "listening on %s without TLS (auth.tls_cert/auth.tls_key): tokens and adapters travel in clear text", listen
+            )
     return credentials, tokens
 
 
-def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume: bool = True, quiet: bool = False) -> list[dict[str, Any]]:
+def run_coordinator(
+    cfg: RunConfig, listen: str, local_workers: int = 0, resume: bool = True, quiet: bool = False
+) -> list[dict[str, Any]]:
     """Serve rounds until done; with ``local_workers`` > 0 this is `dpeft simulate`."""
     from dpeft.transport.events import log_event
     from dpeft.transport.grpc import GrpcCoordinatorTransport
@@ -78,7 +98,8 @@ def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume:
     t_start = time.time()
     credentials, tokens = edge_security(cfg, listen)
     gm = GlobalModel(cfg)
-    workers = WorkerProcesses(run_dir, cfg.simulate.threads_per_process, devices)
+    budget = core_budget(cfg, run_dir, local_workers)
+    workers = WorkerProcesses(run_dir, cfg.simulate.threads_per_process, devices, cores=budget)
     if forking:
         from dpeft_workers.runtime import WorkerRuntime
 
@@ -90,6 +111,8 @@ def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume:
     except BaseException:
         workers.stop(grace_s=5.0)
         raise
+    if budget is not None:  # the coordinator's evaluation takes its share of the cores too (the last slot, first served)
+        engine.evaluate = budgeted_evaluation(gm.evaluate, gm.bundle.model, CoreBudget(budget, local_workers, priority=1))
     if engine.resumed_from is not None:
         log_event("resumed", round=engine.resumed_from, run_dir=run_dir)
     registry = run_dir / "workers.json"

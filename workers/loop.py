@@ -14,6 +14,7 @@ from typing import Any
 from dpeft.config import AuthConfig, RunConfig
 from dpeft.rounds.fedeval import EVALUATE, WORKER_TASK_KINDS
 from dpeft.train import TrainingStopped
+from dpeft.train.cores import CoreBudget
 from dpeft.transport.base import TrainTask, WorkerConnection
 from dpeft.validate import config_from_dict
 from dpeft_workers.runtime import WorkerRuntime, set_threads
@@ -33,6 +34,7 @@ def run_worker(
     device: str | None = None,
     device_slot: int | None = None,
     device_key: str = "--device",
+    cores: CoreBudget | None = None,
 ) -> int:
     """Serve tasks until the coordinator says stop (returns 0) or ``stop`` is set.
 
@@ -45,10 +47,13 @@ def run_worker(
     ``training`` is set meanwhile. ``device``: overrides the run's ``train.device`` on this
     worker (``dpeft worker --device``); ``device_slot``: this process's number among a launcher's
     (a bare ``cuda``/``auto`` takes visible GPU slot mod count); ``device_key``: what a device
-    error names.
+    error names. ``cores``: a core budget shared with the launcher's other processes
+    (:mod:`dpeft.train.cores`; default: the one named by ``DPEFT_CORE_BUDGET``, else none): the
+    worker trains each step on the cores it claims there and gives them back between tasks.
     """
     stop = stop or threading.Event()
     set_threads(threads)
+    cores = cores if cores is not None else CoreBudget.from_env()
     conn.task_kinds = WORKER_TASK_KINDS  # evaluation tasks are handed only to workers that declare them
     reg = conn.join(worker_id, own_examples=0 if data_path else None)
     try:
@@ -57,7 +62,9 @@ def run_worker(
             pass  # the prepared runtime serves this coordinator's run
         else:
             if runtime is not None:
-                log.warning("worker %s: the coordinator's config differs from the prepared one; loading the model again", worker_id)
+                log.warning(
+                    "worker %s: the coordinator's config differs from the prepared one; loading the model again", worker_id
+                )
             own = None
             if data_path:
                 from dpeft.data import load_client_file, load_run_data
@@ -99,9 +106,11 @@ def run_worker(
             if training is not None:
                 training.set()
             try:
-                results = _run(runtime, todo, stopping)
+                results = _run(runtime, todo, stopping, cores)
             except TrainingStopped:
-                log.info("worker %s stopping: asked to while training (task %s goes back to the queue)", worker_id, todo[0][0].task_id)
+                log.info(
+                    "worker %s stopping: asked to while training (task %s goes back to the queue)", worker_id, todo[0][0].task_id
+                )
                 break
             finally:
                 if training is not None:
@@ -118,8 +127,23 @@ def run_worker(
     return 0
 
 
-def _run(runtime: WorkerRuntime, todo: list[tuple[TrainTask, bytes]], stopping: Callable[[], bool]) -> list[tuple[bytes, int, dict[str, float]]]:
-    """Results of ``todo`` in order: evaluation tasks evaluated, the others trained (together where lockstep allows)."""
+def _run(
+    runtime: WorkerRuntime, todo: list[tuple[TrainTask, bytes]], stopping: Callable[[], bool], cores: CoreBudget | None = None
+) -> list[tuple[bytes, int, dict[str, float]]]:
+    """Results of ``todo`` in order: evaluation tasks evaluated, the others trained (together where lockstep allows);
+    with ``cores``, on the cores claimed before each step, given back at the end."""
+    if cores is None:
+        return _run_tasks(runtime, todo, stopping)
+    cores.acquire(stopping)
+    try:
+        return _run_tasks(runtime, todo, cores.step_hook(stopping))
+    finally:
+        cores.release()
+
+
+def _run_tasks(
+    runtime: WorkerRuntime, todo: list[tuple[TrainTask, bytes]], stopping: Callable[[], bool]
+) -> list[tuple[bytes, int, dict[str, float]]]:
     evals = [i for i, (t, _) in enumerate(todo) if t.kind == EVALUATE]
     if not evals:
         return runtime.train_tasks(todo, should_stop=stopping)
