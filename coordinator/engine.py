@@ -84,11 +84,7 @@ class RoundEngine:
         #: eval.overlap: rounds closed (evaluated, checkpointed, recorded) in the background, during :meth:`run`
         self.closer: RoundCloser | None = None
         self.recorder = RoundRecorder(
-            run_dir,
-            cfg.rounds,
-            cfg.seed,
-            export=lambda state: global_model.export(state, run_dir / "adapter"),
-            config_text=dump_config(cfg),
+            run_dir, cfg.rounds, cfg.seed, export=lambda state: global_model.export(state, run_dir / "adapter"), config_text=dump_config(cfg)
         )
         assert self.recorder.metrics is not None  # a run directory always has its metrics log
         self.metrics = self.recorder.metrics
@@ -267,11 +263,7 @@ class RoundEngine:
             self.closer.submit(closing_job(self, row, t0))
             return
         evaluate_into(row, self.evaluate, self.global_state, round_num, self.cfg.train.eval_every, self.cfg.rounds)
-        if (
-            self.fed_eval is not None
-            and transport is not None
-            and evaluation_due(round_num, self.cfg.train.eval_every, self.cfg.rounds)
-        ):
+        if self.fed_eval is not None and transport is not None and evaluation_due(round_num, self.cfg.train.eval_every, self.cfg.rounds):
             row.update(self.fed_eval.run(transport, round_num, self.global_state))
         row.update(strategy_metrics(self.strategy, count))
         self.recorder.close(row, self.global_state, self.strategy.state_dict(), t0)

@@ -67,19 +67,13 @@ def edge_security(cfg: RunConfig, listen: str) -> tuple[Any, Any]:
     host = listen.rsplit(":", 1)[0].strip("[]")
     if host not in ("127.0.0.1", "localhost", "::1"):
         if tokens is None:
-            log.warning(
-                "listening on %s without auth.tokens_file: any client can join, push updates and read the run config", listen
-            )
+            log.warning("listening on %s without auth.tokens_file: any client can join, push updates and read the run config", listen)
         if credentials is None:
-            log.warning(
-                "listening on %s without TLS (auth.tls_cert/auth.tls_key): tokens and adapters travel in clear text", listen
-            )
+            log.warning("listening on %s without TLS (auth.tls_cert/auth.tls_key): tokens and adapters travel in clear text", listen)
     return credentials, tokens
 
 
-def run_coordinator(
-    cfg: RunConfig, listen: str, local_workers: int = 0, resume: bool = True, quiet: bool = False
-) -> list[dict[str, Any]]:
+def run_coordinator(cfg: RunConfig, listen: str, local_workers: int = 0, resume: bool = True, quiet: bool = False) -> list[dict[str, Any]]:
     """Serve rounds until done; with ``local_workers`` > 0 this is `dpeft simulate`."""
     from dpeft.transport.events import log_event
     from dpeft.transport.grpc import GrpcCoordinatorTransport

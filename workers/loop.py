@@ -62,9 +62,7 @@ def run_worker(
             pass  # the prepared runtime serves this coordinator's run
         else:
             if runtime is not None:
-                log.warning(
-                    "worker %s: the coordinator's config differs from the prepared one; loading the model again", worker_id
-                )
+                log.warning("worker %s: the coordinator's config differs from the prepared one; loading the model again", worker_id)
             own = None
             if data_path:
                 from dpeft.data import load_client_file, load_run_data
@@ -108,9 +106,7 @@ def run_worker(
             try:
                 results = _run(runtime, todo, stopping, cores)
             except TrainingStopped:
-                log.info(
-                    "worker %s stopping: asked to while training (task %s goes back to the queue)", worker_id, todo[0][0].task_id
-                )
+                log.info("worker %s stopping: asked to while training (task %s goes back to the queue)", worker_id, todo[0][0].task_id)
                 break
             finally:
                 if training is not None:
