@@ -126,6 +126,7 @@ def main() -> None:
         "--lockstep", action="store_true", help="also run dpeft with train.lockstep=true (dropout off on every side)"
     )
     parser.add_argument("--grid", action="store_true", help="a grid of round shapes, each against the plain loop (overhead_grid.py)")
+    parser.add_argument("--shapes", help="--grid: shapes to run, in order, e.g. 3x2,3x4c2 (clients x processes [c cores]); default all")
     parser.add_argument("--before", action="store_true", help="--grid: also dpeft with simulate.work_conserving=false eval.overlap=false")
     parser.add_argument("--plain-only", metavar="OUT", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
@@ -135,9 +136,9 @@ def main() -> None:
         plain_loop(overrides, args.plain_only)
         return
     if args.grid:
-        from overhead_grid import run_grid
+        from overhead_grid import parse_shapes, run_grid
 
-        print(run_grid(list(args.overrides), before=args.before))
+        print(run_grid(list(args.overrides), before=args.before, shapes=parse_shapes(args.shapes) if args.shapes else None))
         return
     if args.lockstep:
         lockstep_comparison(args, overrides + ["model.dropout=0"])

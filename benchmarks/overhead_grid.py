@@ -7,7 +7,7 @@ batches, FedAvg and evaluations. Shapes: 1 to 8 clients per round over 2 worker 
 4 processes sharing 2 cores (oversubscribed). The plain loop of a clients-per-round value is
 run once and shared by the shapes that have it. With ``--before`` each shape also runs dpeft
 with ``simulate.work_conserving=false eval.overlap=false`` (fixed threads per process,
-evaluation between rounds).
+evaluation between rounds); the dpeft side otherwise runs with both on.
 
 Writes the section "Simulation: work-conserving rounds" of benchmarks/RESULTS.md.
 """
@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULTS = ["rounds=3", "clients=8", "train.local_steps=5", "data.test_examples=200"]
 #: (clients per round, worker processes, simulate.cores or None)
 SHAPES = [*((c, 2, None) for c in range(1, 9)), (3, 4, 2), (5, 4, 2)]
+AFTER = ["simulate.work_conserving=true", "eval.overlap=true"]
 BEFORE = ["simulate.work_conserving=false", "eval.overlap=false"]
 
 
@@ -57,6 +58,16 @@ def _plain(overrides: list[str], tmp: str) -> dict:
     return {"wall_s": time.time() - t0, "acc": plain["accuracy"][-1]}
 
 
+def parse_shapes(text: str) -> list[tuple[int, int, int | None]]:
+    """``3x2,3x4c2`` -> [(3, 2, None), (3, 4, 2)]: clients per round x processes, optionally c cores."""
+    shapes = []
+    for part in text.split(","):
+        clients, _, rest = part.partition("x")
+        procs, _, cores = rest.partition("c")
+        shapes.append((int(clients), int(procs), int(cores) if cores else None))
+    return shapes
+
+
 def run_grid(overrides: list[str], before: bool = False, shapes: list[tuple[int, int, int | None]] | None = None) -> str:
     """Run the grid; returns the Markdown section (also written to RESULTS.md)."""
     shapes = shapes or SHAPES
@@ -66,7 +77,7 @@ def run_grid(overrides: list[str], before: bool = False, shapes: list[tuple[int,
     lines = []
     for cpr, procs, cores in shapes:
         common = [*settings, f"clients_per_round={cpr}"]
-        sim = [*common, f"simulate.processes={procs}", *([f"simulate.cores={cores}"] if cores else [])]
+        sim = [*common, f"simulate.processes={procs}", *([f"simulate.cores={cores}"] if cores else []), *AFTER]
         with tempfile.TemporaryDirectory() as tmp:
             dp = _dpeft(sim, os.path.join(tmp, "run"))
             old = _dpeft([*sim, *BEFORE], os.path.join(tmp, "old")) if before else None
@@ -122,8 +133,8 @@ def _section(
             f"Worst ratio {max(ratios):.3f}, mean {sum(ratios) / len(ratios):.3f}. Settings: `{' '.join(settings)}` "
             "(otherwise the default task: MiniLM + LoRA r=8, Rotten Tomatoes, batch 16, evaluation every round). "
             "Wall time is start to finish of each command (imports, model and data loading included on both sides). "
-            "dpeft runs with its defaults (`simulate.work_conserving=true`, `eval.overlap=true`, one thread per process "
-            "to start with, the core budget = processes x threads, at most the machine's cores); peak threads is the "
+            "dpeft runs with `simulate.work_conserving=true eval.overlap=true` (one thread per process to start with, "
+            "the core budget = processes x threads, at most the machine's cores); peak threads is the "
             "largest sum of the threads claimed at once in the budget file.",
         ]
     )
