@@ -37,8 +37,9 @@ except ImportError:  # pragma: no cover - not on Linux/macOS: no budget (create 
     fcntl = None  # type: ignore[assignment]
 
 _MAGIC = 0x64706566
-_HEAD = struct.Struct("<6q")  # magic, budget, slots, peak of the summed claims, acquires, spare
-_SLOT = struct.Struct("<5q")  # want, claim, largest claim, steps, priority
+_HEAD = struct.Struct("<6q")  # magic, budget, slots, peak of the summed claims, acquires, fields per slot
+_SLOT = struct.Struct("<6q")  # want, claim, largest claim, steps, priority, pid of the holder
+_FIELDS = 6
 #: environment variable naming a spawned worker's budget file and slot ("PATH:SLOT")
 ENV = "DPEFT_CORE_BUDGET"
 
@@ -49,6 +50,16 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def fair_shares(budget: int, want: list[int], claim: list[int], priority: list[int]) -> list[int]:
@@ -88,7 +99,7 @@ class CoreBudget:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(_HEAD.pack(_MAGIC, max(1, budget), slots, 0, 0, 0) + _SLOT.pack(0, 0, 0, 0, 0) * slots)
+        tmp.write_bytes(_HEAD.pack(_MAGIC, max(1, budget), slots, 0, 0, _FIELDS) + _SLOT.pack(*[0] * _FIELDS) * slots)
         os.replace(tmp, path)
 
     @classmethod
@@ -112,12 +123,15 @@ class CoreBudget:
         head = list(_HEAD.unpack(raw))
         if head[0] != _MAGIC:
             raise OSError(f"{self.path} is not a core budget")
-        body = os.pread(fd, _SLOT.size * head[2], _HEAD.size)
-        slots = [list(_SLOT.unpack_from(body, i * _SLOT.size)) for i in range(head[2])]
+        fields = head[5] or 5  # a file written before the holder's pid was kept
+        size = 8 * fields
+        body = os.pread(fd, size * head[2], _HEAD.size)
+        slots = [[*struct.unpack_from(f"<{fields}q", body, i * size), *[0] * (_FIELDS - fields)] for i in range(head[2])]
         return head, slots
 
     def _write(self, fd: int, head: list[int], slots: list[list[int]]) -> None:
-        os.pwrite(fd, _HEAD.pack(*head) + b"".join(_SLOT.pack(*s) for s in slots), 0)
+        fields = head[5] or 5
+        os.pwrite(fd, _HEAD.pack(*head) + b"".join(struct.pack(f"<{fields}q", *s[:fields]) for s in slots), 0)
 
     def _locked(self, change: Callable[[list[int], list[list[int]]], Any]) -> Any:
         fd = self._open()
@@ -137,7 +151,7 @@ class CoreBudget:
 
         def change(head: list[int], slots: list[list[int]]) -> int:
             me = slots[self.slot]
-            me[0], me[4] = 1, self.priority
+            me[0], me[4], me[5] = 1, self.priority, os.getpid()
             budget = head[1]
             share = fair_shares(budget, [s[0] for s in slots], [s[1] for s in slots], [s[4] for s in slots])[self.slot]
             others = sum(s[1] for j, s in enumerate(slots) if j != self.slot)
@@ -158,14 +172,18 @@ class CoreBudget:
         """Claim this slot's share (waiting until at least one core is free) and run torch on it.
 
         ``stopping``: asked while waiting; when true, :class:`~dpeft.train.loop.TrainingStopped`."""
-        delay = 0.001
+        delay, waited = 0.001, 0.0
         while (got := self.try_acquire()) == 0:
+            if waited > 1.0:  # a process that died holding cores (before its launcher noticed) gives them back
+                self._free_the_dead()
+                waited = 0.0
             if stopping is not None and stopping():
                 self.release()
                 from dpeft.train.loop import TrainingStopped
 
                 raise TrainingStopped("stopped while waiting for a core")
             time.sleep(delay)
+            waited += delay
             delay = min(delay * 2, 0.02)
         if torch.get_num_threads() != got:
             torch.set_num_threads(got)
@@ -181,6 +199,14 @@ class CoreBudget:
 
         self._locked(change)
         self.threads = 0
+
+    def _free_the_dead(self) -> None:
+        def change(head: list[int], slots: list[list[int]]) -> None:
+            for s in slots:
+                if s[1] and s[5] and not _alive(s[5]):
+                    s[0] = s[1] = 0
+
+        self._locked(change)
 
     def reset(self, slot: int) -> None:
         """Free ``slot``'s cores (its process died holding them)."""

@@ -144,3 +144,17 @@ def test_changing_threads_between_steps_gives_the_same_adapter(minilm_bundle, ro
     diff = sum(float((fixed[k] - varying[k]).pow(2).sum()) for k in fixed.tensors) ** 0.5
     update = sum(float((fixed[k] - start[k]).pow(2).sum()) for k in fixed.tensors) ** 0.5
     assert update > 0 and diff / update <= REL_TOLERANCE, diff / update
+
+
+def test_cores_held_by_a_dead_process_come_back(tmp_path) -> None:
+    path = tmp_path / "cores.budget"
+    CoreBudget.create(path, 2, 2)
+    holder = mp.get_context("fork").Process(target=lambda: (CoreBudget(path, 0).acquire(), None)[1])
+    holder.start()
+    holder.join(30)
+    assert CoreBudget(path, 0).stats()["claimed"] == 2  # it died without giving them back
+    before = torch.get_num_threads()
+    try:
+        assert CoreBudget(path, 1).acquire() == 2  # freed after about a second of waiting
+    finally:
+        torch.set_num_threads(before)
