@@ -28,8 +28,6 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from dpeft.config import RunConfig
 from dpeft.rounds.tally import evaluate_into
 
@@ -49,12 +47,12 @@ class RoundCloser:
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=MAX_WAITING)
         self._error: BaseException | None = None
         self._failed = False  # once a job failed, later ones are skipped (a resume redoes their rounds)
-        self._threads = torch.get_num_threads()  # the round loop's: a new thread would start at torch's default
         self._thread = threading.Thread(target=self._serve, daemon=True, name="dpeft-eval")
         self._thread.start()
 
     def _serve(self) -> None:
-        torch.set_num_threads(self._threads)
+        # no torch.set_num_threads here: this thread's first parallel op takes the process's last
+        # setting, and setting it would reach threads that train in this process (their BLAS pool)
         while (job := self._jobs.get()) is not None:
             try:
                 if not self._failed:
