@@ -147,7 +147,7 @@ class EvalConfig:
     """How the global adapter is evaluated: on the coordinator's held-out data, and on the clients' own."""
 
     device: str = _f("auto", "device of the coordinator's evaluation and generation: auto (a GPU when one is visible), cpu, cuda, cuda:N or mps; the model moves there at the first evaluation")
-    overlap: bool = _f(True, "the coordinator evaluates (and checkpoints, exports) round r's global in the background while round r+1 trains; each metrics line is still written in order once its round and evaluation are done, and the run waits for its last evaluation (sync and deadline rounds without eval.federated; otherwise evaluation stays sequential)")
+    overlap: bool = _f(False, "the coordinator evaluates (and checkpoints, exports) round r's global in the background while round r+1 trains; each metrics line is still written in order once its round and evaluation are done, and the run waits for its last evaluation (sync and deadline rounds without eval.federated; otherwise evaluation stays sequential)")
     federated: bool = _f(False, "sampled clients also evaluate the global adapter on their own held-out split; the coordinator records the weighted mean (fed_eval_*) and per-client metrics")
     clients: int | None = _f(None, "eval.federated: clients sampled per evaluated round; null = clients_per_round")
     client_test_fraction: float = _f(0.1, "eval.federated: fraction of each client's examples held out for its own evaluation (never trained on)")

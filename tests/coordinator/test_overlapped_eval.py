@@ -14,7 +14,7 @@ from enginelib import Reply, make_engine
 from dpeft.rounds.checkpoint import latest_checkpoint
 from dpeft.state import AdapterState
 
-BASE = ["rounds=3", "clients=2", "clients_per_round=2"]
+BASE = ["rounds=3", "clients=2", "clients_per_round=2", "eval.overlap=true"]
 
 
 def _round_of(state: AdapterState) -> int:
@@ -33,7 +33,7 @@ def test_evaluation_runs_while_the_next_round_trains(tmp_path, overlap: bool) ->
         trained[task.round].set()  # round task.round's tasks were handed out
         return Reply(delay_s=0.05)
 
-    engine, tr = make_engine(tmp_path, [*BASE, f"eval.overlap={str(overlap).lower()}"], behaviour)
+    engine, tr = make_engine(tmp_path, [*BASE[:-1], f"eval.overlap={str(overlap).lower()}"], behaviour)
     evaluate, overlapped = engine.evaluate, {}
 
     def watching(state: AdapterState) -> dict[str, float]:

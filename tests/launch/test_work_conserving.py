@@ -50,7 +50,7 @@ def _adapter(run_dir: Path) -> dict:
 
 
 def test_work_conserving_run_gives_the_fixed_thread_adapter_within_budget(tmp_path) -> None:
-    rows = _simulate(tmp_path / "wc", "simulate.work_conserving=true")  # eval.overlap is on by default
+    rows = _simulate(tmp_path / "wc", "simulate.work_conserving=true", "eval.overlap=true")
     fixed = _simulate(tmp_path / "fixed", "simulate.work_conserving=false", "eval.overlap=false")
     for got in (rows, fixed):  # complete rows, in order, each with its evaluation
         assert [r["round"] for r in got] == [0, 1, 2]
