@@ -6,7 +6,12 @@ evaluations. The plain loop is one process using every core (torch threads = cor
 the floor. Both run as fresh subprocesses in this invocation, so start-up (imports, model
 and data loading) counts on both sides.
 
-    python benchmarks/overhead.py [--quick] [--lockstep] [key=value ...]
+    python benchmarks/overhead.py [--quick] [--lockstep] [--grid [--before]] [key=value ...]
+
+With ``--grid`` it runs a grid of round shapes instead (1-8 clients per round over 2 worker
+processes, 3 and 5 over 4 processes on 2 cores), each against the plain loop
+(:mod:`overhead_grid`); ``--before`` adds dpeft without work conservation and overlapped
+evaluation to each shape.
 
 With ``--lockstep`` the same task runs three times in this invocation, all with the base
 model's dropout off (``model.dropout=0``, which lockstep training needs; the plain loop gets the
@@ -120,12 +125,20 @@ def main() -> None:
     parser.add_argument(
         "--lockstep", action="store_true", help="also run dpeft with train.lockstep=true (dropout off on every side)"
     )
+    parser.add_argument("--grid", action="store_true", help="a grid of round shapes, each against the plain loop (overhead_grid.py)")
+    parser.add_argument("--shapes", help="--grid: shapes to run, in order, e.g. 3x2,3x4c2 (clients x processes [c cores]); default all")
+    parser.add_argument("--before", action="store_true", help="--grid: also dpeft with simulate.work_conserving=false eval.overlap=false")
     parser.add_argument("--plain-only", metavar="OUT", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     overrides = list(args.overrides) + (["rounds=3"] if args.quick else [])
     if args.plain_only:
         plain_loop(overrides, args.plain_only)
+        return
+    if args.grid:
+        from overhead_grid import parse_shapes, run_grid
+
+        print(run_grid(list(args.overrides), before=args.before, shapes=parse_shapes(args.shapes) if args.shapes else None))
         return
     if args.lockstep:
         lockstep_comparison(args, overrides + ["model.dropout=0"])

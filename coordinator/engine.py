@@ -17,6 +17,7 @@ import shutil
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from dpeft.transport.base import Blob, CoordinatorTransport, Event, Rejection, T
 from dpeft_coordinator.async_engine import run_async
 from dpeft_coordinator.errors import RoundTimeout
 from dpeft_coordinator.evaluation import FederatedEvaluator
+from dpeft_coordinator.overlap import RoundCloser, closing_job, overlaps
 from dpeft_coordinator.secagg import SecureRounds
 
 log = logging.getLogger("dpeft.coordinator")
@@ -85,6 +87,10 @@ class RoundEngine:
         self.privacy = make_privacy(cfg)
         #: why the run stopped before its planned rounds (the privacy budget), for the summary
         self.stop_note: str | None = None
+        #: the coordinator's evaluation of a global (the launcher may run it on a core budget)
+        self.evaluate: Callable[[AdapterState], dict[str, Any]] = global_model.evaluate
+        #: eval.overlap: rounds closed (evaluated, checkpointed, recorded) in the background, during :meth:`run`
+        self.closer: RoundCloser | None = None
         self.recorder = RoundRecorder(
             run_dir, cfg.rounds, cfg.seed, export=lambda state: global_model.export(state, run_dir / "adapter"), config_text=dump_config(cfg), cfg=cfg
         )
@@ -266,7 +272,11 @@ class RoundEngine:
         """Finish ``row`` (evaluation when due: the coordinator's and, with ``eval.federated`` and a
         ``transport``, the clients'; strategy metrics); the recorder checkpoints it, exports, appends it."""
         round_num = row["round"]
-        evaluate_into(row, self.gm.evaluate, self.global_state, round_num, self.cfg.train.eval_every, self.cfg.rounds)
+        if self.closer is not None and not self.policy.asynchronous:
+            row.update(strategy_metrics(self.strategy, count))
+            self.closer.submit(closing_job(self, row, t0))
+            return
+        evaluate_into(row, self.evaluate, self.global_state, round_num, self.cfg.train.eval_every, self.cfg.rounds)
         if self.fed_eval is not None and transport is not None and evaluation_due(round_num, self.cfg.train.eval_every, self.cfg.rounds):
             row.update(self.fed_eval.run(transport, round_num, self.global_state))
         row.update(strategy_metrics(self.strategy, count))
@@ -339,18 +349,28 @@ class RoundEngine:
 
     def run(self, transport: CoordinatorTransport) -> list[dict[str, Any]]:
         """All remaining rounds (from a resumed checkpoint if any)."""
-        if self.recorder.needs_round0():
-            row0 = self.recorder.round0_row(self.gm.evaluate, self.global_state)
-            self.recorder.write({**row0, **(self.privacy.fields() if self.privacy is not None else {})})
-        if self.policy.asynchronous:
-            run_async(self, transport)
-        while self.round < self.cfg.rounds and not self.stop_event.is_set():
-            self.stop_note = self.privacy.stop_reason(self.round + 1) if self.privacy is not None else None
-            if self.stop_note is not None:  # the last accepted global is checkpointed; exported below
-                log.warning("%s", self.stop_note)
-                self.metrics.stop_note = self.stop_note
-                break
-            if self.run_round(transport) is None:
-                break
+        self.closer = RoundCloser() if overlaps(self.cfg) else None
+        if self.recorder.needs_round0():  # overlapped: round 1 trains while the untrained global is evaluated
+            initial = self.global_state.clone() if self.closer is not None else self.global_state
+            privacy0 = self.privacy.fields() if self.privacy is not None else {}
+            job = lambda: self.recorder.write({**self.recorder.round0_row(self.evaluate, initial), **privacy0})  # noqa: E731
+            self.closer.submit(job) if self.closer is not None else job()
+        try:
+            if self.policy.asynchronous:
+                run_async(self, transport)
+            while self.round < self.cfg.rounds and not self.stop_event.is_set():
+                self.stop_note = self.privacy.stop_reason(self.round + 1) if self.privacy is not None else None
+                if self.stop_note is not None:  # the last accepted global is checkpointed; exported below
+                    log.warning("%s", self.stop_note)
+                    self.metrics.stop_note = self.stop_note
+                    break
+                if self.run_round(transport) is None:
+                    break
+            if self.closer is not None:  # the last evaluation, checkpoint and line
+                self.closer.drain()
+        finally:
+            if self.closer is not None:
+                self.closer.close()
+                self.closer = None
         self.recorder.export(self.global_state)
         return self.recorder.rows

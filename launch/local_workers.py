@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from dpeft.config import RunConfig
+from dpeft.train.cores import ENV as CORES_ENV
+from dpeft.train.cores import CoreBudget
 from dpeft_launch.procs import describe_exit, exit_with_parent, name_process, stop_processes
 
 #: a worker dying this many times with no finished task in between ends the run
@@ -88,10 +90,15 @@ def start_method(cfg: RunConfig, count: int | None = None) -> str:
 class WorkerProcesses:
     """Local worker processes that this coordinator started, restarts, and must clean up."""
 
-    def __init__(self, run_dir: Path, threads: int, devices: list[tuple[str, str]] | None = None) -> None:
+    def __init__(
+        self, run_dir: Path, threads: int, devices: list[tuple[str, str]] | None = None, cores: Path | None = None
+    ) -> None:
         """``devices``: (device spelling, its config key) per worker, from
-        :func:`dpeft_launch.worker_devices.worker_device_specs`; None = the config's ``train.device``."""
+        :func:`dpeft_launch.worker_devices.worker_device_specs`; None = the config's ``train.device``.
+        ``cores``: the core budget file the workers share (:mod:`dpeft.train.cores`; worker ``i``
+        has slot ``i``); None = each trains on ``threads`` threads."""
         self.devices = devices
+        self.cores = cores
         self.procs: list[Any] = []
         self.logs = Path(run_dir) / "logs"
         self.threads = threads
@@ -109,6 +116,8 @@ class WorkerProcesses:
         """A fresh `dpeft worker` interpreter as worker ``sim-i`` (its output appended to its log)."""
         threads = str(self.threads)
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        if self.cores is not None:
+            env[CORES_ENV] = f"{self.cores}:{i}"
         cmd = [sys.executable, "-m", "dpeft_launch.cli", "worker", "--coordinator", self.address, "--worker-id", f"sim-{i}",
                "--threads", threads, "--patience", "20", "--exit-with-parent", "--simulated"]  # fmt: skip
         if self.devices:
@@ -146,7 +155,8 @@ class WorkerProcesses:
                 for fd in self._pipes:
                     os.close(fd)
                 device = (*self.devices[i % len(self.devices)], i) if self.devices else None
-                _forked_worker(runtime, read_fd, f"sim-{i}", self.threads, self._log_path(i), device)
+                cores = CoreBudget(self.cores, i) if self.cores is not None else None
+                _forked_worker(runtime, read_fd, f"sim-{i}", self.threads, self._log_path(i), device, cores)
             os.close(read_fd)
             self._pipes.append(write_fd)
             self.procs.append(ForkedWorker(pid))
@@ -185,6 +195,8 @@ class WorkerProcesses:
                     self._deaths[i] = 0
                 self._deaths[i] += 1
                 requeued = requeue(wid, how)
+                if self.cores is not None:  # the cores it held when it died
+                    CoreBudget(self.cores, i).reset(i)
                 if self._deaths[i] >= MAX_DEATHS_IN_A_ROW:
                     msg = f"worker process {wid} (pid {p.pid}) {how}, {self._deaths[i]} times in a row without finishing a task; see logs/worker-{i}.log"
                     self._note(i, msg)
@@ -218,7 +230,15 @@ class WorkerProcesses:
         stop_processes(self.procs, grace_s, term_grace_s)
 
 
-def _forked_worker(runtime: Any, read_fd: int, worker_id: str, threads: int, log_path: Path, device: tuple[str, str, int] | None = None) -> None:
+def _forked_worker(
+    runtime: Any,
+    read_fd: int,
+    worker_id: str,
+    threads: int,
+    log_path: Path,
+    device: tuple[str, str, int] | None = None,
+    cores: CoreBudget | None = None,
+) -> None:
     """Body of a forked worker process: same loop as `dpeft worker`; ends with ``os._exit``.
 
     ``device``: (spelling, config key, slot) this worker trains on (the model moves there, in
@@ -248,7 +268,7 @@ def _forked_worker(runtime: Any, read_fd: int, worker_id: str, threads: int, log
         exit_with_parent()
         conn = GrpcWorkerConnection(address.decode(), token="", patience_s=20.0)
         conn.worker_id = worker_id
-        code = serve_until_terminated(conn, worker_id, threads=threads, runtime=runtime, wrap=simulated_worker)
+        code = serve_until_terminated(conn, worker_id, threads=threads, runtime=runtime, wrap=simulated_worker, cores=cores)
     except KeyboardInterrupt:
         code = 130
     except BaseException:  # noqa: BLE001 - the child must never return into the coordinator's stack

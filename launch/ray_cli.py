@@ -143,6 +143,20 @@ def run_ray(cfg: RunConfig, resume: bool = True, quiet: bool = False) -> list[di
             ray.shutdown()
 
 
+def _core_budget(cfg: RunConfig, run_dir: Path, engine: Any, gm: Any) -> str | None:
+    """``simulate.work_conserving`` on a local Ray (started here, no cluster address): a core budget
+    the actors and the coordinator's evaluation share, as `dpeft simulate`'s processes do; None otherwise."""
+    if not cfg.simulate.work_conserving or cfg.ray.address or os.environ.get("RAY_ADDRESS") or cfg.ray.num_gpus:
+        return None
+    from dpeft.train.cores import CoreBudget, budgeted_evaluation, usable_cpus
+
+    spec = actor_spec(cfg)
+    path = run_dir / "cores.budget"
+    CoreBudget.create(path, cfg.simulate.cores or min(spec.actors * spec.torch_threads(), usable_cpus()), spec.actors + 1)
+    engine.evaluate = budgeted_evaluation(gm.evaluate, gm.bundle.model, CoreBudget(path, spec.actors, priority=1))
+    return str(path)
+
+
 def _run_actors(cfg: RunConfig, resume: bool, quiet: bool) -> list[dict[str, Any]]:
     from dpeft.rounds.global_model import GlobalModel
     from dpeft.transport.ray_transport import RayCoordinatorTransport
@@ -156,7 +170,9 @@ def _run_actors(cfg: RunConfig, resume: bool, quiet: bool) -> list[dict[str, Any
     run_dir = Path(cfg.run_dir)
     gm = GlobalModel(cfg)
     engine = RoundEngine(cfg, gm, run_dir, resume=resume)
+    cores = _core_budget(cfg, run_dir, engine, gm)
     transport = RayCoordinatorTransport(
+        cores=cores,
         config_tree=config_to_dict(cfg),
         decoder_factory=engine.decoder_for,
         spec=actor_spec(cfg),

@@ -17,6 +17,7 @@ from dpeft.config import AuthConfig, RunConfig, dump_config
 from dpeft.errors import DpeftError
 from dpeft.rounds.global_model import GlobalModel
 from dpeft.sync.base import check_coordinated
+from dpeft.train.cores import CoreBudget, budgeted_evaluation, usable_cpus
 from dpeft_coordinator.engine import RoundEngine
 from dpeft_launch.local_workers import WorkerProcesses, start_method
 from dpeft_launch.worker_devices import check_worker_devices, worker_device_specs
@@ -36,6 +37,19 @@ def return_large_frees(threshold: int = 1 << 20) -> bool:
     go back to the system. With this, coordinator memory above the global adapter and the
     aggregate stays a small multiple of the chunk size (``benchmarks/large_adapter.py``)."""
     return set_mmap_threshold(threshold)
+
+
+def core_budget(cfg: RunConfig, run_dir: Path, local_workers: int) -> Path | None:
+    """With ``simulate.work_conserving`` and local workers: a fresh core budget file (one slot per
+    worker plus the coordinator's evaluation) of ``simulate.cores`` cores; None otherwise."""
+    if not (local_workers and cfg.simulate.work_conserving):
+        return None
+    sim = cfg.simulate
+    cores = sim.cores or min(local_workers * sim.threads_per_process, usable_cpus())
+    path = run_dir / "cores.budget"
+    CoreBudget.create(path, cores, local_workers + 1)
+    log.info("work-conserving simulation: %d worker processes and the evaluation share %d cores", local_workers, cores)
+    return path
 
 
 def edge_security(cfg: RunConfig, listen: str) -> tuple[Any, Any]:
@@ -93,7 +107,8 @@ def serve_rounds(cfg: RunConfig, listen: str, local_workers: int = 0, resume: bo
     t_start = time.time()
     credentials, tokens = edge_security(cfg, listen)
     gm = GlobalModel(cfg)
-    workers = WorkerProcesses(run_dir, cfg.simulate.threads_per_process, devices)
+    budget = core_budget(cfg, run_dir, local_workers)
+    workers = WorkerProcesses(run_dir, cfg.simulate.threads_per_process, devices, cores=budget)
     if forking:
         from dpeft_workers.runtime import WorkerRuntime
 
@@ -105,6 +120,8 @@ def serve_rounds(cfg: RunConfig, listen: str, local_workers: int = 0, resume: bo
     except BaseException:
         workers.stop(grace_s=5.0)
         raise
+    if budget is not None:  # the coordinator's evaluation takes its share of the cores too (the last slot, first served)
+        engine.evaluate = budgeted_evaluation(gm.evaluate, gm.bundle.model, CoreBudget(budget, local_workers, priority=1))
     if engine.resumed_from is not None:
         log_event("resumed", round=engine.resumed_from, run_dir=run_dir)
     registry = run_dir / "workers.json"

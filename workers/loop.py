@@ -16,6 +16,7 @@ from dpeft.errors import RejectedUpdate
 from dpeft.privacy.secagg.messages import TASK_KINDS as SECAGG_KINDS
 from dpeft.rounds.fedeval import EVALUATE, WORKER_TASK_KINDS
 from dpeft.train import TrainingStopped
+from dpeft.train.cores import CoreBudget
 from dpeft.transport.base import TrainTask, WorkerConnection
 from dpeft.validate import config_from_dict
 from dpeft_workers.runtime import WorkerRuntime, set_threads
@@ -39,6 +40,7 @@ def run_worker(
     device: str | None = None,
     device_slot: int | None = None,
     device_key: str = "--device",
+    cores: CoreBudget | None = None,
 ) -> int:
     """Serve tasks until the coordinator says stop (returns 0) or ``stop`` is set.
 
@@ -51,10 +53,13 @@ def run_worker(
     ``training`` is set meanwhile. ``device``: overrides the run's ``train.device`` on this
     worker (``dpeft worker --device``); ``device_slot``: this process's number among a launcher's
     (a bare ``cuda``/``auto`` takes visible GPU slot mod count); ``device_key``: what a device
-    error names.
+    error names. ``cores``: a core budget shared with the launcher's other processes
+    (:mod:`dpeft.train.cores`; default: the one named by ``DPEFT_CORE_BUDGET``, else none): the
+    worker trains each step on the cores it claims there and gives them back between tasks.
     """
     stop = stop or threading.Event()
     set_threads(threads)
+    cores = cores if cores is not None else CoreBudget.from_env()
     conn.task_kinds = KINDS  # evaluation and secure-aggregation tasks are handed only to workers that declare them
     reg = conn.join(worker_id, own_examples=0 if data_path else None)
     try:
@@ -105,7 +110,7 @@ def run_worker(
             if training is not None:
                 training.set()
             try:
-                results = _run(runtime, todo, stopping)
+                results = _run(runtime, todo, stopping, cores)
             except TrainingStopped:
                 log.info("worker %s stopping: asked to while training (task %s goes back to the queue)", worker_id, todo[0][0].task_id)
                 break
@@ -127,6 +132,20 @@ def run_worker(
 
 
 def _run(
+    runtime: WorkerRuntime, todo: list[tuple[TrainTask, bytes]], stopping: Callable[[], bool], cores: CoreBudget | None = None
+) -> list[tuple[bytes, int, dict[str, float]]] | list[tuple[bytes, int, dict[str, float]] | None]:
+    """Results of ``todo`` in order (see :func:`_run_tasks`); with ``cores``, on the cores claimed
+    before each step, given back at the end."""
+    if cores is None:
+        return _run_tasks(runtime, todo, stopping)
+    cores.acquire(stopping)
+    try:
+        return _run_tasks(runtime, todo, cores.step_hook(stopping))
+    finally:
+        cores.release()
+
+
+def _run_tasks(
     runtime: WorkerRuntime, todo: list[tuple[TrainTask, bytes]], stopping: Callable[[], bool]
 ) -> list[tuple[bytes, int, dict[str, float]]] | list[tuple[bytes, int, dict[str, float]] | None]:
     """Results of ``todo`` in order: evaluation tasks evaluated, secure-aggregation steps run

@@ -39,11 +39,17 @@ def _node_ip() -> str:
 class TrainActor:
     """A worker: ``WorkerRuntime`` over one shared frozen base, any number of virtual clients."""
 
-    def __init__(self, config_tree: dict[str, Any], worker_id: str, threads: int = 1) -> None:
+    def __init__(self, config_tree: dict[str, Any], worker_id: str, threads: int = 1, cores: tuple[str, int] | None = None) -> None:
+        """``cores``: (budget file, slot) of a core budget shared with the other actors on this
+        machine (:mod:`dpeft.train.cores`; ignored where the file is not on this node)."""
+        from dpeft.train.cores import CoreBudget
         from dpeft_workers.runtime import WorkerRuntime, set_threads
         from dpeft_workers.simulate import Heterogeneity
 
         set_threads(threads)
+        self.cores = CoreBudget(*cores) if cores is not None and os.path.exists(cores[0]) else None
+        if self.cores is not None:  # a restarted actor: what its earlier incarnation held is free again
+            self.cores.reset(self.cores.slot)
         self.worker_id = worker_id
         self.cfg = config_from_dict(config_tree)
         # local_index 0: the first (with ray.num_gpus, the only) GPU Ray made visible to this actor
@@ -60,10 +66,7 @@ class TrainActor:
     def train(self, task: TrainTask, payload: np.ndarray) -> tuple[np.ndarray, int, dict[str, float]]:
         """One task: (encoded delta as uint8 array, num_examples, metrics); an evaluation task
         (``kind`` "evaluate") is evaluated instead and answers an empty payload."""
-        if task.kind == EVALUATE:
-            ((update, num_examples, metrics),) = self.runtime.evaluate_tasks([(task, payload.data)])
-        else:
-            update, num_examples, metrics = self.runtime.train_task(task, payload.data)
+        ((update, num_examples, metrics),) = self._run([(task, payload.data)], task.kind == EVALUATE)
         self.tasks_done += 1
         return np.frombuffer(update, dtype=np.uint8), int(num_examples), dict(metrics)
 
@@ -72,9 +75,21 @@ class TrainActor:
         if len(payloads) != len(tasks):
             raise ValueError(f"{len(tasks)} tasks but {len(payloads)} payloads")
         items = [(t, p.data) for t, p in zip(tasks, payloads, strict=True)]
-        results = self.runtime.evaluate_tasks(items) if tasks[0].kind == EVALUATE else self.runtime.train_tasks(items)
+        results = self._run(items, tasks[0].kind == EVALUATE)
         self.tasks_done += len(tasks)
         return [(np.frombuffer(update, dtype=np.uint8), int(n), dict(metrics)) for update, n, metrics in results]
+
+    def _run(self, items: list[tuple[TrainTask, Any]], evaluate: bool) -> list[tuple[bytes, int, dict[str, float]]]:
+        """Evaluate or train ``items``; with a core budget, each step on the cores claimed before it."""
+        if self.cores is None:
+            return self.runtime.evaluate_tasks(items) if evaluate else self.runtime.train_tasks(items)
+        self.cores.acquire()
+        try:
+            if evaluate:
+                return self.runtime.evaluate_tasks(items)
+            return self.runtime.train_tasks(items, should_stop=self.cores.step_hook(lambda: False))
+        finally:
+            self.cores.release()
 
     def pid(self) -> int:
         return os.getpid()

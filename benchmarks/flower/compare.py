@@ -9,7 +9,12 @@ actors; dpeft: coordinator and worker processes), sampled every 0.5 s, peak. Bot
 training processes with one torch thread each and evaluate on the same 600 examples every
 round.
 
-    python benchmarks/flower/compare.py [--clients 10,100] [--rounds 5] [key=value ...]
+    python benchmarks/flower/compare.py [--clients 10,100] [--per-round 4] [--rounds 5] [key=value ...]
+
+``--per-round 3,5`` runs each client count at those clients per round too: uneven shapes, whose
+last task of a round leaves one of the two training processes idle. ``--dpeft`` adds settings to
+the dpeft side only (default ``simulate.work_conserving=true``: the training processes and the
+evaluation share the cores; docs/simulation-performance.md).
 
 CPU heavy: run it when the machine is otherwise idle (the 1-minute load average is printed
 with the results).
@@ -90,6 +95,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="10,100")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--per-round", default="", help="clients per round to run (comma-separated); default: the config's")
+    parser.add_argument("--dpeft", default="simulate.work_conserving=true", help="space-separated settings for the dpeft side only")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument(
         "--no-flower-tunables",
@@ -101,20 +108,23 @@ def main() -> None:
     versions = ensure_venv()
     load_start = os.getloadavg()[0]
     results = []
-    for n in [int(c) for c in args.clients.split(",")]:
-        overrides = [f"rounds={args.rounds}", f"clients={n}", *args.overrides]
+    shapes = [(int(c), p) for c in args.clients.split(",") for p in ([int(x) for x in args.per_round.split(",")] if args.per_round else [None])]
+    for n, per_round in shapes:
+        overrides = [f"rounds={args.rounds}", f"clients={n}", *([f"clients_per_round={per_round}"] if per_round else []), *args.overrides]
         with tempfile.TemporaryDirectory() as tmp:
             fl = run_flower(overrides, tmp)
             print(f"clients={n} flower: {fl['wall_s']:.1f}s, {fl['pss'] / MiB:.0f} MiB PSS ({fl['procs']} procs), acc {fl['acc']}", flush=True)
-            dp = run_dpeft(overrides, tmp)
+            dp = run_dpeft([*overrides, *args.dpeft.split()], tmp)
             print(f"clients={n} dpeft:  {dp['wall_s']:.1f}s, {dp['pss'] / MiB:.0f} MiB PSS ({dp['procs']} procs), acc {dp['acc']}", flush=True)
             fl_lean = None
             if not args.no_flower_tunables and not results:
                 fl_lean = run_flower(overrides, tmp, {"GLIBC_TUNABLES": LEAN_TUNABLES})
                 print(f"clients={n} flower, GLIBC_TUNABLES={LEAN_TUNABLES}: {fl_lean['wall_s']:.1f}s, {fl_lean['pss'] / MiB:.0f} MiB PSS", flush=True)
-        results.append((n, overrides, fl, dp, fl_lean))
+        results.append((f"{n}" if per_round is None else f"{n} ({per_round} per round)", overrides, fl, dp, fl_lean))
     lines = [
-        f"`python benchmarks/flower/compare.py --clients {args.clients} --rounds {args.rounds}{' ' + ' '.join(args.overrides) if args.overrides else ''}`",
+        f"`python benchmarks/flower/compare.py --clients {args.clients} --rounds {args.rounds}"
+        f"{' --per-round ' + args.per_round if args.per_round else ''} --dpeft '{args.dpeft}'"
+        f"{' ' + ' '.join(args.overrides) if args.overrides else ''}`",
         "",
         machine_note() + f" Flower {versions.split()[0]} (Ray {versions.split()[1]}) in benchmarks/.venv-flower. "
         f"1-min load average: {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",

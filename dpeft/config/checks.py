@@ -56,6 +56,7 @@ def check_core(cfg: RunConfig) -> None:
     if cfg.strategy.server_lr is not None:
         positive("strategy.server_lr", cfg.strategy.server_lr)
     positive("train.weight_decay", cfg.train.weight_decay, allow_zero=True)
+    positive("simulate.cores", cfg.simulate.cores, allow_zero=True)
     positive("adapter.dropout", cfg.adapter.dropout, allow_zero=True)
     if cfg.model.dropout is not None and not 0 <= cfg.model.dropout < 1:
         raise ConfigError("model.dropout", f"must be in [0, 1) or null, got {cfg.model.dropout}")

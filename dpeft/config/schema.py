@@ -149,6 +149,7 @@ class EvalConfig:
     """How the global adapter is evaluated: on the coordinator's held-out data, and on the clients' own."""
 
     device: str = _f("auto", "device of the coordinator's evaluation and generation: auto (a GPU when one is visible), cpu, cuda, cuda:N or mps; the model moves there at the first evaluation")
+    overlap: bool = _f(False, "the coordinator evaluates (and checkpoints, exports) round r's global in the background while round r+1 trains; each metrics line is still written in order once its round and evaluation are done, and the run waits for its last evaluation (sync and deadline rounds without eval.federated; otherwise evaluation stays sequential)")
     federated: bool = _f(False, "sampled clients also evaluate the global adapter on their own held-out split; the coordinator records the weighted mean (fed_eval_*) and per-client metrics")
     clients: int | None = _f(None, "eval.federated: clients sampled per evaluated round; null = clients_per_round")
     client_test_fraction: float = _f(0.1, "eval.federated: fraction of each client's examples held out for its own evaluation (never trained on)")
@@ -195,7 +196,9 @@ class SimulateConfig:
 
     processes: int = _f(2, "worker processes (each loads the base model once)")
     threads_per_process: int = _f(1, "torch threads in each worker process")
-    coordinator_threads: int = _f(2, "torch threads in the coordinator (global evaluation)")
+    coordinator_threads: int = _f(2, "torch threads in the coordinator (global evaluation; with simulate.work_conserving it evaluates on its share of simulate.cores instead)")
+    work_conserving: bool = _f(False, "the worker processes (and `dpeft ray`'s actors on a local Ray) and the coordinator's evaluation share simulate.cores: before every training step a process claims its fair share of the cores busy processes need, so as a round drains the processes still training take over the idle cores; steps then run on varying thread counts, so a rerun matches to fp32 rounding (AdamW: about 1e-4 of the update) instead of bit for bit (docs/simulation-performance.md)")
+    cores: int = _f(0, "the core budget of simulate.work_conserving: threads in use across all worker processes and the coordinator's evaluation never exceed it; 0 = processes x threads_per_process, at most the CPUs this process may use")
     start: str = _f("auto", "how local worker processes start: fork (from the coordinator once it has loaded the base model and data, sharing those pages copy-on-write; Linux, CPU training only), spawn (fresh interpreters running `dpeft worker`), auto (fork on Linux when the workers train on the CPU, else spawn: CUDA cannot be used in a forked child)")
     speed_factors: list[float] = _f([], "simulated slowness, cycled over client ids: a client with factor f replies (f - 1) x its compute time late (the worker trains others meanwhile); [] = all 1")
     dropout: float = _f(0.0, "probability that a task is dropped without a reply (seeded per seed, round, client, attempt)")

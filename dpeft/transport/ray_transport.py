@@ -127,6 +127,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
         settings: TransportConfig | None = None,
         actor_cls: type,
         heterogeneity: Any = None,
+        cores: str | None = None,
     ) -> None:
         import ray
 
@@ -138,6 +139,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
         self.spec = spec or RayActorSpec()
         self.settings = settings or TransportConfig()  # of its tunables only max_update_bytes applies to Ray
         self.actor_cls = actor_cls  # the worker service's actor (``dpeft_workers.ray_actor.TrainActor``)
+        self.cores = cores  # a core budget file the actors share (slot i for actor i), or None
         # task kinds besides training the actors run (evaluation tasks go to actors that declare them)
         self.task_kinds = list(getattr(actor_cls, "task_kinds", ()))
         # simulated drops and slow replies wrap the real actors here (``drops(task)``, ``delay_s(client, compute_s)``)
@@ -163,7 +165,10 @@ class RayCoordinatorTransport(CoordinatorTransport):
     def start(self) -> str:
         if self.spec.actors < 1:
             raise DpeftError("the Ray transport needs at least one actor")
-        members = self.pool.start(lambda worker_id, threads: (self.config_tree, worker_id, threads))
+        slots = itertools.count()
+        members = self.pool.start(
+            lambda worker_id, threads: (self.config_tree, worker_id, threads, *([(self.cores, next(slots))] if self.cores else []))
+        )
         now = time.time()
         for m in members:
             record = self.registry.add(WorkerRecord(m.worker_id, joined=now, last_seen=now, alive=True, task_kinds=list(self.task_kinds)))
