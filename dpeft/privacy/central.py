@@ -138,10 +138,12 @@ class CentralDP:
         round and the round's metrics (:attr:`last`)."""
         gen = self.noise_generator(round_num)
         std = self.update_multiplier * self.clip
+        # noise drawn in sorted-name order: the same draw whatever order the sum's tensors come in
+        # (a plain aggregate and a secure aggregate's unmasked sum list them differently)
+        noise = {k: torch.randn(summed[k].shape, generator=gen, dtype=torch.float64) * std for k in sorted(summed)}
         out: OrderedDict[str, torch.Tensor] = OrderedDict()
         for k, t in summed.items():
-            noise = torch.randn(t.shape, generator=gen, dtype=torch.float64) * std
-            out[k] = ((t.double() + noise) / self.denominator).to(t.dtype)
+            out[k] = ((t.double() + noise[k]) / self.denominator).to(t.dtype)
         self.last = {"clip_norm": self.clip, "dp_noise_std": std / self.denominator}
         if self.cfg.adaptive_clipping:
             noisy = float(unclipped) + float(torch.randn((), generator=gen, dtype=torch.float64)) * self.count_std
