@@ -39,7 +39,7 @@ from dpeft.strategies.aggregate import StreamingWeightedMean, restrict
 from dpeft.strategies.base import Aggregator, ClientUpdate, option_key, register_strategy, unwrap
 from dpeft.strategies.fedavg import FedAvg, FedAvgOptions
 from dpeft.strategies.hyperparams import TaskHyperparams
-from dpeft.strategies.lora import factor_components, factor_matrices, lora_pairs, require_lora_method
+from dpeft.strategies.lora import factor_components, factor_matrices, lora_pairs, refuse_secure_aggregation, require_lora_method
 from dpeft.strategies.rank_prune import RankPrune
 
 
@@ -186,11 +186,7 @@ class HetLoRA(FedAvg):
     def validate_run(self, run_cfg: RunConfig) -> None:
         super().validate_run(run_cfg)
         require_lora_method(self.name, run_cfg)
-        if run_cfg.privacy.secure_aggregation:
-            raise ConfigError(
-                "privacy.secure_aggregation",
-                "hetlora weights each client by the norm of its own update, which a secure sum does not reveal; use fedavg, ffa_lora or another weighted-mean strategy",
-            )
+        refuse_secure_aggregation(self.name, run_cfg, "the norm of each client's own update (its weight)")
         if self.client_ranks and max(self.client_ranks) > run_cfg.adapter.r:
             raise ConfigError(
                 option_key("client_ranks"),

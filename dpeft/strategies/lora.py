@@ -153,3 +153,13 @@ def require_lora_method(strategy: str, run_cfg: object) -> None:
     method = run_cfg.adapter.method  # type: ignore[attr-defined]
     if method not in LORA_METHODS:
         raise ConfigError("strategy.name", f"{strategy} aggregates LoRA factor pairs; adapter.method={method!r} has none (use lora or dora)")
+
+
+def refuse_secure_aggregation(strategy: str, run_cfg: object, needs: str) -> None:
+    """Config error when ``privacy.secure_aggregation`` is on: ``strategy`` needs ``needs`` of
+    each client, which a secure sum does not reveal."""
+    if run_cfg.privacy.secure_aggregation:  # type: ignore[attr-defined]
+        raise ConfigError(
+            "privacy.secure_aggregation",
+            f"{strategy} needs {needs}, which a secure sum does not reveal; use fedavg, ffa_lora or another weighted-mean strategy",
+        )

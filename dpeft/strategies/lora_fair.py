@@ -41,7 +41,7 @@ from dpeft.state import AdapterState
 from dpeft.strategies.aggregate import StreamingWeightedMean, apply_delta, restrict
 from dpeft.strategies.base import Aggregator, ClientUpdate, register_strategy, unwrap
 from dpeft.strategies.fedavg import FedAvg, FedAvgOptions
-from dpeft.strategies.lora import factor_matrices, lora_pairs, require_lora_method
+from dpeft.strategies.lora import factor_matrices, lora_pairs, refuse_secure_aggregation, require_lora_method
 from dpeft.strategies.lora_products import ProductMeanAggregator, step_products
 
 
@@ -157,11 +157,7 @@ class LoRAFair(FedAvg):
     def validate_run(self, run_cfg: RunConfig) -> None:
         super().validate_run(run_cfg)
         require_lora_method(self.name, run_cfg)
-        if run_cfg.privacy.secure_aggregation:
-            raise ConfigError(
-                "privacy.secure_aggregation",
-                "lora_fair needs each client's product B_k A_k, which a secure sum does not reveal; use fedavg, ffa_lora or another weighted-mean strategy",
-            )
+        refuse_secure_aggregation(self.name, run_cfg, "each client's product B_k A_k")
 
     def make_aggregator(self, global_state: AdapterState) -> Aggregator:
         if not lora_pairs(global_state.tensors):
