@@ -48,9 +48,14 @@ def _pyplot() -> Any:
 
 
 def _integer_ticks(ax: Any) -> None:
-    from matplotlib.ticker import MaxNLocator
+    """Whole-number round ticks, also when the axis spans fewer than two whole numbers (one round)."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    low, high = ax.get_xlim()
+    if int(high) - int(low) < 2:  # MaxNLocator falls back to fractional ticks here
+        ax.xaxis.set_major_locator(FixedLocator([r for r in range(int(low), int(high) + 1) if low <= r <= high]))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _unit(values: list[float]) -> tuple[float, str]:

@@ -51,6 +51,14 @@ def test_bytes_have_one_panel_per_direction_labelled_for_the_mode() -> None:
     assert "all-reduce" in ring.axes[0].get_title(loc="left")
 
 
+def test_a_single_round_still_gets_whole_number_ticks() -> None:
+    for fig in (bytes_figure(_rows(1)), accuracy_figure(_rows(1))):
+        fig.canvas.draw()
+        ax = fig.axes[-1] if len(fig.axes) == 2 and fig.axes[0].get_title(loc="left") else fig.axes[0]
+        labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+        assert labels and all(s.lstrip("−-").isdigit() for s in labels), labels
+
+
 def test_accuracy_against_wall_time_and_the_files(tmp_path: Path) -> None:
     fig = time_figure(_rows())
     xs, ys = fig.axes[0].lines[0].get_data()
