@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from dpeft.codec.tensors import Limits, StateDecoder
@@ -48,6 +49,18 @@ if TYPE_CHECKING:
     from dpeft_coordinator.engine import RoundEngine
 
 log = logging.getLogger("dpeft.coordinator")
+
+
+def _take(events: dict[int, Any], what: str, add: Callable[[int, Any], None], tally: RoundTally | None) -> None:
+    """``add(client, reply)`` for each reply of one protocol step; a reply the protocol refuses is
+    logged (and, with ``tally``, counted as a rejected update) and the client goes on as a dropout."""
+    for client, ev in events.items():
+        try:
+            add(client, ev)
+        except (SecAggError, ValueError) as exc:
+            log.warning("secure aggregation: %s of client %d refused: %s", what, client, exc)
+            if tally is not None:
+                tally.reject("secagg")
 
 
 class SecureAggregationFailed(DpeftError):
@@ -211,13 +224,12 @@ class SecureRounds:
         t = time.time()
         req = {c: ({"secagg": messages.request(ctx)}, {}) for c in ctx.clients}
         owners = dict(pinned)
-        for c, ev in self._step(transport, messages.KEYS, ctx, req, pinned, quick, empty).items():
-            try:
-                srv.add_keys(c, messages.raw(ev.delta["c_pk"]), messages.raw(ev.delta["s_pk"]))
-                owners[c] = ev.worker_id  # the client's secrets live in that worker: pin its next steps there
-            except (SecAggError, ValueError) as exc:
-                log.warning("secure aggregation: keys of client %d refused: %s", c, exc)
-                tally.reject("secagg")
+
+        def add_keys(c: int, ev: Any, srv: ServerRound = srv) -> None:
+            srv.add_keys(c, messages.raw(ev.delta["c_pk"]), messages.raw(ev.delta["s_pk"]))
+            owners[c] = ev.worker_id  # the client's secrets live in that worker: pin its next steps there
+
+        _take(self._step(transport, messages.KEYS, ctx, req, pinned, quick, empty), "keys", add_keys, tally)
         timing["secagg_keys_s"] = time.time() - t
         # 2. share keys
         t = time.time()
@@ -225,12 +237,8 @@ class SecureRounds:
         req = {
             u: ({"secagg": messages.request(ctx, **messages.share_request(p))}, {"peers": sorted(p)}) for u, p in peers.items()
         }
-        for u, ev in self._step(transport, messages.SHARE, ctx, req, owners, quick, empty).items():
-            try:
-                srv.add_shares(u, messages.read_shares(ev.delta))
-            except (SecAggError, ValueError) as exc:
-                log.warning("secure aggregation: shares of client %d refused: %s", u, exc)
-                tally.reject("secagg")
+        events = self._step(transport, messages.SHARE, ctx, req, owners, quick, empty)
+        _take(events, "shares", lambda u, ev, srv=srv: srv.add_shares(u, messages.read_shares(ev.delta)), tally)
         timing["secagg_share_s"] = time.time() - t
         # 3. train and send masked inputs
         t = time.time()
@@ -252,13 +260,13 @@ class SecureRounds:
                 return True
             return since >= cfg.sync.round_timeout_s or policy.round_closed(arrived, len(masks), since, 0, min_updates)
 
-        for u, ev in self._step(transport, messages.MASK, ctx, req, owners, training_closed, task_blob).items():
-            try:
-                srv.add_masked(u, from_wire(ev.delta["masked"], ctx.bits), messages.raw(ev.delta["tag"]))
-                tally.compute_s += float(ev.metrics.get("compute_s", 0.0))
-            except (SecAggError, ValueError) as exc:
-                log.warning("secure aggregation: masked input of client %d refused: %s", u, exc)
-                tally.reject("secagg")
+        def add_masked(u: int, ev: Any, srv: ServerRound = srv) -> None:
+            srv.add_masked(u, from_wire(ev.delta["masked"], ctx.bits), messages.raw(ev.delta["tag"]))
+            tally.compute_s += float(ev.metrics.get("compute_s", 0.0))
+
+        _take(
+            self._step(transport, messages.MASK, ctx, req, owners, training_closed, task_blob), "masked input", add_masked, tally
+        )
         timing["secagg_mask_s"] = time.time() - t
         # 4. unmask
         t = time.time()
@@ -267,12 +275,11 @@ class SecureRounds:
             u: ({"secagg": messages.request(ctx, **messages.unmask_request(d, s))}, {"dropped": d, "survived": s})
             for u, (d, s) in unmask.items()
         }
-        for u, ev in self._step(transport, messages.UNMASK, ctx, req, owners, quick, empty).items():
-            try:
-                shares = {k: messages.raw(v) for k, v in ev.delta.items() if k != "tag"}
-                srv.add_unmask(u, shares, messages.raw(ev.delta["tag"]))
-            except (SecAggError, ValueError) as exc:
-                log.warning("secure aggregation: unmasking reply of client %d refused: %s", u, exc)
+
+        def add_unmask(u: int, ev: Any, srv: ServerRound = srv) -> None:
+            srv.add_unmask(u, {k: messages.raw(v) for k, v in ev.delta.items() if k != "tag"}, messages.raw(ev.delta["tag"]))
+
+        _take(self._step(transport, messages.UNMASK, ctx, req, owners, quick, empty), "unmasking reply", add_unmask, None)
         if engine.stop_event.is_set():
             return None
         try:

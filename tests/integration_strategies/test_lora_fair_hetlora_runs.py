@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from simulate_runs import simulate_rows
 
 pytestmark = pytest.mark.integration
 
@@ -33,11 +34,7 @@ TINY = [
 
 
 def simulate(run_dir: Path, *overrides: str, timeout: float = 400) -> list[dict]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "dpeft_launch.cli", "simulate", "--fresh", *TINY, f"run_dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return simulate_rows(run_dir, TINY, *overrides, timeout=timeout)
 
 
 def test_hetlora_prunes_ranks_and_learns(tmp_path) -> None:
