@@ -268,23 +268,38 @@ def _config_error(key: str, problem: str) -> Exception:
 #: Cached small blocks stay allocated between the activations a step frees, so the heap cannot
 #: coalesce them: a simulate worker on the default task held 468 MiB instead of 337, at the
 #: same speed (benchmarks/worker_memory.py).
-LEAN_TUNABLES = "glibc.malloc.tcache_count=0"
+#: glibc malloc settings for training commands (each one the user sets in GLIBC_TUNABLES wins):
+#: no per-thread cache of small blocks (resident memory); one arena, so tensors freed by the
+#: coordinator's evaluation thread or gRPC threads are reused instead of living in 64 MiB thread
+#: heaps that glibc unmaps and maps again batch after batch; a fixed mmap threshold at glibc's
+#: 32 MiB ceiling and a trim threshold of 256 MiB, so a step's activations are not handed back to
+#: the kernel and faulted in again at the next step (docs/guides/gpus-and-memory.md).
+LEAN_TUNABLES = ":".join(
+    [
+        "glibc.malloc.tcache_count=0",
+        "glibc.malloc.arena_max=1",
+        "glibc.malloc.mmap_threshold=33554432",
+        "glibc.malloc.trim_threshold=268435456",
+    ]
+)
 _TRAINING_COMMANDS = {"simulate", "coordinator", "worker", "split", "ray"}
 
 
 def lean_malloc_env(env: dict[str, str]) -> dict[str, str] | None:
-    """``env`` with LEAN_TUNABLES added to GLIBC_TUNABLES, or None where nothing is to change:
-    not glibc, or the user already chose glibc.malloc.tcache_count (theirs wins; set it to 7 for
-    glibc's default)."""
+    """``env`` with the LEAN_TUNABLES the user has not set added to GLIBC_TUNABLES, or None where
+    nothing is to change: not glibc, or the user already chose every one of them (theirs win; set
+    ``glibc.malloc.tcache_count=7`` for glibc's default cache, and so on)."""
     try:
         if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
             return None
     except (ValueError, OSError):
         return None
     current = env.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.tcache_count" in current:
+    chosen = {item.partition("=")[0] for item in current.split(":") if item}
+    missing = [item for item in LEAN_TUNABLES.split(":") if item.partition("=")[0] not in chosen]
+    if not missing:
         return None
-    return {**env, "GLIBC_TUNABLES": f"{current}:{LEAN_TUNABLES}" if current else LEAN_TUNABLES}
+    return {**env, "GLIBC_TUNABLES": ":".join([*([current] if current else []), *missing])}
 
 
 def _reexec_lean(argv: list[str]) -> None:
