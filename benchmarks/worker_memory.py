@@ -3,11 +3,12 @@
 ``dpeft simulate rounds=R clients=10`` (the default task: 2 forked worker processes, one torch
 thread each) four times in one invocation:
 
-1. glibc's defaults (``GLIBC_TUNABLES=glibc.malloc.tcache_count=7``, glibc's own value);
-2. only a fixed 2 MiB mmap threshold in the workers (``train.worker_mmap_threshold_kib=2048``);
-3. dpeft's defaults: glibc's tcache off (the CLI starts itself with it), no threshold;
-4. both;
-5. a 1 MiB threshold with the tcache off (the leaner, slower end).
+1. glibc's defaults (``DPEFT_LEAN_MALLOC=0``: the command leaves glibc alone);
+2. only glibc's tcache off (``glibc.malloc.tcache_count=0``, dpeft's earlier setting);
+3. dpeft's defaults: tcache off, one arena, fixed mmap and trim thresholds (the CLI starts
+   itself with them, ``dpeft_launch.cli.LEAN_TUNABLES``);
+4. dpeft's defaults and a fixed 1 MiB mmap threshold in the workers
+   (``train.worker_mmap_threshold_kib=1024``: the leaner, slower end).
 
 Reports the peak PSS of the process tree, the largest worker USS and the mean round time
 (rounds 1..R), each as a ratio to the first row.
@@ -31,13 +32,12 @@ from procmem import run_measured  # noqa: E402
 from results import machine_note, write_section  # noqa: E402
 
 MiB = 1 << 20
-GLIBC_DEFAULT = "glibc.malloc.tcache_count=7"
+GLIBC_DEFAULT = {"DPEFT_LEAN_MALLOC": "0"}
 SETTINGS = [
     ("glibc defaults", GLIBC_DEFAULT, "null"),
-    ("`train.worker_mmap_threshold_kib: 2048` only", GLIBC_DEFAULT, "2048"),
-    ("dpeft defaults: tcache off (`train.worker_mmap_threshold_kib: null`)", None, "null"),
-    ("`train.worker_mmap_threshold_kib: 2048` + tcache off", None, "2048"),
-    ("`train.worker_mmap_threshold_kib: 1024` + tcache off", None, "1024"),
+    ("tcache off only", {**GLIBC_DEFAULT, "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}, "null"),
+    ("**dpeft defaults**: tcache off, one arena, fixed mmap/trim thresholds", {}, "null"),
+    ("dpeft defaults + `train.worker_mmap_threshold_kib: 1024`", {}, "1024"),
 ]
 
 
@@ -53,8 +53,8 @@ def main() -> None:
         for i, (label, tunables, threshold) in enumerate(SETTINGS):
             env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
             env.pop("GLIBC_TUNABLES", None)
-            if tunables:
-                env["GLIBC_TUNABLES"] = tunables
+            env.pop("DPEFT_LEAN_MALLOC", None)
+            env.update(tunables)
             run_dir = os.path.join(tmp, f"run{i}")
             cmd = [sys.executable, "-m", "dpeft_launch.cli", "simulate", "--fresh", f"run_dir={run_dir}", f"rounds={args.rounds}", "clients=10",
                    f"train.worker_mmap_threshold_kib={threshold}", *args.overrides]
@@ -89,8 +89,10 @@ def main() -> None:
             "",
             "glibc keeps small freed blocks in a per-thread cache (tcache) that the heap cannot coalesce around, and its "
             "mmap threshold grows to the largest block freed, so every activation ends up in the heap: a worker's heap "
-            "settles near twice its live activations. The tcache is a start-up tunable, so dpeft's training commands start "
-            "themselves again once with it off. A fixed mmap threshold (`train.worker_mmap_threshold_kib`, off by default) "
+            "settles near twice its live activations. Threads other than the main one (the coordinator's evaluation, gRPC) "
+            "allocate from heaps of at most 64 MiB that glibc unmaps and maps again as batches come and go, paid in page "
+            "faults. These are start-up tunables, so dpeft's training commands start themselves again once with the tcache "
+            "off, one arena and fixed mmap (32 MiB) and trim (256 MiB) thresholds. A fixed lower mmap threshold (`train.worker_mmap_threshold_kib`, off by default) "
             "hands large blocks back at once, paid for in page faults when they are allocated again (documentation: \"GPUs, precision and memory\", worker memory).",
         ]
     )

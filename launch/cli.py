@@ -287,8 +287,11 @@ _TRAINING_COMMANDS = {"simulate", "coordinator", "worker", "split", "ray"}
 
 def lean_malloc_env(env: dict[str, str]) -> dict[str, str] | None:
     """``env`` with the LEAN_TUNABLES the user has not set added to GLIBC_TUNABLES, or None where
-    nothing is to change: not glibc, or the user already chose every one of them (theirs win; set
+    nothing is to change: not glibc, ``DPEFT_LEAN_MALLOC=0`` in the environment (glibc's own
+    defaults), or the user already chose every one of them (theirs win; set
     ``glibc.malloc.tcache_count=7`` for glibc's default cache, and so on)."""
+    if env.get("DPEFT_LEAN_MALLOC", "") == "0":
+        return None
     try:
         if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
             return None

@@ -95,3 +95,4 @@ def test_training_commands_start_without_tcache() -> None:
     assert _tunables_after_start({**base, "GLIBC_TUNABLES": mine}) == {mine} | others("glibc.malloc.tcache_count")
     other = "glibc.malloc.arena_max=2"
     assert _tunables_after_start({**base, "GLIBC_TUNABLES": other}) == {other} | others("glibc.malloc.arena_max")
+    assert _tunables_after_start({**base, "DPEFT_LEAN_MALLOC": "0", "GLIBC_TUNABLES": other}) == {other}
