@@ -211,7 +211,7 @@ class WorkerRuntime(TaskTrainer):
             self.personal.save(
                 task.client_id, AdapterState(OrderedDict((k, v) for k, v in local.items() if has_component(k, personal)))
             )
-        local, pruned = prune_update(hp, local)  # hetlora's rank self-pruning (no-op otherwise)
+        local, pruned = prune_update(hp, local, start)  # hetlora's rank self-pruning (no-op otherwise)
         extra = {**extra, **pruned}
         delta = AdapterState(
             OrderedDict((k, local[k] if is_full_factor(k, hp) else local[k] - start[k]) for k in sent_names(local.tensors, hp)),
