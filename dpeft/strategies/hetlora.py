@@ -73,7 +73,7 @@ class HetLoRAOptions(FedAvgOptions):
     )
     prune_threshold: float = option(
         0.05,
-        "prune the tail when the norm of B_tail A_tail over the norm of B A falls below this after local training (0 = never prune)",
+        "prune_rule share: prune the tail when the norm of B_tail A_tail over the norm of B A falls below this after local training (0 = never prune)",
         low=0.0,
         high=1.0,
     )

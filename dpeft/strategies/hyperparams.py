@@ -14,7 +14,8 @@ it is a dict holding only the fields that are set (:meth:`~TaskHyperparams.to_di
   after training, and leaves it out of the update.
 - ``full_factors`` (list of path components): the update carries the local value of those
   parameters, not local minus start (flexlora's factors of the client's own rank).
-- ``rank_prune`` (list ``[lam, keep, threshold, min_rank]``): hetlora's rank self-pruning; the
+- ``rank_prune`` (list ``[lam, keep, threshold, min_rank]``, plus a rule code for the
+  ``decrease`` rule): hetlora's rank self-pruning; the
   client adds a penalty on its tail ranks to the loss and zeroes them in the update once they
   fade, reporting the rank it keeps as the metric ``hetlora_rank``
   (:mod:`dpeft.strategies.rank_prune`).

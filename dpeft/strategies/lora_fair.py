@@ -60,7 +60,7 @@ class LoRAFairOptions(FedAvgOptions):
     )
     similarity: str = option(
         "cosine",
-        "S(dW, (B+dB)A) minimised: cosine (1 - cosine similarity, the paper's; Adam steps) or frobenius (squared error, closed-form ridge)",
+        "S(dW, (B+dB)A) minimised: cosine (1 - cosine similarity, the paper's; iterative, see solver) or frobenius (squared error, closed-form ridge)",
         choices=("cosine", "frobenius"),
     )
     solver: str = option(
