@@ -61,7 +61,9 @@ class TaskHyperparams:
     @classmethod
     def from_dict(cls, hp: Mapping[str, Any]) -> TaskHyperparams:
         """Read the wire form (keys this version does not know are ignored)."""
-        lists: dict[str, Any] = {k: tuple(str(v) for v in hp[k]) for k in ("freeze", "personal", "full_factors") if hp.get(k) is not None}
+        lists: dict[str, Any] = {
+            k: tuple(str(v) for v in hp[k]) for k in ("freeze", "personal", "full_factors") if hp.get(k) is not None
+        }
         numbers: dict[str, Any] = {}
         if hp.get("rank_prune") is not None:
             numbers["rank_prune"] = tuple(float(v) for v in hp["rank_prune"])
