@@ -8,16 +8,19 @@ sparsity weights of the paper::
 
     s_k = ||B_k A_k||_F          A = sum_k s_k pad(A_k) / sum_k s_k      (likewise B)
 
-so clients whose update carries more energy count more (``weighting: examples`` uses the
-example counts instead: the plain zero-padding average). Plain tensors are FedAvg'd by
-examples. With ``server_lr`` = η the new factors are ``F + η (F_avg - F)``.
+so clients whose update carries more energy count more. ``weighting`` says where ``s_k`` is
+measured: ``norm`` per module (each module its own weights), ``client_norm`` once per client
+over its whole adapter (``s_k = sqrt(sum_modules ||B_k A_k||_F^2)``, one weight for all its
+modules), ``examples`` the example counts instead (the plain zero-padding average). Plain
+tensors are FedAvg'd by examples. With ``server_lr`` = η the new factors are ``F + η (F_avg - F)``.
 
 Rank self-pruning (:mod:`dpeft.strategies.rank_prune`): every task carries
-``rank_prune = [prune_lambda, prune_keep, prune_threshold, min_rank]``; the client penalises
-its tail ranks (``r_k - floor(prune_keep r_k)`` of them) with
-``prune_lambda * sum ||B_tail A_tail||_F`` and, when the tail's share of its adapter norm is
-below ``prune_threshold`` after training, zeroes the tail and reports the rank it keeps
-(metric ``hetlora_rank``). The server remembers each client's reduced rank (checkpointed
+``rank_prune = [prune_lambda, prune_keep, prune_threshold, min_rank(, rule)]``; the client
+penalises its tail ranks (``r_k - floor(prune_keep r_k)`` of them) with
+``prune_lambda * sum ||B_tail A_tail||_F`` and, when the tail has faded after training
+(``prune_rule``: ``share``, its share of the adapter norm is below ``prune_threshold``;
+``decrease``, its norm is smaller than in the factors the client received), zeroes the tail
+and reports the rank it keeps (metric ``hetlora_rank``). The server remembers each client's reduced rank (checkpointed
 with the strategy state) and sends it factors of that rank from then on; ranks never grow
 back. ``last_metrics``: ``hetlora_rank_mean`` (over the round's clients, after pruning) and
 ``hetlora_pruned`` (clients that pruned this round).
@@ -52,8 +55,8 @@ class HetLoRAOptions(FedAvgOptions):
     )
     weighting: str = option(
         "norm",
-        "aggregation weights: norm (sparsity-weighted by the Frobenius norm of B_k A_k, the paper's) or examples (plain zero-padding average)",
-        choices=("norm", "examples"),
+        "aggregation weights: norm (sparsity weights, the Frobenius norm of B_k A_k, per module), client_norm (that norm over the client's whole adapter, one weight per client) or examples (plain zero-padding average)",
+        choices=("norm", "client_norm", "examples"),
     )
     prune_lambda: float = option(
         0.01,
@@ -70,11 +73,16 @@ class HetLoRAOptions(FedAvgOptions):
     )
     prune_threshold: float = option(
         0.05,
-        "prune the tail when the norm of B_tail A_tail over the norm of B A falls below this after local training (0 = never prune)",
+        "prune_rule share: prune the tail when the norm of B_tail A_tail over the norm of B A falls below this after local training (0 = never prune)",
         low=0.0,
         high=1.0,
     )
     min_rank: int = option(1, "self-pruning never takes a client below this rank", low=1)
+    prune_rule: str = option(
+        "share",
+        "when a client prunes its tail: share (the tail's share of the adapter norm is below prune_threshold) or decrease (the tail's norm fell during local training, the paper's comparison; prune_threshold unused)",
+        choices=("share", "decrease"),
+    )
 
 
 class PaddedMeanAggregator(Aggregator):
@@ -116,11 +124,12 @@ class PaddedMeanAggregator(Aggregator):
         if update.num_examples <= 0:
             return
         factors = {m: self._factors(update, a, b) for m, (a, b) in self.pairs.items()}  # all checked before folding
+        weights = self._weights(update, factors)
         rank = 0
         for module, (a, b) in factors.items():
             r = a.shape[0]
             rank = max(rank, r)
-            w = float(update.num_examples) if self.weighting == "examples" else float(torch.linalg.matrix_norm(b @ a))
+            w = weights[module]
             self._a[module][:r] += w * a
             self._b[module][:, :r] += w * b
             self._uniform_a[module][:r] += a
@@ -130,6 +139,15 @@ class PaddedMeanAggregator(Aggregator):
         self._count += 1
         reported = update.metrics.get("hetlora_rank")
         self.reported[update.client_id] = min(rank, int(reported)) if reported else rank
+
+    def _weights(self, update: ClientUpdate, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """Module -> this client's aggregation weight (see ``weighting``)."""
+        if self.weighting == "examples":
+            return dict.fromkeys(factors, float(update.num_examples))
+        norms = {m: float(torch.linalg.matrix_norm(b @ a)) for m, (a, b) in factors.items()}
+        if self.weighting == "client_norm":
+            return dict.fromkeys(factors, sum(n * n for n in norms.values()) ** 0.5)
+        return norms
 
     @property
     def count(self) -> int:
@@ -181,7 +199,9 @@ class HetLoRA(FedAvg):
             )
         self.client_ranks = self.opts.client_ranks
         self.ranks: dict[int, int] = {}  # client id -> rank after self-pruning (only clients that reported)
-        self.prune = RankPrune(self.opts.prune_lambda, self.opts.prune_keep, self.opts.prune_threshold, self.opts.min_rank)
+        self.prune = RankPrune(
+            self.opts.prune_lambda, self.opts.prune_keep, self.opts.prune_threshold, self.opts.min_rank, self.opts.prune_rule
+        )
 
     def validate_run(self, run_cfg: RunConfig) -> None:
         super().validate_run(run_cfg)
@@ -225,7 +245,8 @@ class HetLoRA(FedAvg):
     def configure_train(self, round_num: int, global_state: AdapterState) -> dict[str, Any]:
         self._pairs(global_state)
         a_parts, b_parts = factor_components(global_state.tensors)
-        prune = self.prune.to_wire() if self.prune.lam > 0 or self.prune.threshold > 0 else None
+        p = self.prune
+        prune = p.to_wire() if p.lam > 0 or p.threshold > 0 or p.rule == "decrease" else None
         return TaskHyperparams(full_factors=tuple(a_parts + b_parts), rank_prune=prune).to_dict()
 
     def make_aggregator(self, global_state: AdapterState) -> Aggregator:

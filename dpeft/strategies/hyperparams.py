@@ -14,7 +14,8 @@ it is a dict holding only the fields that are set (:meth:`~TaskHyperparams.to_di
   after training, and leaves it out of the update.
 - ``full_factors`` (list of path components): the update carries the local value of those
   parameters, not local minus start (flexlora's factors of the client's own rank).
-- ``rank_prune`` (list ``[lam, keep, threshold, min_rank]``): hetlora's rank self-pruning; the
+- ``rank_prune`` (list ``[lam, keep, threshold, min_rank]``, plus a rule code for the
+  ``decrease`` rule): hetlora's rank self-pruning; the
   client adds a penalty on its tail ranks to the loss and zeroes them in the update once they
   fade, reporting the rank it keeps as the metric ``hetlora_rank``
   (:mod:`dpeft.strategies.rank_prune`).
@@ -60,7 +61,9 @@ class TaskHyperparams:
     @classmethod
     def from_dict(cls, hp: Mapping[str, Any]) -> TaskHyperparams:
         """Read the wire form (keys this version does not know are ignored)."""
-        lists: dict[str, Any] = {k: tuple(str(v) for v in hp[k]) for k in ("freeze", "personal", "full_factors") if hp.get(k) is not None}
+        lists: dict[str, Any] = {
+            k: tuple(str(v) for v in hp[k]) for k in ("freeze", "personal", "full_factors") if hp.get(k) is not None
+        }
         numbers: dict[str, Any] = {}
         if hp.get("rank_prune") is not None:
             numbers["rank_prune"] = tuple(float(v) for v in hp["rank_prune"])

@@ -4,7 +4,7 @@ Clients train the global factors and send deltas, as for FedAvg; client ``k``'s 
 ``A_k = A + dA_k``, ``B_k = B + dB_k``, with normalised example weights ``p_k``. The server
 forms the averages ``A_bar = sum_k p_k A_k`` and ``B_bar = sum_k p_k B_k`` and the ideal
 update ``dW = sum_k p_k B_k A_k`` (folded as updates arrive: one ``(out, in)`` float64 matrix
-per module), then looks for a residual ``dB`` with::
+per module), then looks for a residual ``dB`` with (the paper's Eq. 8)::
 
     dB* = argmin_dB  S(dW, (B_bar + dB) A_bar) + lam * ||dB||_F
 
@@ -14,8 +14,12 @@ the refined factors themselves (the paper's "Avg-Initial"), so no extra tensor i
 ``similarity`` picks ``S``:
 
 - ``cosine`` (the paper's): ``S = 1 - cos(dW, (B_bar + dB) A_bar)`` over the flattened
-  matrices, minimised by ``steps`` Adam steps from ``dB = 0`` (step size ``step_lr`` times the
-  RMS of ``B_bar``, so it does not depend on the factors' scale).
+  matrices, minimised from ``dB = 0`` by ``steps`` steps of ``solver``:
+
+  - ``sgd`` (the paper's form): plain gradient descent, ``dB <- dB - step_lr * grad``, the last
+    iterate is the result;
+  - ``adam`` (default): Adam with step size ``step_lr`` times the RMS of ``B_bar`` (so it does
+    not depend on the factors' scale), keeping the best iterate (never worse than ``dB = 0``).
 - ``frobenius``: ``S = ||dW - (B_bar + dB) A_bar||_F^2`` with ``lam * ||dB||_F^2``, a ridge
   least-squares problem solved in closed form,
   ``dB = (dW - B_bar A_bar) A_bar^T (A_bar A_bar^T + lam I)^-1``.
@@ -56,12 +60,20 @@ class LoRAFairOptions(FedAvgOptions):
     )
     similarity: str = option(
         "cosine",
-        "S(dW, (B+dB)A) minimised: cosine (1 - cosine similarity, the paper's; Adam steps) or frobenius (squared error, closed-form ridge)",
+        "S(dW, (B+dB)A) minimised: cosine (1 - cosine similarity, the paper's; iterative, see solver) or frobenius (squared error, closed-form ridge)",
         choices=("cosine", "frobenius"),
     )
-    steps: int = option(100, "Adam steps of the cosine correction per module and round", low=1)
+    solver: str = option(
+        "adam",
+        "optimiser of the cosine correction: adam (step size relative to the RMS of the averaged B, best iterate kept) or sgd (plain gradient descent at step_lr, the paper's form)",
+        choices=("adam", "sgd"),
+    )
+    steps: int = option(100, "optimiser steps of the cosine correction per module and round", low=1)
     step_lr: float = option(
-        0.01, "Adam step size of the cosine correction, relative to the RMS of the averaged B", low=0.0, low_open=True
+        0.01,
+        "step size of the cosine correction: relative to the RMS of the averaged B for adam, absolute for sgd",
+        low=0.0,
+        low_open=True,
     )
 
 
@@ -83,15 +95,52 @@ def cosine_objective(
     return 1.0 - cos + lam * db.pow(2).sum().add(1e-300).sqrt()
 
 
+def cosine_gradient(
+    cross: torch.Tensor, gram: torch.Tensor, target_norm: float, x: torch.Tensor, db: torch.Tensor, lam: float
+) -> tuple[float, torch.Tensor | None]:
+    """(value, gradient in ``dB``) of :func:`cosine_objective` at ``X = B + dB``, from ``C = T A^T`` and ``G = A A^T``.
+
+    ``<T, X A> = sum(X * C)``, ``||X A||^2 = sum((X^T X) * G)``; the gradient of ``1 - cos`` is
+    ``-(C / (|T| n) - <X, C> X G / (|T| n^3))`` with ``n = ||X A||``, the penalty adds
+    ``lam dB / ||dB||`` (0 at ``dB = 0``). The gradient is None where ``X A = 0``.
+    """
+    xg = x @ gram
+    n = math.sqrt(max(float((x * xg).sum()), 0.0))
+    inner = float((x * cross).sum())
+    db_norm = float(db.norm())
+    value = 1.0 - inner / max(n * target_norm, 1e-300) + lam * db_norm
+    if n == 0.0:
+        return value, None
+    grad = -(cross / (target_norm * n) - (inner / (target_norm * n**3)) * xg)
+    if db_norm > 0:
+        grad = grad + (lam / db_norm) * db
+    return value, grad
+
+
+def sgd_cosine_correction(
+    target: torch.Tensor, b_bar: torch.Tensor, a_bar: torch.Tensor, lam: float, steps: int, lr: float
+) -> torch.Tensor:
+    """``dB`` after ``steps`` plain gradient-descent steps on :func:`cosine_objective` from 0 (the last iterate)."""
+    db = torch.zeros_like(b_bar)
+    target_norm = float(target.norm())
+    if target_norm == 0.0 or float(a_bar.norm()) == 0.0:
+        return db
+    cross, gram = target @ a_bar.T, a_bar @ a_bar.T
+    for _ in range(steps):
+        _, grad = cosine_gradient(cross, gram, target_norm, b_bar + db, db, lam)
+        if grad is None:
+            break
+        db = db - lr * grad
+    return db
+
+
 def cosine_correction(
     target: torch.Tensor, b_bar: torch.Tensor, a_bar: torch.Tensor, lam: float, steps: int, step_lr: float
 ) -> torch.Tensor:
     """``dB`` minimising :func:`cosine_objective` by ``steps`` Adam steps from 0 (the best iterate is kept).
 
-    Works on ``(out, r)`` matrices only: with ``C = T A^T``, ``G = A A^T`` and ``X = B + dB``,
-    ``<T, X A> = sum(X * C)``, ``||X A||^2 = sum((X^T X) * G)`` and the gradient of ``1 - cos`` is
-    ``-(C / (|T| n) - <X, C> X G / (|T| n^3))`` with ``n = ||X A||``; the penalty adds
-    ``lam dB / ||dB||``. Adam (betas 0.9/0.999) is written out, so no autograd graph is built.
+    Works on ``(out, r)`` and ``(r, r)`` matrices only (:func:`cosine_gradient`); Adam (betas
+    0.9/0.999) is written out, so no autograd graph is built.
     """
     zero = torch.zeros_like(b_bar)
     target_norm = float(target.norm())
@@ -103,19 +152,11 @@ def cosine_correction(
     db, m, v = zero.clone(), zero.clone(), zero.clone()
     best, best_value = zero, float("inf")
     for step in range(1, steps + 2):
-        x = b_bar + db
-        xg = x @ gram
-        n = math.sqrt(max(float((x * xg).sum()), 0.0))
-        inner = float((x * cross).sum())
-        db_norm = float(db.norm())
-        value = 1.0 - inner / max(n * target_norm, 1e-300) + lam * db_norm
+        value, grad = cosine_gradient(cross, gram, target_norm, b_bar + db, db, lam)
         if value < best_value:
             best, best_value = db.clone(), value
-        if step > steps or n == 0.0:
+        if step > steps or grad is None:
             break
-        grad = -(cross / (target_norm * n) - (inner / (target_norm * n**3)) * xg)
-        if db_norm > 0:
-            grad = grad + (lam / db_norm) * db
         m.mul_(beta1).add_(grad, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         m_hat, v_hat = m / (1 - beta1**step), v / (1 - beta2**step)
@@ -168,6 +209,8 @@ class LoRAFair(FedAvg):
         """The residual ``dB`` for one module (float64 matrices)."""
         if self.opts.similarity == "frobenius":
             return ridge_correction(target, b_bar, a_bar, self.opts.lam)
+        if self.opts.solver == "sgd":
+            return sgd_cosine_correction(target, b_bar, a_bar, self.opts.lam, self.opts.steps, self.opts.step_lr)
         return cosine_correction(target, b_bar, a_bar, self.opts.lam, self.opts.steps, self.opts.step_lr)
 
     def finish_round(self, global_state: AdapterState, aggregator: Aggregator) -> AdapterState:

@@ -1,16 +1,22 @@
 """HetLoRA's client side: rank self-pruning (regularise the tail ranks, drop them once they fade).
 
-A task whose hyperparameters carry ``rank_prune = [lam, keep, threshold, min_rank]`` (see
-:class:`~dpeft.strategies.hyperparams.TaskHyperparams`) trains with the extra loss term::
+A task whose hyperparameters carry ``rank_prune = [lam, keep, threshold, min_rank(, rule)]``
+(see :class:`~dpeft.strategies.hyperparams.TaskHyperparams`) trains with the extra loss term::
 
     lam * sum_modules || B[:, t:r] @ A[t:r, :] ||_F        t = max(min_rank, floor(keep * r))
 
 on the client's rank-``r`` factors: the last ``r - t`` ranks (the tail) are pushed towards zero.
-After training the client compares the tail's share of its adapter,
-``sqrt(sum ||B_tail A_tail||^2) / sqrt(sum ||B A||^2)`` over all modules, with ``threshold``:
-below it, the tail is pruned: its rows of ``A`` and columns of ``B`` are set to zero in the
-update, and the metric ``hetlora_rank`` reports the reduced rank ``t`` (otherwise ``r``). The
-server then sends that client factors of rank ``t`` from the next round on.
+After training the client decides whether the tail has faded, by ``rule``:
+
+- ``share`` (0, the default; no fifth element on the wire): the tail's share of its adapter,
+  ``sqrt(sum ||B_tail A_tail||^2) / sqrt(sum ||B A||^2)`` over all modules, is below ``threshold``;
+- ``decrease`` (1): the tail term ``sum ||B_tail A_tail||_F`` of the trained factors is smaller
+  than that of the factors the client received (the paper's comparison, read as before/after
+  local training; ``threshold`` is not used).
+
+A faded tail is pruned: its rows of ``A`` and columns of ``B`` are set to zero in the update,
+and the metric ``hetlora_rank`` reports the reduced rank ``t`` (otherwise ``r``). The server
+then sends that client factors of rank ``t`` from the next round on.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import torch
 from dpeft.state import AdapterState
 from dpeft.strategies.lora import lora_pairs
 
+RULES = ("share", "decrease")  # the wire codes of RankPrune.rule
+
 
 @dataclass(frozen=True)
 class RankPrune:
@@ -35,17 +43,19 @@ class RankPrune:
     keep: float
     threshold: float
     min_rank: int
+    rule: str = "share"  # or "decrease" (see the module docstring)
 
-    def to_wire(self) -> tuple[float, float, float, float]:
-        return (self.lam, self.keep, self.threshold, float(self.min_rank))
+    def to_wire(self) -> tuple[float, ...]:
+        head = (self.lam, self.keep, self.threshold, float(self.min_rank))
+        return head if self.rule == "share" else (*head, float(RULES.index(self.rule)))
 
     @classmethod
     def from_hyperparams(cls, hp: Mapping[str, Any]) -> RankPrune | None:
         raw = hp.get("rank_prune")
         if raw is None:
             return None
-        lam, keep, threshold, min_rank = (float(v) for v in raw)
-        return cls(lam, keep, threshold, int(min_rank))
+        lam, keep, threshold, min_rank, *rest = (float(v) for v in raw)
+        return cls(lam, keep, threshold, int(min_rank), RULES[int(rest[0])] if rest else "share")
 
     def tail_start(self, rank: int) -> int:
         """First tail rank index of a rank-``rank`` module (== ``rank``: no tail, nothing to prune)."""
@@ -101,15 +111,39 @@ def tail_share(state: AdapterState, spec: RankPrune) -> float:
     return math.sqrt(tail / full) if full > 0 else 0.0
 
 
-def prune(state: AdapterState, spec: RankPrune) -> tuple[AdapterState, int, float]:
+def tail_term(state: AdapterState, spec: RankPrune) -> float:
+    """``sum_modules ||B_tail A_tail||_F`` of ``state`` (the penalty without ``lam``; float64)."""
+    total = 0.0
+    for a_name, b_name in lora_pairs(state.tensors).values():
+        a, b = state[a_name].double(), state[b_name].double()
+        start = spec.tail_start(a.shape[0])
+        if start < a.shape[0]:
+            total += math.sqrt(max(float(_tail_sq(a, b, start)), 0.0))
+    return total
+
+
+def faded(state: AdapterState, spec: RankPrune, received: AdapterState | None) -> tuple[bool, float]:
+    """(whether the tail of ``state`` has faded by ``spec.rule``, the tail's share).
+
+    The ``decrease`` rule compares with ``received`` (the factors training started from); without
+    them it never prunes."""
+    share = tail_share(state, spec)
+    if spec.rule == "decrease":
+        if received is None:
+            return False, share
+        return tail_term(state, spec) < tail_term(received, spec), share
+    return share < spec.threshold, share
+
+
+def prune(state: AdapterState, spec: RankPrune, received: AdapterState | None = None) -> tuple[AdapterState, int, float]:
     """(state with the tail zeroed when it has faded, the rank the client keeps, the tail's share)."""
     pairs = lora_pairs(state.tensors)
     if not pairs:
         return state, 0, 0.0
     rank = max(int(state[a].shape[0]) for a, _ in pairs.values())
     start = spec.tail_start(rank)
-    share = tail_share(state, spec)
-    if start >= rank or share >= spec.threshold:
+    gone, share = faded(state, spec, received)
+    if start >= rank or not gone:
         return state, rank, share
     out: OrderedDict[str, torch.Tensor] = OrderedDict(state.tensors)
     for a_name, b_name in pairs.values():
@@ -128,10 +162,13 @@ def task_penalty(
     return None if spec is None else tail_penalty(spec, params)
 
 
-def prune_update(hp: Mapping[str, Any], local: AdapterState) -> tuple[AdapterState, dict[str, float]]:
-    """``local`` after self-pruning when the task asks for it, and the metrics the client reports."""
+def prune_update(
+    hp: Mapping[str, Any], local: AdapterState, received: AdapterState | None = None
+) -> tuple[AdapterState, dict[str, float]]:
+    """``local`` after self-pruning when the task asks for it, and the metrics the client reports
+    (``received``: the factors training started from, which the ``decrease`` rule compares with)."""
     spec = RankPrune.from_hyperparams(hp)
     if spec is None:
         return local, {}
-    state, kept, share = prune(local, spec)
+    state, kept, share = prune(local, spec, received)
     return state, {"hetlora_rank": float(kept), "hetlora_tail_share": share}

@@ -52,7 +52,6 @@ import itertools
 import logging
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -62,54 +61,13 @@ from dpeft.config.schema import TransportConfig
 from dpeft.errors import DpeftError, ProtocolError, RejectedUpdate
 from dpeft.transport.base import CoordinatorTransport, DecoderFactory, Event, Rejection, TaskResult, TrainTask
 from dpeft.transport.queue import Assignment, TaskQueue
-from dpeft.transport.ray_pool import PoolMember, RayActorPool, RayActorSpec, short_error
+from dpeft.transport.ray_calls import ActorCall, ActorSlot, NoHeterogeneity, compute_s
+from dpeft.transport.ray_pool import RayActorPool, RayActorSpec, short_error
 from dpeft.transport.registry import WorkerRecord, WorkerRegistry
 
 log = logging.getLogger("dpeft.transport.ray")
 
 __all__ = ["RayActorSpec", "RayCoordinatorTransport"]
-
-
-class NoHeterogeneity:
-    """Real clients: no task is dropped and no reply is held back (simulate applies its own, see
-    ``dpeft_workers.simulate.Heterogeneity``, which the launcher hands in instead)."""
-
-    def drops(self, task: TrainTask) -> bool:
-        return False
-
-    def delay_s(self, client_id: int, compute_s: float) -> float:
-        return 0.0
-
-
-@dataclass
-class _Actor:
-    """A pool member as the transport schedules it (its registry record holds the counters)."""
-
-    member: PoolMember
-    record: WorkerRecord
-    busy: bool = False
-    probing: bool = False
-    blobs_seen: set[str] = field(default_factory=set)
-
-    @property
-    def worker_id(self) -> str:
-        return self.member.worker_id
-
-    @property
-    def handle(self) -> Any:
-        return self.member.handle
-
-
-@dataclass
-class _Call:
-    """An actor call in flight: a task (several with lockstep), or a readiness probe (no tasks)."""
-
-    actor: _Actor
-    assignments: list[Assignment] = field(default_factory=list)
-
-    @property
-    def tasks(self) -> list[TrainTask]:
-        return [a.task for a in self.assignments]
 
 
 class RayCoordinatorTransport(CoordinatorTransport):
@@ -150,13 +108,13 @@ class RayCoordinatorTransport(CoordinatorTransport):
         self.pool = RayActorPool(self.spec, actor_cls)
         self.registry = WorkerRegistry()
         self.queue = TaskQueue()
-        self._actors: OrderedDict[str, _Actor] = OrderedDict()
+        self._actors: OrderedDict[str, ActorSlot] = OrderedDict()
         self._blobs: OrderedDict[str, Any] = OrderedDict()
         self._blob_sizes: dict[str, int] = {}
         # simulated slow clients: (release time, seq, task, actor, actor's result, delay)
-        self._delayed: list[tuple[float, int, TrainTask, _Actor, Any, float]] = []
+        self._delayed: list[tuple[float, int, TrainTask, ActorSlot, Any, float]] = []
         self._seq = itertools.count()
-        self._calls: dict[Any, _Call] = {}
+        self._calls: dict[Any, ActorCall] = {}
         self._events: deque[Event] = deque()
         self._bytes_up = 0
         self._bytes_down = 0
@@ -167,12 +125,19 @@ class RayCoordinatorTransport(CoordinatorTransport):
             raise DpeftError("the Ray transport needs at least one actor")
         slots = itertools.count()
         members = self.pool.start(
-            lambda worker_id, threads: (self.config_tree, worker_id, threads, *([(self.cores, next(slots))] if self.cores else []))
+            lambda worker_id, threads: (
+                self.config_tree,
+                worker_id,
+                threads,
+                *([(self.cores, next(slots))] if self.cores else []),
+            )
         )
         now = time.time()
         for m in members:
-            record = self.registry.add(WorkerRecord(m.worker_id, joined=now, last_seen=now, alive=True, task_kinds=list(self.task_kinds)))
-            self._actors[m.worker_id] = _Actor(m, record)
+            record = self.registry.add(
+                WorkerRecord(m.worker_id, joined=now, last_seen=now, alive=True, task_kinds=list(self.task_kinds))
+            )
+            self._actors[m.worker_id] = ActorSlot(m, record)
         self.pool.wait_ready()
         ctx = self.ray.get_runtime_context()
         return f"ray:{ctx.gcs_address}"
@@ -227,13 +192,15 @@ class RayCoordinatorTransport(CoordinatorTransport):
                 return
             payloads: list[Any] = []
 
-            def accept(task: TrainTask, attempt: int, a: _Actor = a, payloads: list[Any] = payloads) -> bool:
+            def accept(task: TrainTask, attempt: int, a: ActorSlot = a, payloads: list[Any] = payloads) -> bool:
                 if attempt == 1 and self.sim.drops(task):  # drawn per (seed, round, client, attempt, dispatch), as in simulate
                     log.info("simulated dropout: task %s gets no reply", task.task_id)
                     return False
                 blob = self._blobs.get(task.blob_id)
                 if blob is None:
-                    self._events.append(Rejection(task.task_id, a.worker_id, "unknown_blob", f"payload {task.blob_id} was dropped"))
+                    self._events.append(
+                        Rejection(task.task_id, a.worker_id, "unknown_blob", f"payload {task.blob_id} was dropped")
+                    )
                     return False
                 payloads.append(blob)
                 if task.blob_id not in a.blobs_seen:  # counted once per actor and payload (the store ships it once per node)
@@ -242,7 +209,9 @@ class RayCoordinatorTransport(CoordinatorTransport):
                     self._bytes_down += self._blob_sizes.get(task.blob_id, 0)
                 return True
 
-            taken = self.queue.take(a.worker_id, max_tasks=self.lockstep_clients, idle_hosts=len(idle) - n, accept=accept, kinds=self.task_kinds)
+            taken = self.queue.take(
+                a.worker_id, max_tasks=self.lockstep_clients, idle_hosts=len(idle) - n, accept=accept, kinds=self.task_kinds
+            )
             if not taken:
                 continue
             a.busy = True
@@ -250,7 +219,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
                 ref = a.handle.train.remote(taken[0].task, payloads[0])
             else:  # payload refs as top-level arguments, so Ray resolves each (zero-copy) before the call
                 ref = a.handle.train_many.remote([x.task for x in taken], *payloads)
-            self._calls[ref] = _Call(a, taken)
+            self._calls[ref] = ActorCall(a, taken)
 
     def next_event(self, timeout: float) -> Event | None:
         deadline = time.time() + timeout
@@ -283,7 +252,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
             _, _, task, a, value, delay = heapq.heappop(self._delayed)
             self._events.append(self._decode(task, a, value, {"simulated_delay_s": delay}))
 
-    def _wanted(self, call: _Call) -> list[Assignment]:
+    def _wanted(self, call: ActorCall) -> list[Assignment]:
         """The call's tasks still in flight on its actor (not forgotten by the engine meanwhile); they leave the queue."""
         out = [x for x in call.assignments if self.queue.owner(x.task.task_id) == call.actor.worker_id]
         for x in out:
@@ -318,7 +287,9 @@ class RayCoordinatorTransport(CoordinatorTransport):
         if len(tasks) > 1:
             if not isinstance(value, (list, tuple)) or len(value) != len(tasks):
                 for task in tasks:
-                    self._events.append(Rejection(task.task_id, a.worker_id, "malformed", "train_many returned the wrong number of results"))
+                    self._events.append(
+                        Rejection(task.task_id, a.worker_id, "malformed", "train_many returned the wrong number of results")
+                    )
                 return
             results = list(zip(tasks, value, strict=True))
         else:
@@ -326,13 +297,13 @@ class RayCoordinatorTransport(CoordinatorTransport):
         for task, result in results:
             if task.task_id not in wanted:
                 continue
-            delay = self.sim.delay_s(task.client_id, _compute_s(result))
+            delay = self.sim.delay_s(task.client_id, compute_s(result))
             if delay > 0:  # a simulated slow client: the actor is free, the reply comes later
                 heapq.heappush(self._delayed, (time.time() + delay, next(self._seq), task, a, result, delay))
                 continue
             self._events.append(self._decode(task, a, result))
 
-    def _decode(self, task: TrainTask, a: _Actor, value: Any, extra: dict[str, float] | None = None) -> Event:
+    def _decode(self, task: TrainTask, a: ActorSlot, value: Any, extra: dict[str, float] | None = None) -> Event:
         try:
             update, num_examples, metrics = value
             buf = np.ascontiguousarray(update, dtype=np.uint8).data.cast("B")
@@ -344,7 +315,13 @@ class RayCoordinatorTransport(CoordinatorTransport):
         except ProtocolError as exc:
             return Rejection(task.task_id, a.worker_id, "malformed", str(exc))
         except RejectedUpdate as exc:
-            log.log(logging.INFO if exc.routine else logging.WARNING, "rejected update worker=%s task=%s: %s", a.worker_id, task.task_id, exc)
+            log.log(
+                logging.INFO if exc.routine else logging.WARNING,
+                "rejected update worker=%s task=%s: %s",
+                a.worker_id,
+                task.task_id,
+                exc,
+            )
             return Rejection(task.task_id, a.worker_id, exc.reason, str(exc))
         except (TypeError, ValueError) as exc:
             return Rejection(task.task_id, a.worker_id, "malformed", f"unexpected result from actor: {exc}")
@@ -360,7 +337,7 @@ class RayCoordinatorTransport(CoordinatorTransport):
             bytes_up=len(buf),
         )
 
-    def _actor_failed(self, call: _Call, exc: Exception) -> None:
+    def _actor_failed(self, call: ActorCall, exc: Exception) -> None:
         """A call failed because its actor died: re-queue its tasks, then probe until the actor is back."""
         a = call.actor
         a.busy = False
@@ -368,12 +345,16 @@ class RayCoordinatorTransport(CoordinatorTransport):
         mine = [x for x in call.assignments if self.queue.owner(x.task.task_id) == a.worker_id]
         retry = []
         for x in mine:  # back to the front of the queue, in their order
-            log.warning("Ray actor %s failed during task %s (attempt %d): %s", a.worker_id, x.task.task_id, x.attempt, short_error(exc))
+            log.warning(
+                "Ray actor %s failed during task %s (attempt %d): %s", a.worker_id, x.task.task_id, x.attempt, short_error(exc)
+            )
             if x.attempt < self.spec.max_attempts:
                 retry.append(x)
             else:
                 self.queue.finish(x.task.task_id)
-                self._events.append(Rejection(x.task.task_id, a.worker_id, "worker_died", f"{x.attempt} attempts failed: {short_error(exc)}"))
+                self._events.append(
+                    Rejection(x.task.task_id, a.worker_id, "worker_died", f"{x.attempt} attempts failed: {short_error(exc)}")
+                )
         self.queue.requeue(retry, next_attempt=True)
         if not self.pool.call_failed(a.member, exc, probing=not call.assignments):
             a.record.alive = False
@@ -381,10 +362,10 @@ class RayCoordinatorTransport(CoordinatorTransport):
         # restarting or briefly unreachable: the probe answers once Ray has it back, fails at once if it is gone
         self._probe(a)
 
-    def _probe(self, a: _Actor) -> None:
+    def _probe(self, a: ActorSlot) -> None:
         """Ask a (restarting) actor for ``ready``; it takes no task until that answers."""
         a.probing = True
-        self._calls[a.handle.ready.remote()] = _Call(a)
+        self._calls[a.handle.ready.remote()] = ActorCall(a)
 
     def cancel_pending(self) -> list[str]:
         """Drop queued tasks; tasks already running finish and are delivered (the engine decides: late, fold, ...)."""
@@ -412,11 +393,3 @@ class RayCoordinatorTransport(CoordinatorTransport):
     def in_flight(self) -> dict[str, str]:
         """task id -> worker id of the tasks currently running."""
         return self.queue.in_flight()
-
-
-def _compute_s(value: Any) -> float:
-    """The ``compute_s`` metric of an actor's result (0 when it has none)."""
-    try:
-        return float(value[2].get("compute_s", 0.0))
-    except (TypeError, ValueError, IndexError, AttributeError, KeyError):
-        return 0.0

@@ -16,7 +16,15 @@ from dpeft_workers.simulate import Heterogeneity
 
 pytestmark = pytest.mark.integration
 
-BASE = ["clients=5", "data.max_train_examples=200", "model.max_length=32", "data.partition=iid", "train.local_steps=2", "train.batch_size=8", "data.test_examples=64"]
+BASE = [
+    "clients=5",
+    "data.max_train_examples=200",
+    "model.max_length=32",
+    "data.partition=iid",
+    "train.local_steps=2",
+    "train.batch_size=8",
+    "data.test_examples=64",
+]
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +94,24 @@ def test_flexlora_trains_at_the_rank_it_receives(runtime, global_state) -> None:
     assert len(set(q.scaling.values())) == 1 and q.r["rank4"] == 4
 
 
+def test_hetlora_decrease_rule_compares_with_the_factors_received(runtime, global_state) -> None:
+    opts = "{prune_rule: decrease, prune_lambda: 5.0, prune_keep: 0.75}"
+    hp = make_strategy(load_config(None, ["strategy.name=hetlora", f"strategy.options={opts}"]).strategy).configure_train(
+        1, global_state
+    )
+    _, _, metrics = run(runtime, global_state, 0, hp)  # the initial B is zero: no tail to shrink, nothing pruned
+    assert metrics["hetlora_rank"] == 8
+    gen = torch.Generator().manual_seed(0)
+    trained = global_state.clone()  # a global with a tail (as after some rounds)
+    for k, v in trained.items():
+        if ".lora_B." in k:
+            trained.tensors[k] = 0.05 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+    update, _, metrics = run(runtime, global_state, 0, hp, state=trained)  # the strong penalty shrinks the tail
+    assert metrics["hetlora_rank"] == 6  # floor(0.75 * 8)
+    assert all(not v[6:].any() for k, v in update.items() if ".lora_A." in k)
+    assert all(not v[:, 6:].any() and v[:, :6].any() for k, v in update.items() if ".lora_B." in k)
+
+
 @pytest.fixture(scope="module")
 def round_updates(runtime, global_state):
     """One round of all 5 clients from the initial global; client 4 is Byzantine (x -1000).
@@ -115,7 +141,9 @@ def test_robust_strategies_resist_a_byzantine_client(runtime, global_state, roun
     gm = GlobalModel(runtime.cfg)
 
     def evaluate(name, options, updates):
-        strategy = make_strategy(load_config(None, [f"strategy.name={name}", f"strategy.options={options}", "clients_per_round=5"]).strategy)
+        strategy = make_strategy(
+            load_config(None, [f"strategy.name={name}", f"strategy.options={options}", "clients_per_round=5"]).strategy
+        )
         agg = strategy.begin_round(global_state)
         for u in updates:
             agg.add(u)

@@ -179,6 +179,8 @@ def test_rank_prune_penalty_and_pruning_follow_their_definitions() -> None:
         ("lora_fair", {"lam": -1}, "lam"),
         ("lora_fair", {"similarity": "l1"}, "similarity"),
         ("lora_fair", {"steps": 0}, "steps"),
+        ("lora_fair", {"solver": "lbfgs"}, "solver"),
+        ("hetlora", {"prune_rule": "never"}, "prune_rule"),
         ("hetlora", {"prune_keep": 1.0}, "prune_keep"),
         ("hetlora", {"prune_threshold": 2}, "prune_threshold"),
         ("hetlora", {"weighting": "rank"}, "weighting"),
