@@ -86,7 +86,7 @@ def _recorder():
     def tap(direction, msg):
         kind = msg.WhichOneof("kind")
         if direction == "->edge" and kind in STEP_KINDS:
-            got.append((kind, dict(decode_state(getattr(msg, kind).payload))))
+            got.append((kind, dict(decode_state(getattr(msg, kind).payload).items())))
 
     return got, tap
 
@@ -100,18 +100,21 @@ def _assert_same(alone, batched, tol=TOL):
         assert float((params_a[k] - params_b[k]).abs().max()) <= tol, k
 
 
-def _edge_batches(data, sizes, starts):
-    return [data.batch(list(range(s, s + n))) for s, n in zip(starts, sizes, strict=True)]
+def _edge_batches(data, sizes):
+    """Batches of the given sizes whose lengths differ (shortest rows first, longest last)."""
+    order = torch.argsort(data.attention_mask.sum(1)).tolist()
+    picks = [order[: sizes[0]], order[-sizes[1] :], order[len(order) // 2 : len(order) // 2 + sizes[2]]]
+    return [data.batch(p) for p in picks]
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    bundle = build_model(ModelConfig(max_length=24), AdapterConfig(), 2, 0)
+    bundle = build_model(ModelConfig(max_length=48), AdapterConfig(), 2, 0)
     slice_layers(bundle.model, 2)
     _perturb(bundle.model)
     train, _ = load_dataset(DataConfig(max_train_examples=24, test_examples=4), 0)
-    data = tokenize(bundle.tokenizer, train.texts, train.labels, 24)
-    batches = _edge_batches(data, [2, 3, 1], [0, 4, 10])
+    data = tokenize(bundle.tokenizer, train.texts, train.labels, 48)
+    batches = _edge_batches(data, [2, 3, 1])
     widths = {int(b["input_ids"].shape[1]) for b in batches}
     assert len(widths) > 1  # the cloud pads some edges to the longest
     return bundle.model, batches
@@ -155,20 +158,22 @@ def test_each_edge_receives_only_its_own_rows(minilm, minilm_runs):
                 assert float((t.float() - tensors_alone[name].float()).abs().max()) <= 1e-4, (kind, name)
 
 
-def test_minilm_evaluation_steps_batch_too(minilm):
+def test_minilm_evaluation_steps_batch_too(minilm, minilm_runs):
+    """Evaluation steps batch with each other; their logits are the (pre-update) logits of the
+    training steps each edge took alone (the base and LoRA dropout are off in both)."""
     model, batches = minilm
-    alone, _, _, _ = _run_edges(model, batches, SplitConfig(max_batch_edges=1), train=False)
+    alone = minilm_runs[0]
     batched, svc, _, _ = _run_edges(model, batches, SplitConfig(max_batch_edges=3, batch_window_ms=3000), train=False)
     assert svc.batcher.batch_sizes == [3]
     for a, b in zip(alone, batched, strict=True):
         assert float((a[1] - b[1]).abs().max()) <= TOL
 
 
-def test_an_edge_that_disconnects_mid_batch_fails_alone(minilm):
+def test_an_edge_that_disconnects_mid_batch_fails_alone(minilm, minilm_runs):
     """Edge 1 drops its stream on its second LoRA request; edges 0 and 2 finish their step
     exactly as alone, then step again in a batch of two."""
     model, batches = minilm
-    alone, _, _, _ = _run_edges(model, batches, SplitConfig(max_batch_edges=1))
+    alone = minilm_runs[0]
     holder: list = []
     seen = [0]
 
@@ -235,7 +240,7 @@ def test_smollm2_two_layers_batched_step_equals_alone():
     _perturb(bundle.model)
     texts = ["a fine, moving film", "dull and far too long for anyone", "I laughed", "no", "quietly brilliant work"]
     data = tokenize(bundle.tokenizer, texts, [1, 0, 1, 0, 1], 20)
-    batches = _edge_batches(data, [2, 1, 2], [0, 2, 3])
+    batches = _edge_batches(data, [2, 1, 2])
     assert len({int(b["input_ids"].shape[1]) for b in batches}) > 1
     alone, _, _, _ = _run_edges(bundle.model, batches, SplitConfig(max_batch_edges=1))
     batched, svc, _, _ = _run_edges(bundle.model, batches, SplitConfig(max_batch_edges=3, batch_window_ms=3000))
