@@ -105,7 +105,7 @@ def main() -> int:
     ap.add_argument("--edges", default="1,4,16")
     ap.add_argument("--reps", type=int, default=2, help="repetitions of each (edges, mode) pair, interleaved")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--max-length", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=16)
     ap.add_argument("--window-ms", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the process (cloud and edges share them)")
     args = ap.parse_args()

@@ -1,7 +1,8 @@
 """One cloud, many edges: concurrent split steps stacked into one pass of the frozen base.
 
 When several edges send ``step_start`` within ``split.batch_window_ms`` of each other (at most
-``split.max_batch_edges`` of them), their embedded batches are stacked along the batch
+``split.max_batch_edges`` of them; a partial batch also waits for the batches still running,
+whose edges then join it), their embedded batches are stacked along the batch
 dimension, right-padded to the longest sequence with attention-mask zeros, and the base runs
 once for all of them. Rows never mix in the base: attention only reaches unmasked keys of the
 same row, and every other layer works per token.
@@ -68,6 +69,7 @@ class StepBatcher:
         self._cv = threading.Condition()
         self._queue: list[StepRequest] = []
         self._collecting = False
+        self._running = 0
         self._sessions = 0
         #: edges per batch run, in order (a 1 is a step that ran alone)
         self.batch_sizes: list[int] = []
@@ -95,6 +97,8 @@ class StepBatcher:
                     break
                 self._cv.wait()
         if batch is not None:
+            with self._cv:
+                self._running += 1
             try:
                 if len(batch) == 1:
                     session.run_alone(inp)
@@ -105,6 +109,7 @@ class StepBatcher:
                     r.error = r.error or exc
             finally:
                 with self._cv:
+                    self._running -= 1
                     for r in batch:
                         r.done, r.batch_edges = True, len(batch)
                     self.batch_sizes.append(len(batch))
@@ -114,7 +119,12 @@ class StepBatcher:
         return req.batch_edges
 
     def _collect(self, own: StepRequest) -> list[StepRequest]:
-        """(Lock held.) Wait out the window; take ``own`` and up to max_edges - 1 steps of its kind."""
+        """(Lock held.) Take ``own`` and up to max_edges - 1 queued steps of its kind.
+
+        A full batch (max_edges, or every connected edge) goes at once; a partial one waits
+        out the window and, beyond it, for the batches still running: the edges of those
+        come back together and join this one, so the edges fall into step with each other.
+        """
         self._collecting = True
         try:
             deadline = time.monotonic() + self.window_s
@@ -123,9 +133,9 @@ class StepBatcher:
                 if len(same) >= min(self.max_edges, max(self._sessions, 1)):
                     break
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 and self._running == 0:
                     break
-                self._cv.wait(left)
+                self._cv.wait(left if left > 0 else None)
             same = [r for r in self._queue if r.inp.train == own.inp.train and r is not own]
             batch = [own, *same[: self.max_edges - 1]]
             for r in batch:
