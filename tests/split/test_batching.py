@@ -40,7 +40,7 @@ def _perturb(model, seed=1):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def _run_edges(model, batches, split, train=True, taps=None, on_connect=None):
+def _run_edges(model, batches, split, train=True, taps=None, on_connect=None, prepare=None):
     """One step per batch, each on its own edge, all at once; (per-edge results or errors, service)."""
     service = CloudService(CloudModel(copy.deepcopy(model)), RUN, split)
     server = SplitServer(service.handle, "127.0.0.1:0").start()
@@ -52,6 +52,8 @@ def _run_edges(model, batches, split, train=True, taps=None, on_connect=None):
         for k, c in enumerate(conns):
             handshake(c.channel, f"edge{k}").tensors({})
         edges = [EdgeModel(copy.deepcopy(model), RUN.train) for _ in range(n)]
+        if prepare is not None:
+            prepare(edges, conns)
         barrier = threading.Barrier(n)
         out: list = [None] * n
 
@@ -167,6 +169,29 @@ def test_minilm_evaluation_steps_batch_too(minilm, minilm_runs):
     assert svc.batcher.batch_sizes == [3]
     for a, b in zip(alone, batched, strict=True):
         assert float((a[1] - b[1]).abs().max()) <= TOL
+
+
+def test_edges_with_different_active_and_killed_modules_share_a_batch(minilm):
+    """Kill-and-Revive state differs per edge: edge 1's module 1 (value, layer 0) is killed with
+    its factors uploaded (the cloud applies them to edge 1's rows only), edge 2 has module 2
+    (query, layer 1) inactive; the batch still equals each edge alone."""
+    model, batches = minilm
+
+    def prepare(edges, conns):
+        edges[1].kr.active.discard(1)
+        edges[1].sync_frozen(conns[1].channel, [1], [])
+        edges[2].kr.active.discard(2)
+
+    alone, _, _, _ = _run_edges(model, batches, SplitConfig(max_batch_edges=1), prepare=prepare)
+    batched, svc, _, _ = _run_edges(model, batches, SplitConfig(max_batch_edges=3, batch_window_ms=3000), prepare=prepare)
+    assert svc.batcher.batch_sizes == [3]
+    for a, b in zip(alone, batched, strict=True):
+        _assert_same(a, b)
+    # killed/inactive modules get no gradient on their edge only (SGD leaves them where they were)
+    start = adapter_parameters(model)
+    v0, q1 = "bert.encoder.layer.0.attention.self.value.lora_B.weight", "bert.encoder.layer.1.attention.self.query.lora_B.weight"
+    assert torch.equal(batched[1][2][v0], start[v0]) and torch.equal(batched[2][2][q1], start[q1])
+    assert not torch.equal(batched[0][2][v0], start[v0]) and not torch.equal(batched[0][2][q1], start[q1])
 
 
 def test_an_edge_that_disconnects_mid_batch_fails_alone(minilm, minilm_runs):
