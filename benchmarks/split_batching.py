@@ -14,7 +14,7 @@ wire. Reported: steps per second served (all edges' timed steps over the wall ti
 common start to the last edge's end), per-edge step latency as the edge sees it (median and
 p95 over every timed step of every edge) and the mean number of edges per batch.
 
-    python benchmarks/split_batching.py [--quick] [--steps N] [--edges 1,4,16] [--reps R]
+    python benchmarks/split_batching.py [--quick] [--steps N] [--edges 1,4,16] [--reps R] [--cloud-device cuda]
 """
 
 from __future__ import annotations
@@ -48,14 +48,16 @@ def _pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
-def trial(model, edges, data_rows, run, split, steps: int) -> dict:
+def trial(model, edges, data_rows, run, split, steps: int, cloud_device: str = "") -> dict:
     """All ``len(edges)`` edges step at once; throughput, latencies, batch sizes."""
     from dpeft.split.cloud import CloudModel
     from dpeft.split.service import CloudService, handshake
     from dpeft.transport.split_stream import EdgeConnection, SplitServer
 
     n = len(edges)
-    service = CloudService(CloudModel(copy.deepcopy(model)), run, split)
+    service = CloudService(
+        CloudModel(copy.deepcopy(model), device=torch.device(cloud_device) if cloud_device else None), run, split
+    )
     server = SplitServer(service.handle, "127.0.0.1:0", max_sessions=n + 2).start()
     conns = [EdgeConnection(server.address, patience_s=10) for _ in range(n)]
     lat: list[list[float]] = [[] for _ in range(n)]
@@ -115,6 +117,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=16)
     ap.add_argument("--window-ms", type=float, default=5.0)
+    ap.add_argument("--cloud-device", default="", help="device of the cloud's base (e.g. cuda); default: CPU")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the process (cloud and edges share them)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,7 +163,7 @@ def main() -> int:
             for mode in order:
                 for e in edges[:n]:
                     e.load(state0)
-                r = trial(bundle.model, edges[:n], rows, run, modes[mode], steps)
+                r = trial(bundle.model, edges[:n], rows, run, modes[mode], steps, args.cloud_device)
                 results.setdefault((n, mode), []).append(r)
                 print(
                     f"  {n:2d} edges, {mode:13s}: {r['steps_s']:6.1f} steps/s, median {1000 * r['median']:.0f} ms, p95 {1000 * r['p95']:.0f} ms, "
