@@ -180,9 +180,12 @@ def validate_split(cfg: SplitConfig) -> None:
         ("split.cloud_threads", cfg.cloud_threads),
         ("split.edge_threads", cfg.edge_threads),
         ("split.kr.window", cfg.kr.window),
+        ("split.max_batch_edges", cfg.max_batch_edges),
     ]:
         if value < 1:
             raise ConfigError(key, f"must be >= 1, got {value}")
+    if not 0.0 <= cfg.batch_window_ms <= 10_000.0:
+        raise ConfigError("split.batch_window_ms", f"must be in [0, 10000], got {cfg.batch_window_ms}")
     if cfg.eval_examples < 0:
         raise ConfigError("split.eval_examples", f"must be >= 0, got {cfg.eval_examples}")
     if cfg.layers is not None and cfg.layers < 1:

@@ -333,6 +333,10 @@ class SplitConfig:
     eval_examples: int = _f(200, "held-out examples the first edge evaluates through the cloud after each round (0 = no evaluation)")
     layers: int | None = _f(None, "keep only the first N transformer layers of the base (tests, quick runs); null = all")
     token: str = _f("", "shared bearer token edges must present (empty = none)")
+    max_batch_edges: int = _f(
+        1, "most edges whose concurrent steps the cloud stacks into one pass of its base (each edge still gets only its own rows); 1 = every step runs alone"
+    )
+    batch_window_ms: float = _f(5.0, "how long the cloud waits for more edges' steps before it runs a batch (it runs at once when every connected edge's step is in)")
     kr: KillReviveConfig = field(default_factory=KillReviveConfig, metadata={"help": "Kill-and-Revive"})
 
 

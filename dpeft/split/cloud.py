@@ -15,6 +15,9 @@ frozen; the first layer's input needs no gradient, so the edge is not asked for 
 Killed modules (Kill-and-Revive) are absent from the step's active set. When the edge has
 uploaded their frozen factors, the cloud applies ``scaling * B A x`` itself (no edge compute,
 no per-step traffic, the same function); otherwise the LoRA term is skipped.
+
+With ``split.max_batch_edges`` > 1 the concurrent steps of several edges run as one stacked
+forward/backward instead (:mod:`dpeft.split.batcher`); a step alone takes the path here.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,6 +41,8 @@ from dpeft.split.wire import Channel, activation_schema
 if TYPE_CHECKING:
     from peft import PeftModel
 
+    from dpeft.split.batcher import StepBatcher
+
 log = logging.getLogger("dpeft.split.cloud")
 
 _local = threading.local()
@@ -44,13 +50,25 @@ MAX_TOKENS_PER_STEP = 1 << 20
 
 
 @contextmanager
-def _session_scope(session: CloudSession | None):
+def session_scope(session: Any):
+    """Route this thread's LoRA sites to ``session`` (anything with ``lora_term(site, x)``)."""
     prev = getattr(_local, "session", None)
     _local.session = session
     try:
         yield
     finally:
         _local.session = prev
+
+
+@dataclass
+class StepInput:
+    """A validated ``step_start``: the edge's embedded batch and what kind of step it is."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    pool: torch.Tensor
+    train: bool
+    step: int
 
 
 class _RemoteLora(torch.autograd.Function):
@@ -154,14 +172,12 @@ class CloudSession:
     def lora_term(self, site: LoraSite, x: torch.Tensor) -> torch.Tensor | None:
         i = site.index
         if i in self.frozen:
-            a, b = self.frozen[i]
-            return nn.functional.linear(nn.functional.linear(x, a.to(x.device)), b.to(x.device)) * site.scaling
+            return self.frozen_term(site, x)
         if i not in self.active:
             return None
         if self._cache_x is x and i in self._cache:
             return self._cache.pop(i)
-        group = self.cloud.group_of[i]
-        members = [j for j in group[group.index(i) :] if j in self.active and j not in self.frozen]
+        members = self.members(i)
         ys = self._remote_forward(members, x)
         outs = ys
         if torch.is_grad_enabled() and self._token is not None:
@@ -171,11 +187,29 @@ class CloudSession:
         self._cache_x = x
         return outs[0]
 
+    def frozen_term(self, site: LoraSite, x: torch.Tensor) -> torch.Tensor:
+        """``scaling * B A x`` of a killed module from its uploaded frozen factors."""
+        a, b = self.frozen[site.index]
+        return nn.functional.linear(nn.functional.linear(x, a.to(x.device)), b.to(x.device)) * site.scaling
+
+    def members(self, i: int) -> list[int]:
+        """The sites of ``i``'s group from ``i`` on that the edge computes in this step."""
+        group = self.cloud.group_of[i]
+        return [j for j in group[group.index(i) :] if j in self.active and j not in self.frozen]
+
     def _remote_forward(self, members: list[int], x: torch.Tensor) -> list[torch.Tensor]:
-        call = next(self._calls)
+        call = self.send_lora_input(members, x)
         self._last_call = call
+        return self.recv_lora_output(call, members, x)
+
+    def send_lora_input(self, members: list[int], x: torch.Tensor) -> int:
+        """Ask the edge for the LoRA outputs of ``members`` on ``x``; returns the call number."""
+        call = next(self._calls)
         needs = bool(x.requires_grad and torch.is_grad_enabled())
         self.channel.send("lora_input", {"x": x}, activations=True, call=call, modules=members, needs_input_grad=needs)
+        return call
+
+    def recv_lora_output(self, call: int, members: list[int], x: torch.Tensor) -> list[torch.Tensor]:
         msg = self.channel.recv("lora_output")
         if msg.fields["call"] != call:
             raise ProtocolError(f"lora_output for call {msg.fields['call']}, expected {call}")
@@ -185,8 +219,14 @@ class CloudSession:
         return [got[f"y.{j}"].to(device=x.device, dtype=x.dtype) for j in members]
 
     def remote_backward(self, call: int, members: list[int], grads: tuple[torch.Tensor, ...], needs_x: bool, x_shape: tuple[int, ...]) -> torch.Tensor | None:
+        self.send_output_grad(call, members, grads, needs_x)
+        return self.recv_input_grad(call, needs_x, x_shape)
+
+    def send_output_grad(self, call: int, members: list[int], grads: tuple[torch.Tensor, ...], needs_x: bool) -> None:
         tensors = OrderedDict((f"g.{j}", g.contiguous()) for j, g in zip(members, grads, strict=True))
         self.channel.send("lora_output_grad", tensors, activations=True, call=call, modules=members, needs_input_grad=needs_x)
+
+    def recv_input_grad(self, call: int, needs_x: bool, x_shape: tuple[int, ...]) -> torch.Tensor | None:
         msg = self.channel.recv("lora_input_grad")
         if msg.fields["call"] != call:
             raise ProtocolError(f"lora_input_grad for call {msg.fields['call']}, expected {call}")
@@ -196,14 +236,14 @@ class CloudSession:
         return msg.tensors(activation_schema({"gx": x_shape}), activations=True)["gx"].to(self.cloud.device)
 
     # -- messages -------------------------------------------------------------
-    def handle_step(self, msg) -> None:
+    def parse_step(self, msg) -> StepInput:
+        """Validate a ``step_start`` and make its module set this session's active set."""
         f = msg.fields
         h_size = self.cloud.hidden_size
         header = msg.tensors(None, activations=True)
         if set(header) != {"inputs_embeds", "attention_mask", "pool_index"}:
             raise ProtocolError(f"step_start carries {sorted(header)}; expected inputs_embeds, attention_mask, pool_index")
         e, mask, pool = header["inputs_embeds"], header["attention_mask"], header["pool_index"]
-        dev = self.cloud.device
         if e.dim() != 3 or e.shape[2] != h_size or not e.dtype.is_floating_point:
             raise ProtocolError(f"inputs_embeds must be (B, T, {h_size}) float, got {tuple(e.shape)} {e.dtype}")
         b, t = e.shape[:2]
@@ -217,22 +257,34 @@ class CloudSession:
         if any(i < 0 or i >= len(self.cloud.sites) for i in active):
             raise ProtocolError("active module index out of range")
         self.active = active
-        train = bool(f["train"])
+        return StepInput(e, mask, pool, bool(f["train"]), int(f["step"]))
+
+    def handle_step(self, msg, batcher: StepBatcher | None = None) -> None:
+        """Run one step: alone, or through ``batcher`` together with other edges' steps."""
+        inp = self.parse_step(msg)
+        if batcher is None:
+            self.run_alone(inp)
+        else:
+            batcher.run(self, inp)
+        self.steps += 1
+        self.channel.send("step_end", step=inp.step)
+
+    def run_alone(self, inp: StepInput) -> None:
+        """This edge's step on the base by itself (features out, feature gradient in, backward)."""
+        dev = self.cloud.device
         self._cache, self._cache_x = {}, None
         try:
-            with _session_scope(self), torch.set_grad_enabled(train):
-                self._token = torch.zeros((), requires_grad=True) if train else None
-                h = self.cloud.arch.backbone(self.cloud.model, e.to(dev), mask.to(dev), pool.to(dev))
-            self.channel.send("features", {"h": h}, activations=True, step=f["step"])
-            if train:
+            with session_scope(self), torch.set_grad_enabled(inp.train):
+                self._token = torch.zeros((), requires_grad=True) if inp.train else None
+                h = self.cloud.arch.backbone(self.cloud.model, inp.embeds.to(dev), inp.mask.to(dev), inp.pool.to(dev))
+            self.channel.send("features", {"h": h}, activations=True, step=inp.step)
+            if inp.train:
                 g = self.channel.recv("feature_grad").tensors(activation_schema({"g": tuple(h.shape)}), activations=True)["g"]
                 if h.requires_grad:
-                    with _session_scope(self):
+                    with session_scope(self):
                         h.backward(g.to(device=h.device, dtype=h.dtype))
         finally:
             self._cache, self._cache_x, self._token = {}, None, None
-        self.steps += 1
-        self.channel.send("step_end", step=f["step"])
 
     def handle_frozen(self, msg) -> None:
         i = int(msg.fields["module"])

@@ -31,6 +31,7 @@ import yaml
 
 from dpeft.config import RunConfig, config_to_dict
 from dpeft.errors import ConfigError, ProtocolError
+from dpeft.split.batcher import StepBatcher
 from dpeft.split.cloud import CloudModel, CloudSession
 from dpeft.split.config import SplitConfig, load_split_config
 from dpeft.split.edge import EdgeModel, StepStats
@@ -83,6 +84,8 @@ class CloudService:
         self.sessions: list[CloudSession] = []
         self.finished = threading.Event()
         self._done_edges = 0
+        #: stacks concurrent steps of several edges into one pass of the base (None: each alone)
+        self.batcher = StepBatcher(cloud, split.batch_window_ms, split.max_batch_edges) if split.max_batch_edges > 1 else None
 
     def handle(self, channel: Channel) -> None:
         channel.set_wire_dtype(self.split.wire_dtype)
@@ -111,30 +114,39 @@ class CloudService:
                 fed.unregister(client_id)
 
     def _serve(self, channel: Channel, edge_id: str, client_id: int, fed: Federation | None, state, rounds, local_steps, next_round, trains, evaluate, evaluate_now) -> None:
-        channel.send(
-            "welcome",
-            state.tensors if state is not None else None,
-            session=secrets.token_hex(8),
-            config_yaml=self.config_yaml,
-            modules=self.cloud.keys,
-            groups=self.cloud.groups,
-            client_id=client_id,
-            evaluate=evaluate,
-            rounds=rounds,
-            local_steps=local_steps,
-            federated=fed is not None,
-            round=next_round,
-            train=trains,
-            evaluate_now=evaluate_now,
-        )
         session = CloudSession(self.cloud, channel, name=edge_id)
         with self._lock:
             self.sessions.append(session)
+        if self.batcher is not None:
+            self.batcher.join()  # before the welcome: an edge that has it counts for the batch window
+        try:
+            channel.send(
+                "welcome",
+                state.tensors if state is not None else None,
+                session=secrets.token_hex(8),
+                config_yaml=self.config_yaml,
+                modules=self.cloud.keys,
+                groups=self.cloud.groups,
+                client_id=client_id,
+                evaluate=evaluate,
+                rounds=rounds,
+                local_steps=local_steps,
+                federated=fed is not None,
+                round=next_round,
+                train=trains,
+                evaluate_now=evaluate_now,
+            )
+            self._loop(channel, session, client_id, fed)
+        finally:
+            if self.batcher is not None:
+                self.batcher.leave()
+
+    def _loop(self, channel: Channel, session: CloudSession, client_id: int, fed: Federation | None) -> None:
         schema = fed.schema if fed is not None else None
         while True:
             msg = channel.recv()
             if msg.kind == "step_start":
-                session.handle_step(msg)
+                session.handle_step(msg, self.batcher)
             elif msg.kind == "frozen_factors":
                 session.handle_frozen(msg)
             elif msg.kind == "round_update":
