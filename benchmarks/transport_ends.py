@@ -158,7 +158,11 @@ class CoordinatorEnd:
             return StateDecoder(self.schemas[task_id], Limits(max_total_bytes=max_bytes), spool=self.spool)
 
         settings = TransportConfig(
-            chunk_bytes=chunk_bytes, max_update_bytes=max_bytes, max_tensor_bytes=max_bytes, poll_timeout_s=0.2
+            chunk_bytes=chunk_bytes,
+            max_update_bytes=max_bytes,
+            max_tensor_bytes=max_bytes,
+            poll_timeout_s=0.2,
+            dead_after_s=3600.0,
         )
         self.t = GrpcCoordinatorTransport(
             "127.0.0.1:0", settings, run_id="bench", config_yaml="{}", num_clients=1, decoder_factory=decoder

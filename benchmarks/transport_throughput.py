@@ -243,6 +243,13 @@ def main() -> None:
     command = f"python benchmarks/transport_throughput.py --sizes {args.sizes} --repeats {args.repeats} --chunk-mib {args.chunk_mib} --mode {args.mode}"
     if args.spool_mib is not None:
         command += f" --spool-mib {args.spool_mib}"
+    load_end = os.getloadavg()[0]
+    busy = (
+        " The load exceeded the cores: other jobs shared them, so every throughput here is depressed (the raw socket's"
+        " between two processes most of all) and the ratios are not the quiet machine's; CPU ms/MiB is the steadier figure."
+        if max(load_start, load_end) > (os.cpu_count() or 1)
+        else ""
+    )
     body: list[str] = []
     for mode, rows in tables.items():
         body += [f"{MODE_TITLES[mode]}:", "", *table(mode, rows), ""]
@@ -255,7 +262,7 @@ def main() -> None:
         [
             f"`{command}`",
             "",
-            machine_note() + f" 1-min load average at the start {load_start:.1f}, at the end {os.getloadavg()[0]:.1f}.",
+            machine_note() + f" 1-min load average at the start {load_start:.1f}, at the end {load_end:.1f}." + busy,
             "",
             *body,
             "Ratio = dpeft throughput / raw TCP throughput in the same mode (higher is better; 1.0 = the socket ceiling). "
