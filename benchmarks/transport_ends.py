@@ -38,15 +38,24 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def tensor_payload(size: int) -> tuple[bytes, Any]:
-    """An encoded adapter payload of one uint8 tensor of ``size`` bytes (dpeft's wire format) and its schema."""
+def tensor_payload(size: int) -> tuple[bytearray, Any]:
+    """An encoded adapter payload of one uint8 tensor of ``size`` bytes (dpeft's wire format) and
+    its schema, built in place: the payload is the only copy this makes (peak RSS stays the
+    transport's, not the payload generator's)."""
     import torch
 
-    from dpeft.codec import encode_state
+    from dpeft.codec.tensors import iter_encoded
     from dpeft.state import AdapterState
 
-    state = AdapterState(OrderedDict([("w", torch.randint(0, 255, (size,), dtype=torch.uint8))]), {})
-    return encode_state(state), state.schema()
+    state = AdapterState(OrderedDict([("w", torch.empty((size,), dtype=torch.uint8))]), {})  # pages never touched
+    head = bytes(next(iter_encoded(state)))
+    payload = bytearray(len(head) + size)
+    payload[: len(head)] = head
+    block = os.urandom(min(size, 64 * MiB)) if size else b""
+    for pos in range(0, size, len(block) or 1):
+        n = min(len(block), size - pos)
+        payload[len(head) + pos : len(head) + pos + n] = block[:n]
+    return payload, state.schema()
 
 
 def tcp_payload(size: int) -> memoryview:

@@ -321,4 +321,4 @@ def test_channel_options_fit_a_chunk_and_welcome_keepalive_pings() -> None:
 
     opts = dict(channel_options(8 << 20))
     assert opts["grpc.max_receive_message_length"] > 8 << 20 and opts["grpc.max_send_message_length"] > 8 << 20
-    assert opts["grpc.http2.min_recv_ping_interval_without_data_ms"] < opts["grpc.keepalive_time_ms"]
+    assert opts["grpc.http2.min_ping_interval_without_data_ms"] < opts["grpc.keepalive_time_ms"]
