@@ -22,6 +22,7 @@ from dpeft.codec.tensors import (
     encoded_size,
     iter_chunks,
     iter_encoded,
+    write_into,
     zeroed_buffer,
 )
 from dpeft.errors import ProtocolError
@@ -319,3 +320,21 @@ def test_decode_in_place_views_a_writable_payload() -> None:
                 decode_state(bytearray(bad), in_place=True)
     copied = decode_state(raw, in_place=True)  # bytes: copied into the decoder's own buffer
     assert torch.equal(copied.tensors["b"], state.tensors["b"])
+
+
+def test_write_into_places_every_piece_exactly() -> None:
+    """Small pieces (slice assignment) and large ones (numpy's copy, after faulting a memory
+    map's pages in) land at their offset, from bytes or memoryviews, touching nothing else."""
+    import os
+
+    size = 3 << 20
+    src = os.urandom(size)
+    for buf in (bytearray(size + 8192), zeroed_buffer(size + 8192)):
+        expect = bytearray(len(buf))
+        pos = 0
+        for n in (100, (1 << 16) - 1, 1 << 16, 5000, (1 << 20) + 3, size - 2 * (1 << 16) - 5100 - (1 << 20) - 3 + 1):
+            piece = memoryview(src)[pos : pos + n] if n % 2 else src[pos : pos + n]
+            write_into(buf, pos + 4097, piece)  # off the page grid
+            expect[pos + 4097 : pos + 4097 + n] = src[pos : pos + n]
+            pos += n
+        assert bytes(buf) == bytes(expect)

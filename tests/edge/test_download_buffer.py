@@ -16,7 +16,7 @@ from dpeft.codec.tensors import Limits, StateDecoder
 from dpeft.config import TransportConfig
 from dpeft.state import AdapterState
 from dpeft.transport.base import TrainTask
-from dpeft.transport.grpc import GrpcCoordinatorTransport, GrpcWorkerConnection, worker
+from dpeft.transport.grpc import GrpcCoordinatorTransport, GrpcWorkerConnection, download
 
 SCHEMA = OrderedDict([("w", ((96, 1024), torch.float32))])  # 384 KiB
 CHUNK = 64 << 10
@@ -66,7 +66,7 @@ def test_buffer_reused_only_when_released(pair, monkeypatch) -> None:
         made.append(n)
         return tensors.zeroed_buffer(n)
 
-    monkeypatch.setattr(worker, "zeroed_buffer", counted)
+    monkeypatch.setattr(download, "zeroed_buffer", counted)
     blobs = [_payload(i) for i in range(5)]
     held = _download(t, conn, 0, blobs[0])
     assert bytes(held) == blobs[0] and len(made) == 1

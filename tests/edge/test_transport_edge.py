@@ -312,3 +312,13 @@ def test_a_tls_worker_against_a_plaintext_coordinator_exits_2_at_once_without_gr
         assert lines == [f"dpeft: TLS: the coordinator at {address} does not speak TLS (plaintext); drop --tls/--ca/--cert, or start the coordinator with --tls-cert and --tls-key"], p.stderr
     finally:
         t.shutdown("over", grace_s=0.1)
+
+
+def test_channel_options_fit_a_chunk_and_welcome_keepalive_pings() -> None:
+    """Both ends take the same options: a chunk plus framing fits a message, and the server lets
+    an idle client ping at its keepalive interval (grpc's default would answer "too_many_pings")."""
+    from dpeft.transport.grpc.channel import channel_options
+
+    opts = dict(channel_options(8 << 20))
+    assert opts["grpc.max_receive_message_length"] > 8 << 20 and opts["grpc.max_send_message_length"] > 8 << 20
+    assert opts["grpc.http2.min_ping_interval_without_data_ms"] < opts["grpc.keepalive_time_ms"]

@@ -18,6 +18,9 @@ def channel_options(chunk_bytes: int) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # the server side of the keepalive above: a peer's pings every 30 s on an idle connection are
+        # welcome (grpc's default minimum of 5 min answers them with GOAWAY "too_many_pings")
+        ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
         # a client's reconnect backoff grows 1.6x per refused attempt and would reach minutes,
         # longer than a worker's --patience: a worker started before its coordinator (or across
         # a coordinator restart) dials again at least every 5 s
