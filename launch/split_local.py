@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -132,6 +133,8 @@ class EdgeProcesses:
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
+        #: pids this launcher ended after the federation had finished (their work was recorded)
+        self.ended_by_us: set[int] = set()
 
     def start(self, address: str, count: int, threads: int, run_dir: Path, token: str) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -148,7 +151,7 @@ class EdgeProcesses:
     def failed(self) -> str | None:
         for i, p in enumerate(self.procs):
             rc = p.poll()
-            if rc not in (None, 0):
+            if rc not in (None, 0) and p.pid not in self.ended_by_us:
                 return f"edge process edge-{i} (pid {p.pid}) exited with code {rc}; see logs/edge-{i}.log"
         return None
 
@@ -156,7 +159,19 @@ class EdgeProcesses:
         return all(p.poll() is not None for p in self.procs)
 
     def stop(self, grace_s: float = 10.0) -> None:
-        stop_processes(self.procs, grace_s)
+        """Give the edges ``grace_s`` to exit on their own (the federation is over), then end the
+        rest; those are not failures: every round they trained is already recorded."""
+        deadline = time.monotonic() + grace_s
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        late = [p for p in self.procs if p.poll() is None]
+        for p in late:
+            log.warning("edge process pid %d still running %.0f s after the federation finished: ending it", p.pid, grace_s)
+        self.ended_by_us.update(p.pid for p in late)
+        stop_processes(self.procs, 0.0)
 
 
 def run_cloud(run: RunConfig, split: SplitConfig, listen: str, local_edges: int = 0, resume: bool = True, quiet: bool = False) -> list[dict]:
@@ -165,7 +180,6 @@ def run_cloud(run: RunConfig, split: SplitConfig, listen: str, local_edges: int 
     Returns the metrics rows (federated) and prints the end-of-run summary like ``dpeft
     simulate`` (table, plots next to metrics.jsonl) unless ``quiet``.
     """
-    import time
 
     if local_edges and not split.federated:
         raise ConfigError("split.federated", "simulate runs federated rounds; set split.federated=true")
