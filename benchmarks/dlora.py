@@ -220,6 +220,7 @@ def main() -> int:
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--smollm2-layers", type=int, default=0, help="keep the first L decoder layers of SmolLM2 (0 = all 30)")
+    ap.add_argument("--smollm2-all", action="store_true", help="also run the rule before on SmolLM2 (slow)")
     ap.add_argument("--kr", action="append", default=[], help="extra KR variant NAME:key=value,... (MiniLM and SmolLM2)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: edge CPU time is the edge thread's CPU time)")
@@ -232,14 +233,14 @@ def main() -> int:
     sections = []
     t0 = time.time()
     if not args.skip_minilm:
-        plateau = (4, 2, 12) if args.quick else (25, 3, 600)
+        plateau = (4, 2, 12) if args.quick else (25, 3, 500)
         table = bench_model(
             "all-MiniLM-L6-v2 (6 layers, query/value), Rotten Tomatoes",
             ModelConfig(max_length=48),
             16,
             None,
             4000,
-            1000 if not args.quick else 50,
+            600 if not args.quick else 50,
             2e-3,
             plateau,
             variants,
@@ -253,15 +254,15 @@ def main() -> int:
             if layers
             else "SmolLM2-135M-Instruct, all 30 decoder layers (q_proj/v_proj), Rotten Tomatoes"
         )
-        plateau = (3, 2, 6) if args.quick else (20, 2, 200)
-        sm_variants = variants if args.quick else [v for v in variants if v[0] != variants[0][0]]
+        plateau = (3, 2, 6) if args.quick else (15, 2, 150)
+        sm_variants = variants if args.quick or args.smollm2_all else [v for v in variants if v[0] != variants[0][0]]
         table = bench_model(
             title,
             ModelConfig(name="smollm2", max_length=32),
             8,
             layers,
             2000,
-            200 if not args.quick else 20,
+            150 if not args.quick else 20,
             1e-3,
             plateau,
             sm_variants,
