@@ -151,6 +151,54 @@ def bench_model(
     eo_flops = edge_only_flops(bundle.model, data, schedule[:2], train_cfg)
     co_bytes = cloud_only_bytes(data, schedule)
     curves: list[tuple[str, dict, Curve]] = []
+
+    def _render() -> str:
+        base = curves[0][2].best
+        m = curves[0][2].modules
+        lines = [
+            f"**{name}** ({m} LoRA modules): batch {batch_size}, lr {lr:g}, AdamW, max_length {model_cfg.max_length}; {len(train)} training examples; "
+            f"accuracy on {len(test)} held-out examples (before training: {acc0:.3f}), evaluated every {eval_every} steps, patience {patience}, cap {cap} steps.",
+            "",
+            "| method | plateau step (stopped) | plateau accuracy | vs no-KR | active modules (mean/step) | edge FLOPs to plateau | vs no-KR | bytes to plateau | vs no-KR | to reach no-KR's accuracy: step, FLOPs, bytes (vs no-KR) | within 1 pt: step, FLOPs, bytes (vs no-KR) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for label, _kw, c in curves:
+            p = c.best
+            cells = []
+            for target in (base.acc, base.acc - 0.01):
+                r = c.first_reaching(target)
+                cells.append(
+                    "not reached" if r is None else f"{r.step}, {_pct(r.flops, base.flops)}, {_pct(r.bytes, base.bytes)}"
+                )
+            lines.append(
+                f"| {label} | {p.step} ({c.stop_step}) | {p.acc:.3f} | {100 * (p.acc - base.acc):+.1f} pt | {p.active:.2f} / {c.modules} | {_fmt_flops(p.flops)} | {_pct(p.flops, base.flops)} "
+                f"| {_fmt_bytes(p.bytes)} | {_pct(p.bytes, base.bytes)} | {cells[0]} | {cells[1]} |"
+            )
+        nk = curves[0][2]
+        lines += [
+            "",
+            "Per step (over each whole run):",
+            "",
+            "| method | edge FLOPs/step | bytes/step (up+down) | edge CPU s/step | wall s (whole run, evaluations included) |",
+            "| --- | --- | --- | --- | --- |",
+            f"| edge-only (whole model on device) | {_fmt_flops(eo_flops)} | 0 | - | - |",
+            f"| cloud-only (batch sent to cloud) | 0 | {_fmt_bytes(co_bytes)} | - | - |",
+        ]
+        for label, _kw, c in curves:
+            last = c.last
+            lines.append(
+                f"| {label} | {_fmt_flops(last.flops / last.step)} | {_fmt_bytes(last.bytes / last.step)} | {c.compute_s:.4f} | {c.wall_s:.0f} |"
+            )
+        lines += ["", "Settings and final active set:", ""]
+        for label, kw, c in curves[1:]:
+            kills = sum(len(k) for _s, k, _r in c.history)
+            revives = sum(len(r) for _s, _k, r in c.history)
+            settings = ", ".join(f"{k}={v}" for k, v in kw.items() if k != "enabled") or "defaults"
+            lines.append(
+                f"- {label}: {settings}; {kills} kills, {revives} revives; no-KR reached {nk.best.acc:.3f} at step {nk.best.step}."
+            )
+        return "\n".join(lines)
+
     for label, kw in [("DLoRA, no KR", {"enabled": False})] + variants:
         curve = train_to_plateau(
             bundle.model,
@@ -169,49 +217,8 @@ def bench_model(
             file=sys.stderr,
             flush=True,
         )
-    base = curves[0][2].best
-    m = curves[0][2].modules
-    lines = [
-        f"**{name}** ({m} LoRA modules): batch {batch_size}, lr {lr:g}, AdamW, max_length {model_cfg.max_length}; {len(train)} training examples; "
-        f"accuracy on {len(test)} held-out examples (before training: {acc0:.3f}), evaluated every {eval_every} steps, patience {patience}, cap {cap} steps.",
-        "",
-        "| method | plateau step (stopped) | plateau accuracy | vs no-KR | active modules (mean/step) | edge FLOPs to plateau | vs no-KR | bytes to plateau | vs no-KR | to reach no-KR's accuracy: step, FLOPs, bytes (vs no-KR) | within 1 pt: step, FLOPs, bytes (vs no-KR) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for label, _kw, c in curves:
-        p = c.best
-        cells = []
-        for target in (base.acc, base.acc - 0.01):
-            r = c.first_reaching(target)
-            cells.append("not reached" if r is None else f"{r.step}, {_pct(r.flops, base.flops)}, {_pct(r.bytes, base.bytes)}")
-        lines.append(
-            f"| {label} | {p.step} ({c.stop_step}) | {p.acc:.3f} | {100 * (p.acc - base.acc):+.1f} pt | {p.active:.2f} / {c.modules} | {_fmt_flops(p.flops)} | {_pct(p.flops, base.flops)} "
-            f"| {_fmt_bytes(p.bytes)} | {_pct(p.bytes, base.bytes)} | {cells[0]} | {cells[1]} |"
-        )
-    nk = curves[0][2]
-    lines += [
-        "",
-        "Per step (over each whole run):",
-        "",
-        "| method | edge FLOPs/step | bytes/step (up+down) | edge CPU s/step | wall s (whole run, evaluations included) |",
-        "| --- | --- | --- | --- | --- |",
-        f"| edge-only (whole model on device) | {_fmt_flops(eo_flops)} | 0 | - | - |",
-        f"| cloud-only (batch sent to cloud) | 0 | {_fmt_bytes(co_bytes)} | - | - |",
-    ]
-    for label, _kw, c in curves:
-        last = c.last
-        lines.append(
-            f"| {label} | {_fmt_flops(last.flops / last.step)} | {_fmt_bytes(last.bytes / last.step)} | {c.compute_s:.4f} | {c.wall_s:.0f} |"
-        )
-    lines += ["", "Settings and final active set:", ""]
-    for label, kw, c in curves[1:]:
-        kills = sum(len(k) for _s, k, _r in c.history)
-        revives = sum(len(r) for _s, _k, r in c.history)
-        settings = ", ".join(f"{k}={v}" for k, v in kw.items() if k != "enabled") or "defaults"
-        lines.append(
-            f"- {label}: {settings}; {kills} kills, {revives} revives; no-KR reached {nk.best.acc:.3f} at step {nk.best.step}."
-        )
-    return "\n".join(lines)
+        print(f"<!-- partial after {label} -->\n" + _render(), flush=True)
+    return _render()
 
 
 def main() -> int:
@@ -228,19 +235,19 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from dpeft.config import ModelConfig
 
-    variants = [("DLoRA + KR, rule before (budget 0.125)", PAPER_RULE), ("DLoRA + KR, new rule (defaults)", NEW_RULE)]
+    variants = [("DLoRA + KR, new rule (defaults)", NEW_RULE), ("DLoRA + KR, rule before (budget 0.125)", PAPER_RULE)]
     variants += [parse_variant(s) for s in args.kr]
     sections = []
     t0 = time.time()
     if not args.skip_minilm:
-        plateau = (4, 2, 12) if args.quick else (25, 3, 500)
+        plateau = (4, 2, 12) if args.quick else (25, 2, 500)
         table = bench_model(
             "all-MiniLM-L6-v2 (6 layers, query/value), Rotten Tomatoes",
             ModelConfig(max_length=48),
             16,
             None,
             4000,
-            600 if not args.quick else 50,
+            400 if not args.quick else 50,
             2e-3,
             plateau,
             variants,
@@ -254,15 +261,15 @@ def main() -> int:
             if layers
             else "SmolLM2-135M-Instruct, all 30 decoder layers (q_proj/v_proj), Rotten Tomatoes"
         )
-        plateau = (3, 2, 6) if args.quick else (15, 2, 150)
-        sm_variants = variants if args.quick or args.smollm2_all else [v for v in variants if v[0] != variants[0][0]]
+        plateau = (3, 2, 6) if args.quick else (15, 2, 120)
+        sm_variants = variants if args.quick or args.smollm2_all else variants[:1] + variants[2:]
         table = bench_model(
             title,
             ModelConfig(name="smollm2", max_length=32),
             8,
             layers,
             2000,
-            150 if not args.quick else 20,
+            100 if not args.quick else 20,
             1e-3,
             plateau,
             sm_variants,
