@@ -227,6 +227,7 @@ def main() -> int:
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--smollm2-layers", type=int, default=0, help="keep the first L decoder layers of SmolLM2 (0 = all 30)")
+    ap.add_argument("--smollm2-cap", type=int, default=120, help="step cap of the SmolLM2 runs")
     ap.add_argument("--smollm2-all", action="store_true", help="also run the rule before on SmolLM2 (slow)")
     ap.add_argument("--kr", action="append", default=[], help="extra KR variant NAME:key=value,... (MiniLM and SmolLM2)")
     ap.add_argument("--no-write", action="store_true", help="print only")
@@ -261,7 +262,7 @@ def main() -> int:
             if layers
             else "SmolLM2-135M-Instruct, all 30 decoder layers (q_proj/v_proj), Rotten Tomatoes"
         )
-        plateau = (3, 2, 6) if args.quick else (15, 2, 120)
+        plateau = (3, 2, 6) if args.quick else (15, 2, args.smollm2_cap)
         sm_variants = variants if args.quick or args.smollm2_all else variants[:1] + variants[2:]
         table = bench_model(
             title,

@@ -93,7 +93,10 @@ def train_to_plateau(
             curve.points.append(Point(t, acc, flops, nbytes, active / t))
             curve.stop_step = t
             if label:
-                print(f"    {label}: step {t} acc {acc:.4f} active {active / t:.2f} ({time.time() - t0:.0f} s)", flush=True)
+                print(
+                    f"    {label}: step {t} acc {acc:.4f} active {active / t:.2f} FLOPs {flops:.4g} bytes {nbytes:.4g} ({time.time() - t0:.0f} s)",
+                    flush=True,
+                )
             if acc > best + 1e-9:
                 best, since = acc, 0
             else:

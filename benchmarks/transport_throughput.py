@@ -158,7 +158,10 @@ def grpc_pair(chunk_bytes: int, max_bytes: int):
     t = GrpcCoordinatorTransport(
         "127.0.0.1:0",
         TransportConfig(chunk_bytes=chunk_bytes, max_update_bytes=max_bytes, max_tensor_bytes=max_bytes, poll_timeout_s=0.2),
-        run_id="bench", config_yaml="{}", num_clients=1, decoder_factory=decoder,
+        run_id="bench",
+        config_yaml="{}",
+        num_clients=1,
+        decoder_factory=decoder,
     )
     address = t.start()
     conn = GrpcWorkerConnection(address, chunk_bytes=chunk_bytes, patience_s=30, heartbeat=False)
@@ -238,7 +241,16 @@ def main() -> None:
             size = mib * MiB
             need = 4.5 * size
             if available_bytes() and available_bytes() < need:
-                rows.append((mib, None, None, None, None, f"skipped: {available_bytes() / 2**30:.1f} GiB free, needs ~{need / 2**30:.1f} GiB"))
+                rows.append(
+                    (
+                        mib,
+                        None,
+                        None,
+                        None,
+                        None,
+                        f"skipped: {available_bytes() / 2**30:.1f} GiB free, needs ~{need / 2**30:.1f} GiB",
+                    )
+                )
                 print(rows[-1][-1], flush=True)
                 continue
             reps = args.repeats
@@ -251,7 +263,10 @@ def main() -> None:
             cold = rounds[0]  # the first download of this size went into a fresh buffer (later ones reuse it)
             note = f"best of {reps}; first download (fresh buffer) {size / cold[0] / MiB:,.0f} MiB/s, {cold[2] * 1000 / mib:.2f} ms/MiB"
             rows.append((mib, tcp, down, up, ceiling, note))
-            print(f"{mib} MiB: tcp {size / tcp[0] / MiB:.0f} MiB/s, grpc down {size / down[0] / MiB:.0f} MiB/s, up {size / up[0] / MiB:.0f} MiB/s", flush=True)
+            print(
+                f"{mib} MiB: tcp {size / tcp[0] / MiB:.0f} MiB/s, grpc down {size / down[0] / MiB:.0f} MiB/s, up {size / up[0] / MiB:.0f} MiB/s",
+                flush=True,
+            )
     finally:
         conn.leave()
         t.shutdown("done", grace_s=0.5)

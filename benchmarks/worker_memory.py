@@ -56,8 +56,18 @@ def main() -> None:
             if tunables:
                 env["GLIBC_TUNABLES"] = tunables
             run_dir = os.path.join(tmp, f"run{i}")
-            cmd = [sys.executable, "-m", "dpeft_launch.cli", "simulate", "--fresh", f"run_dir={run_dir}", f"rounds={args.rounds}", "clients=10",
-                   f"train.worker_mmap_threshold_kib={threshold}", *args.overrides]
+            cmd = [
+                sys.executable,
+                "-m",
+                "dpeft_launch.cli",
+                "simulate",
+                "--fresh",
+                f"run_dir={run_dir}",
+                f"rounds={args.rounds}",
+                "clients=10",
+                f"train.worker_mmap_threshold_kib={threshold}",
+                *args.overrides,
+            ]
             proc, wall, mem = run_measured(cmd, env=env, interval_s=0.3)
             if proc.returncode != 0:
                 raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
@@ -65,7 +75,10 @@ def main() -> None:
             trained = [r for r in metrics if r["round"] > 0]
             per_round = sum(r["wall_s"] for r in trained) / len(trained)
             rows.append((label, mem.peak, mem.peak_child_uss, per_round, metrics[-1]["eval_accuracy"]))
-            print(f"{label}: peak PSS {mem.peak / MiB:.0f} MiB, worker USS {mem.peak_child_uss / MiB:.0f} MiB, {per_round:.2f} s/round", flush=True)
+            print(
+                f"{label}: peak PSS {mem.peak / MiB:.0f} MiB, worker USS {mem.peak_child_uss / MiB:.0f} MiB, {per_round:.2f} s/round",
+                flush=True,
+            )
     ref = rows[0]
     table = [
         "| setting | peak PSS, process tree | vs glibc defaults | largest worker USS | vs glibc defaults | time per round | vs glibc defaults | final accuracy |",
@@ -91,7 +104,7 @@ def main() -> None:
             "mmap threshold grows to the largest block freed, so every activation ends up in the heap: a worker's heap "
             "settles near twice its live activations. The tcache is a start-up tunable, so dpeft's training commands start "
             "themselves again once with it off. A fixed mmap threshold (`train.worker_mmap_threshold_kib`, off by default) "
-            "hands large blocks back at once, paid for in page faults when they are allocated again (documentation: \"GPUs, precision and memory\", worker memory).",
+            'hands large blocks back at once, paid for in page faults when they are allocated again (documentation: "GPUs, precision and memory", worker memory).',
         ]
     )
     if not args.no_write:
