@@ -100,7 +100,9 @@ def test_ema_smooths_scores_and_relative_divides_by_the_norm():
     _window(kr, f, 2, [0, 0])
     assert kr.scores[0] == pytest.approx(0.5 * 2 * 6**0.5) and kr.last_scores[0] == 0.0
     f = [[torch.ones(2, 3), torch.zeros(3, 2)], [torch.full((2, 3), 10.0), torch.zeros(3, 2)]]
-    kr = KillRevive(KillReviveConfig(enabled=True, budget=0.5, window=1, warmup=0, revive_every=0, score="relative"), 2, lambda i: f[i])
+    kr = KillRevive(
+        KillReviveConfig(enabled=True, budget=0.5, window=1, warmup=0, revive_every=0, score="relative"), 2, lambda i: f[i]
+    )
     d = _window(kr, f, 1, [1, 1])  # the same absolute change; module 1 started 10x larger
     assert d.scores[0] == pytest.approx(1.0) and d.scores[1] == pytest.approx(0.1)
     assert d.killed == [1]
