@@ -311,11 +311,11 @@ class KillReviveConfig:
     """Kill-and-Revive: skip the LoRA modules whose factors change least."""
 
     enabled: bool = _f(False, "turn Kill-and-Revive on (off = every module active: 'no KR')")
-    budget: float = _f(0.05, "active budget: fraction of LoRA modules kept active after a kill, k = max(1, round(budget * modules))")
-    window: int = _f(5, "steps per scoring window; a module is scored over each window it was active for all of (see split.kr.score)")
-    warmup: int = _f(5, "steps with every module active before the first kill (rounded up to a window boundary)")
+    budget: float = _f(0.5, "active budget: fraction of LoRA modules kept active after a kill, k = max(1, round(budget * modules))")
+    window: int = _f(10, "steps per scoring window; a module is scored over each window it was active for all of (see split.kr.score)")
+    warmup: int = _f(10, "steps with every module active before the first kill (rounded up to a window boundary)")
     revive_every: int = _f(50, "revive killed modules every this many steps (a multiple of window; 0 = never)")
-    revive_count: int = _f(1, "killed modules revived at each revive point (0 = all of them); revived modules train one window, then compete again")
+    revive_count: int = _f(0, "killed modules revived at each revive point (0 = all of them); revived modules train one window, then compete again")
     revive_order: str = _f("score", "which killed modules revive_count picks: score (highest running score first) or oldest (killed longest ago first)")
     score: str = _f(
         "change",
