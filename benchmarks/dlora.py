@@ -50,7 +50,16 @@ PAPER_RULE = {
     "score": "change",
     "ema": 0.0,
 }
-NEW_RULE = {"enabled": True, "budget": 0.05, "window": 5, "warmup": 5, "revive_every": 50, "revive_count": 1, "score": "change", "ema": 0.0}
+NEW_RULE = {
+    "enabled": True,
+    "budget": 0.05,
+    "window": 5,
+    "warmup": 5,
+    "revive_every": 50,
+    "revive_count": 1,
+    "score": "change",
+    "ema": 0.0,
+}
 
 
 def _fmt_flops(f: float) -> str:
@@ -127,6 +136,7 @@ def bench_model(
     lr: float,
     plateau: tuple[int, int, int],
     variants: list[tuple[str, dict]],
+    no_baseline: bool = False,
 ) -> str:
     from dpeft.adapters import build_model
     from dpeft.config import AdapterConfig, DataConfig, RunConfig, TrainConfig
@@ -199,7 +209,7 @@ def bench_model(
             )
         return "\n".join(lines)
 
-    for label, kw in [("DLoRA, no KR", {"enabled": False})] + variants:
+    for label, kw in ([] if no_baseline else [("DLoRA, no KR", {"enabled": False})]) + variants:
         curve = train_to_plateau(
             bundle.model,
             data,
@@ -228,6 +238,8 @@ def main() -> int:
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--smollm2-layers", type=int, default=0, help="keep the first L decoder layers of SmolLM2 (0 = all 30)")
     ap.add_argument("--smollm2-cap", type=int, default=120, help="step cap of the SmolLM2 runs")
+    ap.add_argument("--minilm-plateau", default="25,2,500", help="MiniLM: evaluate every, patience, step cap")
+    ap.add_argument("--no-baseline", action="store_true", help="skip DLoRA without KR (its numbers come from another invocation)")
     ap.add_argument("--smollm2-all", action="store_true", help="also run the rule before on SmolLM2 (slow)")
     ap.add_argument("--kr", action="append", default=[], help="extra KR variant NAME:key=value,... (MiniLM and SmolLM2)")
     ap.add_argument("--no-write", action="store_true", help="print only")
@@ -236,12 +248,15 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from dpeft.config import ModelConfig
 
-    variants = [("DLoRA + KR, low budget (0.05), partial revive", NEW_RULE), ("DLoRA + KR, original rule, budget 0.125", PAPER_RULE)]
+    variants = [
+        ("DLoRA + KR, low budget (0.05), partial revive", NEW_RULE),
+        ("DLoRA + KR, original rule, budget 0.125", PAPER_RULE),
+    ]
     variants += [parse_variant(s) for s in args.kr]
     sections = []
     t0 = time.time()
     if not args.skip_minilm:
-        plateau = (4, 2, 12) if args.quick else (25, 2, 500)
+        plateau = (4, 2, 12) if args.quick else tuple(int(x) for x in args.minilm_plateau.split(","))
         table = bench_model(
             "all-MiniLM-L6-v2 (6 layers, query/value), Rotten Tomatoes",
             ModelConfig(max_length=48),
@@ -252,6 +267,7 @@ def main() -> int:
             2e-3,
             plateau,
             variants,
+            args.no_baseline,
         )
         sections.append(table)
         print(table, flush=True)
