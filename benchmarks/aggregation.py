@@ -151,11 +151,17 @@ def memory(ns: list[int], update_mib: int, keep_max: int) -> list[tuple[int, flo
                 continue
             proc = subprocess.run(
                 [sys.executable, __file__, "--memory-child", str(n), "--mem-update-mib", str(update_mib), "--mode", mode],
-                capture_output=True, text=True, check=True, timeout=1800,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=1800,
             )
             res[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
         out.append((n, res["streaming"], res["keep_all"]))
-        print(f"N={n}: streaming growth {res['streaming'] / MiB:.0f} MiB, keep-all {res['keep_all'] / MiB if res['keep_all'] else float('nan'):.0f} MiB", flush=True)
+        print(
+            f"N={n}: streaming growth {res['streaming'] / MiB:.0f} MiB, keep-all {res['keep_all'] / MiB if res['keep_all'] else float('nan'):.0f} MiB",
+            flush=True,
+        )
     return out
 
 
@@ -186,7 +192,8 @@ def main() -> None:
     lines = [
         f"`python benchmarks/aggregation.py --update-mib {args.update_mib} --folds {args.folds} --mem-update-mib {args.mem_update_mib}`",
         "",
-        machine_note() + f" torch threads {args.threads}; 1-min load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
+        machine_note()
+        + f" torch threads {args.threads}; 1-min load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
         "",
         f"Fold throughput, {args.folds} fp32 updates of {args.update_mib} MiB (64 tensors), best of {args.repeats} (all rows interleaved in each repeat):",
         "",

@@ -51,7 +51,11 @@ def run(overrides: list[str], run_dir: str) -> tuple[list[dict], float]:
     t0 = time.time()
     proc = subprocess.run(
         [sys.executable, "-m", "dpeft_launch.cli", "simulate", "--fresh", f"run_dir={run_dir}", *overrides],
-        capture_output=True, text=True, timeout=3600, env=env, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env=env,
+        stdin=subprocess.DEVNULL,
     )
     if proc.returncode != 0:
         raise SystemExit(f"dpeft simulate {' '.join(overrides)} failed:\n{proc.stderr[-3000:]}")

@@ -1,30 +1,26 @@
-"""DLoRA split mode: edge cost and accuracy of edge-only, cloud-only, DLoRA (no KR) and DLoRA + KR.
+"""DLoRA split mode: edge cost and accuracy of DLoRA without and with Kill-and-Revive, trained to a plateau.
 
-Every method trains the same LoRA adapter (r=8 on the default targets, classifier head) for
-the same number of steps on the same batches (Rotten Tomatoes, one edge's shard) and is
-evaluated on the same held-out examples. The base runs in eval mode (no dropout) in every
-method, which is what split mode does, so edge-only / cloud-only / DLoRA no-KR compute the
-same training up to float summation order.
+Every method trains the same LoRA adapter (r=8 on the default targets, classifier head) on the
+same batch sequence (Rotten Tomatoes) and is evaluated on the same held-out examples. The base
+runs in eval mode (no dropout), which is what split mode does, so edge-only, cloud-only and
+DLoRA without KR compute the same training up to float summation order; edge-only and
+cloud-only rows give per-step costs only.
 
-- edge-only: the whole peft model on the device. Edge FLOPs: torch.utils.flop_counter over
-  a forward + backward step (every 5th step counted, mean reported); bytes 0.
-- cloud-only: the device uploads its batch (token ids, attention mask and labels in dpeft's
-  tensor format) and the cloud trains; edge FLOPs 0. Its accuracy is the edge-only run's
-  (same training, different machine).
-- DLoRA: cloud and edge in this process over a real loopback gRPC stream (fp32 wire). Edge
-  FLOPs are counted analytically per step (checked against torch's flop counter in the
-  tests): per active LoRA module with N = batch x tokens, rank r, input d_in, output d_out,
-  forward 2 N r (d_in + d_out), backward 2 N r (2 d_out + d_in) + 2 N r d_in (input
-  gradient, not needed at the first layer); head 6 B H C; embedding lookup 0; optimizer not
-  counted. Bytes: every protobuf message on the stream, both directions (serialized size).
-  Edge CPU s/step: CPU seconds of the edge's own computation (one torch thread, measured with
-  time.thread_time, so it is robust to other load on the machine); step wall s: the whole
-  step as the edge sees it (cloud compute, serialization and loopback gRPC included; cloud
-  and edge share this machine's cores, so it is sensitive to other load).
-- DLoRA + KR: Kill-and-Revive at several active budgets (window 10, warmup 10, revive every
-  50 steps).
+- Plateau: each DLoRA configuration trains until ``--patience`` evaluations in a row (one every
+  ``--eval-every`` steps) did not beat its best held-out accuracy, or until the step cap. Its
+  *plateau* is the first evaluation with the best accuracy; costs "to plateau" are the edge's
+  totals up to that step. "To reach no-KR" is the cost up to the first evaluation at or above
+  no-KR's plateau accuracy (and "within 1 pt": at or above it minus 0.01); the comparison is
+  with no-KR's cost to its plateau.
+- Edge FLOPs: counted analytically per step for DLoRA (checked against torch's flop counter in
+  the tests): per active LoRA module with N = batch x tokens, rank r, input d_in, output d_out,
+  forward 2 N r (d_in + d_out), backward 2 N r (2 d_out + d_in) + 2 N r d_in (input gradient,
+  only when an active module lies below); head 6 B H C; embedding lookup 0; optimizer not
+  counted. edge-only: torch.utils.flop_counter over forward + backward.
+- Bytes: every protobuf message on the stream, both directions (serialized size), frozen-factor
+  uploads included. cloud-only uploads the batch (ids, mask, labels) in dpeft's tensor format.
 
-    python benchmarks/dlora.py [--quick] [--steps N] [--smollm2-layers L]
+    python benchmarks/dlora.py [--quick] [--skip-minilm] [--skip-smollm2] [--kr NAME:key=value,...]
 """
 
 from __future__ import annotations
@@ -40,54 +36,67 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
+from dlora_plateau import Curve, evaluate, train_to_plateau  # noqa: E402
 from results import machine_note, write_section  # noqa: E402
 
-
-def _evaluate(model, data, batch_size=64) -> float:
-    from dpeft.train.loop import evaluate
-
-    return evaluate(model, data, "seq_cls", batch_size)["eval_accuracy"]
+#: the original rule (budget 0.125 was its cheapest measured setting) and the low-budget rule (short warmup, one module revived at a time)
+PAPER_RULE = {
+    "enabled": True,
+    "budget": 0.125,
+    "window": 10,
+    "warmup": 10,
+    "revive_every": 50,
+    "revive_count": 0,
+    "score": "change",
+    "ema": 0.0,
+}
+NEW_RULE = {
+    "enabled": True,
+    "budget": 0.05,
+    "window": 5,
+    "warmup": 5,
+    "revive_every": 50,
+    "revive_count": 1,
+    "score": "change",
+    "ema": 0.0,
+}
 
 
 def _fmt_flops(f: float) -> str:
+    if f >= 1e12:
+        return f"{f / 1e12:.2f} T"
     return f"{f / 1e9:.2f} G" if f >= 1e8 else f"{f / 1e6:.1f} M"
 
 
 def _fmt_bytes(b: float) -> str:
-    return f"{b / 2**20:.2f} MiB" if b >= 2**20 else f"{b / 1024:.1f} KiB"
+    if b >= 2**30:
+        return f"{b / 2**30:.2f} GiB"
+    return f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{b / 1024:.1f} KiB"
 
 
-def edge_only(model, data, schedule, train_cfg) -> dict:
+def _pct(x: float, base: float) -> str:
+    return f"{100 * (x / base - 1):+.1f}%" if base else "-"
+
+
+def edge_only_flops(model, data, schedule, train_cfg) -> float:
+    """torch's flop count of forward + backward of the whole peft model, mean over the given batches."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from dpeft.adapters import adapter_parameters
-    from dpeft.train.loop import make_optimizer
 
     model = copy.deepcopy(model)
     model.eval()
     params = adapter_parameters(model)
-    opt = make_optimizer(params.values(), train_cfg)
-    flops, walls, cpus = [], [], []
-    for i, idx in enumerate(schedule):
+    flops = []
+    for idx in schedule:
         b = data.batch(idx)
-        counter = FlopCounterMode(display=False) if i % 5 == 0 else None
-        t0 = time.perf_counter()
-        c0 = time.thread_time()
-        if counter is not None:
-            counter.__enter__()
-        opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss = torch.nn.functional.cross_entropy(logits, b["labels"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), train_cfg.max_grad_norm)
-        opt.step()
-        if counter is not None:
-            counter.__exit__(None, None, None)
-            flops.append(counter.get_total_flops())
-        else:
-            walls.append(time.perf_counter() - t0)
-            cpus.append(time.thread_time() - c0)
-    return {"model": model, "flops": sum(flops) / len(flops), "bytes": 0.0, "compute_s": sum(cpus) / max(len(cpus), 1), "wall_s": sum(walls) / max(len(walls), 1)}
+        with FlopCounterMode(display=False) as counter:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            torch.nn.functional.cross_entropy(logits, b["labels"]).backward()
+        flops.append(counter.get_total_flops())
+        for p in params.values():
+            p.grad = None
+    return sum(flops) / len(flops)
 
 
 def cloud_only_bytes(data, schedule) -> float:
@@ -97,44 +106,38 @@ def cloud_only_bytes(data, schedule) -> float:
     total = 0
     for idx in schedule:
         b = data.batch(idx)
-        total += encoded_size(AdapterState({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"]}))
+        total += encoded_size(
+            AdapterState({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"]})
+        )
     return total / len(schedule)
 
 
-def dlora(model, data, schedule, run, split) -> dict:
-    from dpeft.adapters import load_state
-    from dpeft.split.local import loopback
-
-    stats = []
-    with loopback(model, run, split) as (edge, channel, welcome, _service):
-        welcome.tensors({})
-
-        def on_frozen(killed, revived):
-            edge.sync_frozen(channel, killed, revived)
-
-        up0, down0 = channel.bytes_sent, channel.bytes_received
-        for idx in schedule:
-            b = data.batch(idx)
-            st, _ = edge.step(channel, b["input_ids"], b["attention_mask"], b["labels"], True, on_frozen=on_frozen)
-            stats.append(st)
-        total_bytes = channel.bytes_sent - up0 + channel.bytes_received - down0  # includes frozen-factor uploads
-        state = edge.state()
-        n_sites = len(edge.sites)
-    trained = copy.deepcopy(model)
-    load_state(trained, state)
-    trained.eval()
-    n = len(stats)
-    return {
-        "model": trained,
-        "flops": sum(s.flops for s in stats) / n,
-        "bytes": total_bytes / n,
-        "compute_s": sum(s.compute_s for s in stats[1:]) / max(n - 1, 1),
-        "wall_s": sum(s.wall_s for s in stats[1:]) / max(n - 1, 1),
-        "active": f"{sum(s.active_modules for s in stats) / len(stats):.1f} / {n_sites}",
-    }
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """'NAME:key=value,key=value' -> (NAME, KillReviveConfig kwargs)."""
+    name, _, rest = spec.partition(":")
+    kw: dict = {"enabled": True}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        kw[key] = (
+            value
+            if key in ("score", "revive_order")
+            else (value.lower() == "true" if key == "enabled" else float(value) if "." in value else int(value))
+        )
+    return name, kw
 
 
-def bench_model(name: str, model_cfg, steps: int, batch_size: int, budgets: list[float], layers: int | None, train_examples: int, test_examples: int, lr: float) -> tuple[list[dict], str]:
+def bench_model(
+    name: str,
+    model_cfg,
+    batch_size: int,
+    layers: int | None,
+    train_examples: int,
+    test_examples: int,
+    lr: float,
+    plateau: tuple[int, int, int],
+    variants: list[tuple[str, dict]],
+    no_baseline: bool = False,
+) -> str:
     from dpeft.adapters import build_model
     from dpeft.config import AdapterConfig, DataConfig, RunConfig, TrainConfig
     from dpeft.data import load_dataset, tokenize
@@ -142,85 +145,166 @@ def bench_model(name: str, model_cfg, steps: int, batch_size: int, budgets: list
     from dpeft.split.spec import slice_layers
     from dpeft.train.loop import batch_schedule
 
-    bundle = build_model(model_cfg, AdapterConfig(), 2, 0)
+    eval_every, patience, cap = plateau
+    adapter = AdapterConfig()  # query/value on MiniLM, q_proj/v_proj on SmolLM2
+    bundle = build_model(model_cfg, adapter, 2, 0)
     if layers:
         slice_layers(bundle.model, layers)
     train, test = load_dataset(DataConfig(max_train_examples=train_examples, test_examples=test_examples), 0)
     data = tokenize(bundle.tokenizer, train.texts, train.labels, model_cfg.max_length)
     test_data = tokenize(bundle.tokenizer, test.texts, test.labels, model_cfg.max_length)
-    schedule = batch_schedule(list(range(len(train))), steps, batch_size, 1234)
+    schedule = batch_schedule(list(range(len(train))), cap, batch_size, 1234)
     train_cfg = TrainConfig(loss="cross_entropy", lr=lr, batch_size=batch_size)
-    run = RunConfig(model=model_cfg, train=train_cfg)
-    acc0 = _evaluate(bundle.model, test_data)
-    rows = []
+    run = RunConfig(model=model_cfg, adapter=adapter, train=train_cfg)
+    acc0 = evaluate(bundle.model, test_data)
     t0 = time.time()
-    eo = edge_only(bundle.model, data, schedule, train_cfg)
-    eo_acc = _evaluate(eo.pop("model"), test_data)
-    rows.append({"method": "edge-only (whole model on device)", **eo, "acc": eo_acc, "active": "-"})
-    rows.append({"method": "cloud-only (data sent to cloud)", "flops": 0.0, "bytes": cloud_only_bytes(data, schedule), "compute_s": None, "wall_s": None, "acc": eo_acc, "active": "-"})
-    variants = [("DLoRA, no KR", KillReviveConfig(enabled=False))] + [
-        (f"DLoRA + KR, budget {b:g}", KillReviveConfig(enabled=True, budget=b, window=10, warmup=10, revive_every=50)) for b in budgets
-    ]
-    for label, kr in variants:
-        split = SplitConfig(federated=False, kr=kr)
-        res = dlora(bundle.model, data, schedule, run, split)
-        acc = _evaluate(res.pop("model"), test_data)
-        rows.append({"method": label, **res, "acc": acc})
-        print(f"  {name}: {label}: acc {acc:.3f} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
-    base = next(r for r in rows if r["method"] == "DLoRA, no KR")
-    lines = [
-        f"**{name}**: {steps} steps x batch {batch_size}, lr {lr:g}, AdamW, max_length {model_cfg.max_length}; accuracy on {len(test)} held-out examples (before training: {acc0:.3f}).",
-        "",
-        "| method | active LoRA modules (mean/step) | edge FLOPs/step | vs no-KR | bytes/step (up+down) | vs no-KR | edge CPU s/step | step wall s | accuracy | vs no-KR |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        dflops = f"{100 * (r['flops'] / base['flops'] - 1):+.0f}%" if base["flops"] else "-"
-        dbytes = f"{100 * (r['bytes'] / base['bytes'] - 1):+.1f}%" if base["bytes"] else "-"
-        comp = "-" if r["compute_s"] is None else f"{r['compute_s']:.3f}"
-        wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.3f}"
-        lines.append(
-            f"| {r['method']} | {r['active']} | {_fmt_flops(r['flops'])} | {dflops} | {_fmt_bytes(r['bytes'])} | {dbytes} | {comp} | {wall} | {r['acc']:.3f} | {r['acc'] - base['acc']:+.3f} |"
+    eo_flops = edge_only_flops(bundle.model, data, schedule[:2], train_cfg)
+    co_bytes = cloud_only_bytes(data, schedule)
+    curves: list[tuple[str, dict, Curve]] = []
+
+    def _render() -> str:
+        base = curves[0][2].best
+        m = curves[0][2].modules
+        lines = [
+            f"**{name}** ({m} LoRA modules): batch {batch_size}, lr {lr:g}, AdamW, max_length {model_cfg.max_length}; {len(train)} training examples; "
+            f"accuracy on {len(test)} held-out examples (before training: {acc0:.3f}), evaluated every {eval_every} steps, patience {patience}, cap {cap} steps.",
+            "",
+            "| method | plateau step (stopped) | plateau accuracy | vs no-KR | active modules (mean/step) | edge FLOPs to plateau | vs no-KR | bytes to plateau | vs no-KR | to reach no-KR's accuracy: step, FLOPs, bytes (vs no-KR) | within 1 pt: step, FLOPs, bytes (vs no-KR) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for label, _kw, c in curves:
+            p = c.best
+            cells = []
+            for target in (base.acc, base.acc - 0.01):
+                r = c.first_reaching(target)
+                cells.append(
+                    "not reached" if r is None else f"{r.step}, {_pct(r.flops, base.flops)}, {_pct(r.bytes, base.bytes)}"
+                )
+            lines.append(
+                f"| {label} | {p.step} ({c.stop_step}) | {p.acc:.3f} | {100 * (p.acc - base.acc):+.1f} pt | {p.active:.2f} / {c.modules} | {_fmt_flops(p.flops)} | {_pct(p.flops, base.flops)} "
+                f"| {_fmt_bytes(p.bytes)} | {_pct(p.bytes, base.bytes)} | {cells[0]} | {cells[1]} |"
+            )
+        nk = curves[0][2]
+        lines += [
+            "",
+            "Per step (over each whole run):",
+            "",
+            "| method | edge FLOPs/step | bytes/step (up+down) | edge CPU s/step | wall s (whole run, evaluations included) |",
+            "| --- | --- | --- | --- | --- |",
+            f"| edge-only (whole model on device) | {_fmt_flops(eo_flops)} | 0 | - | - |",
+            f"| cloud-only (batch sent to cloud) | 0 | {_fmt_bytes(co_bytes)} | - | - |",
+        ]
+        for label, _kw, c in curves:
+            last = c.last
+            lines.append(
+                f"| {label} | {_fmt_flops(last.flops / last.step)} | {_fmt_bytes(last.bytes / last.step)} | {c.compute_s:.4f} | {c.wall_s:.0f} |"
+            )
+        lines += ["", "Settings and final active set:", ""]
+        for label, kw, c in curves[1:]:
+            kills = sum(len(k) for _s, k, _r in c.history)
+            revives = sum(len(r) for _s, _k, r in c.history)
+            settings = ", ".join(f"{k}={v}" for k, v in kw.items() if k != "enabled") or "defaults"
+            lines.append(
+                f"- {label}: {settings}; {kills} kills, {revives} revives; no-KR reached {nk.best.acc:.3f} at step {nk.best.step}."
+            )
+        return "\n".join(lines)
+
+    for label, kw in ([] if no_baseline else [("DLoRA, no KR", {"enabled": False})]) + variants:
+        curve = train_to_plateau(
+            bundle.model,
+            data,
+            test_data,
+            schedule,
+            run,
+            SplitConfig(federated=False, kr=KillReviveConfig(**kw)),
+            eval_every,
+            patience,
+            label,
         )
-    return rows, "\n".join(lines)
+        curves.append((label, kw, curve))
+        print(
+            f"  {name}: {label}: plateau {curve.best.acc:.4f} at step {curve.best.step}, stopped {curve.stop_step} ({time.time() - t0:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        print(f"<!-- partial after {label} -->\n" + _render(), flush=True)
+    return _render()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few steps, for a smoke run (does not write RESULTS.md)")
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--smollm2-steps", type=int, default=40)
-    ap.add_argument("--smollm2-layers", type=int, default=4, help="keep the first L decoder layers of SmolLM2 (0 = all 30)")
+    ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--smollm2-layers", type=int, default=0, help="keep the first L decoder layers of SmolLM2 (0 = all 30)")
+    ap.add_argument("--smollm2-cap", type=int, default=120, help="step cap of the SmolLM2 runs")
+    ap.add_argument("--minilm-plateau", default="25,2,500", help="MiniLM: evaluate every, patience, step cap")
+    ap.add_argument("--no-baseline", action="store_true", help="skip DLoRA without KR (its numbers come from another invocation)")
+    ap.add_argument("--smollm2-all", action="store_true", help="also run the rule before on SmolLM2 (slow)")
+    ap.add_argument("--kr", action="append", default=[], help="extra KR variant NAME:key=value,... (MiniLM and SmolLM2)")
+    ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: edge CPU time is the edge thread's CPU time)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from dpeft.config import ModelConfig
 
-    steps = 12 if args.quick else args.steps
-    sm_steps = 6 if args.quick else args.smollm2_steps
+    variants = [
+        ("DLoRA + KR, low budget (0.05), partial revive", NEW_RULE),
+        ("DLoRA + KR, original rule, budget 0.125", PAPER_RULE),
+    ]
+    variants += [parse_variant(s) for s in args.kr]
     sections = []
     t0 = time.time()
-    _, table = bench_model("all-MiniLM-L6-v2 (6 layers, 12 LoRA modules: query/value), Rotten Tomatoes", ModelConfig(max_length=48), steps, 16, [0.5, 0.25, 0.125], None, 2000, 300, 2e-3)
-    sections.append(table)
-    print(table, flush=True)
+    if not args.skip_minilm:
+        plateau = (4, 2, 12) if args.quick else tuple(int(x) for x in args.minilm_plateau.split(","))
+        table = bench_model(
+            "all-MiniLM-L6-v2 (6 layers, query/value), Rotten Tomatoes",
+            ModelConfig(max_length=48),
+            16,
+            None,
+            4000,
+            400 if not args.quick else 50,
+            2e-3,
+            plateau,
+            variants,
+            args.no_baseline,
+        )
+        sections.append(table)
+        print(table, flush=True)
     if not args.skip_smollm2:
         layers = args.smollm2_layers or None
-        title = f"SmolLM2-135M-Instruct, first {layers} of 30 decoder layers ({2 * layers} LoRA modules: q_proj/v_proj), Rotten Tomatoes" if layers else "SmolLM2-135M-Instruct (30 layers, 60 LoRA modules), Rotten Tomatoes"
-        _, table = bench_model(title, ModelConfig(name="smollm2", max_length=40), sm_steps, 8, [0.5, 0.25], layers, 1000, 200, 1e-3)
+        title = (
+            f"SmolLM2-135M-Instruct, first {layers} of 30 decoder layers (q_proj/v_proj), Rotten Tomatoes"
+            if layers
+            else "SmolLM2-135M-Instruct, all 30 decoder layers (q_proj/v_proj), Rotten Tomatoes"
+        )
+        plateau = (3, 2, 6) if args.quick else (15, 2, args.smollm2_cap)
+        sm_variants = variants if args.quick or args.smollm2_all else variants[:1] + variants[2:]
+        table = bench_model(
+            title,
+            ModelConfig(name="smollm2", max_length=32),
+            8,
+            layers,
+            2000,
+            100 if not args.quick else 20,
+            1e-3,
+            plateau,
+            sm_variants,
+        )
         sections.append(table)
         print(table, flush=True)
     elapsed = time.time() - t0
-    if args.quick:
+    if args.quick or args.no_write:
         return 0
     body = "\n\n".join(
         [
-            "Written by `python benchmarks/dlora.py`. " + machine_note() + f" Total {elapsed / 60:.1f} min; load average at the end {os.getloadavg()[0]:.1f} "
-            "(other jobs share this machine: wall times are noisy; FLOPs, bytes, edge CPU seconds and accuracies are not).",
-            "Cloud and edge run in one process over a real loopback gRPC stream (fp32 on the wire); 'vs no-KR' compares with DLoRA without Kill-and-Revive at equal steps. "
-            "KR: window 10 steps, warmup 10, revive every 50; killed modules' frozen factors are applied by the cloud (their one-off upload is included in bytes/step). "
-            "Edge FLOPs: analytic per-step count for DLoRA (formula in the script's docstring), torch.utils.flop_counter for edge-only. "
-            "cloud-only uploads the batch (ids, mask, labels) and trains exactly what edge-only trains, so it shares its accuracy.",
+            "Written by `python benchmarks/dlora.py`. "
+            + machine_note()
+            + f" Total {elapsed / 60:.1f} min; load average at the end {os.getloadavg()[0]:.1f} "
+            "(other jobs share this machine: wall times are noisy; FLOPs, bytes and accuracies are not).",
+            "Cloud and edge run in one process over a real loopback gRPC stream (fp32 on the wire); every configuration is trained to a plateau of held-out accuracy "
+            "(see the script's docstring) on the same batch sequence; 'vs no-KR' compares with DLoRA without Kill-and-Revive trained to its own plateau. "
+            "Killed modules' frozen factors are applied by the cloud (their one-off uploads are included in the bytes).",
             *sections,
         ]
     )

@@ -69,10 +69,16 @@ def coordinator(conn, workers: int, rounds: int, tensor_kb: int, tokens_file: st
     transport = GrpcCoordinatorTransport(
         "127.0.0.1:0",
         TransportConfig(
-            chunk_bytes=chunk_bytes, max_concurrent_uploads=workers, poll_timeout_s=2.0, heartbeat_s=5.0, dead_after_s=60.0,
+            chunk_bytes=chunk_bytes,
+            max_concurrent_uploads=workers,
+            poll_timeout_s=2.0,
+            heartbeat_s=5.0,
+            dead_after_s=60.0,
             server_threads=workers + 32,
         ),
-        run_id="edge-load", config_yaml="{}", num_clients=workers,
+        run_id="edge-load",
+        config_yaml="{}",
+        num_clients=workers,
         decoder_factory=lambda tid, cid: StateDecoder(schema, Limits(max_total_bytes=1 << 30)),
         tokens=TokenStore(tokens_file),
     )
@@ -115,9 +121,19 @@ def coordinator(conn, workers: int, rounds: int, tensor_kb: int, tokens_file: st
     up1, down1 = transport.bytes_moved()
     transport.shutdown("benchmark done", grace_s=10.0)
     stop.set()
-    conn.send({"per_round": per_round, "wall": wall, "rejected": rejected, "rss_idle": rss_idle, "rss_peak": peak[0],
-               "bytes_up": up1 - up0, "bytes_down": down1 - down0, "update_bytes": len(encode_state(_state(schema, 1))),
-               "stats": transport.stats()})
+    conn.send(
+        {
+            "per_round": per_round,
+            "wall": wall,
+            "rejected": rejected,
+            "rss_idle": rss_idle,
+            "rss_peak": peak[0],
+            "bytes_up": up1 - up0,
+            "bytes_down": down1 - down0,
+            "update_bytes": len(encode_state(_state(schema, 1))),
+            "stats": transport.stats(),
+        }
+    )
 
 
 def main() -> int:
@@ -190,19 +206,19 @@ def main() -> int:
 {args.workers} concurrent workers (threads in one process, each a real `GrpcWorkerConnection`: token
 auth on every call, long-poll, chunked download, CRC-checked chunked upload, heartbeat thread)
 against the real `GrpcCoordinatorTransport` in a separate process (token auth, plaintext loopback),
-{args.rounds} rounds, one task per worker per round, an update of {result['update_bytes'] / 1024:.0f} KiB
+{args.rounds} rounds, one task per worker per round, an update of {result["update_bytes"] / 1024:.0f} KiB
 (4 float32 tensors) in {args.chunk_kb} KiB chunks; the coordinator validates every update against
 the schema and folds it into a float64 sum. Workers and coordinator share the machine's cores.
 
 | metric | value |
 | --- | --- |
 | updates accepted | {updates} ({args.workers} x {args.rounds}) |
-| errors (client exceptions + rejections) | {len(errors) + result['rejected']} |
-| round wall time (s), per round | {', '.join(f'{x:.2f}' for x in result['per_round'])} |
-| throughput | {updates / result['wall']:.0f} updates/s, {result['bytes_up'] / mib / result['wall']:.1f} MiB/s up, {result['bytes_down'] / mib / result['wall']:.1f} MiB/s down |
+| errors (client exceptions + rejections) | {len(errors) + result["rejected"]} |
+| round wall time (s), per round | {", ".join(f"{x:.2f}" for x in result["per_round"])} |
+| throughput | {updates / result["wall"]:.0f} updates/s, {result["bytes_up"] / mib / result["wall"]:.1f} MiB/s up, {result["bytes_down"] / mib / result["wall"]:.1f} MiB/s down |
 | upload latency p50 / p99 / max (ms) | {pct(50):.1f} / {pct(99):.1f} / {pct(100):.1f} |
-| coordinator RSS idle -> peak (MiB) | {result['rss_idle'] / mib:.0f} -> {result['rss_peak'] / mib:.0f} |
-| uploads resumed / corrupt chunks | {result['stats']['uploads_resumed']} / {result['stats']['corrupt_chunks']} |
+| coordinator RSS idle -> peak (MiB) | {result["rss_idle"] / mib:.0f} -> {result["rss_peak"] / mib:.0f} |
+| uploads resumed / corrupt chunks | {result["stats"]["uploads_resumed"]} / {result["stats"]["corrupt_chunks"]} |
 
 Total wall time including {args.workers} joins: {time.time() - t_start:.1f} s.
 """

@@ -304,7 +304,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-spool-at", type=int, default=1024, help="adapter MiB of one extra run with spooling off (0 = none)")
     parser.add_argument(
-        "--malloc-row", type=int, default=1024, help="adapter MiB of one extra run with glibc's default malloc thresholds (0 = none)"
+        "--malloc-row",
+        type=int,
+        default=1024,
+        help="adapter MiB of one extra run with glibc's default malloc thresholds (0 = none)",
     )
     parser.add_argument("--glibc-default", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true")

@@ -125,9 +125,15 @@ def main() -> None:
     parser.add_argument(
         "--lockstep", action="store_true", help="also run dpeft with train.lockstep=true (dropout off on every side)"
     )
-    parser.add_argument("--grid", action="store_true", help="a grid of round shapes, each against the plain loop (overhead_grid.py)")
-    parser.add_argument("--shapes", help="--grid: shapes to run, in order, e.g. 3x2,3x4c2 (clients x processes [c cores]); default all")
-    parser.add_argument("--before", action="store_true", help="--grid: also dpeft with simulate.work_conserving=false eval.overlap=false")
+    parser.add_argument(
+        "--grid", action="store_true", help="a grid of round shapes, each against the plain loop (overhead_grid.py)"
+    )
+    parser.add_argument(
+        "--shapes", help="--grid: shapes to run, in order, e.g. 3x2,3x4c2 (clients x processes [c cores]); default all"
+    )
+    parser.add_argument(
+        "--before", action="store_true", help="--grid: also dpeft with simulate.work_conserving=false eval.overlap=false"
+    )
     parser.add_argument("--plain-only", metavar="OUT", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()

@@ -67,10 +67,14 @@ class PssSampler:
         self._thread.join()
 
 
-def run_measured(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 7200, cwd: str | None = None, interval_s: float = 0.5) -> tuple[subprocess.CompletedProcess, float, PssSampler]:
+def run_measured(
+    cmd: list[str], env: dict[str, str] | None = None, timeout: float = 7200, cwd: str | None = None, interval_s: float = 0.5
+) -> tuple[subprocess.CompletedProcess, float, PssSampler]:
     """Run ``cmd`` to completion while sampling its tree's PSS; returns (result, wall seconds, sampler)."""
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env, cwd=cwd)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env, cwd=cwd
+    )
     with PssSampler(proc.pid, interval_s) as sampler:
         try:
             out, err = proc.communicate(timeout=timeout)

@@ -26,7 +26,11 @@ def machine_note() -> str:
 
 def write_section(key: str, title: str, body: str) -> None:
     """Replace (or append) the section between ``<!-- key -->`` and ``<!-- /key -->``."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is written by the script it names; ratios compare runs made in the same invocation.\n"
+    text = (
+        RESULTS.read_text()
+        if RESULTS.exists()
+        else "# Benchmark results\n\nEach section is written by the script it names; ratios compare runs made in the same invocation.\n"
+    )
     block = f"<!-- {key} -->\n## {title}\n\n{body.strip()}\n<!-- /{key} -->"
     pattern = re.compile(rf"<!-- {re.escape(key)} -->.*?<!-- /{re.escape(key)} -->", re.S)
     if pattern.search(text):

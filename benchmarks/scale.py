@@ -35,8 +35,13 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     base = [
-        f"rounds={args.rounds}", "clients_per_round=10", "train.local_steps=2", "train.batch_size=8",
-        "data.partition=iid", "data.test_examples=200", *args.overrides,
+        f"rounds={args.rounds}",
+        "clients_per_round=10",
+        "train.local_steps=2",
+        "train.batch_size=8",
+        "data.partition=iid",
+        "data.test_examples=200",
+        *args.overrides,
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     rows = []
@@ -53,7 +58,10 @@ def main() -> None:
             trained = [r for r in metrics if r["round"] > 1] or [r for r in metrics if r["round"] > 0]
             per_round = sum(r["wall_s"] for r in trained) / len(trained)
             rows.append((n, pss.peak, pss.peak_procs, per_round, wall))
-            print(f"clients={n}: peak PSS {pss.peak / MiB:.0f} MiB over {pss.peak_procs} processes, {per_round:.2f} s/round, {wall:.0f} s total", flush=True)
+            print(
+                f"clients={n}: peak PSS {pss.peak / MiB:.0f} MiB over {pss.peak_procs} processes, {per_round:.2f} s/round, {wall:.0f} s total",
+                flush=True,
+            )
     ref = rows[0][1]
     table = [
         "| virtual clients | peak PSS, whole process tree | vs the first row | processes | time per round | wall time, start to finish |",

@@ -39,7 +39,10 @@ def make_state(params: int, seed: int | None = None):
     per = params // TENSORS
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     return AdapterState(
-        OrderedDict((f"layer{i}.lora_{'AB'[i % 2]}", torch.randn(per, generator=g) if g is not None else torch.zeros(per)) for i in range(TENSORS)),
+        OrderedDict(
+            (f"layer{i}.lora_{'AB'[i % 2]}", torch.randn(per, generator=g) if g is not None else torch.zeros(per))
+            for i in range(TENSORS)
+        ),
         {"round": 0},
     )
 
@@ -68,9 +71,7 @@ def _star_rounds(transport, params: int, workers: int, rounds: int) -> tuple[lis
         digest = hashlib.sha256(payload).digest()
         blob = f"r{r}"
         transport.publish_blob(blob, payload)
-        transport.submit(
-            [TrainTask(f"r{r}-{i}", r, i, blob, len(payload), digest, {}) for i in range(workers)], {}
-        )
+        transport.submit([TrainTask(f"r{r}-{i}", r, i, blob, len(payload), digest, {}) for i in range(workers)], {})
         agg = StreamingWeightedMean(glob)
         while agg.count < workers:
             ev = transport.next_event(5.0)
@@ -116,7 +117,11 @@ def bench_grpc(params: int, workers: int, rounds: int) -> tuple[list[float], int
 
     schema = make_state(params).schema()
     t = GrpcCoordinatorTransport(
-        "127.0.0.1:0", TransportConfig(poll_timeout_s=0.5), run_id="bench", config_yaml="{}", num_clients=workers,
+        "127.0.0.1:0",
+        TransportConfig(poll_timeout_s=0.5),
+        run_id="bench",
+        config_yaml="{}",
+        num_clients=workers,
         decoder_factory=_decoder_factory(schema),
     )
     address = t.start()
@@ -166,13 +171,23 @@ def bench_ray(params: int, workers: int, rounds: int, temp_dir: str) -> tuple[li
 
     from dpeft.transport.ray_transport import RayActorSpec, RayCoordinatorTransport
 
-    ray.init(num_cpus=max(2, workers), include_dashboard=False, _temp_dir=temp_dir, logging_level="ERROR", log_to_driver=False,
-             object_store_memory=max(512 << 20, 6 * params * 4 * (workers + 2)))
+    ray.init(
+        num_cpus=max(2, workers),
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        logging_level="ERROR",
+        log_to_driver=False,
+        object_store_memory=max(512 << 20, 6 * params * 4 * (workers + 2)),
+    )
     try:
         schema = make_state(params).schema()
 
-        t = RayCoordinatorTransport(config_tree={"params": params}, decoder_factory=_decoder_factory(schema),
-                                    spec=RayActorSpec(actors=workers, num_cpus=1), actor_cls=FakeTrainActor)
+        t = RayCoordinatorTransport(
+            config_tree={"params": params},
+            decoder_factory=_decoder_factory(schema),
+            spec=RayActorSpec(actors=workers, num_cpus=1),
+            actor_cls=FakeTrainActor,
+        )
         t.start()
         try:
             return _star_rounds(t, params, workers, rounds)
@@ -265,10 +280,22 @@ def main() -> int:
                 paper = 2 * (n - 1) / n * args.params * 8  # float64 sums, per rank each way
             else:
                 paper = S  # per worker each way; the coordinator link carries n * S
-            rows.append({"transport": name, "workers": n, "round_s": med, "min_s": min(times), "up_per_worker": up / n,
-                         "down_per_worker": down / n, "paper_per_worker": paper})
-            print(f"{name:9s} N={n}: median {med:.3f}s (min {min(times):.3f}s) up/worker {up / n / 2**20:.1f} MiB "
-                  f"down/worker {down / n / 2**20:.1f} MiB paper {paper / 2**20:.1f} MiB  [{time.time() - t0:.0f}s]", flush=True)
+            rows.append(
+                {
+                    "transport": name,
+                    "workers": n,
+                    "round_s": med,
+                    "min_s": min(times),
+                    "up_per_worker": up / n,
+                    "down_per_worker": down / n,
+                    "paper_per_worker": paper,
+                }
+            )
+            print(
+                f"{name:9s} N={n}: median {med:.3f}s (min {min(times):.3f}s) up/worker {up / n / 2**20:.1f} MiB "
+                f"down/worker {down / n / 2**20:.1f} MiB paper {paper / 2**20:.1f} MiB  [{time.time() - t0:.0f}s]",
+                flush=True,
+            )
 
     report(rows, args.params, args.rounds, write=not args.no_write)
     return 0
@@ -303,8 +330,10 @@ def report(rows: list[dict], params: int, rounds: int, write: bool = True) -> st
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        lines.append(f"| {r['transport']} | {r['workers']} | {r['round_s']:.3f} | {r['min_s']:.3f} | {r['up_per_worker'] / mib:.1f} | "
-                     f"{r['down_per_worker'] / mib:.1f} | {r['paper_per_worker'] / mib:.1f} |")
+        lines.append(
+            f"| {r['transport']} | {r['workers']} | {r['round_s']:.3f} | {r['min_s']:.3f} | {r['up_per_worker'] / mib:.1f} | "
+            f"{r['down_per_worker'] / mib:.1f} | {r['paper_per_worker'] / mib:.1f} |"
+        )
     lines += [
         "",
         "On paper, N workers, adapter of S bytes: a star (gRPC or Ray; the coordinator sends the global and "
@@ -344,7 +373,12 @@ def _plot(rows, path: Path, S: int) -> None:
         rs = [r for r in rows if r["transport"] == name]
         ax1.plot([r["workers"] for r in rs], [r["round_s"] for r in rs], marker="o", label=name)
         if name != "allreduce":  # all-reduce bytes are the ring formula, drawn below
-            ax2.plot([r["workers"] for r in rs], [(r["up_per_worker"] + r["down_per_worker"]) / 2**20 for r in rs], marker="o", label=f"{name} measured")
+            ax2.plot(
+                [r["workers"] for r in rs],
+                [(r["up_per_worker"] + r["down_per_worker"]) / 2**20 for r in rs],
+                marker="o",
+                label=f"{name} measured",
+            )
     ns = sorted({r["workers"] for r in rows})
     ax2.plot(ns, [2 * S / 2**20 for _ in ns], ls="--", color="gray", label="star on paper (per worker)")
     ax2.plot(ns, [n * 2 * S / 2**20 for n in ns], ls=":", color="gray", label="star: coordinator link")

@@ -47,7 +47,12 @@ MiB = 1 << 20
 
 def ensure_venv() -> str:
     subprocess.run(["bash", str(HERE / "setup_venv.sh")], check=True)  # quick when ready; adds late small deps
-    out = subprocess.run([str(VENV / "bin" / "python"), "-c", "import flwr, ray; print(flwr.__version__, ray.__version__)"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(VENV / "bin" / "python"), "-c", "import flwr, ray; print(flwr.__version__, ray.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip()
 
 
@@ -64,10 +69,19 @@ def _leftovers(marker: str) -> list[psutil.Process]:
 
 def run_flower(overrides: list[str], tmp: str, extra_env: dict[str, str] | None = None) -> dict:
     out = os.path.join(tmp, "flower.jsonl")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=f"{ROOT}:{HERE}", RAY_DEDUP_LOGS="0", **(extra_env or {}))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=f"{ROOT}:{HERE}",
+        RAY_DEDUP_LOGS="0",
+        **(extra_env or {}),
+    )
     env.pop("VIRTUAL_ENV", None)
     before = {p.pid for p in _leftovers(str(VENV))}
-    proc, wall, pss = run_measured([str(VENV / "bin" / "python"), str(HERE / "flower_task.py"), "--out", out, *overrides], env=env, cwd=str(ROOT))
+    proc, wall, pss = run_measured(
+        [str(VENV / "bin" / "python"), str(HERE / "flower_task.py"), "--out", out, *overrides], env=env, cwd=str(ROOT)
+    )
     # Ray daemons that outlived the driver: ours (started during this run), ended by pid
     stray = [p for p in _leftovers(str(VENV)) if p.pid not in before]
     for p in stray:
@@ -78,13 +92,23 @@ def run_flower(overrides: list[str], tmp: str, extra_env: dict[str, str] | None 
     if proc.returncode != 0 or not Path(out).exists():
         raise SystemExit(f"Flower run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     rows = [json.loads(x) for x in Path(out).read_text().splitlines()]
-    return {"wall_s": wall, "pss": pss.peak, "procs": pss.peak_procs, "acc": [r["eval_accuracy"] for r in sorted(rows, key=lambda r: r["round"])], "stray": len(stray)}
+    return {
+        "wall_s": wall,
+        "pss": pss.peak,
+        "procs": pss.peak_procs,
+        "acc": [r["eval_accuracy"] for r in sorted(rows, key=lambda r: r["round"])],
+        "stray": len(stray),
+    }
 
 
 def run_dpeft(overrides: list[str], tmp: str) -> dict:
     run_dir = os.path.join(tmp, "dpeft")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc, wall, pss = run_measured([sys.executable, "-m", "dpeft_launch.cli", "simulate", "--fresh", f"run_dir={run_dir}", *overrides], env=env, cwd=str(ROOT))
+    proc, wall, pss = run_measured(
+        [sys.executable, "-m", "dpeft_launch.cli", "simulate", "--fresh", f"run_dir={run_dir}", *overrides],
+        env=env,
+        cwd=str(ROOT),
+    )
     if proc.returncode != 0:
         raise SystemExit(f"dpeft simulate failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     rows = [json.loads(x) for x in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
@@ -96,7 +120,9 @@ def main() -> None:
     parser.add_argument("--clients", default="10,100")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", default="", help="clients per round to run (comma-separated); default: the config's")
-    parser.add_argument("--dpeft", default="simulate.work_conserving=true", help="space-separated settings for the dpeft side only")
+    parser.add_argument(
+        "--dpeft", default="simulate.work_conserving=true", help="space-separated settings for the dpeft side only"
+    )
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument(
         "--no-flower-tunables",
@@ -108,18 +134,36 @@ def main() -> None:
     versions = ensure_venv()
     load_start = os.getloadavg()[0]
     results = []
-    shapes = [(int(c), p) for c in args.clients.split(",") for p in ([int(x) for x in args.per_round.split(",")] if args.per_round else [None])]
+    shapes = [
+        (int(c), p)
+        for c in args.clients.split(",")
+        for p in ([int(x) for x in args.per_round.split(",")] if args.per_round else [None])
+    ]
     for n, per_round in shapes:
-        overrides = [f"rounds={args.rounds}", f"clients={n}", *([f"clients_per_round={per_round}"] if per_round else []), *args.overrides]
+        overrides = [
+            f"rounds={args.rounds}",
+            f"clients={n}",
+            *([f"clients_per_round={per_round}"] if per_round else []),
+            *args.overrides,
+        ]
         with tempfile.TemporaryDirectory() as tmp:
             fl = run_flower(overrides, tmp)
-            print(f"clients={n} flower: {fl['wall_s']:.1f}s, {fl['pss'] / MiB:.0f} MiB PSS ({fl['procs']} procs), acc {fl['acc']}", flush=True)
+            print(
+                f"clients={n} flower: {fl['wall_s']:.1f}s, {fl['pss'] / MiB:.0f} MiB PSS ({fl['procs']} procs), acc {fl['acc']}",
+                flush=True,
+            )
             dp = run_dpeft([*overrides, *args.dpeft.split()], tmp)
-            print(f"clients={n} dpeft:  {dp['wall_s']:.1f}s, {dp['pss'] / MiB:.0f} MiB PSS ({dp['procs']} procs), acc {dp['acc']}", flush=True)
+            print(
+                f"clients={n} dpeft:  {dp['wall_s']:.1f}s, {dp['pss'] / MiB:.0f} MiB PSS ({dp['procs']} procs), acc {dp['acc']}",
+                flush=True,
+            )
             fl_lean = None
             if not args.no_flower_tunables and not results:
                 fl_lean = run_flower(overrides, tmp, {"GLIBC_TUNABLES": LEAN_TUNABLES})
-                print(f"clients={n} flower, GLIBC_TUNABLES={LEAN_TUNABLES}: {fl_lean['wall_s']:.1f}s, {fl_lean['pss'] / MiB:.0f} MiB PSS", flush=True)
+                print(
+                    f"clients={n} flower, GLIBC_TUNABLES={LEAN_TUNABLES}: {fl_lean['wall_s']:.1f}s, {fl_lean['pss'] / MiB:.0f} MiB PSS",
+                    flush=True,
+                )
         results.append((f"{n}" if per_round is None else f"{n} ({per_round} per round)", overrides, fl, dp, fl_lean))
     lines = [
         f"`python benchmarks/flower/compare.py --clients {args.clients} --rounds {args.rounds}"
@@ -133,13 +177,29 @@ def main() -> None:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for n, _o, fl, dp, fl_lean in results:
-        lines.append(f"| {n} | Flower simulation | {fl['wall_s']:.1f} s | {fl['pss'] / MiB:,.0f} MiB | {fl['procs']} | {fl['acc'][-1]:.4f} |")
-        lines.append(f"| {n} | dpeft simulate | {dp['wall_s']:.1f} s | {dp['pss'] / MiB:,.0f} MiB | {dp['procs']} | {dp['acc'][-1]:.4f} |")
-        lines.append(f"| {n} | **Flower / dpeft** | **{fl['wall_s'] / dp['wall_s']:.2f}x** | **{fl['pss'] / dp['pss']:.2f}x** | | |")
+        lines.append(
+            f"| {n} | Flower simulation | {fl['wall_s']:.1f} s | {fl['pss'] / MiB:,.0f} MiB | {fl['procs']} | {fl['acc'][-1]:.4f} |"
+        )
+        lines.append(
+            f"| {n} | dpeft simulate | {dp['wall_s']:.1f} s | {dp['pss'] / MiB:,.0f} MiB | {dp['procs']} | {dp['acc'][-1]:.4f} |"
+        )
+        lines.append(
+            f"| {n} | **Flower / dpeft** | **{fl['wall_s'] / dp['wall_s']:.2f}x** | **{fl['pss'] / dp['pss']:.2f}x** | | |"
+        )
         if fl_lean is not None:
-            lines.append(f"| {n} | Flower, `GLIBC_TUNABLES={LEAN_TUNABLES}` | {fl_lean['wall_s']:.1f} s | {fl_lean['pss'] / MiB:,.0f} MiB | {fl_lean['procs']} | {fl_lean['acc'][-1]:.4f} |")
-            lines.append(f"| {n} | Flower (same tunables) / dpeft | {fl_lean['wall_s'] / dp['wall_s']:.2f}x | {fl_lean['pss'] / dp['pss']:.2f}x | | |")
-    lines += ["", "Accuracy per round (round 0 = the initial adapter):", "", "| clients | | " + " | ".join(f"r{i}" for i in range(args.rounds + 1)) + " |", "| --- | --- |" + " --- |" * (args.rounds + 1)]
+            lines.append(
+                f"| {n} | Flower, `GLIBC_TUNABLES={LEAN_TUNABLES}` | {fl_lean['wall_s']:.1f} s | {fl_lean['pss'] / MiB:,.0f} MiB | {fl_lean['procs']} | {fl_lean['acc'][-1]:.4f} |"
+            )
+            lines.append(
+                f"| {n} | Flower (same tunables) / dpeft | {fl_lean['wall_s'] / dp['wall_s']:.2f}x | {fl_lean['pss'] / dp['pss']:.2f}x | | |"
+            )
+    lines += [
+        "",
+        "Accuracy per round (round 0 = the initial adapter):",
+        "",
+        "| clients | | " + " | ".join(f"r{i}" for i in range(args.rounds + 1)) + " |",
+        "| --- | --- |" + " --- |" * (args.rounds + 1),
+    ]
     for n, _o, fl, dp, _fl_lean in results:
         lines.append(f"| {n} | Flower | " + " | ".join(f"{a:.4f}" for a in fl["acc"]) + " |")
         lines.append(f"| {n} | dpeft | " + " | ".join(f"{a:.4f}" for a in dp["acc"]) + " |")

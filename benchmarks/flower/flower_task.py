@@ -58,7 +58,9 @@ def _setup(for_server: bool = False):
         parts = None
     else:
         data = tokenize(bundle.tokenizer, train.texts, train.labels, cfg.model.max_length)
-        parts = partition(train.labels, cfg.clients, cfg.data.partition, cfg.seed, cfg.data.dirichlet_alpha, cfg.data.min_examples_per_client)
+        parts = partition(
+            train.labels, cfg.clients, cfg.data.partition, cfg.seed, cfg.data.dirichlet_alpha, cfg.data.min_examples_per_client
+        )
     _CACHE[key] = (cfg, bundle.model, names, data, parts, len(train.label_names))
     return _CACHE[key]
 
@@ -91,7 +93,9 @@ def client_fn(context):
             cid = int(config["client_id"])
             rnd = int(config["round"])
             params = list(adapter_parameters(model).values())
-            res = local_train(model, params, data, parts[cid], cfg.train, cfg.model.task, task_seed(cfg.seed, rnd, cid), num_labels=num_labels)
+            res = local_train(
+                model, params, data, parts[cid], cfg.train, cfg.model.task, task_seed(cfg.seed, rnd, cid), num_labels=num_labels
+            )
             return _arrays(model, names), len(parts[cid]), {"train_loss": res.train_loss, "client_id": cid}
 
     return LoraClient().to_client()
@@ -114,7 +118,17 @@ def server_fn(context):
 
         load_state(model, _to_state(names, arrays))
         m = evaluate(model, test, cfg.model.task, cfg.train.eval_batch_size)
-        out.write(json.dumps({"round": server_round, "eval_accuracy": m["eval_accuracy"], "eval_loss": m["eval_loss"], "elapsed_s": time.time() - t0}) + "\n")
+        out.write(
+            json.dumps(
+                {
+                    "round": server_round,
+                    "eval_accuracy": m["eval_accuracy"],
+                    "eval_loss": m["eval_loss"],
+                    "elapsed_s": time.time() - t0,
+                }
+            )
+            + "\n"
+        )
         out.flush()
         return m["eval_loss"], {"accuracy": m["eval_accuracy"]}
 

@@ -200,5 +200,13 @@ def validate_split(cfg: SplitConfig) -> None:
         raise ConfigError("split.kr.warmup", f"must be >= 0, got {cfg.kr.warmup}")
     if cfg.kr.revive_every < 0:
         raise ConfigError("split.kr.revive_every", f"must be >= 0, got {cfg.kr.revive_every}")
+    if cfg.kr.revive_count < 0:
+        raise ConfigError("split.kr.revive_count", f"must be >= 0, got {cfg.kr.revive_count}")
+    if cfg.kr.revive_order not in ("score", "oldest"):
+        raise ConfigError("split.kr.revive_order", f"must be score or oldest, got {cfg.kr.revive_order!r}")
+    if cfg.kr.score not in ("change", "relative", "loss_drop"):
+        raise ConfigError("split.kr.score", f"must be change, relative or loss_drop, got {cfg.kr.score!r}")
+    if not 0.0 <= cfg.kr.ema < 1.0:
+        raise ConfigError("split.kr.ema", f"must be in [0, 1), got {cfg.kr.ema}")
     if cfg.kr.revive_every and cfg.kr.revive_every % cfg.kr.window:
         raise ConfigError("split.kr.revive_every", f"must be a multiple of split.kr.window ({cfg.kr.window}), got {cfg.kr.revive_every}")

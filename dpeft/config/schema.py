@@ -312,9 +312,17 @@ class KillReviveConfig:
 
     enabled: bool = _f(False, "turn Kill-and-Revive on (off = every module active: 'no KR')")
     budget: float = _f(0.5, "active budget: fraction of LoRA modules kept active after a kill, k = max(1, round(budget * modules))")
-    window: int = _f(10, "steps per scoring window; a module's score is the L2 norm of the change of its (A, B) over its last full active window")
+    window: int = _f(10, "steps per scoring window; a module is scored over each window it was active for all of (see split.kr.score)")
     warmup: int = _f(10, "steps with every module active before the first kill (rounded up to a window boundary)")
-    revive_every: int = _f(50, "revive every killed module every this many steps (a multiple of window; 0 = never)")
+    revive_every: int = _f(50, "revive killed modules every this many steps (a multiple of window; 0 = never)")
+    revive_count: int = _f(0, "killed modules revived at each revive point (0 = all of them); revived modules train one window, then compete again")
+    revive_order: str = _f("score", "which killed modules revive_count picks: score (highest running score first) or oldest (killed longest ago first)")
+    score: str = _f(
+        "change",
+        "window score: change (L2 norm of the change of (A, B) over the window, the paper's), relative (that change / the norm at the window's start) "
+        "or loss_drop (sum over the window of -gradient . update of the module: the first-order loss decrease its updates bought)",
+    )
+    ema: float = _f(0.0, "running score = ema * previous + (1 - ema) * window score, in [0, 1) (0 = the last window only)")
 
 
 @dataclass(kw_only=True)

@@ -258,6 +258,7 @@ class EdgeModel:
             c0 = time.thread_time()
             if self.train_cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.train_cfg.max_grad_norm)
+            self.kr.before_update()
             self.optimizer.step()
             compute += time.thread_time() - c0
             decision = self.kr.after_step(self.step_count)

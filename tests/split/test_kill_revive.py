@@ -59,6 +59,68 @@ def test_kill_least_changing_after_warmup_then_revive_and_rescore():
     assert d.killed == [0, 2] and kr.active == {1, 3}
 
 
+def _window(kr, f, t, amounts):
+    """Move the factors by ``amounts`` during the window ending at step ``t``, then step to ``t``."""
+    _move(f, amounts)
+    for s in range(t - kr.cfg.window + 1, t + 1):
+        d = kr.after_step(s)
+    return d
+
+
+def test_partial_revive_by_score_then_the_revived_module_competes():
+    kr, f = _kr(4, budget=0.25, window=1, warmup=1, revive_every=3, revive_count=1)
+    d = _window(kr, f, 1, [3, 2, 1, 0.5])  # warmup boundary: the kill keeps module 0 only
+    assert d.killed == [1, 2, 3] and kr.active == {0}
+    _window(kr, f, 2, [3, 0, 0, 0])
+    d = _window(kr, f, 3, [3, 0, 0, 0])  # revive point: one module back, the best-scored killed one
+    assert d.revived == [1] and kr.active == {0, 1}
+    d = _window(kr, f, 4, [1.5, 5, 0, 0])  # module 1 now moves more: it replaces 0
+    assert d.killed == [0] and kr.active == {1}
+    assert kr.scores[0] == pytest.approx(1.5 * 6**0.5) and kr.scores[1] == pytest.approx(5 * 6**0.5)
+    _window(kr, f, 5, [0, 1, 0, 0])
+    d = _window(kr, f, 6, [0, 1, 0, 0])  # next revive: module 0 (1.5 sqrt 6) beats 2 (stale sqrt 6)
+    assert d.revived == [0]
+
+
+def test_revive_oldest_first_round_robin():
+    kr, f = _kr(4, budget=0.25, window=1, warmup=1, revive_every=2, revive_count=1, revive_order="oldest")
+    _window(kr, f, 1, [1, 2, 3, 4])
+    assert kr.active == {3} and kr.killed_at == {0: 1, 1: 1, 2: 1}
+    d = _window(kr, f, 2, [0, 0, 0, 1])
+    assert d.revived == [0]  # all killed at step 1: lowest index
+    d = _window(kr, f, 3, [0.1, 0, 0, 1])  # 0 loses again, killed at step 3
+    assert d.killed == [0] and kr.killed_at[0] == 3
+    d = _window(kr, f, 4, [0, 0, 0, 1])
+    assert d.revived == [1]  # killed at step 1, before 0's second kill
+
+
+def test_ema_smooths_scores_and_relative_divides_by_the_norm():
+    kr, f = _kr(2, budget=0.5, window=1, warmup=10, revive_every=0, ema=0.5)
+    _window(kr, f, 1, [2, 0])
+    _window(kr, f, 2, [0, 0])
+    assert kr.scores[0] == pytest.approx(0.5 * 2 * 6**0.5) and kr.last_scores[0] == 0.0
+    f = [[torch.ones(2, 3), torch.zeros(3, 2)], [torch.full((2, 3), 10.0), torch.zeros(3, 2)]]
+    kr = KillRevive(
+        KillReviveConfig(enabled=True, budget=0.5, window=1, warmup=0, revive_every=0, score="relative"), 2, lambda i: f[i]
+    )
+    d = _window(kr, f, 1, [1, 1])  # the same absolute change; module 1 started 10x larger
+    assert d.scores[0] == pytest.approx(1.0) and d.scores[1] == pytest.approx(0.1)
+    assert d.killed == [1]
+
+
+def test_loss_drop_scores_the_loss_decrease_of_each_modules_updates():
+    kr, f = _kr(3, budget=1 / 3, window=2, warmup=0, revive_every=0, score="loss_drop")
+    for t in (1, 2):
+        for i, g in enumerate([1.0, -2.0, 0.5]):
+            f[i][0].grad = torch.full_like(f[i][0], g)
+        kr.before_update()
+        for i, g in enumerate([1.0, -2.0, 0.5]):
+            f[i][0] -= 0.1 * g  # a gradient step: loss drop 0.1 * g^2 per element
+        d = kr.after_step(t)
+    assert d.scores == pytest.approx({0: 2 * 6 * 0.1, 1: 2 * 6 * 0.4, 2: 2 * 6 * 0.025})
+    assert d.killed == [0, 2] and kr.active == {1}
+
+
 def test_disabled_never_kills():
     cfg = KillReviveConfig(enabled=False, budget=0.25, window=1, warmup=0)
     kr = KillRevive(cfg, 4, lambda i: [torch.zeros(1)])
@@ -72,6 +134,14 @@ def test_kr_config_errors_name_the_key():
         load_split_config(None, ["split.kr.budget=0"])
     with pytest.raises(ConfigError, match="split.kr.revive_every"):
         load_split_config(None, ["split.kr.window=4", "split.kr.revive_every=6"])
+    with pytest.raises(ConfigError, match="split.kr.score"):
+        load_split_config(None, ["split.kr.score=random"])
+    with pytest.raises(ConfigError, match="split.kr.ema"):
+        load_split_config(None, ["split.kr.ema=1"])
+    with pytest.raises(ConfigError, match="split.kr.revive_count"):
+        load_split_config(None, ["split.kr.revive_count=-1"])
+    with pytest.raises(ConfigError, match="split.kr.revive_order"):
+        load_split_config(None, ["split.kr.revive_order=random"])
     with pytest.raises(ConfigError, match="split.kr.nope"):
         load_split_config(None, ["split.kr.nope=1"])
     with pytest.raises(ConfigError, match="model.task"):
