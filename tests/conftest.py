@@ -18,34 +18,38 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "integration: exercises several parts together (real gRPC, subprocesses)")
 
 
-#: The modules that take longest (seconds of `--durations` on the 2-core CI box), longest first.
+#: The modules that take longest (module totals of a `--durations` run on the 2-core box), longest first.
 #: `make test` hands whole modules to its two processes in collection order
 #: (`--dist loadfile --no-loadscope-reorder`); collecting these first means no long module is
 #: the last one started while the other process sits idle. Refresh from a `--durations=0` run
 #: when the list drifts; a module missing here only runs later, nothing is skipped.
 LONGEST_FIRST = (
-    "tests/launch/test_worker_restart.py",
-    "tests/edge/test_chaos.py",
     "tests/transport/test_ray_transport.py",
-    "tests/split/test_federation.py",
     "tests/test_reference_runs.py",
-    "tests/test_examples.py",
-    "tests/launch/test_simulate.py",
+    "tests/edge/test_chaos.py",
     "tests/integration_strategies/test_simulate_policies.py",
-    "tests/integration_strategies/test_lora_fair_hetlora_runs.py",
-    "tests/split/test_kill_revive.py",
-    "tests/launch/test_coordinator_worker.py",
-    "tests/transport/test_allreduce.py",
-    "tests/edge/test_crash_resume.py",
-    "tests/launch/test_methods.py",
-    "tests/test_plugins.py",
-    "tests/launch/test_quantized_base.py",
-    "tests/transport/test_fed_eval_ray.py",
-    "tests/launch/test_fed_eval_simulate.py",
-    "tests/launch/test_lockstep.py",
-    "tests/launch/test_secagg_runs.py",
-    "tests/edge/test_sigterm.py",
     "tests/integration_strategies/test_worker_hyperparams.py",
+    "tests/transport/test_allreduce.py",
+    "tests/integration_strategies/test_lora_fair_hetlora_runs.py",
+    "tests/split/test_federation.py",
+    "tests/split/test_kill_revive.py",
+    "tests/test_python_api.py",
+    "tests/launch/test_worker_restart.py",
+    "tests/test_examples.py",
+    "tests/launch/test_signals.py",
+    "tests/launch/test_methods.py",
+    "tests/launch/test_coordinator_worker.py",
+    "tests/launch/test_config_combinations.py",
+    "tests/launch/test_fed_eval_simulate.py",
+    "tests/launch/test_secagg_runs.py",
+    "tests/train/test_core_budget.py",
+    "tests/launch/test_simulate.py",
+    "tests/launch/test_quantized_base.py",
+    "tests/launch/test_cli_errors.py",
+    "tests/test_plugins.py",
+    "tests/train/test_multi_lora.py",
+    "tests/launch/test_instruction_data.py",
+    "tests/edge/test_crash_resume.py",
 )
 
 
