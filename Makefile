@@ -23,7 +23,7 @@ run: $(STAMP)
 	$(VENV)/bin/dpeft simulate $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dpeft coordinator workers launch tests benchmarks scripts
