@@ -64,6 +64,9 @@ def tiny_settings(model_dir: Path, run_dir: Path, **extra: Any) -> list[str]:
         "data.partition": "iid",
         "simulate.processes": 2,
         "simulate.coordinator_threads": 1,
+        # fixed threads per step: the reference is bit-identical run to run; with work
+        # conservation a step's thread count follows the schedule (fp32-rounding agreement only)
+        "simulate.work_conserving": False,
         "run_dir": str(run_dir),
     }
     values.update(extra)

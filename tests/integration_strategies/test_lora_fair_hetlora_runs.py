@@ -47,7 +47,10 @@ def test_hetlora_prunes_ranks_and_learns(tmp_path) -> None:
     assert first["client_ranks"] == {"0": 4, "1": 8, "2": 4}  # initial ranks, cycled
     assert first["hetlora_pruned"] == 3  # every tail fell under the (high) threshold
     assert second["client_ranks"] == {"0": 3, "1": 6, "2": 3}  # floor(0.75 r): the server sent the reduced ranks
-    assert second["bytes_down"] < first["bytes_down"]
+    # the clients trained and uploaded at the reduced ranks they received (per-round download bytes
+    # are not compared: under load a late transfer of one round can fall in the next round's window)
+    assert second["hetlora_rank_mean"] < first["hetlora_rank_mean"]
+    assert second["bytes_up"] < first["bytes_up"]
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     cfg = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 8  # the global keeps the largest rank

@@ -16,7 +16,9 @@ from integration_testlib import SHORT, Started, assert_no_traceback, overrides, 
 pytestmark = pytest.mark.integration
 
 # tasks of a couple of seconds each, so a signal sent after round 0 lands mid-task
-RUN = dict(rounds=2, clients=4, clients_per_round=4, train__local_steps=40, data__max_train_examples=200, data__test_examples=32, **SHORT)
+#: fixed threads per step (simulate.work_conserving off): the restarted run is compared with the
+#: uninterrupted one to 1e-6, and a work-conserving step's thread count follows the schedule
+RUN = dict(rounds=2, clients=4, clients_per_round=4, train__local_steps=40, data__max_train_examples=200, data__test_examples=32, simulate__work_conserving=False, **SHORT)
 
 
 def _worker_procs(p: Started, worker_id: str) -> list[psutil.Process]:

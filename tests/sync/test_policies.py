@@ -15,7 +15,8 @@ from dpeft_workers.simulate import Heterogeneity
 
 
 def test_registry_names() -> None:
-    assert available_policies() == ["async", "deadline", "sync"]
+    # plug-ins loaded earlier in this test process (tests/test_plugins.py) may add their own names
+    assert [n for n in available_policies() if not n.startswith("demo_")] == ["async", "deadline", "sync"]
 
 
 @pytest.mark.parametrize(
