@@ -174,14 +174,19 @@ class RoundEngine:
 
     def wait_for_workers(self, transport: CoordinatorTransport) -> tuple[list[int], dict[int, str]]:
         """:meth:`eligible` once ``clients_per_round`` clients can train (empty when stopped)."""
-        start = time.time()
+        start, need = time.time(), self.cfg.sync.min_workers
         while not self.stop_event.is_set():
             eligible, pinned = self.eligible(transport)
-            if len(eligible) >= self.cfg.clients_per_round:
+            joined = sum(1 for w in transport.workers().values() if w["alive"] and not w["left"])
+            if len(eligible) >= self.cfg.clients_per_round and joined >= need:
                 return eligible, pinned
             if time.time() - start > self.cfg.sync.round_timeout_s:
-                raise RoundTimeout(f"only {len(eligible)} trainable clients after {self.cfg.sync.round_timeout_s:.0f}s")
-            self.recorder.progress(f"waiting for workers: {len(eligible)}/{self.cfg.clients_per_round} clients available")
+                raise RoundTimeout(
+                    f"only {len(eligible)} trainable clients and {joined}/{need} workers after {self.cfg.sync.round_timeout_s:.0f}s"
+                )
+            self.recorder.progress(
+                f"waiting for workers: {joined}/{need} workers, {len(eligible)}/{self.cfg.clients_per_round} clients available"
+            )
             time.sleep(0.1)
         return [], {}
 

@@ -219,7 +219,8 @@ MODES: dict[str, Callable[[Path, Path, Path], None]] = {
     "simulate_deadline": lambda m, r, w: _simulate(m, r, w, "sync.name=deadline", "sync.over_selection=1.5", "sync.quorum=3", "sync.deadline_s=600"),
     # async (FedBuff) with one task in flight: every update is computed from the newest global
     "simulate_async": lambda m, r, w: _simulate(m, r, w, "sync.name=async", "sync.concurrency=1", "sync.buffer_size=2"),
-    "coordinator_workers": lambda m, r, w: coordinator_with_workers(tiny_settings(m, r), w),
+    # both workers join before round 1: one worker alone could finish the tiny run before the other connects
+    "coordinator_workers": lambda m, r, w: coordinator_with_workers(tiny_settings(m, r, **{"sync.min_workers": 2}), w),
     "ray": _ray,
     "simulate_allreduce": lambda m, r, w: _simulate(m, r, w, "aggregation=allreduce"),
     "torchrun_allreduce": _torchrun,

@@ -51,6 +51,7 @@ def check_core(cfg: RunConfig) -> None:
         ("transport.max_update_bytes", cfg.transport.max_update_bytes),
         ("transport.spool_bytes", cfg.transport.spool_bytes),
         ("sync.round_timeout_s", cfg.sync.round_timeout_s),
+        ("sync.min_workers", cfg.sync.min_workers),
     ]:
         positive(key, value)
     if cfg.strategy.server_lr is not None:

@@ -176,6 +176,7 @@ class SyncConfig:
     """When a round closes."""
 
     name: str = _f("sync", "sync (wait for every sampled client), deadline (over-select, close at deadline or quorum) or async (FedBuff: buffered asynchronous aggregation); with aggregation=allreduce rounds are synchronous")
+    min_workers: int = _f(1, "a round starts only once at least this many workers are connected (a coordinator waiting for its fleet before round 1); fewer for sync.round_timeout_s fails the run")
     round_timeout_s: float = _f(900.0, "fail the run loudly if a round (async: an aggregation step) is not complete after this many seconds")
     task_timeout_s: float | None = _f(None, "a task without a reply after this many seconds is lost: sync re-assigns it (a fresh attempt), deadline/async free its slot; null = never")
     over_selection: float = _f(1.3, "deadline: sample ceil(clients_per_round * this) clients")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -232,3 +233,24 @@ def test_a_fresh_run_forgets_an_earlier_runs_checkpoints_and_a_resume_keeps_pers
     assert sorted(p.name for p in ckpts.iterdir()) == ["round-000001.safetensors"]
     assert latest_checkpoint(ckpts)[0] == 1
     assert [r["round"] for r in rows(fresh)] == [0, 1]
+
+
+def test_rounds_wait_for_sync_min_workers(tmp_path) -> None:
+    engine, tr = make_engine(tmp_path, ["rounds=1", "clients=2", "clients_per_round=2", "sync.min_workers=2"], lambda t, s: Reply())
+    t0 = time.monotonic()
+    one = {"alive": True, "left": False, "own_data": False, "client_ids": []}
+    tr.workers = lambda: {"w0": one, "w1": one} if time.monotonic() - t0 > 0.4 else {"w0": one}  # w1 joins late
+    submitted: list[float] = []
+    submit = tr.submit
+    tr.submit = lambda tasks, pinned: (submitted.append(time.monotonic() - t0), submit(tasks, pinned))[1]
+    engine.run(tr)
+    assert submitted and min(submitted) > 0.4  # round 1 began only once the second worker was there
+    assert [r["round"] for r in rows(engine)] == [0, 1]
+
+
+def test_too_few_workers_fail_the_run_after_the_round_timeout(tmp_path) -> None:
+    engine, tr = make_engine(
+        tmp_path, ["rounds=1", "clients=2", "clients_per_round=2", "sync.min_workers=3", "sync.round_timeout_s=0.5"], lambda t, s: Reply()
+    )
+    with pytest.raises(RoundTimeout, match=r"1/3 workers"):
+        engine.run(tr)
