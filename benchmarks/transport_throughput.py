@@ -24,7 +24,10 @@ measure of what each path costs, and so is each process's peak RSS. A third side
 protocol built on grpcio's Python API in the same conditions.
 
     python benchmarks/transport_throughput.py [--sizes 8,64,512,2560] [--repeats 3] [--chunk-mib 4]
-        [--mode both|process|threads] [--spool-mib N] [--no-write]
+        [--mode both|process|threads] [--spool-mib N] [--no-write] [--glibc-defaults]
+
+Both ends run with the glibc malloc settings the ``dpeft`` coordinator and worker commands
+start with (the script starts itself again with them), unless ``--glibc-defaults``.
 
 Sizes are MiB; a size runs only when enough memory is free (about 4.5x the payload between
 coordinator, worker and the decoded copy) and is reported as skipped otherwise.
@@ -204,6 +207,18 @@ MODE_TITLES = {
 }
 
 
+def as_dpeft_runs(argv: list[str]) -> None:
+    """Start again with the glibc malloc settings the `dpeft` coordinator and worker commands run
+    with (``dpeft_launch.cli.LEAN_TUNABLES``; read only at process start), so both ends, and the
+    raw socket beside them, measure the memory behaviour of a real coordinator and worker."""
+    from dpeft_launch.cli import lean_malloc_env
+
+    env = lean_malloc_env(dict(os.environ))
+    if env is not None:
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *argv], env)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="8,64,512,2560", help="payload sizes in MiB")
@@ -222,7 +237,14 @@ def main() -> None:
         help="coordinator spools uploads and published payloads of at least this many MiB to a temp file (transport.spool_bytes); default: in memory",
     )
     parser.add_argument("--no-write", action="store_true", help="print the table only (do not update RESULTS.md)")
+    parser.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="run both ends with glibc's malloc defaults instead of the settings `dpeft coordinator` and `dpeft worker` start with",
+    )
     args = parser.parse_args()
+    if not args.glibc_defaults:
+        as_dpeft_runs(sys.argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     chunk_bytes = args.chunk_mib * MiB
     spool_bytes = None if args.spool_mib is None else args.spool_mib * MiB
@@ -243,6 +265,8 @@ def main() -> None:
     command = f"python benchmarks/transport_throughput.py --sizes {args.sizes} --repeats {args.repeats} --chunk-mib {args.chunk_mib} --mode {args.mode}"
     if args.spool_mib is not None:
         command += f" --spool-mib {args.spool_mib}"
+    if args.glibc_defaults:
+        command += " --glibc-defaults"
     load_end = os.getloadavg()[0]
     busy = (
         " The load exceeded the cores by half: other jobs shared them, so every throughput here is depressed (the raw socket's"
@@ -273,6 +297,14 @@ def main() -> None:
             "zero-copy (de)serializers), per-chunk and whole-payload CRC-32C and decoding into a tensor state on the coordinator, timed "
             "until the worker has the coordinator's acknowledgement (sent after those checks). "
             + spool
+            + (
+                "Both ends run with glibc's malloc defaults (--glibc-defaults). "
+                if args.glibc_defaults
+                else "Both ends (and the raw socket) run with the glibc malloc settings `dpeft coordinator` and `dpeft worker` "
+                "start with (one arena, fixed mmap and trim thresholds, no tcache: buffers are reused rather than handed back "
+                "to the kernel and faulted in again; --glibc-defaults to compare). "
+            )
+            + "Spool files whose upload is done are reused for the next one, as a coordinator does. "
             + "The raw socket (sendall of a memoryview, recv_into a preallocated buffer, in the same placement as the gRPC ends) "
             "does no integrity check at all. CPU ms/MiB is the CPU time of both ends (all threads, both processes) per MiB moved, "
             "steadier than throughput when other jobs share the cores. 'grpcio alone' is grpcio's own ceiling in the same placement: "

@@ -14,8 +14,8 @@ it serves, as a Python ``bytearray``. Two pieces here keep its memory bounded by
 - :class:`SpooledBlob`: a payload written once to a file (e.g. the encoded global adapter of a
   round) and served in ranges with ``os.pread``: no full in-memory copy exists.
 
-Both files are created with :func:`tempfile.TemporaryFile` (unlinked at once), so they vanish
-when the last reference goes, including on a crash. Nothing here parses untrusted bytes: the
+Both files are unlinked temporary files, so they vanish when the last reference goes, including
+on a crash; a file whose payload is done is kept for the next one (:mod:`~dpeft.codec.spool_pool`). Nothing here parses untrusted bytes: the
 layout (dtypes, shapes, offsets) comes from a header the caller validated first.
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-import tempfile
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -35,6 +34,7 @@ from typing import Any
 import crc32c
 import torch
 
+from dpeft.codec import spool_pool
 from dpeft.state import AdapterState
 
 _GRANULARITY = mmap.ALLOCATIONGRANULARITY
@@ -62,7 +62,9 @@ class SpoolFile:
 
     def __init__(self, size: int, policy: SpoolPolicy) -> None:
         self.size = size
-        self._fh = tempfile.TemporaryFile(dir=policy.make_dir(), prefix="dpeft-spool-", buffering=0)
+        directory = policy.make_dir()
+        self._fh = spool_pool.open_file(directory, "dpeft-spool-", size)
+        self._lease = spool_pool.Lease(self, directory, self._fh)
         self.written = 0
 
     def fileno(self) -> int:
@@ -85,6 +87,7 @@ class SpoolFile:
             return torch.empty(shape, dtype=dtype), None
         base = start - start % _GRANULARITY
         mm = mmap.mmap(self.fileno(), end - base, offset=base, access=mmap.ACCESS_COPY)
+        self._lease.hold(mm)  # the file is reused only once this mapping is gone too
         count = (end - start) // torch.empty((), dtype=dtype).element_size()
         return torch.frombuffer(mm, dtype=dtype, offset=start - base, count=count).reshape(shape), mm
 
@@ -131,7 +134,8 @@ class SpooledBlob:
 
     @classmethod
     def write(cls, pieces: Iterable[memoryview | bytes], policy: SpoolPolicy) -> SpooledBlob:
-        fh = tempfile.TemporaryFile(dir=policy.make_dir(), prefix="dpeft-blob-", buffering=0)
+        directory = policy.make_dir()
+        fh = spool_pool.open_file(directory, "dpeft-blob-", 0)
         digest = hashlib.sha256()
         crc = crcc = 0
         size = 0
@@ -144,7 +148,9 @@ class SpooledBlob:
                 n = fh.write(view)
                 view = view[n:]
                 size += n
-        return cls(fh, size, digest.digest(), crc, crcc)
+        blob = cls(fh, size, digest.digest(), crc, crcc)
+        spool_pool.Lease(blob, directory, fh)
+        return blob
 
     def __len__(self) -> int:
         return self.size

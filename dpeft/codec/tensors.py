@@ -17,7 +17,7 @@ import mmap
 import struct
 import sys
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,6 +174,10 @@ def write_into(buf: bytearray | mmap.mmap, start: int, data: bytes | memoryview)
     dst[...] = np.frombuffer(data, dtype=np.uint8)
 
 
+#: (name, dtype, shape, start, end) of one tensor of a payload's data region
+Entry = tuple[str, torch.dtype, tuple[int, ...], int, int]
+
+
 class StateDecoder:
     """Incremental decoder: ``feed(chunk)`` repeatedly, then ``finish()``.
 
@@ -189,7 +193,7 @@ class StateDecoder:
         self.spool = spool
         self._prefix = bytearray()
         self._header_len: int | None = None
-        self._entries: list[tuple[str, torch.dtype, tuple[int, ...], int, int]] = []
+        self._entries: list[Entry] = []
         self._meta: dict[str, Any] = {}
         self._data: bytearray | None = None
         self._file: SpoolFile | None = None
@@ -198,6 +202,14 @@ class StateDecoder:
         self._borrowed: bytearray | mmap.mmap | None = None  # decode_in_place's payload
         self._base = 0  # where the data region starts in self._data
         self.received = 0
+        #: called with (:attr:`entries`, offset in the data region, piece) for every piece of
+        #: the data region, before it is stored (e.g. :class:`~dpeft.codec.validation.RunningCheck`)
+        self.on_data: Callable[[list[Entry], int, memoryview], None] | None = None
+
+    @property
+    def entries(self) -> list[Entry]:
+        """(name, dtype, shape, start, end) of every tensor, in payload order; empty until the header is parsed."""
+        return self._entries
 
     # -- header ---------------------------------------------------------
     def _parse_header(self, raw: bytes) -> None:
@@ -303,6 +315,8 @@ class StateDecoder:
         assert self._data is not None
         if self._filled + len(mv) > self._size:
             raise ProtocolError(f"payload is longer than its header declares ({self._size} data bytes)")
+        if self.on_data is not None:
+            self.on_data(self._entries, self._filled, mv)
         if self._file is not None:
             self._file.write(mv)
         elif self._borrowed is None:

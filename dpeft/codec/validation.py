@@ -1,18 +1,25 @@
 """Content checks of a decoded client update: finite values and an optional L2-norm bound.
 
 The round core runs them on every accepted update; a transport that already walks an upload
-(gRPC) runs them itself and hands the norm along (``TaskResult.norm``).
+(gRPC) runs them itself and hands the norm along (``TaskResult.norm``): :class:`RunningCheck`
+computes them while the upload streams in, on each chunk as it arrives (still in cache, and
+overlapped with the rest of the transfer), so nothing walks the stored update afterwards.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from dpeft.codec.spool import release
+from dpeft.codec.tensors import Entry, StateDecoder
 from dpeft.errors import RejectedUpdate
 from dpeft.state import AdapterState
+
+# chunks arrive as read-only bytes; the tensors viewing them here are only read
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 #: elements per slice when an update's norm is computed (bounds the temporaries to a few MiB)
 _NORM_SLICE = 1 << 20
@@ -44,3 +51,77 @@ def check_norm(norm: float, max_norm: float | None) -> None:
     """``RejectedUpdate("norm")`` when ``norm`` exceeds ``max_norm`` (``transport.max_update_norm``; None = no bound)."""
     if max_norm is not None and not norm <= max_norm:
         raise RejectedUpdate("norm", f"update L2 norm {norm:.6g} exceeds the bound {max_norm:g} (transport.max_update_norm)")
+
+
+def _sum_of_squares(t: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+
+
+class RunningCheck:
+    """:func:`check_update` of a payload computed piece by piece as ``decoder`` receives it.
+
+    Installed as the decoder's ``on_data`` (it keeps no reference to the decoder); every floating tensor's squares are summed in
+    float64 (per piece, then across pieces) and a piece with a NaN or Inf marks its tensor.
+    Pieces may split an element anywhere (the sender picks the chunk size): the bytes of a
+    split element wait for the rest. :meth:`result` gives the global L2 norm once the whole
+    payload has arrived, or raises ``RejectedUpdate("non_finite")`` naming the first tensor
+    (in payload order) with a NaN or Inf, as :func:`check_update` would.
+    """
+
+    def __init__(self, decoder: StateDecoder) -> None:
+        self._spans: list[tuple[int, int, str, torch.dtype, int]] | None = None
+        self._next = 0  # the first span not yet complete
+        self._carry = bytearray()  # the start of an element split between pieces
+        self._total = 0.0
+        self._bad: str | None = None
+        decoder.on_data = self
+
+    def __call__(self, entries: list[Entry], offset: int, piece: memoryview) -> None:
+        if self._spans is None:
+            self._spans = [
+                (start, end, name, dtype, torch.empty((), dtype=dtype).element_size())
+                for name, dtype, _shape, start, end in entries
+                if dtype.is_floating_point and end > start
+            ]
+        stop = offset + len(piece)
+        while self._next < len(self._spans):
+            start, end, name, dtype, size = self._spans[self._next]
+            lo, hi = max(start, offset), min(end, stop)
+            if lo >= hi:
+                if end <= offset:
+                    self._next += 1
+                    continue
+                return  # this piece ends before the span starts
+            self._take(piece[lo - offset : hi - offset], name, dtype, size)
+            if hi < end:
+                return
+            self._next += 1
+
+    def _take(self, data: memoryview, name: str, dtype: torch.dtype, size: int) -> None:
+        if self._carry:
+            need = size - len(self._carry)
+            self._carry += data[:need]
+            data = data[need:]
+            if len(self._carry) < size:
+                return
+            self._account(memoryview(bytes(self._carry)), name, dtype)
+            self._carry.clear()
+        whole = len(data) - len(data) % size
+        if whole:
+            self._account(data[:whole], name, dtype)
+        self._carry += data[whole:]
+
+    def _account(self, data: memoryview, name: str, dtype: torch.dtype) -> None:
+        values = torch.frombuffer(data, dtype=dtype)
+        sq = 0.0
+        for piece in values.split(_NORM_SLICE):
+            sq += _sum_of_squares(piece)
+        if not math.isfinite(sq) and self._bad is None and not bool(values.isfinite().all()):
+            self._bad = name
+        self._total += sq
+
+    def result(self) -> float:
+        """The update's global L2 norm (``RejectedUpdate("non_finite")`` if a value was NaN or Inf)."""
+        if self._bad is not None:
+            raise RejectedUpdate("non_finite", f"tensor {self._bad} has NaN or Inf")
+        return math.sqrt(self._total)

@@ -21,7 +21,7 @@ from typing import Any
 
 from dpeft.codec.crc import CRC32, CRC32C, CrcAlgorithm, crc32_combine
 from dpeft.codec.tensors import StateDecoder
-from dpeft.codec.validation import check_norm, check_update
+from dpeft.codec.validation import RunningCheck, check_norm
 from dpeft.errors import RejectedUpdate
 from dpeft.state import AdapterState
 from dpeft.transport import serde
@@ -62,6 +62,10 @@ class Upload:
     updated: float = field(default_factory=time.time)
     lock: threading.Lock = field(default_factory=threading.Lock)
     checked_tensors: bool = False
+    content: RunningCheck = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.content = RunningCheck(self.decoder)  # finiteness and norm as the chunks arrive
 
     @property
     def worker_id(self) -> str:
@@ -126,7 +130,7 @@ class Upload:
         if expected is not None and self.crc != expected:
             raise RejectedUpdate("checksum", f"{self.algo.name} of the received bytes does not match the header")
         state = self.decoder.finish()
-        norm = check_update(state)  # tensor by tensor: a spooled update stays on disk
+        norm = self.content.result()
         check_norm(norm, max_norm)
         return state, norm
 
