@@ -22,8 +22,11 @@ instructions, several times faster than zlib's; the wire default of current peer
 
 from __future__ import annotations
 
+import os
+import threading
 import zlib
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -96,7 +99,32 @@ def combine_chunks(chunks: Iterable[tuple[int, int]], start: int = 0, poly: int 
     return crc
 
 
+#: payloads from this size have their chunk CRCs taken on two threads
+PARALLEL_FROM = 8 << 20
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    """Two threads for CRC passes, made again in a forked child (a parent's threads are not there)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(2, thread_name_prefix="dpeft-crc"))
+        return _pool[1]
+
+
 def chunk_crcs(data: bytes | memoryview, chunk_bytes: int, fn: Callable[..., int] = zlib.crc32) -> list[int]:
-    """The CRC (``fn``: CRC-32 unless given) of each ``chunk_bytes`` piece of ``data`` (one pass over the data)."""
+    """The CRC (``fn``: CRC-32 unless given) of each ``chunk_bytes`` piece of ``data`` (one pass over the data).
+
+    A payload of :data:`PARALLEL_FROM` bytes or more is split between the caller and a second
+    thread (both CRC functions let go of the GIL): the pass comes before a transfer can start,
+    when the other end is still waiting, so a second core halves it."""
     view = memoryview(data).cast("B")
-    return [fn(view[i : i + chunk_bytes]) for i in range(0, len(view), chunk_bytes)]
+    starts = range(0, len(view), chunk_bytes)
+    if len(view) < PARALLEL_FROM or len(starts) < 2 or (os.cpu_count() or 1) < 2:
+        return [fn(view[i : i + chunk_bytes]) for i in starts]
+    half = len(starts) // 2
+    later = _executor().submit(lambda: [fn(view[i : i + chunk_bytes]) for i in starts[half:]])
+    first = [fn(view[i : i + chunk_bytes]) for i in starts[:half]]
+    return first + later.result()

@@ -35,9 +35,13 @@ import crc32c
 import torch
 
 from dpeft.codec import spool_pool
+from dpeft.codec.crc import POLY_CRC32C, combine_chunks
 from dpeft.state import AdapterState
 
 _GRANULARITY = mmap.ALLOCATIONGRANULARITY
+#: a spooled blob's CRC-32C is kept per block of this many bytes, so the chunk CRCs of any
+#: transfer grid that is a whole number of blocks follow without reading the file again
+BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,17 @@ class SpoolPolicy:
             return None
         Path(self.directory).mkdir(parents=True, exist_ok=True)
         return str(self.directory)
+
+
+def pread_exact(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes of file ``fd`` from ``offset`` (OSError if the file ends first)."""
+    out = os.pread(fd, length, offset)
+    while len(out) < length:  # pragma: no cover - short reads on regular files are rare
+        more = os.pread(fd, length - len(out), offset + len(out))
+        if not more:
+            raise OSError("spool file ended early")
+        out += more
+    return out
 
 
 class SpoolFile:
@@ -131,40 +146,64 @@ class SpooledBlob:
         self.sha256 = sha256
         self.crc32 = crc32
         self.crc32c = crc32c
+        #: CRC-32C of each BLOCK bytes (written by :meth:`write`), for :meth:`chunk_crc32c`
+        self.block_crc32c: list[int] = []
+        #: the spool directory its file came from (None: the system's temp dir)
+        self.directory: str | None = None
 
     @classmethod
     def write(cls, pieces: Iterable[memoryview | bytes], policy: SpoolPolicy) -> SpooledBlob:
         directory = policy.make_dir()
         fh = spool_pool.open_file(directory, "dpeft-blob-", 0)
         digest = hashlib.sha256()
-        crc = crcc = 0
+        crc = 0
         size = 0
+        blocks: list[int] = []  # CRC-32C of each BLOCK bytes
+        block_crc = block_len = 0
         for piece in pieces:
             view = memoryview(piece).cast("B")
             digest.update(view)
             crc = zlib.crc32(view, crc)
-            crcc = crc32c.crc32c(view, crcc)
+            rest = view
+            while len(rest):
+                take = min(len(rest), BLOCK - block_len)
+                block_crc = crc32c.crc32c(rest[:take], block_crc)
+                block_len += take
+                rest = rest[take:]
+                if block_len == BLOCK:
+                    blocks.append(block_crc)
+                    block_crc = block_len = 0
             while len(view):
                 n = fh.write(view)
                 view = view[n:]
                 size += n
+        if block_len:
+            blocks.append(block_crc)
+        crcc = combine_chunks(((c, min(BLOCK, size - i * BLOCK)) for i, c in enumerate(blocks)), poly=POLY_CRC32C)
         blob = cls(fh, size, digest.digest(), crc, crcc)
+        blob.block_crc32c = blocks
+        blob.directory = directory
         spool_pool.Lease(blob, directory, fh)
         return blob
+
+    def chunk_crc32c(self, step: int) -> list[int] | None:
+        """The CRC-32C of each ``step`` bytes, from the block CRCs taken while the payload was
+        written (no read of the file); None when ``step`` is not a whole number of blocks."""
+        if step <= 0 or step % BLOCK or not self.block_crc32c:
+            return None
+        per = step // BLOCK
+        blocks = self.block_crc32c
+        return [
+            combine_chunks(((blocks[j], min(BLOCK, self.size - j * BLOCK)) for j in range(i, min(len(blocks), i + per))), poly=POLY_CRC32C)
+            for i in range(0, len(blocks), per)
+        ]
 
     def __len__(self) -> int:
         return self.size
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes from ``offset`` (fewer at the end)."""
-        length = max(0, min(length, self.size - offset))
-        out = os.pread(self._fh.fileno(), length, offset)
-        while len(out) < length:  # pragma: no cover - short reads on regular files are rare
-            more = os.pread(self._fh.fileno(), length - len(out), offset + len(out))
-            if not more:
-                raise OSError("spooled blob ended early")
-            out += more
-        return out
+        return pread_exact(self._fh.fileno(), max(0, min(length, self.size - offset)), offset)
 
     def tobytes(self) -> bytes:
         """The whole payload in memory (for transports that need one buffer, such as Ray's)."""

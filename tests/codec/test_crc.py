@@ -58,3 +58,16 @@ def test_continue_from_a_start_value() -> None:
 
 def test_module_doctest() -> None:
     assert doctest.testmod(crc).failed == 0
+
+
+def test_chunk_crcs_of_a_large_payload_on_two_threads_match_one_pass_and_work_after_fork() -> None:
+    data = os.urandom(crc.PARALLEL_FROM + 3 * 1024 * 1024 + 5)
+    step = 1 << 20
+    want = [crc32c.crc32c(data[i : i + step]) for i in range(0, len(data), step)]
+    assert crc.chunk_crcs(data, step, crc32c.crc32c) == want
+    assert crc.chunk_crcs(data, step) == [zlib.crc32(data[i : i + step]) for i in range(0, len(data), step)]
+    pid = os.fork()  # the parent's CRC thread does not exist in a forked child: a new one is made
+    if pid == 0:
+        os._exit(0 if crc.chunk_crcs(data, step, crc32c.crc32c) == want else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -11,7 +11,7 @@ Protobuf messages are built and read only in :mod:`dpeft.transport.serde`.
 """
 
 from dpeft.transport.grpc.channel import SERVICE_NAME, channel_options
-from dpeft.transport.grpc.payloads import FramedBlob
+from dpeft.transport.grpc.payloads import FramedBlob, FramedSpool
 from dpeft.transport.grpc.server import GrpcCoordinatorTransport
 from dpeft.transport.grpc.worker import AuthRefused, CoordinatorGone, GrpcWorkerConnection, wire_crc
 
@@ -20,6 +20,7 @@ __all__ = [
     "AuthRefused",
     "CoordinatorGone",
     "FramedBlob",
+    "FramedSpool",
     "GrpcCoordinatorTransport",
     "GrpcWorkerConnection",
     "channel_options",

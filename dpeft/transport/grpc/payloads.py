@@ -15,8 +15,9 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
+from dpeft.codec import spool_pool
 from dpeft.codec.crc import CRC32, CRC32C, CrcAlgorithm, chunk_crcs, combine_chunks
-from dpeft.codec.spool import SpooledBlob
+from dpeft.codec.spool import SpooledBlob, pread_exact
 from dpeft.transport import serde
 from dpeft.transport.base import Blob
 
@@ -40,6 +41,10 @@ class FramedBlob:
     def __len__(self) -> int:
         return self.size
 
+    def frame(self, index: int) -> bytes:
+        """The response frame of chunk ``index``."""
+        return self.frames[index]
+
     def read(self, offset: int, length: int) -> bytes | memoryview:
         """``length`` bytes from ``offset`` (fewer at the end): a view when they lie in one chunk."""
         end = min(self.size, offset + length)
@@ -57,13 +62,57 @@ class FramedBlob:
         return b"".join(pieces)
 
 
-Served = Blob | FramedBlob
+class FramedSpool:
+    """A spooled payload rewritten once, when it is published, as its FetchBlob response frames
+    in a spool file of its own (one chunk in memory at a time): a current worker's download of
+    a chunk on the grid is then one read of its ready-made frame, where framing it on the fly
+    costs a second copy per chunk and per worker. Needs the chunk CRC-32Cs on the grid (known
+    without reading the file: :meth:`SpooledBlob.chunk_crc32c`)."""
+
+    def __init__(self, blob: SpooledBlob, step: int, crc32c: list[int]) -> None:
+        self.size = len(blob)
+        self.step = step
+        self.crc32c = crc32c
+        self._fh = spool_pool.open_file(blob.directory, "dpeft-frames-", self.size)
+        self._where: list[tuple[int, int, int]] = []  # per frame: file offset, length, where its data starts
+        pos = 0
+        for i, c in enumerate(crc32c):
+            frame, start = serde.blob_chunk_frame(serde.BlobPiece(i * step, blob.read(i * step, step), crc32c=c))
+            view = memoryview(frame)
+            while len(view):
+                view = view[self._fh.write(view) :]
+            self._where.append((pos, len(frame), start))
+            pos += len(frame)
+        spool_pool.Lease(self, blob.directory, self._fh)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def frame(self, index: int) -> bytes:
+        """The response frame of chunk ``index``, as published."""
+        pos, length, _ = self._where[index]
+        return pread_exact(self._fh.fileno(), length, pos)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes of the payload from ``offset`` (fewer at the end), read from the frames' data."""
+        end = min(self.size, offset + length)
+        pieces = []
+        while offset < end:
+            i = offset // self.step
+            stop = min(end, (i + 1) * self.step)
+            pos, _, start = self._where[i]
+            pieces.append(pread_exact(self._fh.fileno(), stop - offset, pos + start + offset - i * self.step))
+            offset = stop
+        return b"".join(pieces)
+
+
+Served = Blob | FramedBlob | FramedSpool
 
 
 def blob_piece(blob: Served, start: int, length: int) -> bytes | memoryview:
     """``length`` bytes of a published payload from ``start``: a view of an in-memory payload,
     or one copy read from a spooled one's file."""
-    if isinstance(blob, SpooledBlob | FramedBlob):
+    if isinstance(blob, SpooledBlob | FramedBlob | FramedSpool):
         return blob.read(start, length)
     return memoryview(blob)[start : start + length]
 
@@ -74,27 +123,29 @@ class ChunkCrcs:
     ``TrainTask.blob_crc32c``) at publish, CRC-32 (zlib) only when an older worker asks.
 
     A :class:`FramedBlob` brings its chunk CRC-32Cs (taken when it was framed); a spooled payload
-    already carries its whole CRC-32C (computed while it was written), and its chunk CRCs are
-    filled in as chunks are first served (the read happens anyway); anything else is scanned
-    here. Concurrent fillers write the same values."""
+    carries its whole CRC-32C and per-block CRC-32Cs (computed while it was written), from which
+    the chunk CRCs of a grid of whole blocks follow (other grids fill them in as chunks are first
+    served: the read happens anyway); anything else is scanned here. Concurrent fillers write
+    the same values."""
 
     def __init__(self, blob: Served, step: int) -> None:
         self.step = step
         self.size = len(blob)
         n = -(-self.size // step)
         whole = blob.crc32c if isinstance(blob, SpooledBlob) else None
-        if isinstance(blob, FramedBlob) and blob.step == step:
+        if isinstance(blob, FramedBlob | FramedSpool) and blob.step == step:
             crcs: list[int | None] = list(blob.crc32c)
             whole = self._whole(blob.crc32c)
         elif whole is None:
-            if isinstance(blob, SpooledBlob | FramedBlob):  # chunk by chunk (memory stays one chunk)
+            if isinstance(blob, SpooledBlob | FramedBlob | FramedSpool):  # chunk by chunk (memory stays one chunk)
                 scanned = [CRC32C.fn(blob.read(i * step, step)) for i in range(n)]
             else:
                 scanned = list(chunk_crcs(blob, step, CRC32C.fn))
             crcs = list(scanned)
             whole = self._whole(scanned)
         else:
-            crcs = [None] * n
+            known = blob.chunk_crc32c(step) if isinstance(blob, SpooledBlob) else None
+            crcs = list(known) if known is not None else [None] * n
         self.whole_crc32c: int = whole
         self.by_algo: dict[str, list[int | None]] = {CRC32C.name: crcs}
 
@@ -127,7 +178,12 @@ class PayloadStore:
         pass and one copy now, instead of a serialization copy per worker's download; the
         caller's bytes are not kept, so the payload is held once); a spooled one stays in its
         file. The work is done outside the lock."""
-        served: Served = payload if isinstance(payload, SpooledBlob) else FramedBlob(payload, self.chunk_bytes)
+        served: Served
+        if isinstance(payload, SpooledBlob):
+            known = payload.chunk_crc32c(self.chunk_bytes)
+            served = payload if known is None else FramedSpool(payload, self.chunk_bytes, known)
+        else:
+            served = FramedBlob(payload, self.chunk_bytes)
         crcs = ChunkCrcs(served, self.chunk_bytes)
         with self._lock:
             self._blobs[blob_id] = served
@@ -170,11 +226,11 @@ class PayloadStore:
         step = crcs.step
         algo = CRC32C if crc32c else CRC32
         size = len(blob)
-        framed = crc32c and isinstance(blob, FramedBlob) and blob.step == step
+        framed = crc32c and isinstance(blob, FramedBlob | FramedSpool) and blob.step == step
         while start < size:
             end = min(size, (start // step + 1) * step)
-            if framed and start % step == 0:  # the frame made at publish: nothing to copy or hash
-                yield end - start, blob.frames[start // step]  # type: ignore[union-attr]
+            if framed and start % step == 0:  # the frame made at publish: nothing to frame or hash
+                yield end - start, blob.frame(start // step)  # type: ignore[union-attr]
                 start = end
                 continue
             data = blob_piece(blob, start, end - start)
