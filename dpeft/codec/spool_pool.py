@@ -13,7 +13,8 @@ tensors are private mappings of the file, and a page of such a mapping that was 
 shows later writes to the file, so a file is pooled only once its payload object and every
 mapping made from it are gone (a :class:`Lease` counts them). The pool holds at most :data:`MAX_FILES` files and
 :data:`MAX_BYTES` bytes (a quarter of physical memory); what does not fit is closed, and a
-closed unlinked file gives its pages back at once. ``DPEFT_SPOOL_REUSE=0`` turns reuse off.
+closed unlinked file gives its pages back at once. A forked child starts with an empty pool
+and never pools a file it inherited. ``DPEFT_SPOOL_REUSE=0`` turns reuse off.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class Lease:
 
     def __init__(self, owner: object, directory: str | None, fh: Any) -> None:
         self.directory, self.fh = directory, fh
+        self.pid = os.getpid()
         self._lock = threading.Lock()
         self._holders = 0
         self.hold(owner)
@@ -92,8 +94,21 @@ class Lease:
         with self._lock:
             self._holders -= 1
             last = self._holders == 0
-        if last:
+        if last and os.getpid() == self.pid:
             give_back(self.directory, self.fh)
+        elif last:  # a forked child's copy of a parent's payload: the parent may still use the file
+            self.fh.close()
+
+
+def _forget_in_child() -> None:
+    """A forked child starts with an empty pool: its parent's pooled files stay the parent's."""
+    global _lock
+    _lock = threading.Lock()
+    _files.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def pooled() -> list[tuple[str | None, int]]:
