@@ -213,11 +213,8 @@ def test_pool_bounds_files_and_bytes(tmp_path: Path, opened: list[Any], monkeypa
     assert spool_pool.pooled() == [] and opened[-1].closed
 
 
-@pytest.mark.parametrize("value", ["0"])
-def test_reuse_off_closes_the_files(
-    value: str, tmp_path: Path, opened: list[Any], monkeypatch: pytest.MonkeyPatch, no_gc: None
-) -> None:
-    monkeypatch.setenv("DPEFT_SPOOL_REUSE", value)
+def test_reuse_off_closes_the_files(tmp_path: Path, opened: list[Any], monkeypatch: pytest.MonkeyPatch, no_gc: None) -> None:
+    monkeypatch.setenv("DPEFT_SPOOL_REUSE", "0")
     s = spooled(state_of(300, 1), tmp_path)
     t = s["x"]
     del s
