@@ -39,7 +39,9 @@ def _quarter_of_memory() -> int:
 #: total bytes of the pooled files
 MAX_BYTES = _quarter_of_memory()
 
-_lock = threading.Lock()
+# reentrant: a garbage collection that runs while a thread holds it (any allocation may start
+# one) can finalize a payload in a reference cycle, whose Lease then gives its file back here
+_lock = threading.RLock()
 _files: list[tuple[str | None, Any, int]] = []  # (directory, file object, its size)
 
 
@@ -88,7 +90,8 @@ class Lease:
     def hold(self, obj: object) -> None:
         with self._lock:
             self._holders += 1
-        weakref.finalize(obj, self._drop)
+        # not at interpreter exit: a payload still alive then (e.g. read by a daemon thread) keeps its file
+        weakref.finalize(obj, self._drop).atexit = False
 
     def _drop(self) -> None:
         with self._lock:
@@ -121,6 +124,6 @@ def clear() -> None:
     """Close every pooled file."""
     with _lock:
         held = [fh for _, fh, _ in _files]
-        _files.clear()
+        del _files[: len(held)]  # a file given back while this list was built stays pooled
     for fh in held:
         fh.close()

@@ -37,7 +37,7 @@ def check_update(delta: AdapterState) -> float:
         if t.is_floating_point() and t.numel():
             sq = 0.0
             for j, piece in enumerate(t.reshape(-1).split(_NORM_SLICE)):
-                sq += float(torch.linalg.vector_norm(piece, dtype=torch.float64)) ** 2
+                sq += _sum_of_squares(piece)
                 if j % 8 == 7:  # a spooled tensor keeps at most ~8 slices of pages resident
                     release(delta, name)
             if not math.isfinite(sq) and not bool(t.isfinite().all()):
@@ -54,7 +54,8 @@ def check_norm(norm: float, max_norm: float | None) -> None:
 
 
 def _sum_of_squares(t: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+    norm = float(torch.linalg.vector_norm(t, dtype=torch.float64))
+    return norm * norm  # inf when it overflows (``norm ** 2`` raises OverflowError)
 
 
 class RunningCheck:

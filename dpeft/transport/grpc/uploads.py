@@ -21,7 +21,7 @@ from typing import Any
 
 from dpeft.codec.crc import CRC32, CRC32C, CrcAlgorithm, crc32_combine
 from dpeft.codec.tensors import StateDecoder
-from dpeft.codec.validation import RunningCheck, check_norm
+from dpeft.codec.validation import RunningCheck, check_norm, check_update
 from dpeft.errors import RejectedUpdate
 from dpeft.state import AdapterState
 from dpeft.transport import serde
@@ -62,10 +62,12 @@ class Upload:
     updated: float = field(default_factory=time.time)
     lock: threading.Lock = field(default_factory=threading.Lock)
     checked_tensors: bool = False
-    content: RunningCheck = field(init=False)
+    content: RunningCheck | None = field(init=False)
 
     def __post_init__(self) -> None:
-        self.content = RunningCheck(self.decoder)  # finiteness and norm as the chunks arrive
+        # finiteness and norm as the chunks arrive; only a plain payload is the update itself (a
+        # codec's wire form, e.g. int8 codes and scales, is checked once decoded, in complete)
+        self.content = RunningCheck(self.decoder) if isinstance(self.decoder, StateDecoder) else None
 
     @property
     def worker_id(self) -> str:
@@ -130,7 +132,7 @@ class Upload:
         if expected is not None and self.crc != expected:
             raise RejectedUpdate("checksum", f"{self.algo.name} of the received bytes does not match the header")
         state = self.decoder.finish()
-        norm = self.content.result()
+        norm = self.content.result() if self.content is not None else check_update(state)
         check_norm(norm, max_norm)
         return state, norm
 
