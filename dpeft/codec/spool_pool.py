@@ -106,7 +106,7 @@ class Lease:
 def _forget_in_child() -> None:
     """A forked child starts with an empty pool: its parent's pooled files stay the parent's."""
     global _lock
-    _lock = threading.Lock()
+    _lock = threading.RLock()
     _files.clear()
 
 

@@ -203,7 +203,7 @@ class StateDecoder:
         self._base = 0  # where the data region starts in self._data
         self.received = 0
         #: called with (:attr:`entries`, offset in the data region, piece) for every piece of
-        #: the data region, before it is stored (e.g. :class:`~dpeft.codec.validation.RunningCheck`)
+        #: the data region, once it is stored (e.g. :class:`~dpeft.codec.validation.RunningCheck`)
         self.on_data: Callable[[list[Entry], int, memoryview], None] | None = None
 
     @property
@@ -315,12 +315,12 @@ class StateDecoder:
         assert self._data is not None
         if self._filled + len(mv) > self._size:
             raise ProtocolError(f"payload is longer than its header declares ({self._size} data bytes)")
-        if self.on_data is not None:
-            self.on_data(self._entries, self._filled, mv)
         if self._file is not None:
             self._file.write(mv)
         elif self._borrowed is None:
             write_into(self._data, self._filled, mv)
+        if self.on_data is not None:  # once stored: a piece whose write failed is fed again on resume
+            self.on_data(self._entries, self._filled, mv)
         self._filled += len(mv)
 
     def tensor_sizes(self) -> list[tuple[str, int]] | None:

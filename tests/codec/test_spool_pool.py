@@ -31,8 +31,10 @@ from dpeft.state import AdapterState
 
 @pytest.fixture(autouse=True)
 def _empty_pool() -> Iterator[None]:
+    gc.collect()  # payloads of earlier tests left in reference cycles give their files back now, not mid-test
     spool_pool.clear()
     yield
+    gc.collect()
     spool_pool.clear()
 
 
