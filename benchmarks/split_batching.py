@@ -92,11 +92,7 @@ def trial(model, edges, data_rows, run, split, steps: int, cloud_device: str = "
             raise errors[0]
     finally:
         for c in conns:
-            try:
-                c.channel.send("goodbye", reason="done")
-            except Exception:  # noqa: BLE001
-                pass
-            c.close(grace_s=2)
+            c.leave(grace_s=2)
         server.stop(0.5)
     flat = [x for per in lat for x in per]
     sizes = service.batcher.batch_sizes if service.batcher is not None else [1]

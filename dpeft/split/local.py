@@ -28,9 +28,5 @@ def loopback(model, run: RunConfig, split: SplitConfig, tap=None, federation=Non
         edge = EdgeModel(edge_model if edge_model is not None else copy.deepcopy(model), run.train, split.kr)
         yield edge, conn.channel, welcome, service
     finally:
-        try:
-            conn.channel.send("goodbye", reason="done")
-        except Exception:  # noqa: BLE001 - the stream may already be gone
-            pass
-        conn.close()
+        conn.leave()
         server.stop(0.5)

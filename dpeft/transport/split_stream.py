@@ -126,6 +126,14 @@ class EdgeConnection:
         except grpc.RpcError as exc:
             raise ConnectionError(f"split stream failed: {exc.code().name}: {exc.details()}") from None
 
+    def leave(self, grace_s: float = 10.0) -> None:
+        """Say goodbye to the cloud (when the stream still takes messages), then :meth:`close`."""
+        try:
+            self.channel.send("goodbye", reason="done")
+        except Exception:  # noqa: BLE001 - the stream may already be gone
+            pass
+        self.close(grace_s)
+
     def close(self, grace_s: float = 10.0) -> None:
         """Half-close our side, let the cloud finish the stream (so queued messages arrive), then close."""
         self._out.put(None)

@@ -74,11 +74,7 @@ def _run_edges(model, batches, split, train=True, taps=None, on_connect=None, pr
         return out, service, edges, conns
     finally:
         for c in conns:
-            try:
-                c.channel.send("goodbye", reason="done")
-            except Exception:  # noqa: BLE001
-                pass
-            c.close(grace_s=2)
+            c.leave(grace_s=2)
         server.stop(0.5)
 
 
@@ -251,8 +247,7 @@ def test_an_edge_that_disconnects_mid_batch_fails_alone(minilm, minilm_runs):
         assert service.sessions[0].steps == 2 and service.sessions[2].steps == 2
     finally:
         for k in (0, 2):
-            conns[k].channel.send("goodbye", reason="done")
-            conns[k].close(grace_s=2)
+            conns[k].leave(grace_s=2)
         conns[1]._grpc.close()
         server.stop(0.5)
 

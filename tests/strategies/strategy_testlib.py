@@ -60,3 +60,13 @@ def lora_state(
 def random_like(template: AdapterState, seed: int, scale: float = 1.0) -> AdapterState:
     g = torch.Generator().manual_seed(seed)
     return AdapterState(OrderedDict((k, scale * torch.randn(v.shape, generator=g, dtype=v.dtype)) for k, v in template.items()))
+
+
+def client_factors(g: AdapterState, rank: int, seed: int) -> AdapterState:
+    """Random factors of rank ``rank`` for every LoRA module of ``g`` (other tensors keep their shape)."""
+    gen = torch.Generator().manual_seed(seed)
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for k, v in g.items():
+        shape = (rank, *v.shape[1:]) if ".lora_A." in k else (v.shape[0], rank) if ".lora_B." in k else v.shape
+        out[k] = torch.randn(shape, generator=gen, dtype=v.dtype)
+    return AdapterState(out)

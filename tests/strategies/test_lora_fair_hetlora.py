@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from strategy_testlib import lora_state, make, run_round
+from strategy_testlib import client_factors, lora_state, make, run_round
 
 from dpeft.config import StrategyConfig
 from dpeft.errors import ConfigError
@@ -98,15 +98,6 @@ def test_lora_fair_cosine_lowers_the_papers_objective_to_a_local_minimum() -> No
 # --- HetLoRA --------------------------------------------------------------------------------------
 
 
-def _client_factors(g: AdapterState, rank: int, seed: int) -> AdapterState:
-    gen = torch.Generator().manual_seed(seed)
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for k, v in g.items():
-        shape = (rank, *v.shape[1:]) if ".lora_A." in k else (v.shape[0], rank) if ".lora_B." in k else v.shape
-        out[k] = torch.randn(shape, generator=gen, dtype=v.dtype)
-    return AdapterState(out)
-
-
 def test_hetlora_truncates_pads_and_weights_by_update_norm() -> None:
     g = lora_state({"m1": (6, 5, 8), "m2": (3, 7, 8)}, plain={"head.weight": (2, 3)})
     strategy = make("hetlora", client_ranks=[2, 4, 8])
@@ -115,7 +106,7 @@ def test_hetlora_truncates_pads_and_weights_by_update_norm() -> None:
     assert torch.equal(sent["m2.lora_B.weight"], g["m2.lora_B.weight"][:, :4])
     assert strategy.client_state(g, 2) is g and strategy.client_key(3) == 2
     ranks, ns = [2, 4, 8], [5, 1, 2]
-    updates = [_client_factors(g, r, 10 + r) for r in ranks]
+    updates = [client_factors(g, r, 10 + r) for r in ranks]
     new = run_round(strategy, g, [ClientUpdate(i, u, n) for i, (u, n) in enumerate(zip(updates, ns, strict=True))])
     for m in ("m1", "m2"):
         a_name, b_name = f"{m}.lora_A.weight", f"{m}.lora_B.weight"
@@ -139,8 +130,8 @@ def test_hetlora_remembers_pruned_ranks_across_checkpoints() -> None:
     g = lora_state({"m1": (6, 5, 8)})
     strategy = make("hetlora", client_ranks=[8, 4])
     updates = [
-        ClientUpdate(0, _client_factors(g, 8, 1), 1, {"hetlora_rank": 6.0}),
-        ClientUpdate(1, _client_factors(g, 4, 2), 1, {"hetlora_rank": 4.0}),
+        ClientUpdate(0, client_factors(g, 8, 1), 1, {"hetlora_rank": 6.0}),
+        ClientUpdate(1, client_factors(g, 4, 2), 1, {"hetlora_rank": 4.0}),
     ]
     run_round(strategy, g, updates)
     assert strategy.last_metrics["hetlora_pruned"] == 1 and strategy.last_metrics["hetlora_rank_mean"] == 5
@@ -154,7 +145,7 @@ def test_rank_prune_penalty_and_pruning_follow_their_definitions() -> None:
     spec = RankPrune(lam=0.5, keep=0.75, threshold=0.2, min_rank=1)
     hp = TaskHyperparams(rank_prune=spec.to_wire()).to_dict()
     assert TaskHyperparams.from_dict(hp).rank_prune == spec.to_wire()
-    s = _client_factors(lora_state({"m1": (6, 5, 8), "m2": (3, 7, 8)}), 8, 3)
+    s = client_factors(lora_state({"m1": (6, 5, 8), "m2": (3, 7, 8)}), 8, 3)
     penalty = task_penalty(hp, s.tensors)
     assert penalty is not None
     direct = sum(torch.linalg.norm(s[f"{m}.lora_B.weight"][:, 6:] @ s[f"{m}.lora_A.weight"][6:], "fro") for m in ("m1", "m2"))

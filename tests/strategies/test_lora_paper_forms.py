@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-from strategy_testlib import lora_state, make, run_round
+from strategy_testlib import client_factors, lora_state, make, run_round
 
 from dpeft.state import AdapterState
 from dpeft.strategies import ClientUpdate
@@ -60,19 +60,10 @@ def test_lora_fair_sgd_solver_is_gradient_descent_on_eq8() -> None:
     assert torch.allclose(new["head.weight"], g["head.weight"] + head, atol=1e-12)
 
 
-def _factors(g: AdapterState, rank: int, seed: int) -> AdapterState:
-    gen = torch.Generator().manual_seed(seed)
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for k, v in g.items():
-        shape = (rank, *v.shape[1:]) if ".lora_A." in k else (v.shape[0], rank) if ".lora_B." in k else v.shape
-        out[k] = torch.randn(shape, generator=gen, dtype=v.dtype)
-    return AdapterState(out)
-
-
 def test_hetlora_client_norm_weights_are_the_norm_of_the_whole_client_update() -> None:
     g = lora_state({"m1": (6, 5, 8), "m2": (3, 7, 8)})
     ranks = [2, 8, 4]
-    updates = [_factors(g, r, 20 + r) for r in ranks]
+    updates = [client_factors(g, r, 20 + r) for r in ranks]
     new = run_round(make("hetlora", weighting="client_norm"), g, [ClientUpdate(i, u, 1) for i, u in enumerate(updates)])
     # sparsity weight of client k: ||S_k|| with S_k = B_k A_k, here the whole adapter's (all modules stacked)
     s = [
@@ -95,7 +86,7 @@ def test_hetlora_decrease_rule_prunes_when_the_tail_term_fell_during_training() 
     hp = TaskHyperparams(rank_prune=spec.to_wire()).to_dict()
     assert RankPrune.from_hyperparams(hp) == spec
     assert RankPrune.from_hyperparams({"rank_prune": [lam, gamma, 0.2, 1]}).rule == "share"  # four numbers: the share rule
-    received = _factors(lora_state({"m1": (6, 5, 8), "m2": (3, 7, 8)}), 8, 5)
+    received = client_factors(lora_state({"m1": (6, 5, 8), "m2": (3, 7, 8)}), 8, 5)
     r = 8
     t = int(gamma * r)  # the tail: ranks t..r (the last (1 - gamma) r), pruned to floor(gamma r)
 
