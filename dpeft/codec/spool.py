@@ -34,8 +34,8 @@ from typing import Any
 import crc32c
 import torch
 
-from dpeft.codec import spool_pool
 from dpeft.codec.crc import POLY_CRC32C, combine_chunks
+from dpeft.codec.spool_pool import Lease, open_file
 from dpeft.state import AdapterState
 
 _GRANULARITY = mmap.ALLOCATIONGRANULARITY
@@ -78,8 +78,8 @@ class SpoolFile:
     def __init__(self, size: int, policy: SpoolPolicy) -> None:
         self.size = size
         directory = policy.make_dir()
-        self._fh = spool_pool.open_file(directory, "dpeft-spool-", size)
-        self._lease = spool_pool.Lease(self, directory, self._fh)
+        self._fh = open_file(directory, "dpeft-spool-", size)
+        self._lease = Lease(self, directory, self._fh)
         self.written = 0
 
     def fileno(self) -> int:
@@ -154,7 +154,7 @@ class SpooledBlob:
     @classmethod
     def write(cls, pieces: Iterable[memoryview | bytes], policy: SpoolPolicy) -> SpooledBlob:
         directory = policy.make_dir()
-        fh = spool_pool.open_file(directory, "dpeft-blob-", 0)
+        fh = open_file(directory, "dpeft-blob-", 0)
         digest = hashlib.sha256()
         crc = 0
         size = 0
@@ -183,7 +183,7 @@ class SpooledBlob:
         blob = cls(fh, size, digest.digest(), crc, crcc)
         blob.block_crc32c = blocks
         blob.directory = directory
-        spool_pool.Lease(blob, directory, fh)
+        Lease(blob, directory, fh)
         return blob
 
     def chunk_crc32c(self, step: int) -> list[int] | None:

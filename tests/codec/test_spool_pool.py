@@ -22,7 +22,7 @@ import crc32c
 import pytest
 import torch
 
-from dpeft.codec import spool_pool
+from dpeft.codec import spool, spool_pool
 from dpeft.codec.spool import SpooledBlob, SpooledState, SpoolPolicy
 from dpeft.codec.tensors import StateDecoder, encode_state
 from dpeft.codec.validation import check_update
@@ -50,6 +50,7 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         return fh
 
     monkeypatch.setattr(spool_pool, "open_file", recording)
+    monkeypatch.setattr(spool, "open_file", recording)  # where the spool files are opened
     return files
 
 

@@ -15,9 +15,9 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
-from dpeft.codec import spool_pool
 from dpeft.codec.crc import CRC32, CRC32C, CrcAlgorithm, chunk_crcs, combine_chunks
 from dpeft.codec.spool import SpooledBlob, pread_exact
+from dpeft.codec.spool_pool import Lease, open_file
 from dpeft.transport import serde
 from dpeft.transport.base import Blob
 
@@ -73,7 +73,7 @@ class FramedSpool:
         self.size = len(blob)
         self.step = step
         self.crc32c = crc32c
-        self._fh = spool_pool.open_file(blob.directory, "dpeft-frames-", self.size)
+        self._fh = open_file(blob.directory, "dpeft-frames-", self.size)
         self._where: list[tuple[int, int, int]] = []  # per frame: file offset, length, where its data starts
         pos = 0
         for i, c in enumerate(crc32c):
@@ -83,7 +83,7 @@ class FramedSpool:
                 view = view[self._fh.write(view) :]
             self._where.append((pos, len(frame), start))
             pos += len(frame)
-        spool_pool.Lease(self, blob.directory, self._fh)
+        Lease(self, blob.directory, self._fh)
 
     def __len__(self) -> int:
         return self.size
