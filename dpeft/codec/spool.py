@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import crc32c
 import torch
@@ -72,6 +72,19 @@ def pread_exact(fd: int, length: int, offset: int) -> bytes:
     return out
 
 
+def write_all(fh: BinaryIO, data: memoryview | bytes) -> int:
+    """Write all of ``data`` to the unbuffered file ``fh`` (which may take it in parts); returns
+    its length."""
+    view = memoryview(data).cast("B")
+    total = len(view)
+    while len(view):
+        n = fh.write(view)
+        if n is None or n <= 0:  # pragma: no cover - unbuffered writes on a regular file
+            raise OSError("short write to a spool file")
+        view = view[n:]
+    return total
+
+
 class SpoolFile:
     """An unlinked temporary file receiving one payload's data region sequentially."""
 
@@ -87,13 +100,7 @@ class SpoolFile:
 
     def write(self, data: memoryview | bytes) -> None:
         """Append ``data`` (the caller has checked it fits in ``size``)."""
-        view = memoryview(data)
-        while len(view):
-            n = self._fh.write(view)
-            if n is None or n <= 0:  # pragma: no cover - unbuffered writes on a regular file
-                raise OSError("short write to a spool file")
-            view = view[n:]
-            self.written += n
+        self.written += write_all(self._fh, data)
 
     def tensor(self, dtype: torch.dtype, shape: tuple[int, ...], start: int, end: int) -> tuple[torch.Tensor, mmap.mmap | None]:
         """The tensor stored at ``[start, end)``, mapped (private, copy-on-write) from the file,
@@ -173,10 +180,7 @@ class SpooledBlob:
                 if block_len == BLOCK:
                     blocks.append(block_crc)
                     block_crc = block_len = 0
-            while len(view):
-                n = fh.write(view)
-                view = view[n:]
-                size += n
+            size += write_all(fh, view)
         if block_len:
             blocks.append(block_crc)
         crcc = combine_chunks(((c, min(BLOCK, size - i * BLOCK)) for i, c in enumerate(blocks)), poly=POLY_CRC32C)

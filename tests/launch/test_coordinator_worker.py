@@ -30,7 +30,9 @@ def test_coordinator_and_two_workers(tmp_path: Path, procs) -> None:
     run = tmp_path / "run"
     port = free_port()
     address = f"127.0.0.1:{port}"
-    coord = procs.start(*_coordinator_args(run, address, train__local_steps=4))
+    # both workers in before round 1: a worker without data trains any client, so the first to join
+    # could otherwise finish the run before the second connects (which then finds no coordinator)
+    coord = procs.start(*_coordinator_args(run, address, train__local_steps=4, sync__min_workers=2))
     workers = [
         procs.start("worker", "--coordinator", address, "--worker-id", f"w{i}", "--threads", "1", "--patience", "60")
         for i in range(2)

@@ -69,6 +69,7 @@ def test_coordinator_workers_deadline_dropout_after_masking(tmp_path: Path, proc
         "sync.deadline_s=120",
         "simulate.speed_factors=[1,1,1,60]",
         "data.partition=iid",
+        "sync.min_workers=2",  # both workers in before round 1, or the first may finish the run alone
     ]
     coord = procs.start("coordinator", "--listen", address, *args, *extra)
     monkeypatch.setattr(integration_testlib, "DPEFT", [sys.executable, str(Path(__file__).with_name("secagg_slow_worker.py"))])

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 from dpeft.codec.crc import CRC32, CRC32C, CrcAlgorithm, chunk_crcs, combine_chunks
-from dpeft.codec.spool import SpooledBlob, pread_exact
+from dpeft.codec.spool import SpooledBlob, pread_exact, write_all
 from dpeft.codec.spool_pool import Lease, open_file
 from dpeft.transport import serde
 from dpeft.transport.base import Blob
@@ -78,9 +78,7 @@ class FramedSpool:
         pos = 0
         for i, c in enumerate(crc32c):
             frame, start = serde.blob_chunk_frame(serde.BlobPiece(i * step, blob.read(i * step, step), crc32c=c))
-            view = memoryview(frame)
-            while len(view):
-                view = view[self._fh.write(view) :]
+            write_all(self._fh, frame)
             self._where.append((pos, len(frame), start))
             pos += len(frame)
         Lease(self, blob.directory, self._fh)
@@ -122,7 +120,8 @@ class ChunkCrcs:
     shared by every download of it: CRC-32C (and its whole-payload value, for
     ``TrainTask.blob_crc32c``) at publish, CRC-32 (zlib) only when an older worker asks.
 
-    A :class:`FramedBlob` brings its chunk CRC-32Cs (taken when it was framed); a spooled payload
+    A :class:`FramedBlob` or :class:`FramedSpool` (how a spooled global on a grid of whole blocks
+    is served) brings its chunk CRC-32Cs (taken when it was framed); a spooled payload
     carries its whole CRC-32C and per-block CRC-32Cs (computed while it was written), from which
     the chunk CRCs of a grid of whole blocks follow (other grids fill them in as chunks are first
     served: the read happens anyway); anything else is scanned here. Concurrent fillers write
