@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -35,12 +36,9 @@ def check_update(delta: AdapterState) -> float:
     total = 0.0
     for name, t in delta.items():
         if t.is_floating_point() and t.numel():
-            sq = 0.0
-            for j, piece in enumerate(t.reshape(-1).split(_NORM_SLICE)):
-                sq += _sum_of_squares(piece)
-                if j % 8 == 7:  # a spooled tensor keeps at most ~8 slices of pages resident
-                    release(delta, name)
-            if not math.isfinite(sq) and not bool(t.isfinite().all()):
+            # a spooled tensor keeps at most ~8 slices of pages resident
+            sq, finite = _squares(t.reshape(-1), lambda: release(delta, name))  # noqa: B023 - called at once
+            if not finite:
                 raise RejectedUpdate("non_finite", f"tensor {name} has NaN or Inf")
             total += sq
         release(delta, name)
@@ -53,9 +51,16 @@ def check_norm(norm: float, max_norm: float | None) -> None:
         raise RejectedUpdate("norm", f"update L2 norm {norm:.6g} exceeds the bound {max_norm:g} (transport.max_update_norm)")
 
 
-def _sum_of_squares(t: torch.Tensor) -> float:
-    norm = float(torch.linalg.vector_norm(t, dtype=torch.float64))
-    return norm * norm  # inf when it overflows (``norm ** 2`` raises OverflowError)
+def _squares(values: torch.Tensor, every_8: Callable[[], None] | None = None) -> tuple[float, bool]:
+    """The sum of squares of the 1-D ``values`` (float64, slice by slice, calling ``every_8``
+    after every 8 slices) and whether they are all finite (looked at only when the sum is not)."""
+    sq = 0.0
+    for j, piece in enumerate(values.split(_NORM_SLICE)):
+        norm = float(torch.linalg.vector_norm(piece, dtype=torch.float64))
+        sq += norm * norm  # inf when it overflows (``norm ** 2`` raises OverflowError)
+        if every_8 is not None and j % 8 == 7:
+            every_8()
+    return sq, math.isfinite(sq) or bool(values.isfinite().all())
 
 
 class RunningCheck:
@@ -113,11 +118,8 @@ class RunningCheck:
         self._carry += data[whole:]
 
     def _account(self, data: memoryview, name: str, dtype: torch.dtype) -> None:
-        values = torch.frombuffer(data, dtype=dtype)
-        sq = 0.0
-        for piece in values.split(_NORM_SLICE):
-            sq += _sum_of_squares(piece)
-        if not math.isfinite(sq) and self._bad is None and not bool(values.isfinite().all()):
+        sq, finite = _squares(torch.frombuffer(data, dtype=dtype))
+        if not finite and self._bad is None:
             self._bad = name
         self._total += sq
 
