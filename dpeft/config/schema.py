@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+#: the largest ``transport.chunk_bytes`` / ``split.chunk_bytes`` (gRPC messages stay small; a worker
+#: accepts downloads in chunks up to this size from any coordinator)
+MAX_CHUNK_BYTES = 64 * 1024 * 1024
+
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors dataclasses naming
     """A dataclass field with a default (copied when mutable) and a help string."""
@@ -252,7 +256,7 @@ class TrackingConfig:
 class TransportConfig:
     """Wire settings."""
 
-    chunk_bytes: int = _f(4 * 1024 * 1024, "bytes per streamed chunk")
+    chunk_bytes: int = _f(4 * 1024 * 1024, "bytes per streamed chunk, at most 64 MiB (a worker uploads in chunks no larger than its coordinator's)")
     max_update_bytes: int = _f(1 << 31, "largest update accepted from a worker")
     poll_timeout_s: float = _f(2.0, "how long a worker's task poll waits on the coordinator")
     heartbeat_s: float = _f(5.0, "how often a worker sends a heartbeat while it trains")

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from dpeft._proto.dpeft.v1 import split_pb2_grpc as pb_grpc
+from dpeft.config.schema import MAX_CHUNK_BYTES
 from dpeft.split.wire import Channel
 from dpeft.transport.grpc import channel_options
 
@@ -100,7 +101,9 @@ class EdgeConnection:
     """The edge's end of one session stream."""
 
     def __init__(self, address: str, chunk_bytes: int = 4 * 1024 * 1024, wire_dtype: str = "fp32", patience_s: float = 60.0, tap: Tap | None = None) -> None:
-        self._grpc = grpc.insecure_channel(address, options=channel_options(chunk_bytes))
+        # sized for any chunk a valid config allows: the edge adopts the cloud's split.chunk_bytes
+        # from its welcome (Channel.chunk_bytes), after this channel exists
+        self._grpc = grpc.insecure_channel(address, options=channel_options(max(chunk_bytes, MAX_CHUNK_BYTES)))
         try:
             grpc.channel_ready_future(self._grpc).result(timeout=patience_s)
         except grpc.FutureTimeoutError:

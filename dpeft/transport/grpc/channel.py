@@ -9,11 +9,12 @@ from dpeft.transport.serde.rpc import SERVICE_NAME
 __all__ = ["SERVICE_NAME", "backoff_s", "channel_options"]
 
 
-def channel_options(chunk_bytes: int) -> list[tuple[str, int]]:
-    """gRPC options sized so one chunk plus framing always fits in a message."""
+def channel_options(chunk_bytes: int, receive_chunk_bytes: int | None = None) -> list[tuple[str, int]]:
+    """gRPC options sized so one chunk plus framing always fits in a message: chunks of
+    ``chunk_bytes`` sent, of ``receive_chunk_bytes`` (default the same) received."""
     limit = chunk_bytes + (1 << 20)
     return [
-        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_receive_message_length", (receive_chunk_bytes or chunk_bytes) + (1 << 20)),
         ("grpc.max_send_message_length", limit),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_permit_without_calls", 1),

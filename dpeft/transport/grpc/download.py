@@ -33,6 +33,13 @@ log = logging.getLogger("dpeft.transport.grpc")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
+def retryable(exc: grpc.RpcError, codes: set[grpc.StatusCode] = RETRYABLE) -> bool:
+    """Whether a failed call may succeed when tried again: its code is one of ``codes``, and it
+    is not a message over a channel's size limit (RESOURCE_EXHAUSTED too, but it fails again
+    the same way)."""
+    return exc.code() in codes and "larger than max" not in (exc.details() or "")
+
+
 class _CorruptChunk(Exception):
     """A downloaded chunk failed its CRC (fetched again from its offset)."""
 
@@ -106,7 +113,7 @@ class Downloads:
                     if exc.code() == grpc.StatusCode.ABORTED:
                         self._rejoin()
                         continue
-                    if exc.code() not in RETRYABLE:
+                    if not retryable(exc):
                         raise
                 if time.time() - start > self.patience_s:
                     if isinstance(exc, grpc.RpcError):

@@ -35,12 +35,13 @@ from typing import Any, TypeVar
 import grpc
 
 from dpeft.codec.crc import CRC32C, chunk_crcs, combine_chunks
+from dpeft.config.schema import MAX_CHUNK_BYTES
 from dpeft.errors import DpeftError
 from dpeft.transport import serde
 from dpeft.transport.auth import call_metadata
 from dpeft.transport.base import TrainTask, WorkerConnection, WorkerRegistration
 from dpeft.transport.grpc.channel import backoff_s, channel_options
-from dpeft.transport.grpc.download import RETRYABLE, Downloads, wire_crc
+from dpeft.transport.grpc.download import RETRYABLE, Downloads, retryable, wire_crc
 from dpeft.transport.grpc.tls_check import TlsMismatch, speaks_tls, tls_problem
 from dpeft.transport.messages import PollAsk, SessionCall, UpdateHeader, UploadQueryAsk, WorkerJoin
 
@@ -76,11 +77,15 @@ class GrpcWorkerConnection(Downloads, WorkerConnection):
     ) -> None:
         self.address = address
         self.token = token
+        #: upload chunk size: ``chunk_bytes``, or the coordinator's ``transport.chunk_bytes`` once
+        #: joined where that is smaller (its messages are limited to it); downloads come in the
+        #: coordinator's chunks, which any valid run config keeps within MAX_CHUNK_BYTES
         self.chunk_bytes = chunk_bytes
+        self._own_chunk_bytes = chunk_bytes
         self.patience_s = patience_s
         self.credentials = credentials
         self._tls_probed = False
-        options: list[tuple[str, Any]] = list(channel_options(chunk_bytes))
+        options: list[tuple[str, Any]] = list(channel_options(chunk_bytes, receive_chunk_bytes=max(chunk_bytes, MAX_CHUNK_BYTES)))
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         if credentials is not None:
@@ -150,7 +155,7 @@ class GrpcWorkerConnection(Downloads, WorkerConnection):
                     log.warning("coordinator says: %s; joining again", exc.details())
                     self._rejoin()
                     continue
-                if code not in _RETRYABLE:
+                if not retryable(exc):
                     raise
                 if time.time() - start > self.patience_s:
                     raise CoordinatorGone(
@@ -172,10 +177,14 @@ class GrpcWorkerConnection(Downloads, WorkerConnection):
         self.session = reply.session
         if reply.heartbeat_s > 0:
             self.heartbeat_s = reply.heartbeat_s
+        config = serde.config_from_text(reply.config_yaml)
+        theirs = (config.get("transport") or {}).get("chunk_bytes")
+        if isinstance(theirs, int) and not isinstance(theirs, bool) and theirs > 0:
+            self.chunk_bytes = min(self._own_chunk_bytes, theirs)
         return WorkerRegistration(
             run_id=reply.run_id,
             session=reply.session,
-            config=serde.config_from_text(reply.config_yaml),
+            config=config,
             client_ids=reply.client_ids,
             heartbeat_s=reply.heartbeat_s,
         )
@@ -308,7 +317,7 @@ class GrpcWorkerConnection(Downloads, WorkerConnection):
                     return False, exc.details() or code.name
                 if code == grpc.StatusCode.ABORTED:
                     self._rejoin()
-                elif code in _UPLOAD_RETRYABLE or (cut and code == grpc.StatusCode.UNKNOWN):
+                elif retryable(exc, _UPLOAD_RETRYABLE) or (cut and code == grpc.StatusCode.UNKNOWN):
                     if time.time() - start > self.patience_s or attempt > 50:
                         raise CoordinatorGone(f"upload of task {task.task_id} failed {attempt + 1} times ({code.name}: {exc.details()})") from None
                     log.info("upload of task %s interrupted at ~%d bytes (%s); resuming", task.task_id, sent, code.name)

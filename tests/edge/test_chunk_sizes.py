@@ -1,0 +1,136 @@
+"""A worker and a coordinator (and a split edge and cloud) with different chunk sizes, over real
+gRPC on loopback.
+
+`transport.chunk_bytes` sizes the coordinator's messages (and its limit on what it receives); a
+worker learns it from the run config it is sent when it joins and uploads in chunks no larger,
+and it accepts downloads in any chunk size a valid config allows. A message over a channel's
+limit fails the same way every time, so it is not retried. A split edge adopts the cloud's
+`split.chunk_bytes` from its welcome.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from dpeft.codec import encode_state
+from dpeft.codec.tensors import Limits, StateDecoder
+from dpeft.config import TransportConfig
+from dpeft.state import AdapterState
+from dpeft.transport.base import TaskResult, TrainTask
+from dpeft.transport.grpc import GrpcCoordinatorTransport, GrpcWorkerConnection
+
+pytestmark = pytest.mark.integration
+
+
+def _state(n: int) -> AdapterState:
+    return AdapterState(OrderedDict([("w", torch.randn(n, generator=torch.Generator().manual_seed(n)))]), {})
+
+
+def _transport(schema, chunk_bytes: int, config_yaml: str) -> GrpcCoordinatorTransport:
+    return GrpcCoordinatorTransport(
+        "127.0.0.1:0",
+        TransportConfig(chunk_bytes=chunk_bytes, poll_timeout_s=0.2),
+        run_id="chunks",
+        config_yaml=config_yaml,
+        num_clients=1,
+        decoder_factory=lambda tid, cid: StateDecoder(schema, Limits(max_total_bytes=1 << 28)),
+    )
+
+
+def _task(payload: bytes) -> TrainTask:
+    import hashlib
+
+    return TrainTask("r1-c0-x", 1, 0, "g1", len(payload), hashlib.sha256(payload).digest())
+
+
+def _round_trip(t: GrpcCoordinatorTransport, conn: GrpcWorkerConnection, global_payload: bytes, update: AdapterState) -> None:
+    """The worker fetches the global and uploads ``update``; both arrive intact."""
+    t.publish_blob("g1", global_payload)
+    t.submit([_task(global_payload)], {})
+    task = conn.poll()
+    assert bytes(conn.fetch(task)) == global_payload
+    assert conn.push(task, encode_state(update), 10, {}) == (True, "")
+    ev = t.next_event(10)
+    assert isinstance(ev, TaskResult) and torch.equal(ev.delta["w"], update["w"])
+
+
+def test_worker_uploads_in_the_coordinators_smaller_chunks() -> None:
+    update = _state(600_000)  # 2.4 MB: one 4 MiB chunk is over a 64 KiB coordinator's 1.06 MiB limit
+    t = _transport(update.schema(), 64 << 10, "transport:\n  chunk_bytes: 65536\n")
+    address = t.start()
+    try:
+        conn = GrpcWorkerConnection(address, patience_s=10, heartbeat=False)  # its own default: 4 MiB
+        conn.join("w0", None)
+        assert conn.chunk_bytes == 64 << 10
+        _round_trip(t, conn, encode_state(_state(1000)), update)
+        conn.leave()
+    finally:
+        t.shutdown("over", grace_s=0.1)
+
+
+def test_worker_downloads_the_coordinators_larger_chunks() -> None:
+    update = _state(1000)
+    big = encode_state(_state(1_600_000))  # 6.4 MB in one 8 MiB chunk: over a 4 MiB worker's old 5 MiB limit
+    t = _transport(update.schema(), 8 << 20, "transport:\n  chunk_bytes: 8388608\n")
+    address = t.start()
+    try:
+        conn = GrpcWorkerConnection(address, patience_s=10, heartbeat=False)
+        conn.join("w0", None)
+        assert conn.chunk_bytes == 4 << 20  # uploads stay in its own, smaller chunks
+        _round_trip(t, conn, big, update)
+        conn.leave()
+    finally:
+        t.shutdown("over", grace_s=0.1)
+
+
+def test_a_message_over_the_limit_is_not_retried(tmp_path: Path) -> None:
+    """A coordinator that does not say its chunk size (config without it) and a worker whose
+    chunks exceed its limit: the upload fails at once with RESOURCE_EXHAUSTED, not after
+    retrying for the worker's patience."""
+    update = _state(600_000)
+    t = _transport(update.schema(), 64 << 10, "{}")
+    address = t.start()
+    try:
+        conn = GrpcWorkerConnection(address, patience_s=30, heartbeat=False)
+        conn.join("w0", None)
+        assert conn.chunk_bytes == 4 << 20
+        t.publish_blob("g1", b"g")
+        t.submit([_task(b"g")], {})
+        task = conn.poll()
+        starts: list[int] = []
+        conn.chunk_hook = lambda offset, data: (starts.append(offset) if offset == 0 else None, data)[1]
+        with pytest.raises(grpc.RpcError) as err:
+            conn.push(task, encode_state(update), 10, {})
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in err.value.details()
+        assert starts == [0]  # one attempt
+        conn.leave()
+    finally:
+        t.shutdown("over", grace_s=0.1)
+
+
+def test_split_edge_and_cloud_agree_on_large_chunks() -> None:
+    """A split cloud with `split.chunk_bytes` over the edge's default: the edge adopts the
+    cloud's chunk size from its welcome (as `dpeft split edge` does) and messages in 8 MiB
+    chunks pass both ways."""
+    from dpeft.transport.split_stream import EdgeConnection, SplitServer
+
+    def echo(channel) -> None:
+        got = channel.recv("round_update").tensors(None)
+        channel.send("round_global", got)
+
+    server = SplitServer(echo, "127.0.0.1:0", chunk_bytes=8 << 20).start()
+    try:
+        conn = EdgeConnection(server.address, patience_s=10)  # its default: 4 MiB
+        conn.channel.chunk_bytes = 8 << 20
+        sent = _state(1_600_000)["w"]  # 6.4 MB: one 8 MiB message
+        conn.channel.send("round_update", {"w": sent})
+        back = conn.channel.recv("round_global").tensors(None)
+        assert torch.equal(back["w"], sent)
+        conn.leave()
+    finally:
+        server.stop()
