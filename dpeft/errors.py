@@ -30,6 +30,11 @@ class ProtocolError(DpeftError):
     """A network message that is malformed, oversized, or does not match the expected schema."""
 
 
+class PayloadGone(DpeftError):
+    """The payload a task refers to is no longer served (its round closed meanwhile): the task
+    is stale and a worker lets it go."""
+
+
 class RejectedUpdate(DpeftError):
     """A worker update that failed validation; `reason` is a short stable tag for metrics."""
 

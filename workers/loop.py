@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dpeft.config import AuthConfig, RunConfig
-from dpeft.errors import RejectedUpdate
+from dpeft.errors import PayloadGone, RejectedUpdate
 from dpeft.privacy.secagg.messages import TASK_KINDS as SECAGG_KINDS
 from dpeft.rounds.fedeval import EVALUATE, WORKER_TASK_KINDS
 from dpeft.train import TrainingStopped
@@ -184,10 +184,10 @@ def _fetch_payloads(
             continue
         try:
             todo.append((task, conn.fetch(task)))
-        except ConnectionError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - e.g. the payload of a task the coordinator already closed
-            log.warning("cannot fetch the payload of task %s: %s", task.task_id, exc)
+        except PayloadGone as exc:  # its round closed meanwhile: nothing to do
+            log.info("task %s dropped: %s", task.task_id, exc)
+        # any other failure ends the worker loudly: a task kept without a reply would hold its
+        # round until sync.round_timeout_s
     return todo
 
 

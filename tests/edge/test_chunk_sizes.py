@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
+import dataclasses
+import logging
+
 import grpc
 import pytest
 import torch
@@ -20,6 +23,7 @@ import torch
 from dpeft.codec import encode_state
 from dpeft.codec.tensors import Limits, StateDecoder
 from dpeft.config import TransportConfig
+from dpeft.errors import DpeftError, PayloadGone
 from dpeft.state import AdapterState
 from dpeft.transport.base import TaskResult, TrainTask
 from dpeft.transport.grpc import GrpcCoordinatorTransport, GrpcWorkerConnection
@@ -134,3 +138,28 @@ def test_split_edge_and_cloud_agree_on_large_chunks() -> None:
         conn.leave()
     finally:
         server.stop()
+
+
+def test_a_download_over_the_limit_or_of_a_payload_gone_ends_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    """An oversized chunk (a coordinator outside what a valid config allows) fails the fetch with
+    one clear error, without retrying; a payload no longer served (its round closed) is
+    PayloadGone, which a worker treats as a stale task."""
+    caplog.set_level(logging.INFO)
+    big = bytes(70 << 20)
+    t = _transport(_state(10).schema(), 100 << 20, "{}")
+    address = t.start()
+    try:
+        conn = GrpcWorkerConnection(address, patience_s=30, heartbeat=False)
+        conn.join("w0", None)
+        t.publish_blob("g1", big)
+        t.submit([_task(big)], {})
+        task = conn.poll()
+        with pytest.raises(DpeftError, match="download of payload 'g1' failed: RESOURCE_EXHAUSTED") as err:
+            conn.fetch(task)
+        assert "\n" not in str(err.value)
+        assert "resuming" not in caplog.text  # not retried
+        with pytest.raises(PayloadGone, match="no longer served"):
+            conn.fetch(dataclasses.replace(task, blob_id="closed"))
+        conn.leave()
+    finally:
+        t.shutdown("over", grace_s=0.1)

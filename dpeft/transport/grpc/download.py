@@ -22,7 +22,7 @@ import grpc
 
 from dpeft.codec.crc import CRC32, CRC32C, CrcAlgorithm, crc32_combine
 from dpeft.codec.tensors import write_into, zeroed_buffer
-from dpeft.errors import ProtocolError
+from dpeft.errors import DpeftError, PayloadGone, ProtocolError
 from dpeft.transport import serde
 from dpeft.transport.base import TrainTask
 from dpeft.transport.grpc.channel import backoff_s
@@ -113,11 +113,15 @@ class Downloads:
                     if exc.code() == grpc.StatusCode.ABORTED:
                         self._rejoin()
                         continue
+                    if exc.code() == grpc.StatusCode.NOT_FOUND:
+                        raise PayloadGone(f"payload {task.blob_id!r} of task {task.task_id} is no longer served ({exc.details()})") from None
                     if not retryable(exc):
-                        raise
+                        raise DpeftError(f"download of payload {task.blob_id!r} failed: {exc.code().name}: {exc.details()}") from None
                 if time.time() - start > self.patience_s:
-                    if isinstance(exc, grpc.RpcError):
-                        raise
+                    if isinstance(exc, grpc.RpcError):  # the coordinator stayed unreachable (or busy)
+                        raise ConnectionError(
+                            f"download of payload {task.blob_id!r} failed for {self.patience_s:.0f}s ({exc.code().name}: {exc.details()})"
+                        ) from None
                     raise ProtocolError(f"download of {task.blob_id}: {exc} (again after {attempts} retries)") from None
                 log.info("download of %s interrupted at %d bytes (%s); resuming", task.blob_id, filled, exc)
                 time.sleep(backoff_s(attempts))
