@@ -62,12 +62,15 @@ def plain_loop(overrides: list[str], out: str) -> None:
     global_state = extract_state(model)
     import numpy as np
 
+    # the batches dpeft evaluates: in order of length, so each is cut near its own sequences' width
+    order = torch.argsort(te.attention_mask.sum(dim=1), stable=True)
+
     def evaluate() -> float:
         model.eval()
         correct = 0
         with torch.no_grad():
             for s in range(0, len(te), cfg.train.eval_batch_size):
-                b = te.batch(list(range(s, min(s + cfg.train.eval_batch_size, len(te)))))
+                b = te.batch(order[s : s + cfg.train.eval_batch_size])
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
                 correct += int((logits.argmax(-1) == b["labels"]).sum())
         return correct / len(te)
