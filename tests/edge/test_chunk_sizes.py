@@ -10,11 +10,10 @@ limit fails the same way every time, so it is not retried. A split edge adopts t
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from pathlib import Path
-
 import dataclasses
 import logging
+from collections import OrderedDict
+from pathlib import Path
 
 import grpc
 import pytest
