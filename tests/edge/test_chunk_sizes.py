@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict
-from pathlib import Path
 
 import grpc
 import pytest
@@ -26,6 +25,7 @@ from dpeft.errors import DpeftError, PayloadGone
 from dpeft.state import AdapterState
 from dpeft.transport.base import TaskResult, TrainTask
 from dpeft.transport.grpc import GrpcCoordinatorTransport, GrpcWorkerConnection
+from dpeft_workers.loop import _fetch_payloads
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +91,7 @@ def test_worker_downloads_the_coordinators_larger_chunks() -> None:
         t.shutdown("over", grace_s=0.1)
 
 
-def test_a_message_over_the_limit_is_not_retried(tmp_path: Path) -> None:
+def test_a_message_over_the_limit_is_not_retried() -> None:
     """A coordinator that does not say its chunk size (config without it) and a worker whose
     chunks exceed its limit: the upload fails at once with RESOURCE_EXHAUSTED, not after
     retrying for the worker's patience."""
@@ -106,7 +106,13 @@ def test_a_message_over_the_limit_is_not_retried(tmp_path: Path) -> None:
         t.submit([_task(b"g")], {})
         task = conn.poll()
         starts: list[int] = []
-        conn.chunk_hook = lambda offset, data: (starts.append(offset) if offset == 0 else None, data)[1]
+
+        def count_attempts(offset: int, data: bytes) -> bytes:
+            if offset == 0:
+                starts.append(offset)
+            return data
+
+        conn.chunk_hook = count_attempts
         with pytest.raises(grpc.RpcError) as err:
             conn.push(task, encode_state(update), 10, {})
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in err.value.details()
@@ -157,8 +163,13 @@ def test_a_download_over_the_limit_or_of_a_payload_gone_ends_at_once(caplog: pyt
             conn.fetch(task)
         assert "\n" not in str(err.value)
         assert "resuming" not in caplog.text  # not retried
+        gone = dataclasses.replace(task, task_id="r1-c1-y", blob_id="closed")
         with pytest.raises(PayloadGone, match="no longer served"):
-            conn.fetch(dataclasses.replace(task, blob_id="closed"))
+            conn.fetch(gone)
+        # the worker loop lets a stale task go and stops on any other failure
+        assert _fetch_payloads(conn, [gone], {}) == []
+        with pytest.raises(DpeftError, match="RESOURCE_EXHAUSTED"):
+            _fetch_payloads(conn, [task], {})
         conn.leave()
     finally:
         t.shutdown("over", grace_s=0.1)

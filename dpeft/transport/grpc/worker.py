@@ -48,9 +48,8 @@ from dpeft.transport.messages import PollAsk, SessionCall, UpdateHeader, UploadQ
 log = logging.getLogger("dpeft.transport.grpc")
 T = TypeVar("T")
 
-_RETRYABLE = RETRYABLE
 #: an upload attempt that failed this way continues from the acknowledged offset
-_UPLOAD_RETRYABLE = _RETRYABLE | {grpc.StatusCode.DATA_LOSS, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.CANCELLED}
+_UPLOAD_RETRYABLE = RETRYABLE | {grpc.StatusCode.DATA_LOSS, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.CANCELLED}
 _REFUSED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS}
 
 
