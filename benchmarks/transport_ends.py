@@ -39,19 +39,26 @@ def peak_rss_mib() -> float:
 
 
 def tensor_payload(size: int) -> tuple[bytearray, Any]:
-    """An encoded adapter payload of one uint8 tensor of ``size`` bytes (dpeft's wire format) and
-    its schema, built in place: the payload is the only copy this makes (peak RSS stays the
-    transport's, not the payload generator's)."""
+    """An encoded adapter payload of one float32 tensor of ``size`` bytes (dpeft's wire format;
+    uint8 where ``size`` is not a multiple of 4) and its schema, built in place: the payload is the
+    only copy this makes (peak RSS stays the transport's, not the payload generator's). Float
+    values, as an adapter's are, so the coordinator's finiteness and norm checks run on them."""
     import torch
 
     from dpeft.codec.tensors import iter_encoded
     from dpeft.state import AdapterState
 
-    state = AdapterState(OrderedDict([("w", torch.empty((size,), dtype=torch.uint8))]), {})  # pages never touched
+    dtype = torch.float32 if size % 4 == 0 else torch.uint8
+    width = 4 if dtype == torch.float32 else 1
+    state = AdapterState(OrderedDict([("w", torch.empty((size // width,), dtype=dtype))]), {})  # pages never touched
     head = bytes(next(iter_encoded(state)))
     payload = bytearray(len(head) + size)
     payload[: len(head)] = head
-    block = os.urandom(min(size, 64 * MiB)) if size else b""
+    n_block = min(size, 64 * MiB)
+    if dtype == torch.float32:
+        block = torch.randn(n_block // 4, generator=torch.Generator().manual_seed(0)).numpy().tobytes()
+    else:
+        block = os.urandom(n_block) if size else b""
     for pos in range(0, size, len(block) or 1):
         n = min(len(block), size - pos)
         payload[len(head) + pos : len(head) + pos + n] = block[:n]
@@ -223,7 +230,7 @@ class CoordinatorEnd:
 
         ev = self.t.next_event(60)
         assert isinstance(ev, TaskResult), ev
-        assert ev.delta["w"].numel() == size
+        assert ev.delta["w"].numel() * ev.delta["w"].element_size() == size
 
     def close(self) -> None:
         self.t.shutdown("done", grace_s=0.5)

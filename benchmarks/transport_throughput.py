@@ -294,8 +294,10 @@ def main() -> None:
             "untimed) and the whole payload's CRC-32C (combined from the chunk CRCs) checked by the worker, written into "
             "one buffer (reused from the previous round of the same size: the best download is a reused buffer's, the note gives the "
             "first one, into fresh memory). Upload: one CRC-32C pass on the worker, chunks serialized straight from the payload (serde's "
-            "zero-copy (de)serializers), per-chunk and whole-payload CRC-32C and decoding into a tensor state on the coordinator, timed "
-            "until the worker has the coordinator's acknowledgement (sent after those checks). "
+            "zero-copy (de)serializers), per-chunk and whole-payload CRC-32C, the finiteness and L2-norm check of the values as "
+            "each chunk arrives, and decoding into a tensor state on the coordinator, timed "
+            "until the worker has the coordinator's acknowledgement (sent after those checks). The payload is one float32 tensor of "
+            "normally distributed values, as an adapter update is (a byte payload would skip the value check). "
             + spool
             + (
                 "Both ends run with glibc's malloc defaults (--glibc-defaults). "

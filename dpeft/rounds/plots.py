@@ -38,13 +38,15 @@ def traffic_kind(rows: list[dict[str, Any]]) -> str:
     return "federated"
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def _figure(**kwargs: Any) -> Any:
+    """A figure of its own (matplotlib's object API, not pyplot: no global figure registry or
+    backend switch, safe from any thread, and a lighter import)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(layout="constrained", **kwargs)
+    FigureCanvasAgg(fig)  # draws PNGs (and gives the tests a renderer)
+    return fig
 
 
 def _integer_ticks(ax: Any) -> None:
@@ -72,8 +74,8 @@ def accuracy_figure(rows: list[dict[str, Any]]) -> Any:
     evaluated = [r for r in rows if r.get("eval_accuracy") is not None]
     if not evaluated:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), layout="constrained")
+    fig = _figure(figsize=(6.4, 4.6))
+    ax = fig.subplots()
     ax.plot([r["round"] for r in evaluated], [r["eval_accuracy"] for r in evaluated], marker="o", label="eval accuracy")
     gen = [r for r in evaluated if r.get("gen_accuracy") is not None]
     if gen:
@@ -119,8 +121,8 @@ def time_figure(rows: list[dict[str, Any]]) -> Any:
     points = [(t, r) for t, r in zip(clock, rows, strict=True) if r.get("eval_accuracy") is not None]
     if not points:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    fig = _figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     ax.plot([t for t, _ in points], [r["eval_accuracy"] for _, r in points], marker="o")
     for t, r in points:
         ax.annotate(str(r["round"]), (t, r["eval_accuracy"]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
@@ -137,8 +139,8 @@ def bytes_figure(rows: list[dict[str, Any]]) -> Any:
     if not active:
         return None
     up_label, down_label, per = TRAFFIC[traffic_kind(rows)]
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, 1, figsize=(6.4, 5.2), sharex=True, layout="constrained")
+    fig = _figure(figsize=(6.4, 5.2))
+    axes = fig.subplots(2, 1, sharex=True)
     x = [r["round"] for r in active]
     for ax, key, label, color in ((axes[0], "bytes_up", up_label, "tab:blue"), (axes[1], "bytes_down", down_label, "tab:orange")):
         values = [float(r.get(key) or 0) for r in active]
@@ -161,6 +163,5 @@ def write_plots(rows: list[dict[str, Any]], run_dir: Path) -> list[Path]:
             continue
         path = run_dir / name
         fig.savefig(path, dpi=100)
-        _pyplot().close(fig)
         out.append(path)
     return out

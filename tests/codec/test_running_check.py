@@ -1,7 +1,8 @@
 """RunningCheck: the norm and finiteness of a payload computed piece by piece as it streams in.
 
 Whatever the piece sizes (a piece may end in the middle of an element), the result must be what
-:func:`check_update` says of the decoded state: the same global L2 norm (float64), or the same
+:func:`check_update` says of the decoded state: the same global L2 norm (exact for tensors under
+1,024 values, within 1e-6 relative above: float32 row norms summed in float64), or the same
 ``RejectedUpdate("non_finite")`` naming the first tensor in payload order with a NaN or Inf.
 Integer tensors never count, whatever their bytes would mean as floats.
 """
@@ -99,6 +100,38 @@ def test_norm_matches_check_update_for_any_piece_sizes(mode: str | int) -> None:
     assert math.isclose(norm, check_update(decoded), rel_tol=1e-9)
     assert math.isclose(norm, reference_norm(state), rel_tol=1e-9)
     assert norm > 0
+
+
+def large_state() -> AdapterState:
+    """Tensors of many 1,024-value rows (more than one 1M-value slice, sizes off the row grid), and
+    float32 values whose rows overflow float32 although every value and the norm are finite."""
+    g = torch.Generator().manual_seed(7)
+    t = OrderedDict()
+    t["f32"] = torch.randn((1 << 20) + 3 * 1024 + 5, generator=g) * torch.rand(1, generator=g)
+    t["bf16"] = (torch.randn(70_001, generator=g) * 40).bfloat16()
+    t["f16"] = (torch.randn(5_000, generator=g) * 2e3).half()  # squares far beyond float16's range
+    t["f32_huge"] = torch.full((2_048 + 1,), 3e19)
+    t["f64"] = torch.randn(3_000, generator=g, dtype=torch.float64)
+    return AdapterState(t, {})
+
+
+@pytest.mark.parametrize("piece", [(4 << 20) + 3, 65_537])
+def test_large_tensors_norm_within_1e6_of_float64(piece: int) -> None:
+    state = large_state()
+    payload = encode_state(state)
+    dec, check = fed(payload, pieces(payload, piece))
+    want = reference_norm(state)
+    assert math.isfinite(want)
+    assert math.isclose(check_update(dec.finish()), want, rel_tol=1e-6)
+    assert math.isclose(check.result(), want, rel_tol=1e-6)
+    bad = OrderedDict(state.tensors)
+    bad["f32"] = bad["f32"].clone()
+    bad["f32"][(1 << 20) + 17] = float("nan")  # in the second slice
+    payload = encode_state(AdapterState(bad, {}))
+    dec, check = fed(payload, pieces(payload, piece))
+    for run in (check.result, lambda: check_update(dec.finish())):
+        with pytest.raises(RejectedUpdate, match=r"tensor f32 has NaN"):
+            run()
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -180,7 +180,7 @@ def test_spooled_decoder_matches_the_in_memory_one(tmp_path: Path) -> None:
     assert math.isclose(
         norm,
         math.sqrt(sum(float(t.double().square().sum()) for t in state.tensors.values() if t.is_floating_point())),
-        rel_tol=1e-9,
+        rel_tol=1e-6,  # float32 row sums (dpeft.codec.validation)
     )
     for name in state:
         assert torch.equal(out[name], state[name]), name
