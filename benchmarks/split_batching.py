@@ -36,10 +36,12 @@ from results import machine_note, write_section  # noqa: E402
 
 NOTE = (
     "With one edge both modes run the same code (a lone step never waits or batches), so the gap between those two rows is this "
-    "machine's noise. On these shared CPU cores batching does not pay: the base's compute grows with the rows either way, and the "
-    "batched cloud handles every edge's messages of a layer in one thread where one-at-a-time serving spreads them over the session "
-    "threads. Batching is therefore off by default (`split.max_batch_edges=1`); it is meant for a cloud whose base runs on a GPU, "
-    "where one pass over many edges' rows costs little more than one edge's (not measured here: no GPU on this machine)."
+    "machine's noise. With several edges stepping at once, one pass of the base over all their rows serves more steps per second "
+    "than a pass per edge, and each edge waits less for its step, even on these two shared CPU cores: the batched matrix products "
+    "are larger and the sessions' threads contend less for the cores. A GPU base is expected to gain more (one pass over many edges' rows costs "
+    "little more than one edge's; not measured here: no GPU on this machine). Batching stays off by default "
+    "(`split.max_batch_edges=1`): a batch moves at the pace of its slowest edge, which edges on very different links do not "
+    "want. Set `split.max_batch_edges` to the number of edges for a cloud that serves several alike edges at once."
 )
 
 
