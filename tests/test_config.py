@@ -167,6 +167,8 @@ def test_override_without_equals_sign() -> None:
         (["simulate.start=thread"], "simulate.start"),
         (["data.dataset=file"], "data.path"),
         (["transport.chunk_bytes=999999999"], "transport.chunk_bytes"),
+        (["transport.chunk_bytes=4"], "transport.chunk_bytes"),  # meant as 4 MiB: in bytes, it would be 4
+        (["split.chunk_bytes=100"], "split.chunk_bytes"),
     ],
 )
 def test_impossible_values_name_key(overrides: list[str], key: str) -> None:

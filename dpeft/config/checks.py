@@ -11,10 +11,18 @@ from collections.abc import Iterable
 
 from dpeft.config.data_checks import check_data
 from dpeft.config.quantization import check_quantization
-from dpeft.config.schema import MAX_CHUNK_BYTES, RayConfig, RunConfig, SplitConfig, TransportConfig
+from dpeft.config.schema import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, RayConfig, RunConfig, SplitConfig, TransportConfig
 from dpeft.config.tracking_checks import check_tracking
 from dpeft.config.train_checks import check_train_hardware
 from dpeft.errors import ConfigError
+
+
+def check_chunk_bytes(key: str, value: int) -> None:
+    """A chunk size in bytes between :data:`MIN_CHUNK_BYTES` and :data:`MAX_CHUNK_BYTES`."""
+    if value > MAX_CHUNK_BYTES:
+        raise ConfigError(key, f"must be at most {MAX_CHUNK_BYTES} (64 MiB; gRPC messages stay small), got {value}")
+    if value < MIN_CHUNK_BYTES:
+        raise ConfigError(key, f"must be at least {MIN_CHUNK_BYTES} bytes (the value is in bytes: 4 MiB is 4194304), got {value}")
 
 
 def positive(key: str, value: float, allow_zero: bool = False) -> None:
@@ -67,8 +75,7 @@ def check_core(cfg: RunConfig) -> None:
         raise ConfigError(
             "clients_per_round", f"{cfg.clients_per_round} clients per round but only {cfg.clients} clients"
         )
-    if cfg.transport.chunk_bytes > MAX_CHUNK_BYTES:
-        raise ConfigError("transport.chunk_bytes", "must be at most 64 MiB (gRPC messages stay small)")
+    check_chunk_bytes("transport.chunk_bytes", cfg.transport.chunk_bytes)
     if cfg.transport.max_update_norm is not None and not cfg.transport.max_update_norm > 0:
         raise ConfigError("transport.max_update_norm", f"must be > 0 or null, got {cfg.transport.max_update_norm}")
     one_of("model.task", cfg.model.task, ["seq_cls", "causal_lm"])
@@ -193,8 +200,7 @@ def validate_split(cfg: SplitConfig) -> None:
         raise ConfigError("split.layers", f"must be >= 1 or null, got {cfg.layers}")
     if cfg.wire_dtype not in WIRE_DTYPES:
         raise ConfigError("split.wire_dtype", f"must be one of {', '.join(WIRE_DTYPES)}; got {cfg.wire_dtype!r}")
-    if cfg.chunk_bytes > MAX_CHUNK_BYTES:
-        raise ConfigError("split.chunk_bytes", "must be at most 64 MiB")
+    check_chunk_bytes("split.chunk_bytes", cfg.chunk_bytes)
     if not 0.0 < cfg.kr.budget <= 1.0:
         raise ConfigError("split.kr.budget", f"must be in (0, 1], got {cfg.kr.budget}")
     if cfg.kr.warmup < 0:

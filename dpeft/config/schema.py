@@ -14,6 +14,9 @@ from typing import Any
 #: the largest ``transport.chunk_bytes`` / ``split.chunk_bytes`` (gRPC messages stay small; a worker
 #: accepts downloads in chunks up to this size from any coordinator)
 MAX_CHUNK_BYTES = 64 * 1024 * 1024
+#: the smallest: below it a transfer is mostly per-message overhead (and ``chunk_bytes=4``, meant as
+#: 4 MiB, would send an adapter 4 bytes at a time)
+MIN_CHUNK_BYTES = 4096
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors dataclasses naming
@@ -256,7 +259,7 @@ class TrackingConfig:
 class TransportConfig:
     """Wire settings."""
 
-    chunk_bytes: int = _f(4 * 1024 * 1024, "bytes per streamed chunk, at most 64 MiB (a worker uploads in chunks no larger than its coordinator's)")
+    chunk_bytes: int = _f(4 * 1024 * 1024, "bytes per streamed chunk, 4096 (4 KiB) to 67108864 (64 MiB) (a worker uploads in chunks no larger than its coordinator's)")
     max_update_bytes: int = _f(1 << 31, "largest update accepted from a worker")
     poll_timeout_s: float = _f(2.0, "how long a worker's task poll waits on the coordinator")
     heartbeat_s: float = _f(5.0, "how often a worker sends a heartbeat while it trains")
@@ -338,7 +341,7 @@ class SplitConfig:
     steps: int = _f(100, "edge training steps when the cloud runs no federation (rounds are taken from the run config otherwise)")
     federated: bool = _f(True, "aggregate the edges' adapters every round with strategy.name (false: each edge trains alone for `steps` steps)")
     wire_dtype: str = _f("fp32", "dtype of activations and gradients on the wire: fp32, fp16 or bf16")
-    chunk_bytes: int = _f(4 * 1024 * 1024, "largest payload piece per gRPC message")
+    chunk_bytes: int = _f(4 * 1024 * 1024, "largest payload piece per gRPC message, 4096 (4 KiB) to 67108864 (64 MiB)")
     cloud_threads: int = _f(2, "torch threads of the cloud process")
     edge_threads: int = _f(1, "torch threads of each edge process")
     cloud_device: str = _f("auto", "device of the cloud's frozen base: auto (a GPU when one is visible), cpu, cuda, cuda:N or mps")
