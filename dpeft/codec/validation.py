@@ -65,6 +65,9 @@ def _slice_squares(piece: torch.Tensor) -> float:
     slice whose rows overflow float32 (finite values near 1e18 and above) is summed in float64
     again; a NaN or Inf gives a non-finite sum either way."""
     values = piece.detach()
+    if values.device.type != "cpu":  # an accelerator's own reduction (no CPU thread team to mind)
+        norm = float(torch.linalg.vector_norm(values, dtype=torch.float64))
+        return norm * norm
     if values.dtype not in (torch.float32, torch.float64):
         values = values.float()
     arr = values.numpy()
