@@ -32,9 +32,9 @@ _ROW = 1024
 def check_update(delta: AdapterState) -> float:
     """Content checks of a decoded update: every floating value finite. Returns its global L2 norm.
 
-    One pass, tensor by tensor in slices (float32 row norms summed in float64, within ~1e-6 of an
-    all-float64 sum; no full-size temporaries); a spooled update gives its pages back every few
-    slices, so a pass costs a few MiB of RAM. Raises
+    One pass, tensor by tensor in slices (float32 sums of squares of 1,024-value rows, added in
+    float64: within ~1e-6 of an all-float64 sum; no full-size temporaries); a spooled update gives
+    its pages back every few slices, so a pass costs a few MiB of RAM. Raises
     ``RejectedUpdate("non_finite")`` naming the first tensor with a NaN or Inf.
     """
     total = 0.0

@@ -2,7 +2,7 @@
 
 Whatever the piece sizes (a piece may end in the middle of an element), the result must be what
 :func:`check_update` says of the decoded state: the same global L2 norm (exact for tensors under
-1,024 values, within 1e-6 relative above: float32 row norms summed in float64), or the same
+1,024 values, within 1e-6 relative above: float32 row sums of squares added in float64), or the same
 ``RejectedUpdate("non_finite")`` naming the first tensor in payload order with a NaN or Inf.
 Integer tensors never count, whatever their bytes would mean as floats.
 """
