@@ -242,6 +242,7 @@ def main() -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip DLoRA without KR (its numbers come from another invocation)")
     ap.add_argument("--smollm2-all", action="store_true", help="also run the rule before on SmolLM2 (slow)")
     ap.add_argument("--kr", action="append", default=[], help="extra KR variant NAME:key=value,... (MiniLM and SmolLM2)")
+    ap.add_argument("--only-kr", action="store_true", help="run only the --kr variants (not the two standard rules)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: edge CPU time is the edge thread's CPU time)")
     args = ap.parse_args()
@@ -252,6 +253,8 @@ def main() -> int:
         ("DLoRA + KR, low budget (0.05), partial revive", NEW_RULE),
         ("DLoRA + KR, original rule, budget 0.125", PAPER_RULE),
     ]
+    if args.only_kr:
+        variants = []
     variants += [parse_variant(s) for s in args.kr]
     sections = []
     t0 = time.time()
@@ -279,7 +282,7 @@ def main() -> int:
             else "SmolLM2-135M-Instruct, all 30 decoder layers (q_proj/v_proj), Rotten Tomatoes"
         )
         plateau = (3, 2, 6) if args.quick else (15, 2, args.smollm2_cap)
-        sm_variants = variants if args.quick or args.smollm2_all else variants[:1] + variants[2:]
+        sm_variants = variants if args.quick or args.smollm2_all or args.only_kr else variants[:1] + variants[2:]
         table = bench_model(
             title,
             ModelConfig(name="smollm2", max_length=32),
