@@ -293,6 +293,7 @@ def main() -> int:
             1e-3,
             plateau,
             sm_variants,
+            args.no_baseline,
         )
         sections.append(table)
         print(table, flush=True)
