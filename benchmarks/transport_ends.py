@@ -58,7 +58,7 @@ def tensor_payload(size: int) -> tuple[bytearray, Any]:
     if dtype == torch.float32:
         block = torch.randn(n_block // 4, generator=torch.Generator().manual_seed(0)).numpy().tobytes()
     else:
-        block = os.urandom(n_block) if size else b""
+        block = os.urandom(n_block)
     for pos in range(0, size, len(block) or 1):
         n = min(len(block), size - pos)
         payload[len(head) + pos : len(head) + pos + n] = block[:n]

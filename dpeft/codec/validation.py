@@ -55,6 +55,11 @@ def check_norm(norm: float, max_norm: float | None) -> None:
         raise RejectedUpdate("norm", f"update L2 norm {norm:.6g} exceeds the bound {max_norm:g} (transport.max_update_norm)")
 
 
+def _float64_squares(values: torch.Tensor) -> float:
+    norm = float(torch.linalg.vector_norm(values, dtype=torch.float64))
+    return norm * norm  # inf when it overflows (``norm ** 2`` raises OverflowError)
+
+
 def _slice_squares(piece: torch.Tensor) -> float:
     """The sum of squares of one 1-D slice: the squares of each 1,024-value row summed in float32
     (float64 for float64 values; float16 and bfloat16 slices go through a float32 copy), the rows'
@@ -66,8 +71,7 @@ def _slice_squares(piece: torch.Tensor) -> float:
     again; a NaN or Inf gives a non-finite sum either way."""
     values = piece.detach()
     if values.device.type != "cpu":  # an accelerator's own reduction (no CPU thread team to mind)
-        norm = float(torch.linalg.vector_norm(values, dtype=torch.float64))
-        return norm * norm
+        return _float64_squares(values)
     if values.dtype not in (torch.float32, torch.float64):
         values = values.float()
     arr = values.numpy()
@@ -81,8 +85,7 @@ def _slice_squares(piece: torch.Tensor) -> float:
             tail = arr[head:].astype(np.float64)
             sq += float(np.dot(tail, tail))
     if not math.isfinite(sq) and arr.dtype != np.float64:
-        norm = float(torch.linalg.vector_norm(values, dtype=torch.float64))
-        sq = norm * norm  # inf when it overflows (``norm ** 2`` raises OverflowError)
+        sq = _float64_squares(values)
     return sq
 
 

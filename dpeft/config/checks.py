@@ -55,7 +55,6 @@ def check_core(cfg: RunConfig) -> None:
         ("simulate.processes", cfg.simulate.processes),
         ("simulate.threads_per_process", cfg.simulate.threads_per_process),
         ("simulate.coordinator_threads", cfg.simulate.coordinator_threads),
-        ("transport.chunk_bytes", cfg.transport.chunk_bytes),
         ("transport.max_update_bytes", cfg.transport.max_update_bytes),
         ("transport.spool_bytes", cfg.transport.spool_bytes),
         ("sync.round_timeout_s", cfg.sync.round_timeout_s),
@@ -184,7 +183,6 @@ def validate_split(cfg: SplitConfig) -> None:
     for key, value in [
         ("split.edges", cfg.edges),
         ("split.steps", cfg.steps),
-        ("split.chunk_bytes", cfg.chunk_bytes),
         ("split.cloud_threads", cfg.cloud_threads),
         ("split.edge_threads", cfg.edge_threads),
         ("split.kr.window", cfg.kr.window),
