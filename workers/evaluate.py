@@ -14,11 +14,8 @@ taken out of its training examples only while ``eval.federated`` is on.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 from dpeft.adapters import load_state
 from dpeft.codec import encode_state
@@ -44,17 +41,6 @@ def split_indices(cfg: RunConfig, indices: list[int], client_id: int) -> tuple[l
     return client_split(indices, cfg.eval.client_test_fraction, cfg.seed, client_id)
 
 
-def subset(data: Any, indices: list[int]) -> Any:
-    """The rows ``indices`` of tokenized data (every per-example tensor field of the dataclass)."""
-    idx = torch.as_tensor(indices, dtype=torch.long)
-    n = len(data)
-    values = {}
-    for f in dataclasses.fields(data):
-        v = getattr(data, f.name)
-        values[f.name] = v[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
-    return type(data)(**values)
-
-
 def evaluate_tasks(runtime: WorkerRuntime, items: list[tuple[TrainTask, Any]]) -> list[tuple[bytes, int, dict[str, float]]]:
     """Run evaluation tasks on ``runtime``'s shared model: (empty payload, held-out examples, metrics) per task, in order.
 
@@ -75,7 +61,7 @@ def evaluate_tasks(runtime: WorkerRuntime, items: list[tuple[TrainTask, Any]]) -
         runtime._use_adapter(prepared.adapter)
         load_state(runtime.model, prepared.start)
         metrics = evaluate(
-            runtime.model, subset(runtime.data, held), runtime.cfg.model.task, runtime.cfg.train.eval_batch_size, runtime.cfg.train.precision
+            runtime.model, runtime.data.rows(held), runtime.cfg.model.task, runtime.cfg.train.eval_batch_size, runtime.cfg.train.precision
         )
         compute_s = time.perf_counter() - t0
         out.append((EMPTY_REPLY, len(held), {**{k: float(v) for k, v in metrics.items()}, "compute_s": compute_s}))

@@ -93,7 +93,8 @@ class WorkerRuntime(TaskTrainer):
         # copy-on-write with workers it forks); otherwise this worker's own
         self.bundle = bundle if bundle is not None else build_model(cfg.model, cfg.adapter, num_labels, cfg.seed)
         self.model = self.bundle.model
-        self.data = tokenize_dataset(self.bundle.tokenizer, train, cfg)
+        # rows are tokenized as batches first use them: a process tokenizes what it trains, not every client's data
+        self.data = tokenize_dataset(self.bundle.tokenizer, train, cfg, lazy=True)
         self.params = adapter_parameters(self.model)
         self.schema = extract_state(self.model).schema()
         self._opt_states: dict[int, dict[str, Any]] = {}

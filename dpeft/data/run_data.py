@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dpeft.config import RunConfig
 from dpeft.config.data_checks import resolve_format, resolve_partition
 from dpeft.data.datasets import TextDataset, label_names_of, load_dataset, load_text_file
+from dpeft.data.lazy import LazyTokens
 from dpeft.data.partition import column_partition, partition
 from dpeft.data.tokenize import TokenizedData, tokenize, tokenize_pairs, tokenize_text_lm
 from dpeft.errors import ConfigError, DataError
@@ -101,12 +104,21 @@ def load_client_file(cfg: RunConfig, path: str | Path, label_names: list[str] | 
     return TextDataset([t for t, _ in pairs], [index[lab] for _, lab in pairs], names)
 
 
-def tokenize_dataset(tokenizer: Any, data: TextDataset, cfg: RunConfig) -> TokenizedData:
+def tokenize_dataset(tokenizer: Any, data: TextDataset, cfg: RunConfig, lazy: bool = False) -> TokenizedData | LazyTokens:
     """Tensors of ``data`` for the run's model.
 
     seq_cls: class labels. causal_lm: token targets, -100 on padding and (instruction/chat) on the
     prompt, except a chat's earlier assistant turns; plain text is trained on every token.
+    ``lazy``: rows are tokenized when first used (:class:`~dpeft.data.lazy.LazyTokens`; the same
+    tensors), so a process tokenizes only the clients it trains.
     """
+    if lazy:
+        labels = torch.tensor(data.labels, dtype=torch.long) if cfg.model.task == "seq_cls" else None
+        return LazyTokens(len(data), cfg.model.max_length, lambda idx: _tokenized(tokenizer, data.subset(idx), cfg), labels)
+    return _tokenized(tokenizer, data, cfg)
+
+
+def _tokenized(tokenizer: Any, data: TextDataset, cfg: RunConfig) -> TokenizedData:
     if cfg.model.task == "seq_cls":
         return tokenize(tokenizer, data.texts, data.labels, cfg.model.max_length)
     if data.responses is None:

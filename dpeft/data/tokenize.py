@@ -33,14 +33,27 @@ class TokenizedData:
 
     def batch(self, indices: list[int] | torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows ``indices``, columns cut to the longest sequence among them."""
+        return batch_of(self.input_ids, self.attention_mask, self.labels, torch.as_tensor(indices, dtype=torch.long))
+
+    def ensure(self, indices: list[int] | torch.Tensor) -> None:
+        """Every row is tokenized already (:class:`~dpeft.data.lazy.LazyTokens` tokenizes here)."""
+
+    def rows(self, indices: list[int] | torch.Tensor) -> TokenizedData:
+        """The rows ``indices`` (every per-example tensor)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
-        mask = self.attention_mask[idx]
-        width = max(int(mask.sum(dim=1).max()), 1)
-        out = {"input_ids": self.input_ids[idx, :width], "attention_mask": mask[:, :width]}
-        if self.labels is not None:
-            labels = self.labels[idx]
-            out["labels"] = labels[:, :width] if labels.dim() == 2 else labels
-        return out
+        return TokenizedData(self.input_ids[idx], self.attention_mask[idx], None if self.labels is None else self.labels[idx])
+
+
+def batch_of(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rows ``idx`` of the (N, max_length) tensors as int64, columns cut to the longest sequence
+    among them (``labels``: (N,) classes or (N, max_length) token targets)."""
+    mask = attention_mask[idx]
+    width = max(int(mask.sum(dim=1).max()), 1)
+    out = {"input_ids": input_ids[idx, :width].long(), "attention_mask": mask[:, :width].long()}
+    if labels is not None:
+        rows = labels[idx]
+        out["labels"] = (rows[:, :width] if rows.dim() == 2 else rows).long()
+    return out
 
 
 def tokenize(tokenizer: object, texts: list[str], labels: list[int] | None, max_length: int) -> TokenizedData:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dpeft.config import PrivacyConfig, TrainConfig
-from dpeft.data.tokenize import TokenizedData
+from dpeft.data.lazy import Tokens
 from dpeft.privacy.accountant import local_epsilon
 from dpeft.privacy.local_accounting import RATE_KEY, STEPS_KEY, TASK_EPSILON_KEY
 from dpeft.train.loop import LocalResult, check_stop, lm_targets, make_optimizer, training_device
@@ -77,7 +77,7 @@ def privatize_gradients(
 def dp_local_train(
     model: nn.Module,
     params: list[nn.Parameter],
-    data: TokenizedData,
+    data: Tokens,
     indices: list[int],
     cfg: TrainConfig,
     privacy: PrivacyConfig,

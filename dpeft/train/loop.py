@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dpeft.config import TrainConfig
-from dpeft.data.tokenize import TokenizedData
+from dpeft.data.lazy import Tokens
 from dpeft.train.losses import plugin_loss
 from dpeft.train.precision import autocast, make_scaler, to_device
 from dpeft.train.schedule import LrSchedule
@@ -153,7 +153,7 @@ def training_device(params: list[nn.Parameter]) -> torch.device:
 def local_train(
     model: nn.Module,
     params: list[nn.Parameter],
-    data: TokenizedData,
+    data: Tokens,
     indices: list[int],
     cfg: TrainConfig,
     task: str,
@@ -235,7 +235,7 @@ def local_train(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TokenizedData, task: str, batch_size: int, precision: str = "fp32") -> dict[str, float]:
+def evaluate(model: nn.Module, data: Tokens, task: str, batch_size: int, precision: str = "fp32") -> dict[str, float]:
     """Mean loss and accuracy over ``data``, on the model's device and in ``precision`` (autocast;
     a worker's model under bf16/fp16 keeps its frozen base in that dtype).
 

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from dpeft.config import TrainConfig
-from dpeft.data.tokenize import TokenizedData
+from dpeft.data.lazy import Tokens
 from dpeft.state import AdapterState
 from dpeft.train.loop import (
     LocalResult,
@@ -253,7 +253,7 @@ def _patched(
 
 def lockstep_train(
     model: nn.Module,
-    data: TokenizedData,
+    data: Tokens,
     jobs: Sequence[ClientJob],
     cfg: TrainConfig,
     task: str = "seq_cls",

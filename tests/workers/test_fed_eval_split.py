@@ -13,7 +13,7 @@ from dpeft.rounds.fedeval import EVALUATE, client_split, held_out_count
 from dpeft.train import batch_schedule, evaluate, task_seed
 from dpeft.transport.base import TrainTask, WorkerConnection, WorkerRegistration
 from dpeft.validate import load_config
-from dpeft_workers.evaluate import EMPTY_REPLY, subset
+from dpeft_workers.evaluate import EMPTY_REPLY
 from dpeft_workers.loop import run_worker
 from dpeft_workers.runtime import WorkerRuntime
 
@@ -62,7 +62,7 @@ def test_held_out_examples_never_train_and_evaluation_scores_them(tmp_path) -> N
         task = TrainTask(f"e-c{c}", 1, c, "b", len(payload), b"", {}, kind=EVALUATE)
         ((reply, n, metrics),) = rt.evaluate_tasks([(task, payload)])
         assert reply == EMPTY_REPLY and n == len(held)
-        want = evaluate(rt.model, subset(rt.data, held), cfg.model.task, cfg.train.eval_batch_size)
+        want = evaluate(rt.model, rt.data.rows(held), cfg.model.task, cfg.train.eval_batch_size)
         assert metrics["eval_loss"] == pytest.approx(want["eval_loss"]) and metrics["eval_accuracy"] == want["eval_accuracy"]
     # without eval.federated every example trains, as before
     off = load_config(None, [*BASE, f"run_dir={tmp_path}"])
