@@ -137,6 +137,9 @@ def main() -> None:
     parser.add_argument(
         "--before", action="store_true", help="--grid: also dpeft with simulate.work_conserving=false eval.overlap=false"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="--grid: runs per shape (median; dpeft and the plain loop alternate)"
+    )
     parser.add_argument("--plain-only", metavar="OUT", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -147,7 +150,8 @@ def main() -> None:
     if args.grid:
         from overhead_grid import parse_shapes, run_grid
 
-        print(run_grid(list(args.overrides), before=args.before, shapes=parse_shapes(args.shapes) if args.shapes else None))
+        shapes = parse_shapes(args.shapes) if args.shapes else None
+        print(run_grid(list(args.overrides), before=args.before, shapes=shapes, repeats=max(1, args.repeats)))
         return
     if args.lockstep:
         lockstep_comparison(args, overrides + ["model.dropout=0"])

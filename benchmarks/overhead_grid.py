@@ -5,7 +5,7 @@ One invocation runs, for each shape, ``dpeft simulate`` and the plain PyTorch lo
 batches, FedAvg and evaluations. Shapes: 1 to 8 clients per round over 2 worker processes
 (most of them leave a round's last task to one process: the tail), and 3 and 5 clients over
 4 processes sharing 2 cores (oversubscribed). The plain loop of a clients-per-round value is
-run once and shared by the shapes that have it. With ``--before`` each shape also runs dpeft
+run once (per repeat) and shared by the shapes that have it. With ``--before`` each shape also runs dpeft
 with ``simulate.work_conserving=false eval.overlap=false`` (fixed threads per process,
 evaluation between rounds); the dpeft side otherwise runs with both on.
 
@@ -68,33 +68,55 @@ def parse_shapes(text: str) -> list[tuple[int, int, int | None]]:
     return shapes
 
 
-def run_grid(overrides: list[str], before: bool = False, shapes: list[tuple[int, int, int | None]] | None = None) -> str:
-    """Run the grid; returns the Markdown section (also written to RESULTS.md)."""
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _cell(walls: list[float]) -> str:
+    """Median wall time, with the range when there are several runs."""
+    med = _median(walls)
+    return f"{med:.1f} s" if len(walls) == 1 else f"{med:.1f} s ({min(walls):.1f}-{max(walls):.1f})"
+
+
+def run_grid(
+    overrides: list[str], before: bool = False, shapes: list[tuple[int, int, int | None]] | None = None, repeats: int = 1
+) -> str:
+    """Run the grid; returns the Markdown section (also written to RESULTS.md). With ``repeats``
+    > 1 each shape runs dpeft (and the plain loop of its clients per round) that many times,
+    alternating, and the ratio is of the medians: one run of a 15-30 s command moves by up to
+    10% on a shared VM."""
     shapes = shapes or SHAPES
     settings = [*DEFAULTS, *overrides]
     load_start, t_start = os.getloadavg(), time.time()
-    plains: dict[int, dict] = {}
+    plains: dict[int, list[dict]] = {}
     lines = []
     for cpr, procs, cores in shapes:
         common = [*settings, f"clients_per_round={cpr}"]
         sim = [*common, f"simulate.processes={procs}", *([f"simulate.cores={cores}"] if cores else []), *AFTER]
-        with tempfile.TemporaryDirectory() as tmp:
-            dp = _dpeft(sim, os.path.join(tmp, "run"))
-            old = _dpeft([*sim, *BEFORE], os.path.join(tmp, "old")) if before else None
-            if cpr not in plains:
-                plains[cpr] = _plain(common, tmp)
-        plain = plains[cpr]
+        runs, olds = [], []
+        for rep in range(repeats):
+            with tempfile.TemporaryDirectory() as tmp:
+                runs.append(_dpeft(sim, os.path.join(tmp, "run")))
+                if before:
+                    olds.append(_dpeft([*sim, *BEFORE], os.path.join(tmp, "old")))
+                if len(plains.setdefault(cpr, [])) <= rep:
+                    plains[cpr].append(_plain(common, tmp))
+        dp_walls = [r["wall_s"] for r in runs]
+        plain_walls = [p["wall_s"] for p in plains[cpr]]
         shape = f"{cpr} clients, {procs} processes" + (f" on {cores} cores" if cores else "")
-        ratio = dp["wall_s"] / plain["wall_s"]
-        peak = dp.get("cores", {}).get("peak")
-        row = f"| {shape} | {dp['wall_s']:.1f} s | {plain['wall_s']:.1f} s | **{ratio:.3f}** |"
+        ratio = _median(dp_walls) / _median(plain_walls)
+        peak = max((r.get("cores", {}).get("peak") or 0 for r in runs), default=0) or None
+        row = f"| {shape} | {_cell(dp_walls)} | {_cell(plain_walls)} | **{ratio:.3f}** |"
         if before:
-            assert old is not None
-            row += f" {old['wall_s']:.1f} s | {old['wall_s'] / plain['wall_s']:.3f} |"
-        row += f" {peak if peak is not None else '-'} / {dp.get('cores', {}).get('budget', '-')} | {dp['acc']:.4f} / {plain['acc']:.4f} |"
+            old_walls = [o["wall_s"] for o in olds]
+            row += f" {_cell(old_walls)} | {_median(old_walls) / _median(plain_walls):.3f} |"
+        budget = runs[0].get("cores", {}).get("budget", "-")
+        row += f" {peak if peak is not None else '-'} / {budget} | {runs[0]['acc']:.4f} / {plains[cpr][0]['acc']:.4f} |"
         lines.append(row)
         print(row, flush=True)
-        text = _section(lines, overrides, settings, before, load_start, t_start, len(shapes))
+        text = _section(lines, overrides, settings, before, load_start, t_start, len(shapes), repeats)
         write_section("worksim", "Simulation: work-conserving rounds", text)  # after each shape: a cut-short grid keeps its rows
     return text
 
@@ -107,6 +129,7 @@ def _section(
     load_start: tuple[float, ...],
     t_start: float,
     planned: int,
+    repeats: int = 1,
 ) -> str:
     load_end = os.getloadavg()
     ratios = [float(r.split("**")[1]) for r in lines]
@@ -119,7 +142,8 @@ def _section(
     sep += " --- | --- |"
     text = "\n".join(
         [
-            f"`python benchmarks/overhead.py --grid{' --before' if before else ''}{' ' + ' '.join(overrides) if overrides else ''}`",
+            f"`python benchmarks/overhead.py --grid{' --before' if before else ''}{f' --repeats {repeats}' if repeats > 1 else ''}"
+            f"{' ' + ' '.join(overrides) if overrides else ''}`",
             "",
             machine_note()
             + f" 1/5/15-min load average {load_start[0]:.1f}/{load_start[1]:.1f}/{load_start[2]:.1f} at the start, "
@@ -132,8 +156,14 @@ def _section(
             "",
             f"Worst ratio {max(ratios):.3f}, mean {sum(ratios) / len(ratios):.3f}. Settings: `{' '.join(settings)}` "
             "(otherwise the default task: MiniLM + LoRA r=8, Rotten Tomatoes, batch 16, evaluation every round). "
-            "Wall time is start to finish of each command (imports, model and data loading included on both sides). "
-            "dpeft runs with `simulate.work_conserving=true eval.overlap=true` (one thread per process to start with, "
+            "Wall time is start to finish of each command (imports, model and data loading included on both sides)"
+            + (
+                f"; each cell is the median of {repeats} runs (range in brackets), dpeft and the plain loop alternating, "
+                "and the ratio is of the medians. "
+                if repeats > 1
+                else ". "
+            )
+            + "dpeft runs with `simulate.work_conserving=true eval.overlap=true` (one thread per process to start with, "
             "the core budget = processes x threads, at most the machine's cores); peak threads is the "
             "largest sum of the threads claimed at once in the budget file.",
         ]
