@@ -4,10 +4,11 @@ One invocation runs, for each shape, ``dpeft simulate`` and the plain PyTorch lo
 ``overhead.py`` (one process, torch threads = cores) on the same work: the same clients,
 batches, FedAvg and evaluations. Shapes: 1 to 8 clients per round over 2 worker processes
 (most of them leave a round's last task to one process: the tail), and 3 and 5 clients over
-4 processes sharing 2 cores (oversubscribed). The plain loop of a clients-per-round value is
-run once (per repeat) and shared by the shapes that have it. With ``--before`` each shape also runs dpeft
-with ``simulate.work_conserving=false eval.overlap=false`` (fixed threads per process,
-evaluation between rounds); the dpeft side otherwise runs with both on.
+4 processes sharing 2 cores (oversubscribed). Each shape runs its own plain loop right after
+its dpeft run (a shared one, measured minutes apart, drifts with the machine). With
+``--before`` each shape also runs dpeft with ``simulate.work_conserving=false
+eval.overlap=false`` (fixed threads per process, evaluation between rounds); the dpeft side
+otherwise runs with both on.
 
 Writes the section "Simulation: work-conserving rounds" of benchmarks/RESULTS.md.
 """
@@ -90,21 +91,19 @@ def run_grid(
     shapes = shapes or SHAPES
     settings = [*DEFAULTS, *overrides]
     load_start, t_start = os.getloadavg(), time.time()
-    plains: dict[int, list[dict]] = {}
     lines = []
     for cpr, procs, cores in shapes:
         common = [*settings, f"clients_per_round={cpr}"]
         sim = [*common, f"simulate.processes={procs}", *([f"simulate.cores={cores}"] if cores else []), *AFTER]
-        runs, olds = [], []
-        for rep in range(repeats):
+        runs, olds, plains = [], [], []
+        for _ in range(repeats):  # each shape its own plain runs, next to its dpeft runs: the machine drifts over a grid
             with tempfile.TemporaryDirectory() as tmp:
                 runs.append(_dpeft(sim, os.path.join(tmp, "run")))
                 if before:
                     olds.append(_dpeft([*sim, *BEFORE], os.path.join(tmp, "old")))
-                if len(plains.setdefault(cpr, [])) <= rep:
-                    plains[cpr].append(_plain(common, tmp))
+                plains.append(_plain(common, tmp))
         dp_walls = [r["wall_s"] for r in runs]
-        plain_walls = [p["wall_s"] for p in plains[cpr]]
+        plain_walls = [p["wall_s"] for p in plains]
         shape = f"{cpr} clients, {procs} processes" + (f" on {cores} cores" if cores else "")
         ratio = _median(dp_walls) / _median(plain_walls)
         peak = max((r.get("cores", {}).get("peak") or 0 for r in runs), default=0) or None
@@ -113,7 +112,7 @@ def run_grid(
             old_walls = [o["wall_s"] for o in olds]
             row += f" {_cell(old_walls)} | {_median(old_walls) / _median(plain_walls):.3f} |"
         budget = runs[0].get("cores", {}).get("budget", "-")
-        row += f" {peak if peak is not None else '-'} / {budget} | {runs[0]['acc']:.4f} / {plains[cpr][0]['acc']:.4f} |"
+        row += f" {peak if peak is not None else '-'} / {budget} | {runs[0]['acc']:.4f} / {plains[0]['acc']:.4f} |"
         lines.append(row)
         print(row, flush=True)
         text = _section(lines, overrides, settings, before, load_start, t_start, len(shapes), repeats)

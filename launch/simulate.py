@@ -112,7 +112,7 @@ def serve_rounds(cfg: RunConfig, listen: str, local_workers: int = 0, resume: bo
     if forking:
         from dpeft_workers.runtime import WorkerRuntime
 
-        workers.fork(WorkerRuntime(cfg, bundle=gm.bundle), local_workers)
+        workers.fork(WorkerRuntime(cfg, bundle=gm.bundle, run_data=gm.run_data), local_workers)
         set_threads(cfg.simulate.coordinator_threads)
         return_large_frees()
     try:

@@ -39,7 +39,7 @@ import torch
 from dpeft.adapters import ModelBundle, adapter_parameters, build_model, extract_state
 from dpeft.codec.updates.session import RunCodecs
 from dpeft.config import RunConfig
-from dpeft.data import load_run_data, tokenize_dataset
+from dpeft.data import RunData, load_run_data, tokenize_dataset
 from dpeft.data.datasets import TextDataset
 from dpeft.errors import ProtocolError
 from dpeft.privacy.central import clip_update
@@ -71,16 +71,18 @@ class WorkerRuntime(TaskTrainer):
         device: str | None = None,
         local_index: int | None = None,
         device_key: str = "--device",
+        run_data: RunData | None = None,
     ) -> None:
         """``device``: a spelling overriding ``train.device`` (``dpeft worker --device``, a
         simulate worker's entry of ``simulate.devices``); ``local_index``: this process's slot
         among the launcher's (a torchrun ``LOCAL_RANK``, a simulate worker's number), which a bare
         ``cuda`` or ``auto`` maps onto the visible GPUs round-robin; ``device_key``: what a
-        device error names when ``device`` is given."""
+        device error names when ``device`` is given; ``run_data``: the run's data as the caller
+        loaded it from the same config (the forking coordinator's), instead of loading it again."""
         self.cfg = cfg
         self.device: torch.device | None = None
         self.set_device(device, local_index, device_key)
-        loaded = load_run_data(cfg, tokenizer=bundle.tokenizer if bundle is not None else None)
+        loaded = run_data or load_run_data(cfg, tokenizer=bundle.tokenizer if bundle is not None else None)
         self.label_names = loaded.label_names
         train = loaded.train
         self.partitions: list[list[int]] | None = loaded.partitions

@@ -23,7 +23,7 @@ import torch
 
 from dpeft.adapters import build_model, export_peft_dir, extract_state, load_state
 from dpeft.config import RunConfig
-from dpeft.data import TextDataset, load_run_data, tokenize_dataset
+from dpeft.data import RunData, TextDataset, load_run_data, tokenize_dataset
 from dpeft.data.tokenize import TokenizedData
 from dpeft.errors import ConfigError
 from dpeft.rounds.generations import GENERATIONS_KEY
@@ -54,13 +54,16 @@ class GlobalModel:
     def __init__(self, cfg: RunConfig, datasets: tuple[TextDataset, TextDataset] | None = None) -> None:
         self.cfg = cfg
         check_eval_device(cfg.eval.device)
+        #: the run's data as loaded and split among clients (None when ``datasets`` was given):
+        #: what workers forked from this process train on, loaded once
+        self.run_data: RunData | None = None
         if datasets is not None:
             train, test = datasets
             num_labels = len(train.label_names) if cfg.model.task == "seq_cls" else None
         else:
             # loads and partitions: fails fast (exit 2, naming the key or row) when the data cannot be
             # read or split as configured, instead of letting every worker discover it after loading the model
-            data = load_run_data(cfg)
+            data = self.run_data = load_run_data(cfg)
             train, test, num_labels = data.train, data.test, data.num_labels
         self.label_names = train.label_names
         self.num_train_examples = len(train)
