@@ -35,9 +35,6 @@ class TokenizedData:
         """Rows ``indices``, columns cut to the longest sequence among them."""
         return batch_of(self.input_ids, self.attention_mask, self.labels, torch.as_tensor(indices, dtype=torch.long))
 
-    def ensure(self, indices: list[int] | torch.Tensor) -> None:
-        """Every row is tokenized already (:class:`~dpeft.data.lazy.LazyTokens` tokenizes here)."""
-
     def rows(self, indices: list[int] | torch.Tensor) -> TokenizedData:
         """The rows ``indices`` (every per-example tensor)."""
         idx = torch.as_tensor(indices, dtype=torch.long)

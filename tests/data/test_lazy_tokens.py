@@ -25,9 +25,8 @@ def both(request):
     tok = load_tokenizer(cfg.model)
     train = load_run_data(cfg, tokenizer=tok).train
     eager = tokenize_dataset(tok, train, cfg)
-    lazy = tokenize_dataset(tok, train, cfg, lazy=True)
-    assert isinstance(lazy, LazyTokens) and not isinstance(eager, LazyTokens)
-    return eager, lazy
+    assert not isinstance(eager, LazyTokens)
+    return eager, lambda: tokenize_dataset(tok, train, cfg, lazy=True)  # a fresh lazy set per test (cheap)
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -38,7 +37,9 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 
 def test_batches_match_and_only_used_rows_are_tokenized(both) -> None:
-    eager, lazy = both
+    eager, make = both
+    lazy = make()
+    assert isinstance(lazy, LazyTokens)
     n = len(eager)
     assert len(lazy) == n and lazy.tokenized == 0
     g = torch.Generator().manual_seed(0)
@@ -56,7 +57,8 @@ def test_batches_match_and_only_used_rows_are_tokenized(both) -> None:
 
 
 def test_whole_set_access_tokenizes_the_rest(both) -> None:
-    eager, lazy = both
+    eager, make = both
+    lazy = make()
     lazy.ensure([0, 2])
     assert torch.equal(lazy.attention_mask, eager.attention_mask)
     assert lazy.tokenized == len(eager)
