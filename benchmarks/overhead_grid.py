@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 from results import machine_note, write_section
 
@@ -69,15 +70,9 @@ def parse_shapes(text: str) -> list[tuple[int, int, int | None]]:
     return shapes
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def _cell(walls: list[float]) -> str:
     """Median wall time, with the range when there are several runs."""
-    med = _median(walls)
+    med = median(walls)
     return f"{med:.1f} s" if len(walls) == 1 else f"{med:.1f} s ({min(walls):.1f}-{max(walls):.1f})"
 
 
@@ -105,12 +100,12 @@ def run_grid(
         dp_walls = [r["wall_s"] for r in runs]
         plain_walls = [p["wall_s"] for p in plains]
         shape = f"{cpr} clients, {procs} processes" + (f" on {cores} cores" if cores else "")
-        ratio = _median(dp_walls) / _median(plain_walls)
+        ratio = median(dp_walls) / median(plain_walls)
         peak = max((r.get("cores", {}).get("peak") or 0 for r in runs), default=0) or None
         row = f"| {shape} | {_cell(dp_walls)} | {_cell(plain_walls)} | **{ratio:.3f}** |"
         if before:
             old_walls = [o["wall_s"] for o in olds]
-            row += f" {_cell(old_walls)} | {_median(old_walls) / _median(plain_walls):.3f} |"
+            row += f" {_cell(old_walls)} | {median(old_walls) / median(plain_walls):.3f} |"
         budget = runs[0].get("cores", {}).get("budget", "-")
         row += f" {peak if peak is not None else '-'} / {budget} | {runs[0]['acc']:.4f} / {plains[0]['acc']:.4f} |"
         lines.append(row)
