@@ -31,6 +31,7 @@ from typing import Any
 from dpeft.config import RayConfig, RunConfig, config_to_dict
 from dpeft.errors import DpeftError
 from dpeft.plugins import plugin_dirs
+from dpeft.rounds.plots import prewarm as prewarm_plots
 from dpeft.validate import load_config
 
 log = logging.getLogger("dpeft.launch.ray")
@@ -193,6 +194,7 @@ def _run_actors(cfg: RunConfig, resume: bool, quiet: bool) -> list[dict[str, Any
         address = transport.start()
         if not quiet:
             print(f"dpeft ray: {len(transport.workers())} actors on {address}; run directory {run_dir}", file=sys.stderr, flush=True)
+            prewarm_plots()
         rows = engine.run(transport)
     finally:
         transport.shutdown("run complete" if not interrupted.is_set() else "coordinator stopping")

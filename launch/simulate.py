@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 from dpeft.config import AuthConfig, RunConfig, dump_config
 from dpeft.errors import DpeftError
 from dpeft.rounds.global_model import GlobalModel
+from dpeft.rounds.plots import prewarm as prewarm_plots
 from dpeft.sync.base import check_coordinated
 from dpeft.train.cores import CoreBudget, budgeted_evaluation, usable_cpus
 from dpeft_coordinator.engine import RoundEngine
@@ -180,6 +181,8 @@ def serve_rounds(cfg: RunConfig, listen: str, local_workers: int = 0, resume: bo
             workers.start(address, local_workers)
         if local_workers:
             threading.Thread(target=supervise, daemon=True, name="dpeft-supervise").start()
+        if not quiet:
+            prewarm_plots()  # after the fork: the summary's plots then cost only their drawing
         rows = engine.run(transport)
     except BaseException:
         failure.append("")  # whatever it was propagates; the workers are stopped on the way out

@@ -13,6 +13,7 @@ import torch
 
 from dpeft.config import RunConfig
 from dpeft.errors import ConfigError, DpeftError
+from dpeft.rounds.plots import prewarm as prewarm_plots
 from dpeft.split.config import SplitConfig
 from dpeft.split.service import (
     CloudService,
@@ -198,6 +199,8 @@ def run_cloud(run: RunConfig, split: SplitConfig, listen: str, local_edges: int 
                 edges.start(server.address, local_edges, split.edge_threads, run_dir, split.token)
             else:
                 print(f"dpeft split cloud listening on {server.address}", file=sys.stderr, flush=True)
+            if not quiet and fed is not None:
+                prewarm_plots()
             while True:
                 if service.finished.wait(0.5):
                     break

@@ -30,6 +30,7 @@ from dpeft.config import RunConfig, dump_config
 from dpeft.errors import ConfigError, DpeftError, RejectedUpdate
 from dpeft.rounds.fedeval import EVALUATE, FedEvalTally, eval_sample_size, evaluation_due, sample_eval_clients
 from dpeft.rounds.global_model import GlobalModel
+from dpeft.rounds.plots import prewarm as prewarm_plots
 from dpeft.rounds.recorder import RoundRecorder
 from dpeft.rounds.sampling import sample_clients
 from dpeft.rounds.tally import RoundTally, evaluate_into, finish_step, strategy_metrics
@@ -193,6 +194,8 @@ def run_allreduce(cfg: RunConfig, runtime: TaskTrainer, resume: bool = True, qui
     payload_bytes = sum(t.numel() for t in glob.tensors.values()) * 8 + 8 * 3
     per_rank = ring_bytes_per_rank(payload_bytes, world)
 
+    if recorder is not None and not quiet:
+        prewarm_plots()
     if recorder is not None and gm is not None and recorder.needs_round0():
         recorder.write(recorder.round0_row(gm.evaluate, glob))
 

@@ -14,6 +14,7 @@ Everything here takes the metrics rows and a directory; matplotlib is imported o
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,32 @@ def traffic_kind(rows: list[dict[str, Any]]) -> str:
     if any(r.get("transport") == "allreduce" for r in rows):
         return "allreduce"
     return "federated"
+
+
+#: the thread :func:`prewarm` started in this process (None: not started)
+_WARMING: threading.Thread | None = None
+
+
+def _warm() -> None:
+    try:
+        fig = _figure(figsize=(2, 2))
+        ax = fig.subplots()
+        ax.plot([0, 1], [0, 1], marker="o")
+        ax.set_xlabel("round")
+        fig.canvas.draw()  # imports the renderer and loads the font once
+    except Exception:  # noqa: BLE001 - the plots at the end report their own errors
+        pass
+
+
+def prewarm() -> None:
+    """Import matplotlib and load its font in a background thread, once per process, so that
+    the plots written when the run ends cost only their drawing (about half a second less at
+    the end of every run). Launchers call it once the run's processes are started (never
+    before forking workers) and only when they will write plots."""
+    global _WARMING
+    if _WARMING is None:
+        _WARMING = threading.Thread(target=_warm, daemon=True, name="dpeft-plots-warm")
+        _WARMING.start()
 
 
 def _figure(**kwargs: Any) -> Any:
@@ -156,6 +183,8 @@ def bytes_figure(rows: list[dict[str, Any]]) -> Any:
 
 def write_plots(rows: list[dict[str, Any]], run_dir: Path) -> list[Path]:
     """accuracy.png, time.png and bytes.png in ``run_dir`` (those the rows have data for)."""
+    if _WARMING is not None:
+        _WARMING.join()
     out = []
     for name, build in (("accuracy.png", accuracy_figure), ("time.png", time_figure), ("bytes.png", bytes_figure)):
         fig = build(rows)

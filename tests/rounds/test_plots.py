@@ -68,3 +68,29 @@ def test_accuracy_against_wall_time_and_the_files(tmp_path: Path) -> None:
     written = write_plots(_rows(), tmp_path)
     assert [p.name for p in written] == ["accuracy.png", "time.png", "bytes.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_prewarm_imports_matplotlib_once_in_the_background_and_the_plots_still_come(tmp_path: Path) -> None:
+    """In a fresh interpreter: one warm-up thread however often it is asked for, matplotlib loaded
+    by it (not by the caller), and write_plots waits for it and writes the files."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, threading
+from pathlib import Path
+import dpeft.rounds.plots as plots
+assert "matplotlib" not in sys.modules
+plots.prewarm(); first = plots._WARMING; plots.prewarm()
+assert plots._WARMING is first and first.name == "dpeft-plots-warm"
+assert sum(t.name == "dpeft-plots-warm" for t in threading.enumerate()) <= 1
+rows = [{{"round": 0, "clients": 0, "eval_accuracy": 0.5, "wall_s": 1.0, "bytes_up": 0, "bytes_down": 0}},
+        {{"round": 1, "clients": 2, "eval_accuracy": 0.6, "wall_s": 1.0, "bytes_up": 10, "bytes_down": 20}}]
+paths = plots.write_plots(rows, Path({str(tmp_path)!r}))
+assert not first.is_alive() and "matplotlib.backends.backend_agg" in sys.modules
+print(sorted(p.name for p in paths))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "['accuracy.png', 'bytes.png', 'time.png']"
+    assert all((tmp_path / n).stat().st_size > 1000 for n in ("accuracy.png", "bytes.png", "time.png"))
