@@ -1,13 +1,15 @@
 """Regenerate dpeft/_proto from proto/ (``python scripts/gen_proto.py [--check]``).
 
 Generated modules are committed; ``--check`` regenerates into a temp dir and exits 1 when the
-committed files differ (run by a test, so a stale checkout fails CI).
+committed files differ (run by a test, so a stale checkout fails CI). The generators' own version
+stamps (``GRPC_GENERATED_VERSION``, the protobuf gencode version) are left out of the comparison:
+a newer grpcio-tools writes the same code with a newer stamp, and the committed stamp is the one
+that matters, since it is the lowest grpcio / protobuf the shipped code accepts at import.
 """
 
 from __future__ import annotations
 
 import argparse
-import filecmp
 import re
 import sys
 import tempfile
@@ -49,6 +51,24 @@ def generate(out: Path) -> list[Path]:
     return files
 
 
+#: the generators' version stamps: (pattern, what a stamp reads as in the comparison)
+_STAMPS = [
+    (re.compile(r"^GRPC_GENERATED_VERSION = '[^']*'$", re.M), "GRPC_GENERATED_VERSION = <stamp>"),
+    (re.compile(r"^# Protobuf Python Version: .*$", re.M), "# Protobuf Python Version: <stamp>"),
+    (
+        re.compile(r"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,)\s*\d+,\s*\d+,\s*\d+,"),
+        r"\1 <stamp>,",
+    ),
+]
+
+
+def comparable(text: str) -> str:
+    """Generated code with the generators' version stamps blanked out."""
+    for pattern, repl in _STAMPS:
+        text = pattern.sub(repl, text)
+    return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="fail when the committed code is stale")
@@ -62,7 +82,7 @@ def main() -> int:
         stale = []
         for path in sorted(fresh.rglob("*.py*")):
             committed = OUT / path.relative_to(fresh)
-            if not committed.exists() or not filecmp.cmp(path, committed, shallow=False):
+            if not committed.exists() or comparable(path.read_text()) != comparable(committed.read_text()):
                 stale.append(str(committed.relative_to(ROOT)))
         if stale:
             print("generated protobuf code is stale: " + ", ".join(stale) + "; run python scripts/gen_proto.py", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,13 @@ def test_check_detects_stale_code(tmp_path) -> None:
     shutil.copytree(ROOT / "proto", tmp_path / "proto")
     shutil.copytree(ROOT / "dpeft" / "_proto", tmp_path / "dpeft" / "_proto", ignore=shutil.ignore_patterns("__pycache__"))
     script = [sys.executable, str(tmp_path / "scripts" / "gen_proto.py"), "--check"]
+    assert subprocess.run(script, cwd=tmp_path, capture_output=True, timeout=120).returncode == 0
+    # a different grpcio-tools or protoc stamps its own version on the same code: not stale
+    grpc_py = next((tmp_path / "dpeft" / "_proto").rglob("coordinator_pb2_grpc.py"))
+    grpc_py.write_text(re.sub(r"GRPC_GENERATED_VERSION = '[^']*'", "GRPC_GENERATED_VERSION = '1.66.0'", grpc_py.read_text()))
+    pb2 = next((tmp_path / "dpeft" / "_proto").rglob("coordinator_pb2.py"))
+    pb2.write_text(re.sub(r"Domain\.PUBLIC,\s*\d+,\s*\d+,", "Domain.PUBLIC,\n    7,\n    0,", pb2.read_text()))
+    assert "'1.66.0'" in grpc_py.read_text() and "    0,\n" in pb2.read_text()
     assert subprocess.run(script, cwd=tmp_path, capture_output=True, timeout=120).returncode == 0
     proto = next((tmp_path / "proto").rglob("coordinator.proto"))
     proto.write_text(proto.read_text() + "\nmessage StaleCheckProbe { int32 x = 1; }\n")
