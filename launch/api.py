@@ -249,7 +249,7 @@ def serve_worker(
         "wrap": wrap,
     }
     if threading.current_thread() is not threading.main_thread():
-        return worker_loop(conn, worker_id, stop=threading.Event(), training=threading.Event(), **kwargs)
+        return worker_loop(conn, worker_id, stop=threading.Event(), busy=threading.Event(), **kwargs)
     old = signal.getsignal(signal.SIGTERM)
     try:
         return serve_until_terminated(conn, worker_id, **kwargs)

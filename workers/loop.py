@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from dpeft.config import AuthConfig, RunConfig
@@ -36,7 +37,7 @@ def run_worker(
     stop: threading.Event | None = None,
     runtime: WorkerRuntime | None = None,
     wrap: Callable[[RunConfig, WorkerConnection, WorkerRuntime], WorkerConnection] | None = None,
-    training: threading.Event | None = None,
+    busy: threading.Event | None = None,
     device: str | None = None,
     device_slot: int | None = None,
     device_key: str = "--device",
@@ -49,8 +50,9 @@ def run_worker(
     was built for, otherwise the worker builds its own. ``wrap``: applied around the worker once
     the run's config is known, returning the connection to serve over (`dpeft simulate`'s
     simulated heterogeneity, :func:`dpeft_workers.simulate.simulated_worker`). ``stop`` also
-    ends a task in training, between two of its steps (the task goes back to the coordinator);
-    ``training`` is set meanwhile. ``device``: overrides the run's ``train.device`` on this
+    ends a task in training, between two of its steps (the task goes back to the coordinator).
+    ``busy`` is set while the worker trains or moves a payload (a streamed download or upload),
+    where ``stop`` is only looked at between steps and after the transfer. ``device``: overrides the run's ``train.device`` on this
     worker (``dpeft worker --device``); ``device_slot``: this process's number among a launcher's
     (a bare ``cuda``/``auto`` takes visible GPU slot mod count); ``device_key``: what a device
     error names. ``cores``: a core budget shared with the launcher's other processes
@@ -104,26 +106,24 @@ def run_worker(
                 if item > 0:
                     time.sleep(min(item, 1.0))
                 continue
-            todo = _fetch_payloads(conn, item, last)
+            with _flagged(busy):
+                todo = _fetch_payloads(conn, item, last, stopping)
             if not todo:
                 continue
-            if training is not None:
-                training.set()
             try:
-                results = _run(runtime, todo, stopping, cores)
+                with _flagged(busy):
+                    results = _run(runtime, todo, stopping, cores)
             except TrainingStopped:
                 log.info("worker %s stopping: asked to while training (task %s goes back to the queue)", worker_id, todo[0][0].task_id)
                 break
-            finally:
-                if training is not None:
-                    training.clear()
             last = {task.task_id: (task.blob_sha256, *result) for (task, _), result in zip(todo, results, strict=True) if result is not None}
             # let go of the payloads before the next fetch: the connection may then reuse their buffer
             tasks, todo = [task for task, _ in todo], []
             for task, result in zip(tasks, results, strict=True):
                 if result is None:  # a secure-aggregation request this client refused: no reply
                     continue
-                _push(conn, task, *result)
+                with _flagged(busy):
+                    _push(conn, task, *result)
                 done += 1
     finally:
         stop.set()
@@ -165,14 +165,33 @@ def _run_tasks(
     return [results[i] for i in range(len(todo))]
 
 
+@contextlib.contextmanager
+def _flagged(flag: threading.Event | None) -> Iterator[None]:
+    """``flag`` set for the duration of the block (nothing when None)."""
+    if flag is None:
+        yield
+        return
+    flag.set()
+    try:
+        yield
+    finally:
+        flag.clear()
+
+
 def _fetch_payloads(
-    conn: WorkerConnection, tasks: list[TrainTask], last: dict[str, tuple[bytes, bytes, int, dict[str, float]]]
+    conn: WorkerConnection,
+    tasks: list[TrainTask],
+    last: dict[str, tuple[bytes, bytes, int, dict[str, float]]],
+    stopping: Callable[[], bool] = lambda: False,
 ) -> list[tuple[TrainTask, bytes]]:
     """(task, payload) of each task to train; a task re-issued with the same payload gets the
     update computed before re-sent instead. The payloads are referred to by the returned list
-    only (the connection reuses a download buffer nothing else refers to)."""
+    only (the connection reuses a download buffer nothing else refers to). Once ``stopping``,
+    no further payload is fetched (the tasks not fetched go back to the coordinator)."""
     todo: list[tuple[TrainTask, bytes]] = []
     for task in tasks:
+        if stopping():
+            break
         if task.kind and task.kind not in KINDS:  # a kind this worker does not know: never train instead
             log.warning("task %s has kind %r, which this worker does not run; refused (no reply)", task.task_id, task.kind)
             continue
@@ -202,24 +221,33 @@ class _WorkerStop(BaseException):
     """SIGTERM in a worker process: unwind (run_worker's finally says Leave), exit 0."""
 
 
+# Why transfers are not interrupted: an exception raised by the signal handler lands at an
+# arbitrary bytecode of the main thread, for example inside grpcio's Python-level
+# ``Condition.__enter__`` of a streaming call, after the lock is taken and before the ``with``
+# block that would release it. grpcio's channel thread then waits on that lock for good, and
+# ``channel.close()`` (in Leave) waits for the channel thread: the worker said Leave, then hung
+# (seen once under load in the SIGTERM test). Streamed transfers take seconds at most; the flag
+# is looked at when they end.
+
+
 def serve_until_terminated(conn: WorkerConnection, worker_id: str, **kwargs: Any) -> int:
     """``run_worker`` as a process's main loop (`dpeft worker`, a forked simulate worker): SIGTERM
     leaves cleanly (the coordinator re-queues the task in hand) and returns 0.
 
-    In training, SIGTERM sets the stop flag that the training loop checks between steps (a
-    step is at most a second or so); anywhere else (joining, loading, polling, transfers) it
-    unwinds at once."""
-    stop, training, terminated = threading.Event(), threading.Event(), threading.Event()
+    In training and while a payload streams, SIGTERM sets the stop flag, which the training
+    loop checks between steps and the worker loop after the transfer; anywhere else (joining,
+    loading, polling) it unwinds at once."""
+    stop, busy, terminated = threading.Event(), threading.Event(), threading.Event()
 
     def on_term(signum: int, frame: Any) -> None:
         terminated.set()
         stop.set()
-        if not training.is_set():
+        if not busy.is_set():
             raise _WorkerStop
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        run_worker(conn, worker_id, stop=stop, training=training, **kwargs)
+        run_worker(conn, worker_id, stop=stop, busy=busy, **kwargs)
     except _WorkerStop:
         pass
     if terminated.is_set():
