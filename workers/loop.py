@@ -232,24 +232,34 @@ class _WorkerStop(BaseException):
 
 def serve_until_terminated(conn: WorkerConnection, worker_id: str, **kwargs: Any) -> int:
     """``run_worker`` as a process's main loop (`dpeft worker`, a forked simulate worker): SIGTERM
-    leaves cleanly (the coordinator re-queues the task in hand) and returns 0.
+    leaves cleanly (the coordinator re-queues the task in hand) and returns 0; Ctrl-C (SIGINT,
+    where it raises KeyboardInterrupt) leaves the same way and then raises KeyboardInterrupt.
 
-    In training and while a payload streams, SIGTERM sets the stop flag, which the training
+    In training and while a payload streams, the signal sets the stop flag, which the training
     loop checks between steps and the worker loop after the transfer; anywhere else (joining,
-    loading, polling) it unwinds at once."""
-    stop, busy, terminated = threading.Event(), threading.Event(), threading.Event()
+    loading, polling) it unwinds at once, and so does a second signal."""
+    stop, busy = threading.Event(), threading.Event()
+    received: list[int] = []
 
-    def on_term(signum: int, frame: Any) -> None:
-        terminated.set()
+    def on_signal(signum: int, frame: Any) -> None:
+        received.append(signum)
         stop.set()
-        if not busy.is_set():
+        if not busy.is_set() or len(received) > 1:
             raise _WorkerStop
 
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, on_signal)
+    old_int = signal.getsignal(signal.SIGINT)
+    if old_int is signal.default_int_handler:  # not where SIGINT is ignored or handled by the caller
+        signal.signal(signal.SIGINT, on_signal)
     try:
         run_worker(conn, worker_id, stop=stop, busy=busy, **kwargs)
     except _WorkerStop:
         pass
-    if terminated.is_set():
+    finally:
+        if old_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, old_int)
+    if signal.SIGINT in received:
+        raise KeyboardInterrupt
+    if received:
         print(f"dpeft worker {worker_id}: stopped by SIGTERM", file=sys.stderr)
     return 0

@@ -1,4 +1,4 @@
-"""SIGTERM while a payload streams: the transfer ends, then the worker leaves (exit 0).
+"""SIGTERM or Ctrl-C while a payload streams: the transfer ends, then the worker leaves.
 
 grpcio keeps a streaming call's state under Python-level locks; an exception raised by the
 signal handler inside one can leave a lock taken, and grpcio's channel close (in Leave) then
@@ -28,8 +28,8 @@ from dpeft_workers.loop import serve_until_terminated
 class _Conn:
     task_kinds: tuple[str, ...] = ()
 
-    def __init__(self, cfg_tree: dict, term_in: str) -> None:
-        self.cfg_tree, self.term_in = cfg_tree, term_in
+    def __init__(self, cfg_tree: dict, term_in: str, signum: int) -> None:
+        self.cfg_tree, self.term_in, self.signum = cfg_tree, term_in, signum
         self.lock = threading.Lock()  # held while a payload moves, as grpcio holds a call's state
         self.tasks = [TrainTask("t1", 1, 0, "b", 0, b"")]
         self.done: list[str] = []
@@ -45,7 +45,7 @@ class _Conn:
     def _transfer(self, what: str) -> None:
         self.lock.acquire()  # taken and given back by separate steps, as in grpcio's call state
         if self.term_in == what:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.signum)
         for _ in range(5):  # chunks: the handler runs during one of these waits
             time.sleep(0.01)
         self.lock.release()
@@ -80,21 +80,29 @@ class _Runtime:
 
 
 @pytest.fixture
-def sigterm_restored() -> Iterator[None]:
-    old = signal.getsignal(signal.SIGTERM)
+def handlers_restored() -> Iterator[None]:
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a process of its own
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("term_in", ["fetch", "push"])
-def test_sigterm_during_a_transfer_lets_it_end_then_leaves(term_in: str, tmp_path, capsys, sigterm_restored) -> None:
+def test_a_stop_during_a_transfer_lets_it_end_then_leaves(term_in: str, signum: int, tmp_path, capsys, handlers_restored) -> None:
     cfg = load_config(None, ["clients=2", "clients_per_round=2", f"run_dir={tmp_path}"])
-    conn, rt = _Conn(config_to_dict(cfg), term_in), _Runtime(cfg)
-    assert serve_until_terminated(conn, "w0", runtime=rt) == 0  # type: ignore[arg-type]
+    conn, rt = _Conn(config_to_dict(cfg), term_in, signum), _Runtime(cfg)
+    if signum == signal.SIGTERM:
+        assert serve_until_terminated(conn, "w0", runtime=rt) == 0  # type: ignore[arg-type]
+        assert "stopped by SIGTERM" in capsys.readouterr().err
+    else:  # Ctrl-C: the same clean leave, then KeyboardInterrupt for the caller (exit 130)
+        with pytest.raises(KeyboardInterrupt):
+            serve_until_terminated(conn, "w0", runtime=rt)  # type: ignore[arg-type]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert conn.left
-    assert "stopped by SIGTERM" in capsys.readouterr().err
     if term_in == "fetch":  # the download ended; the task was not trained (it goes back at Leave)
         assert conn.done == ["fetch"] and rt.trained == 0
     else:  # the update reached the coordinator whole before the worker left
