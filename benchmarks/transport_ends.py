@@ -21,7 +21,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 MiB = 1 << 20
@@ -140,17 +140,18 @@ class BareClient:
         self.down = self.channel.unary_stream("/bench.Bare/Down", request_serializer=same, response_deserializer=same)
         self.up = self.channel.stream_unary("/bench.Bare/Up", request_serializer=same, response_deserializer=same)
 
-    def round(self, size: int) -> tuple[float, float]:
-        """(download s, upload s) of ``size`` bytes (whole messages)."""
+    def round(self, size: int, cpu: Callable[[], float] = lambda: 0.0) -> tuple[float, float, float, float]:
+        """(download s, upload s, download CPU s, upload CPU s) of ``size`` bytes (whole messages);
+        CPU is what ``cpu`` reads (both ends' CPU seconds)."""
         n = max(1, size // self.chunk)
-        t0 = time.perf_counter()
+        c0, t0 = cpu(), time.perf_counter()
         got = sum(len(m) for m in self.down(n.to_bytes(8, "little")))
-        down = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        down, down_cpu = time.perf_counter() - t0, cpu() - c0
+        c0, t0 = cpu(), time.perf_counter()
         self.up(self.frame for _ in range(n))
-        up = time.perf_counter() - t0
+        up, up_cpu = time.perf_counter() - t0, cpu() - c0
         assert got == n * self.chunk
-        return down, up
+        return down, up, down_cpu, up_cpu
 
     def close(self) -> None:
         self.channel.close()
