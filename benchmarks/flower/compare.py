@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -115,6 +116,24 @@ def run_dpeft(overrides: list[str], tmp: str) -> dict:
     return {"wall_s": wall, "pss": pss.peak, "procs": pss.peak_procs, "acc": [r["eval_accuracy"] for r in rows]}
 
 
+def _medians(runs: list[dict]) -> dict:
+    """One side's runs of a shape as one: median wall time and peak PSS, the runs' wall times,
+    the first run's accuracies (seeded: every run's are the same)."""
+    walls = sorted(r["wall_s"] for r in runs)
+    return {
+        **runs[0],
+        "wall_s": statistics.median(walls),
+        "walls": walls,
+        "pss": statistics.median(r["pss"] for r in runs),
+        "stray": sum(r.get("stray", 0) for r in runs),
+    }
+
+
+def _wall(side: dict) -> str:
+    walls = side["walls"]
+    return f"{side['wall_s']:.1f} s" + (f" ({walls[0]:.1f}-{walls[-1]:.1f})" if len(walls) > 1 else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="10,100")
@@ -122,6 +141,9 @@ def main() -> None:
     parser.add_argument("--per-round", default="", help="clients per round to run (comma-separated); default: the config's")
     parser.add_argument(
         "--dpeft", default="simulate.work_conserving=true", help="space-separated settings for the dpeft side only"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of each side per shape, alternating; the table gives medians (and ranges)"
     )
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument(
@@ -146,28 +168,34 @@ def main() -> None:
             *([f"clients_per_round={per_round}"] if per_round else []),
             *args.overrides,
         ]
-        with tempfile.TemporaryDirectory() as tmp:
-            fl = run_flower(overrides, tmp)
-            print(
-                f"clients={n} flower: {fl['wall_s']:.1f}s, {fl['pss'] / MiB:.0f} MiB PSS ({fl['procs']} procs), acc {fl['acc']}",
-                flush=True,
-            )
-            dp = run_dpeft([*overrides, *args.dpeft.split()], tmp)
-            print(
-                f"clients={n} dpeft:  {dp['wall_s']:.1f}s, {dp['pss'] / MiB:.0f} MiB PSS ({dp['procs']} procs), acc {dp['acc']}",
-                flush=True,
-            )
-            fl_lean = None
-            if not args.no_flower_tunables and not results:
+        fls, dps, fl_lean = [], [], None
+        for i in range(max(1, args.repeats)):  # alternating: the machine drifts over the minutes a shape takes
+            with tempfile.TemporaryDirectory() as tmp:
+                fls.append(run_flower(overrides, tmp))
+                fl = fls[-1]
+                print(
+                    f"clients={n} flower: {fl['wall_s']:.1f}s, {fl['pss'] / MiB:.0f} MiB PSS ({fl['procs']} procs), acc {fl['acc']}",
+                    flush=True,
+                )
+                dps.append(run_dpeft([*overrides, *args.dpeft.split()], tmp))
+                dp = dps[-1]
+                print(
+                    f"clients={n} dpeft:  {dp['wall_s']:.1f}s, {dp['pss'] / MiB:.0f} MiB PSS ({dp['procs']} procs), acc {dp['acc']}",
+                    flush=True,
+                )
+                if i or args.no_flower_tunables or results:
+                    continue
                 fl_lean = run_flower(overrides, tmp, {"GLIBC_TUNABLES": LEAN_TUNABLES})
                 print(
                     f"clients={n} flower, GLIBC_TUNABLES={LEAN_TUNABLES}: {fl_lean['wall_s']:.1f}s, {fl_lean['pss'] / MiB:.0f} MiB PSS",
                     flush=True,
                 )
-        results.append((f"{n}" if per_round is None else f"{n} ({per_round} per round)", overrides, fl, dp, fl_lean))
+        label = f"{n}" if per_round is None else f"{n} ({per_round} per round)"
+        results.append((label, overrides, _medians(fls), _medians(dps), fl_lean))
     lines = [
         f"`python benchmarks/flower/compare.py --clients {args.clients} --rounds {args.rounds}"
-        f"{' --per-round ' + args.per_round if args.per_round else ''} --dpeft '{args.dpeft}'"
+        f"{' --per-round ' + args.per_round if args.per_round else ''}{f' --repeats {args.repeats}' if args.repeats > 1 else ''}"
+        f"{' --no-flower-tunables' if args.no_flower_tunables else ''} --dpeft '{args.dpeft}'"
         f"{' ' + ' '.join(args.overrides) if args.overrides else ''}`",
         "",
         machine_note() + f" Flower {versions.split()[0]} (Ray {versions.split()[1]}) in benchmarks/.venv-flower. "
@@ -178,11 +206,9 @@ def main() -> None:
     ]
     for n, _o, fl, dp, fl_lean in results:
         lines.append(
-            f"| {n} | Flower simulation | {fl['wall_s']:.1f} s | {fl['pss'] / MiB:,.0f} MiB | {fl['procs']} | {fl['acc'][-1]:.4f} |"
+            f"| {n} | Flower simulation | {_wall(fl)} | {fl['pss'] / MiB:,.0f} MiB | {fl['procs']} | {fl['acc'][-1]:.4f} |"
         )
-        lines.append(
-            f"| {n} | dpeft simulate | {dp['wall_s']:.1f} s | {dp['pss'] / MiB:,.0f} MiB | {dp['procs']} | {dp['acc'][-1]:.4f} |"
-        )
+        lines.append(f"| {n} | dpeft simulate | {_wall(dp)} | {dp['pss'] / MiB:,.0f} MiB | {dp['procs']} | {dp['acc'][-1]:.4f} |")
         lines.append(
             f"| {n} | **Flower / dpeft** | **{fl['wall_s'] / dp['wall_s']:.2f}x** | **{fl['pss'] / dp['pss']:.2f}x** | | |"
         )
