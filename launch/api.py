@@ -236,7 +236,8 @@ def serve_worker(
     wrap: Any = None,
 ) -> int:
     """Serve tasks over ``conn`` (see :func:`connect`) until the run ends; 0 when done. In the main
-    thread SIGTERM makes the worker leave between training steps (its handler is restored after)."""
+    thread SIGTERM and Ctrl-C make the worker leave between training steps or after the transfer in
+    progress (Ctrl-C then raises KeyboardInterrupt; the handlers are restored after)."""
     from dpeft_workers.loop import run_worker as worker_loop
     from dpeft_workers.loop import serve_until_terminated
 

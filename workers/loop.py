@@ -52,8 +52,8 @@ def run_worker(
     simulated heterogeneity, :func:`dpeft_workers.simulate.simulated_worker`). ``stop`` also
     ends a task in training, between two of its steps (the task goes back to the coordinator).
     ``busy`` is set while the worker trains or moves a payload (a streamed download or upload),
-    where ``stop`` is only looked at between steps and after the transfer. ``device``: overrides the run's ``train.device`` on this
-    worker (``dpeft worker --device``); ``device_slot``: this process's number among a launcher's
+    where ``stop`` is only looked at between steps and after the transfer. ``device``:
+    overrides the run's ``train.device`` on this worker (``dpeft worker --device``); ``device_slot``: this process's number among a launcher's
     (a bare ``cuda``/``auto`` takes visible GPU slot mod count); ``device_key``: what a device
     error names. ``cores``: a core budget shared with the launcher's other processes
     (:mod:`dpeft.train.cores`; default: the one named by ``DPEFT_CORE_BUDGET``, else none): the
