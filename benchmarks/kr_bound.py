@@ -135,8 +135,8 @@ def bench(name, model_cfg, batch_size, train_examples, test_examples, lr, eval_e
     test_data = tokenize(bundle.tokenizer, test.texts, test.labels, model_cfg.max_length)
     schedule = batch_schedule(list(range(len(train))), cap, batch_size, 1234)
     runs = []
-    for label, rule, k, window in rules:
-        runs.append((label, run_rule(bundle, data, test_data, schedule, lr, rule, k, window, eval_every, label)))
+    for label, rule, k, window, rule_lr in rules:
+        runs.append((label, run_rule(bundle, data, test_data, schedule, rule_lr or lr, rule, k, window, eval_every, label)))
     base = max(runs[0][1], key=lambda p: (p[1], -p[0]))
     lines = [
         f"**{name}**: batch {batch_size}, lr {lr:g}, AdamW, max_length {model_cfg.max_length}; {len(train)} training examples, "
@@ -158,12 +158,22 @@ def bench(name, model_cfg, batch_size, train_examples, test_examples, lr, eval_e
     return "\n".join(lines)
 
 
+def parse_rule(spec: str) -> tuple[str, str, int, int, float | None]:
+    """'gradient,2,5,5e-3' -> (label, rule, k, window, lr)."""
+    rule, k, window, *lr = spec.split(",")
+    if rule not in ("all", "gradient", "cyclic"):
+        raise argparse.ArgumentTypeError(f"unknown rule {rule!r}")
+    label = rule if rule == "all" else f"{rule}, k={k}, window {window}"
+    return (label + (f", lr {lr[0]}" if lr else ""), rule, int(k), int(window), float(lr[0]) if lr else None)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--minilm-cap", type=int, default=400)
     ap.add_argument("--smollm2-cap", type=int, default=150)
+    ap.add_argument("--rule", type=parse_rule, action="append", help="RULE,K,WINDOW[,LR] instead of the default rules (the first is the reference)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -173,13 +183,13 @@ def main() -> int:
     t0 = time.time()
     sections = []
     if not args.skip_minilm:
-        rules = [("all", "all", 0, 0), ("gradient, k=1, window 5", "gradient", 1, 5), ("gradient, k=2, window 5", "gradient", 2, 5),
-                 ("cyclic, k=1, window 10", "cyclic", 1, 10), ("cyclic, k=1, window 25", "cyclic", 1, 25)]  # fmt: skip
+        rules = args.rule or [("all", "all", 0, 0, None), ("gradient, k=1, window 5", "gradient", 1, 5, None), ("gradient, k=2, window 5", "gradient", 2, 5, None),
+                 ("cyclic, k=1, window 10", "cyclic", 1, 10, None), ("cyclic, k=1, window 25", "cyclic", 1, 25, None)]  # fmt: skip
         sections.append(bench("all-MiniLM-L6-v2, query/value (12 modules)", ModelConfig(max_length=48), 16, 4000, 400, 2e-3, 25, args.minilm_cap, rules))
         print(sections[-1], flush=True)
     if not args.skip_smollm2:
-        rules = [("all", "all", 0, 0), ("gradient, k=3, window 5", "gradient", 3, 5), ("gradient, k=6, window 5", "gradient", 6, 5),
-                 ("cyclic, k=3, window 10", "cyclic", 3, 10)]  # fmt: skip
+        rules = args.rule or [("all", "all", 0, 0, None), ("gradient, k=3, window 5", "gradient", 3, 5, None), ("gradient, k=6, window 5", "gradient", 6, 5, None),
+                 ("cyclic, k=3, window 10", "cyclic", 3, 10, None)]  # fmt: skip
         sections.append(bench("SmolLM2-135M-Instruct, all 30 layers, q_proj/v_proj (60 modules)", ModelConfig(name="smollm2", max_length=32), 8, 2000, 100, 1e-3, 15, args.smollm2_cap, rules))
         print(sections[-1], flush=True)
     if args.no_write:
