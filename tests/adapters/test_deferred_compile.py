@@ -34,6 +34,13 @@ def test_compiles_at_first_call_with_the_same_arguments():
     assert len(real.calls) == 1 and real.calls[0][1] == {"dynamic": False}
 
 
+def test_real_torch_compile_behind_the_stand_in():
+    """The stand-in hands its arguments to the real torch.compile (eager backend: no C compiler needed)."""
+    wrapped = _deferred(torch.compile)(lambda x: torch.sin(x) * 2 + 1, backend="eager", dynamic=False)
+    x = torch.linspace(-1, 1, 7)
+    assert torch.allclose(wrapped(x), torch.sin(x) * 2 + 1)
+
+
 def test_decorator_with_arguments():
     real = Recorder()
 
